@@ -1,0 +1,24 @@
+# The two commands a user needs: `make test` (and, from the driver on, `make demo`).
+# Each creates .venv if missing, with torch pinned to the CPU wheel this project is tested on.
+PYTHON ?= python3
+VENV := .venv
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test bench-kd-loss clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(VENV)/bin/python -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q tests
+
+bench-kd-loss: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python bench/kd_loss.py
+
+clean-venv:
+	rm -rf $(VENV)
