@@ -1,0 +1,211 @@
+"""Teacher targets for the vocab-parallel KD loss, materialised one token chunk at a time.
+
+A target yields, per chunk of ``c`` tokens on a rank holding vocab ids ``[start, start + v)``:
+
+* ``logq[c, v]``: the teacher's log-probability of each local id at temperature τ, ``-inf`` where the
+  id was truncated away;
+* ``kept[c, v]`` (bool) or ``None`` when nothing is truncated;
+* ``logq_ghost[c]`` or ``None``: the log-mass of the "ghost" bucket that stands for every truncated id
+  (``-inf`` when truncation renormalises). The student is compared on the same partition: its ghost
+  mass is the sum of its probabilities over the truncated ids.
+
+Truncation (top-p, then top-k) is decided on the teacher's own distribution (τ = 1), as an offline
+store would record it; temperature is applied afterwards to the kept log-probabilities and, with a
+ghost bucket, to the residual mass as one more category: ``q ∝ {p_i^(1/τ) : i kept} ∪ {r^(1/τ)}``.
+With every id kept this is exactly ``softmax(z / τ)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megadistill.losses.config import KDLossConfig
+from megadistill.losses.parallel import (
+    all_gather_last_dim,
+    global_logsumexp,
+    group_rank,
+    group_size,
+)
+
+NEG_INF = float("-inf")
+# Initial candidates per rank when only top-p is set; doubled until the nucleus is covered.
+_NUCLEUS_START_K = 64
+
+
+@dataclass
+class TeacherChunk:
+    """The teacher distribution for one chunk of tokens on this rank's vocab shard."""
+
+    logq: torch.Tensor
+    """``[c, v/tp]`` log-probabilities at temperature τ; ``-inf`` where truncated."""
+    kept: Optional[torch.Tensor]
+    """``[c, v/tp]`` bool mask of kept ids, or None if nothing is truncated."""
+    logq_ghost: Optional[torch.Tensor]
+    """``[c]`` log-mass of the truncated ids' bucket (``-inf`` when renormalised), or None."""
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"{what} contain NaN or Inf (first at index {bad} of this rank's shard)")
+
+
+def _truncation_threshold(z1: torch.Tensor, lse1: torch.Tensor, cfg: KDLossConfig, group) -> torch.Tensor:
+    """Smallest kept logit per token ``[c]`` for top-p-then-top-k over the *global* vocabulary.
+
+    Each rank contributes its local top-k candidates (the global top-k are among them); only
+    ``[c, k*tp]`` values are gathered, never the vocabulary. With top-p alone, the candidate count
+    doubles until the candidates' mass reaches top_p for every token.
+    """
+    v_local = z1.shape[-1]
+    vocab = v_local * group_size(group)
+    k = cfg.top_k if cfg.top_k is not None else min(_NUCLEUS_START_K, vocab)
+    while True:
+        k_eff = min(k, vocab)
+        local = torch.topk(z1, min(k_eff, v_local), dim=-1, sorted=False).values
+        cand = torch.topk(all_gather_last_dim(local, group), k_eff, dim=-1, sorted=True).values
+        probs = torch.exp(cand - lse1.unsqueeze(-1))
+        if cfg.top_p >= 1.0:
+            n_keep = torch.full_like(lse1, k_eff, dtype=torch.long)
+            break
+        before = torch.cumsum(probs, dim=-1) - probs
+        # A token is in the nucleus if the mass strictly above it is still short of top_p.
+        n_keep = (before < cfg.top_p).sum(-1).clamp_min(1)
+        covered = (probs.sum(-1) >= cfg.top_p) | (n_keep < k_eff)
+        if cfg.top_k is not None or k_eff >= vocab or bool(covered.all()):
+            break
+        k = 2 * k_eff
+    return cand.gather(-1, (n_keep - 1).unsqueeze(-1)).squeeze(-1)
+
+
+class DenseTarget:
+    """Teacher logits ``[s, b, v/tp]`` (vocab-parallel), processed per :class:`KDLossConfig`."""
+
+    def __init__(self, teacher_logits: torch.Tensor, cfg: KDLossConfig, group) -> None:
+        self.logits = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+        self.cfg = cfg
+        self.group = group
+
+    def raw_chunk(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Unprocessed teacher logits ``[c, v/tp]`` of tokens ``a:b`` in ``dtype``."""
+        z = self.logits[a:b].to(dtype)
+        if self.cfg.check_finite:
+            _check_finite(z, "teacher logits")
+        return z
+
+    def chunk(self, a: int, b: int, dtype: torch.dtype) -> TeacherChunk:
+        cfg, group = self.cfg, self.group
+        z1 = self.raw_chunk(a, b, dtype)
+        inv_t = 1.0 / cfg.temperature
+        if not cfg.truncates:
+            zt = z1 * inv_t if inv_t != 1.0 else z1
+            lse = global_logsumexp(torch.logsumexp(zt, dim=-1), group)
+            return TeacherChunk(zt - lse.unsqueeze(-1), None, None)
+
+        lse1 = global_logsumexp(torch.logsumexp(z1, dim=-1), group)
+        kept = z1 >= _truncation_threshold(z1, lse1, cfg, group).unsqueeze(-1)
+        if cfg.truncation == "renormalize":
+            zt = (z1 * inv_t).masked_fill_(~kept, NEG_INF)
+            lse_kept = global_logsumexp(torch.logsumexp(zt, dim=-1), group)
+            return TeacherChunk(zt - lse_kept.unsqueeze(-1), kept, torch.full_like(lse1, NEG_INF))
+
+        # Ghost bucket: the residual mass r = Σ_{truncated} p_i, computed from the truncated ids
+        # themselves (not 1 - Σ kept) so that a small r keeps its precision.
+        log_r = global_logsumexp(torch.logsumexp(z1.masked_fill(kept, NEG_INF), dim=-1), group) - lse1
+        a_kept = ((z1 - lse1.unsqueeze(-1)) * inv_t).masked_fill_(~kept, NEG_INF)
+        a_ghost = log_r * inv_t
+        log_z = torch.logaddexp(global_logsumexp(torch.logsumexp(a_kept, dim=-1), group), a_ghost)
+        return TeacherChunk(a_kept - log_z.unsqueeze(-1), kept, a_ghost - log_z)
+
+
+class SparseTarget:
+    """Offline teacher targets: ``ids[s, b, k]`` (global vocab ids, -1 = padding) and their
+    τ = 1 log-probabilities ``logprobs[s, b, k]``, replicated on every tensor-parallel rank.
+
+    Each rank scatters only the ids inside its own vocab range; the residual mass ``1 - Σ p`` is the
+    ghost bucket (``truncation='ghost'``) or dropped by renormalising.
+    """
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        cfg: KDLossConfig,
+        group,
+        v_local: int,
+        validate: bool = True,
+    ) -> None:
+        if ids.shape != logprobs.shape:
+            raise ValueError(f"sparse ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} differ in shape")
+        if ids.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32):
+            raise ValueError(f"sparse ids must be an integer tensor, got {ids.dtype}")
+        if cfg.loss == "mse":
+            raise ValueError("loss='mse' compares logits; sparse (id, log-prob) targets cannot be used with it")
+        if cfg.is_reverse_kl and cfg.truncation == "renormalize":
+            raise ValueError(
+                "loss='reverse_kl' with sparse targets is infinite when renormalised (the student has mass "
+                "outside the stored ids); use truncation='ghost'"
+            )
+        self.ids = ids.reshape(-1, ids.shape[-1]).long()
+        self.logprobs = logprobs.detach().reshape(-1, logprobs.shape[-1])
+        self.cfg = cfg
+        self.v_local = v_local
+        self.vocab = v_local * group_size(group)
+        self.start = group_rank(group) * v_local
+        if validate:
+            self.validate()
+
+    def validate(self) -> None:
+        """Raise on out-of-range or duplicate ids, and on log-probs that are not log-probabilities."""
+        ids, valid = self.ids, self.ids >= 0
+        bad = (ids < -1) | (ids >= self.vocab)
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"sparse teacher ids out of range [0, {self.vocab}) (or -1 for padding): "
+                f"id {int(ids[tuple(where)])} at token {where[0]}, slot {where[1]}"
+            )
+        srt = torch.sort(ids, dim=-1).values
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if bool(dup.any()):
+            tok = int(dup.nonzero()[0, 0])
+            raise ValueError(f"sparse teacher ids repeat within token {tok}; each id may appear once")
+        lp = self.logprobs.double()
+        if not bool(torch.isfinite(lp[valid]).all()) or bool((lp[valid] > 1e-6).any()):
+            raise ValueError("sparse teacher logprobs must be finite log-probabilities (<= 0)")
+        mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)
+        if bool((mass > 1.0 + 1e-4).any()):
+            tok = int((mass > 1.0 + 1e-4).nonzero()[0, 0])
+            raise ValueError(f"sparse teacher probabilities sum to {float(mass[tok]):.6f} > 1 at token {tok}")
+        if bool((~valid).all(-1).any()):
+            tok = int((~valid).all(-1).nonzero()[0, 0])
+            raise ValueError(f"sparse teacher target for token {tok} holds no ids (all padding)")
+
+    def chunk(self, a: int, b: int, dtype: torch.dtype) -> TeacherChunk:
+        ids, lp = self.ids[a:b], self.logprobs[a:b].to(dtype)
+        valid = ids >= 0
+        inv_t = 1.0 / self.cfg.temperature
+        a_ids = (lp * inv_t).masked_fill(~valid, NEG_INF)
+        if self.cfg.truncation == "ghost":
+            mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)
+            a_ghost = torch.log((1.0 - mass).clamp_min(0.0)) * inv_t
+            log_z = torch.logaddexp(torch.logsumexp(a_ids, dim=-1), a_ghost)
+        else:
+            a_ghost = torch.full(ids.shape[:1], NEG_INF, dtype=dtype, device=lp.device)
+            log_z = torch.logsumexp(a_ids, dim=-1)
+        logq_ids = a_ids - log_z.unsqueeze(-1)
+
+        local = valid & (ids >= self.start) & (ids < self.start + self.v_local)
+        cols = torch.where(local, ids - self.start, torch.zeros_like(ids))
+        logq = torch.full((ids.shape[0], self.v_local), NEG_INF, dtype=dtype, device=lp.device)
+        logq.scatter_(-1, cols, torch.where(local, logq_ids, torch.full_like(logq_ids, NEG_INF)))
+        # scatter_ of several padded slots onto column 0 may overwrite a real id there: reassert it.
+        kept = torch.zeros_like(logq, dtype=torch.bool)
+        kept.scatter_(-1, cols, local)
+        kept[:, 0] = (local & (cols == 0)).any(-1)
+        real0 = torch.where(local & (cols == 0), logq_ids, torch.full_like(logq_ids, NEG_INF)).amax(-1)
+        logq[:, 0] = real0
+        return TeacherChunk(logq, kept, a_ghost - log_z)

@@ -1,0 +1,98 @@
+"""Single-process, full-vocabulary float64 reference for the KD losses, in plain torch ops.
+
+Written independently of ``megadistill.losses``: per token, it builds the teacher's and the
+student's category distributions explicitly (kept ids one by one, plus the ghost bucket) and lets
+autograd differentiate the textbook formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megadistill.losses import KDLossConfig
+
+
+def kept_mask(teacher_logits: torch.Tensor, cfg: KDLossConfig) -> torch.Tensor:
+    """``[n, V]`` bool: top-p (smallest prefix reaching mass top_p), then top-k, of softmax(z)."""
+    p1 = torch.softmax(teacher_logits, -1)
+    probs, order = torch.sort(p1, dim=-1, descending=True)
+    before = torch.cumsum(probs, -1) - probs
+    keep_sorted = before < cfg.top_p
+    keep_sorted[:, 0] = True
+    if cfg.top_k is not None:
+        keep_sorted[:, cfg.top_k:] = False
+    kept = torch.zeros_like(keep_sorted)
+    return kept.scatter(-1, order, keep_sorted)
+
+
+def teacher_categories(p1: torch.Tensor, kept: torch.Tensor, cfg: KDLossConfig):
+    """From τ=1 probabilities ``p1[n, V]`` (zero where not stored) → tempered ``q[n, V]``, ``q_ghost[n]``."""
+    w = torch.where(kept, p1 ** (1.0 / cfg.temperature), torch.zeros_like(p1))
+    if cfg.truncation == "ghost":
+        r = (1.0 - (p1 * kept).sum(-1)).clamp_min(0.0)
+        w_g = r ** (1.0 / cfg.temperature)
+    else:
+        w_g = torch.zeros(p1.shape[0], dtype=p1.dtype)
+    z = w.sum(-1) + w_g
+    return w / z[:, None], w_g / z
+
+
+def _row_loss(P: torch.Tensor, Q: torch.Tensor, cfg: KDLossConfig) -> torch.Tensor:
+    xl = torch.xlogy
+    if cfg.loss == "forward_kl":
+        return (xl(Q, Q) - xl(Q, P)).sum()
+    if cfg.loss == "soft_ce":
+        return -xl(Q, P).sum()
+    if cfg.loss == "reverse_kl":
+        return (xl(P, P) - xl(P, Q)).sum()
+    b = cfg.jsd_beta
+    if b == 0.0:
+        return (xl(Q, Q) - xl(Q, P)).sum()
+    if b == 1.0:
+        return (xl(P, P) - xl(P, Q)).sum()
+    M = b * Q + (1 - b) * P
+    return ((1 - b) * (xl(Q, Q) - xl(Q, M)) + b * (xl(P, P) - xl(P, M))).sum()
+
+
+def reference_loss(student: torch.Tensor, q: torch.Tensor, q_ghost, kept, cfg: KDLossConfig) -> torch.Tensor:
+    """Per-token loss ``[n]`` for full-vocab ``student[n, V]`` (requires_grad) against a teacher
+    target ``q[n, V]`` with optional ``kept[n, V]`` and ``q_ghost[n]``."""
+    scale = cfg.temperature**2 if cfg.scale_by_temperature_squared else 1.0
+    p = torch.softmax(student / cfg.temperature, -1)
+    out = []
+    for i in range(student.shape[0]):
+        if kept is None:
+            P, Q = p[i], q[i]
+        else:
+            k = kept[i]
+            P, Q = p[i][k], q[i][k]
+            if not bool(k.all()):
+                P = torch.cat([P, p[i][~k].sum().reshape(1)])
+                Q = torch.cat([Q, q_ghost[i].reshape(1)])
+        out.append(_row_loss(P, Q, cfg))
+    return torch.stack(out) * scale
+
+
+def reference_dense(student: torch.Tensor, teacher: torch.Tensor, cfg: KDLossConfig) -> torch.Tensor:
+    """Per-token loss ``[n]`` of full-vocab ``student[n, V]`` against teacher logits ``[n, V]``."""
+    if cfg.loss == "mse":
+        scale = cfg.temperature**2 if cfg.scale_by_temperature_squared else 1.0
+        return (((student - teacher) / cfg.temperature) ** 2).mean(-1) * scale
+    if not cfg.truncates:
+        return reference_loss(student, torch.softmax(teacher / cfg.temperature, -1), None, None, cfg)
+    kept = kept_mask(teacher, cfg)
+    q, q_g = teacher_categories(torch.softmax(teacher, -1), kept, cfg)
+    return reference_loss(student, q, q_g, kept, cfg)
+
+
+def reference_sparse(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, cfg: KDLossConfig):
+    """Per-token loss ``[n]`` against sparse ``ids[n, k]`` (-1 pads) with τ=1 ``logprobs[n, k]``."""
+    n, vocab = student.shape
+    valid = ids >= 0
+    p1 = torch.zeros(n, vocab, dtype=student.dtype)
+    kept = torch.zeros(n, vocab, dtype=torch.bool)
+    for i in range(n):
+        p1[i, ids[i][valid[i]]] = logprobs[i][valid[i]].exp()
+        kept[i, ids[i][valid[i]]] = True
+    q, q_g = teacher_categories(p1, kept, cfg)
+    return reference_loss(student, q, q_g, kept, cfg)
