@@ -14,15 +14,16 @@ from megadistill.losses import KDLossConfig
 
 def kept_mask(teacher_logits: torch.Tensor, cfg: KDLossConfig) -> torch.Tensor:
     """``[n, V]`` bool: top-p (smallest prefix reaching mass top_p), then top-k, of softmax(z)."""
-    p1 = torch.softmax(teacher_logits, -1)
-    probs, order = torch.sort(p1, dim=-1, descending=True)
+    probs = torch.sort(torch.softmax(teacher_logits, -1), dim=-1, descending=True).values
     before = torch.cumsum(probs, -1) - probs
     keep_sorted = before < cfg.top_p
     keep_sorted[:, 0] = True
     if cfg.top_k is not None:
         keep_sorted[:, cfg.top_k:] = False
-    kept = torch.zeros_like(keep_sorted)
-    return kept.scatter(-1, order, keep_sorted)
+    # Ids tied with the last kept one are kept too (bf16 logits tie often; the cut stays TP-invariant).
+    last = keep_sorted.sum(-1, keepdim=True) - 1
+    threshold = torch.sort(teacher_logits, dim=-1, descending=True).values.gather(-1, last)
+    return teacher_logits >= threshold
 
 
 def teacher_categories(p1: torch.Tensor, kept: torch.Tensor, cfg: KDLossConfig):

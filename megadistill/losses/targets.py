@@ -58,7 +58,8 @@ def _truncation_threshold(z1: torch.Tensor, lse1: torch.Tensor, cfg: KDLossConfi
 
     Each rank contributes its local top-k candidates (the global top-k are among them); only
     ``[c, k*tp]`` values are gathered, never the vocabulary. With top-p alone, the candidate count
-    doubles until the candidates' mass reaches top_p for every token.
+    doubles until the candidates' mass reaches top_p for every token. Ids tied with the last kept
+    logit are kept as well (bf16 logits tie often), so the kept set never depends on the TP layout.
     """
     v_local = z1.shape[-1]
     vocab = v_local * group_size(group)
@@ -192,6 +193,8 @@ class SparseTarget:
         if self.cfg.truncation == "ghost":
             mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)
             a_ghost = torch.log((1.0 - mass).clamp_min(0.0)) * inv_t
+            # Ids covering the whole vocabulary leave no bucket, whatever rounding left in 1 - Σ p.
+            a_ghost = a_ghost.masked_fill(valid.sum(-1) == self.vocab, NEG_INF)
             log_z = torch.logaddexp(torch.logsumexp(a_ids, dim=-1), a_ghost)
         else:
             a_ghost = torch.full(ids.shape[:1], NEG_INF, dtype=dtype, device=lp.device)
