@@ -115,7 +115,7 @@ def _ghost_mass_worker():
     ):
         group = parallel_state.get_tensor_model_parallel_group()
         t = DenseTarget(_shard(teacher), cfg, group).chunk(0, n, torch.float64)
-        kept_mass = t.logq.exp().sum(-1)
+        kept_mass = t.q.sum(-1)
         dist.all_reduce(kept_mass, group=group)
         ghost = t.logq_ghost.exp()
         # At τ = 1 the ghost holds exactly the truncated ids' softmax mass.
@@ -131,7 +131,7 @@ def _ghost_mass_worker():
         ids = torch.topk(teacher, 4, -1).indices
         lp = torch.log_softmax(teacher, -1).gather(-1, ids)
         ts = SparseTarget(ids, lp, cfg, group, V // 2).chunk(0, n, torch.float64)
-        kept_mass = ts.logq.exp().sum(-1)
+        kept_mass = ts.q.sum(-1)
         dist.all_reduce(kept_mass, group=group)
         sums.append((float((kept_mass + ts.logq_ghost.exp() - 1).abs().max()), float(ts.logq_ghost.exp().min()), 0.0))
     return sums
@@ -170,3 +170,37 @@ def test_chunking_does_not_change_results():
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) or torch.allclose(loss, results[0][0], atol=1e-14, rtol=0)
         assert torch.allclose(grad, results[0][1], atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        KDLossConfig(chunk_tokens=5),
+        KDLossConfig(loss="soft_ce", temperature=2.0, top_p=0.8, truncation="ghost", chunk_tokens=5),
+        KDLossConfig(loss="reverse_kl", top_k=4, truncation="ghost"),
+        KDLossConfig(loss="jsd", jsd_beta=0.3, top_p=0.7, chunk_tokens=4),
+        KDLossConfig(loss="mse", temperature=2.0, chunk_tokens=7),
+    ],
+    ids=lambda c: c.loss,
+)
+def test_inplace_gradient_equals_out_of_place(cfg):
+    student, teacher, grad_out = _inputs(8)
+    ref, ref_grad = _loss_and_grad(lambda x: vocab_parallel_kd_loss(x, teacher, cfg, group=None), student, grad_out)
+    x = student.clone().requires_grad_(True)
+    # A non-leaf, as logits are in a model; the loss may then overwrite its buffer.
+    logits = x * 1.0
+    loss = vocab_parallel_kd_loss(logits, teacher, cfg, group=None, inplace=True)
+    loss.backward(grad_out)
+    assert torch.allclose(loss, ref, atol=1e-13, rtol=0)
+    assert torch.allclose(x.grad, ref_grad, atol=1e-15, rtol=0)
+    assert not torch.equal(logits.detach(), student)  # the buffer now holds the gradient
+
+
+def test_inplace_refuses_logits_another_loss_still_needs():
+    student, teacher, grad_out = _inputs(9)
+    logits = student.clone().requires_grad_(True) * 1.0
+    other = torch.log_softmax(logits, -1).sum()  # saves its output, not the logits
+    entropy_like = (logits * logits).sum()  # saves the logits for backward
+    kd = vocab_parallel_kd_loss(logits, teacher, KDLossConfig(), group=None, inplace=True).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (kd + entropy_like + other).backward()

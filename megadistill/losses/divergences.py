@@ -1,16 +1,15 @@
 """Per-token divergences between a teacher target and the student, with closed-form gradients.
 
-Every function works on one chunk of tokens of this rank's vocab shard and returns:
+Every function works on one chunk of ``c`` tokens of this rank's vocab shard, writes into
+``out[c, v/tp]`` the gradient with respect to ``z/τ`` *before* the term ``-p·E`` (when it returns
+``e_local``: E = Σ_j p_j g_j needs a sum over the whole vocabulary, which the caller all-reduces),
+and returns the loss in two parts: ``loss_local[c]`` (this shard's share, summed over ranks by the
+caller) and ``loss_ghost[c]`` (the ghost bucket's share, identical on every rank, added once).
 
-* ``loss_local[c]``: this shard's part of the per-token loss (summed over ranks by the caller);
-* ``loss_ghost[c]``: the ghost bucket's part, identical on every rank (added once);
-* ``grad[c, v/tp]``: ∂loss/∂(z/τ) for the local ids, *before* the term ``-p·E`` when ``e_local`` is
-  returned (E = Σ_j p_j g_j needs a sum over the whole vocabulary, done by the caller).
-
-The student distribution is compared on the teacher's partition: kept ids one by one, truncated ids
-as one ghost category of mass ``P_g``. For every divergence L(P) of the student's category
-probabilities, ``∂L/∂(z_j/τ) = p_j (g_c(j) - Σ_c P_c g_c)`` with ``g_c = ∂L/∂P_c``; the functions
-below specialise that to keep every term finite.
+The student is compared on the teacher's partition: kept ids one by one, truncated ids as one ghost
+category of mass ``P_g``. For any divergence L(P) of the student's category probabilities,
+``∂L/∂(z_j/τ) = p_j (g_c(j) - Σ_c P_c g_c)`` with ``g_c = ∂L/∂P_c``; the functions below
+specialise that and keep every term finite.
 """
 
 from __future__ import annotations
@@ -21,98 +20,113 @@ from typing import Optional
 
 import torch
 
-from megadistill.losses.targets import TeacherChunk
+from megadistill.losses.targets import NEG_INF, TeacherChunk
 
 
 @dataclass
 class StudentChunk:
-    """Student quantities for one chunk; all ``[c, v/tp]`` unless noted."""
+    """Student quantities for one chunk. ``log p = x·scale - log_norm`` over the global vocabulary."""
 
-    logp: torch.Tensor
-    """log-softmax of z/τ over the global vocabulary."""
     p: torch.Tensor
-    """softmax of z/τ over the global vocabulary."""
+    """``[c, v/tp]`` softmax of z/τ over the global vocabulary."""
+    x: torch.Tensor
+    """``[c, v/tp]`` raw student logits in the compute dtype (overwritten by ``p`` when the
+    gradient is computed in place: forward KL reads it through :func:`forward_kl_cross` first)."""
+    scale: float
+    """1/τ."""
+    log_norm: torch.Tensor
+    """``[c]`` global log-normaliser."""
     logp_ghost: Optional[torch.Tensor]
     """``[c]`` log of the student's total probability on the truncated ids, or None."""
+
+    def logp(self) -> torch.Tensor:
+        """``[c, v/tp]`` log-probabilities (allocates)."""
+        return torch.mul(self.x, self.scale).sub_(self.log_norm.unsqueeze(-1))
 
 
 @dataclass
 class ChunkResult:
     loss_local: torch.Tensor
     loss_ghost: Optional[torch.Tensor]
-    grad: torch.Tensor
     e_local: Optional[torch.Tensor] = None
     e_ghost: Optional[torch.Tensor] = None
 
 
 def _zero_where(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x`` with entries zeroed where ``mask``; used for 0·log 0 = 0."""
+    """``x`` with entries zeroed where ``mask``: 0·log 0 = 0 and no gradient through empty buckets."""
     return torch.where(mask, torch.zeros_like(x), x)
 
 
-def _off_kept(grad: torch.Tensor, kept: torch.Tensor, p: torch.Tensor, g_ghost: torch.Tensor) -> torch.Tensor:
-    """Replace the truncated ids' entries of ``grad`` with ``p_j · g_ghost`` (``g_ghost[c]``)."""
-    return torch.where(kept, grad, p * g_ghost.unsqueeze(-1))
+def _set_off_kept(out: torch.Tensor, kept: torch.Tensor, p: torch.Tensor, g_ghost: torch.Tensor) -> None:
+    """Set the truncated ids' entries of ``out`` to ``p_j · g_ghost`` (``g_ghost[c]``)."""
+    out.masked_fill_(~kept, 0.0)
+    out.addcmul_(p, torch.where(kept, 0.0, g_ghost.unsqueeze(-1)))
 
 
-def forward_kl(t: TeacherChunk, s: StudentChunk, soft_ce: bool = False) -> ChunkResult:
-    """KL(q ‖ P) = Σ q (log q - log P); soft cross-entropy -Σ q log P has the same gradient p - q."""
-    q = torch.exp(t.logq)
-    if soft_ce:
-        loss_local = -(q * s.logp).sum(-1)
-    else:
-        d = t.logq - s.logp
-        if t.kept is not None:
-            d.masked_fill_(~t.kept, 0.0)
-        loss_local = torch.linalg.vecdot(q, d)
-    grad = s.p - q
+def forward_kl_cross(t: TeacherChunk, x: torch.Tensor, scale: float, scratch: torch.Tensor, soft_ce: bool) -> torch.Tensor:
+    """The part of the forward-KL (or soft-CE) loss that reads the raw student logits ``x[c, v/tp]``:
+    ``Σ q log q - scale·Σ q x`` (without ``Σ q log q`` for soft CE). Computed before the student
+    softmax may overwrite ``x``; ``scratch[c, v/tp]`` is a work buffer."""
+    if not soft_ce and t.scale == scale:
+        # Σ q log q - scale·Σ q x = scale·Σ q (x_t - x) - norm_t·Σ q: one pass over q.
+        torch.sub(t.x, x, out=scratch).mul_(t.q)
+        return scratch.sum(-1) * t.scale - t.log_norm * t.mass_local
+    q_x = torch.mul(t.q, x, out=scratch).sum(-1) * scale
+    return -q_x if soft_ce else t.cross(t.x, t.scale, t.log_norm, scratch) - q_x
+
+
+def forward_kl(t: TeacherChunk, s: StudentChunk, out: torch.Tensor, cross: torch.Tensor, soft_ce: bool = False) -> ChunkResult:
+    """KL(q ‖ P) = Σ q (log q - log P), or soft cross-entropy -Σ q log P; both have gradient p - q.
+
+    ``out`` must already hold ``s.p`` (the caller computes the student softmax in place there);
+    ``cross`` is :func:`forward_kl_cross` of the same chunk.
+    """
+    loss_local = cross + s.log_norm * t.mass_local
+    out.sub_(t.q)
     loss_ghost = None
     if t.kept is not None:
         q_g, lp_g = torch.exp(t.logq_ghost), s.logp_ghost
         term = -q_g * lp_g if soft_ce else q_g * (t.logq_ghost - lp_g)
         loss_ghost = _zero_where(q_g == 0, term)
-        # Truncated ids share the ghost target q_g in proportion to the student's own mass.
-        factor = 1.0 - torch.exp(t.logq_ghost - lp_g)
-        factor = torch.where(torch.isfinite(lp_g), factor, torch.ones_like(factor))
-        grad = _off_kept(grad, t.kept, s.p, factor)
-    return ChunkResult(loss_local, loss_ghost, grad)
+        # The truncated ids share the ghost target q_g in proportion to the student's own mass:
+        # gradient p_j (1 - q_g / P_g) there.
+        factor = torch.where(torch.isfinite(lp_g), 1.0 - torch.exp(t.logq_ghost - lp_g), 1.0)
+        out.mul_(torch.where(t.kept, 1.0, factor.unsqueeze(-1)))
+    return ChunkResult(loss_local, loss_ghost)
 
 
-def reverse_kl(t: TeacherChunk, s: StudentChunk) -> ChunkResult:
+def reverse_kl(t: TeacherChunk, s: StudentChunk, out: torch.Tensor) -> ChunkResult:
     """KL(P ‖ q) = Σ P (log P - log q); g_c = log P_c - log q_c, and Σ_c P_c g_c is the loss itself."""
-    pa = s.p * (s.logp - t.logq)
+    torch.sub(s.logp(), t.logq(), out=out).mul_(s.p)
     if t.kept is not None:
-        pa.masked_fill_(~t.kept, 0.0)
-    loss_local = pa.sum(-1)
+        out.masked_fill_(~t.kept, 0.0)
+    loss_local = out.sum(-1)
     loss_ghost = None
     if t.kept is not None:
         a_g = s.logp_ghost - t.logq_ghost
         p_g = torch.exp(s.logp_ghost)
         loss_ghost = _zero_where(p_g == 0, p_g * a_g)
-        pa = _off_kept(pa, t.kept, s.p, _zero_where(p_g == 0, a_g))
-    return ChunkResult(loss_local, loss_ghost, pa, e_local=loss_local, e_ghost=loss_ghost)
+        _set_off_kept(out, t.kept, s.p, _zero_where(p_g == 0, a_g))
+    return ChunkResult(loss_local, loss_ghost, e_local=loss_local, e_ghost=loss_ghost)
 
 
-def jsd(t: TeacherChunk, s: StudentChunk, beta: float) -> ChunkResult:
+def jsd(t: TeacherChunk, s: StudentChunk, out: torch.Tensor, beta: float) -> ChunkResult:
     """Generalized JSD: (1-β)·KL(q ‖ m) + β·KL(P ‖ m) with m = β·q + (1-β)·P.
 
-    β = 0 is forward KL and β = 1 reverse KL (both dispatched to their own functions).
+    β = 0 is forward KL and β = 1 reverse KL (the caller dispatches those to their own functions).
     ``g = β (log P - log m) - (1-β) ((1-β) q + β P) / m`` up to a constant.
     """
-    if beta == 0.0:
-        return forward_kl(t, s)
-    if beta == 1.0:
-        return reverse_kl(t, s)
     lb, l1b = math.log(beta), math.log1p(-beta)
-    q = torch.exp(t.logq)
-    logm = torch.logaddexp(t.logq + lb, s.logp + l1b)
-    tp = s.p * (s.logp - logm)
-    tq = q * (t.logq - logm)
-    if t.kept is not None:
-        tq.masked_fill_(~t.kept, 0.0)
-    pg = beta * tp - (1.0 - beta) * ((1.0 - beta) * q + beta * s.p) * torch.exp(s.logp - logm)
+    logp, logq = s.logp(), t.logq()
+    logm = torch.logaddexp(logq + lb, logp + l1b)
+    tq = t.q * (logq - logm)
+    ratio = torch.exp(logp - logm)  # p / m <= 1 / (1-β)
+    tp = logp.sub_(logm).mul_(s.p)  # reuses logp's storage
+    torch.mul(t.q, (1.0 - beta) ** 2, out=out).add_(s.p, alpha=beta * (1.0 - beta)).mul_(ratio)
+    out.mul_(-1.0).add_(tp, alpha=beta)
     if t.kept is not None:
         # The ghost category is handled as one coarse category below; drop its ids' fine terms.
+        tq.masked_fill_(~t.kept, 0.0)
         tp.masked_fill_(~t.kept, 0.0)
     loss_local = (1.0 - beta) * tq.sum(-1) + beta * tp.sum(-1)
     loss_ghost = None
@@ -125,5 +139,8 @@ def jsd(t: TeacherChunk, s: StudentChunk, beta: float) -> ChunkResult:
         )
         r_g = ((1.0 - beta) * q_g + beta * p_g) * torch.exp(-logm_g)
         g_g = beta * (lp_g - logm_g) - (1.0 - beta) * r_g
-        pg = _off_kept(pg, t.kept, s.p, _zero_where(p_g == 0, g_g))
-    return ChunkResult(loss_local, loss_ghost, pg, e_local=pg.sum(-1), e_ghost=None)
+        _set_off_kept(out, t.kept, s.p, _zero_where(p_g == 0, g_g))
+    return ChunkResult(loss_local, loss_ghost, e_local=out.sum(-1), e_ghost=None)
+
+
+__all__ = ["NEG_INF", "ChunkResult", "StudentChunk", "forward_kl", "forward_kl_cross", "jsd", "reverse_kl"]

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from megadistill.losses.config import KDLossConfig
+from megadistill.losses.softmax import softmax_into
 from megadistill.losses.parallel import (
     all_gather_last_dim,
     global_logsumexp,
@@ -37,20 +38,45 @@ _NUCLEUS_START_K = 64
 
 @dataclass
 class TeacherChunk:
-    """The teacher distribution for one chunk of tokens on this rank's vocab shard."""
+    """The teacher distribution for one chunk of ``c`` tokens on this rank's vocab shard.
 
-    logq: torch.Tensor
-    """``[c, v/tp]`` log-probabilities at temperature τ; ``-inf`` where truncated."""
+    On kept ids, ``log q = x·scale - log_norm``; elsewhere q = 0.
+    """
+
+    q: torch.Tensor
+    """``[c, v/tp]`` probabilities at temperature τ, zero where truncated."""
+    x: torch.Tensor
+    """``[c, v/tp]`` finite teacher log-weights (raw logits for dense targets)."""
+    scale: float
+    """Factor on ``x`` (1/τ for dense targets)."""
+    log_norm: torch.Tensor
+    """``[c]`` log-normaliser."""
+    mass_local: torch.Tensor
+    """``[c]`` this shard's part of Σ q over kept ids."""
     kept: Optional[torch.Tensor]
     """``[c, v/tp]`` bool mask of kept ids, or None if nothing is truncated."""
     logq_ghost: Optional[torch.Tensor]
     """``[c]`` log-mass of the truncated ids' bucket (``-inf`` when renormalised), or None."""
 
+    def logq(self) -> torch.Tensor:
+        """``[c, v/tp]`` log-probabilities, ``-inf`` where truncated (allocates)."""
+        lq = torch.mul(self.x, self.scale).sub_(self.log_norm.unsqueeze(-1))
+        return lq if self.kept is None else lq.masked_fill_(~self.kept, NEG_INF)
 
-def _check_finite(x: torch.Tensor, what: str) -> None:
+    def cross(self, y: torch.Tensor, y_scale: float, y_log_norm: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """``[c]`` local ``Σ_kept q·(y·y_scale - y_log_norm)`` (Σ q log q or Σ q log p), using the
+        ``scratch[c, v/tp]`` buffer (a multiply-then-sum beats ``vecdot``/``bmm`` on CPU)."""
+        return torch.mul(self.q, y, out=scratch).sum(-1) * y_scale - y_log_norm * self.mass_local
+
+
+def _check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
+    """Raise naming the first non-finite entry of ``x[c, v/tp]`` (token index shifted by ``offset``)."""
     if not bool(torch.isfinite(x).all()):
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"{what} contain NaN or Inf (first at index {bad} of this rank's shard)")
+        tok, col = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(
+            f"{what} contain NaN or Inf (first at token {tok + offset}, local vocab column {col} of "
+            "this rank's shard)"
+        )
 
 
 def _truncation_threshold(z1: torch.Tensor, lse1: torch.Tensor, cfg: KDLossConfig, group) -> torch.Tensor:
@@ -92,34 +118,41 @@ class DenseTarget:
 
     def raw_chunk(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
         """Unprocessed teacher logits ``[c, v/tp]`` of tokens ``a:b`` in ``dtype``."""
-        z = self.logits[a:b].to(dtype)
-        if self.cfg.check_finite:
-            _check_finite(z, "teacher logits")
-        return z
+        return self.logits[a:b].to(dtype)
 
-    def chunk(self, a: int, b: int, dtype: torch.dtype) -> TeacherChunk:
+    def chunk(self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None) -> TeacherChunk:
+        """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q."""
         cfg, group = self.cfg, self.group
-        z1 = self.raw_chunk(a, b, dtype)
+        x = self.logits[a:b].to(dtype)
         inv_t = 1.0 / cfg.temperature
+        q = torch.empty_like(x) if q_out is None else q_out
         if not cfg.truncates:
-            zt = z1 * inv_t if inv_t != 1.0 else z1
-            lse = global_logsumexp(torch.logsumexp(zt, dim=-1), group)
-            return TeacherChunk(zt - lse.unsqueeze(-1), None, None)
+            sm = softmax_into(x, inv_t, group, q)
+            return TeacherChunk(q, x, inv_t, sm.log_norm, sm.mass_local, None, None)
 
-        lse1 = global_logsumexp(torch.logsumexp(z1, dim=-1), group)
-        kept = z1 >= _truncation_threshold(z1, lse1, cfg, group).unsqueeze(-1)
+        lse1 = global_logsumexp(torch.logsumexp(x, dim=-1), group)
+        kept = x >= _truncation_threshold(x, lse1, cfg, group).unsqueeze(-1)
+        sm = softmax_into(x, inv_t, group, q, kept)
         if cfg.truncation == "renormalize":
-            zt = (z1 * inv_t).masked_fill_(~kept, NEG_INF)
-            lse_kept = global_logsumexp(torch.logsumexp(zt, dim=-1), group)
-            return TeacherChunk(zt - lse_kept.unsqueeze(-1), kept, torch.full_like(lse1, NEG_INF))
+            ghost = torch.full_like(lse1, NEG_INF)
+            return TeacherChunk(q, x, inv_t, sm.log_norm, sm.mass_local, kept, ghost)
 
         # Ghost bucket: the residual mass r = Σ_{truncated} p_i, computed from the truncated ids
-        # themselves (not 1 - Σ kept) so that a small r keeps its precision.
-        log_r = global_logsumexp(torch.logsumexp(z1.masked_fill(kept, NEG_INF), dim=-1), group) - lse1
-        a_kept = ((z1 - lse1.unsqueeze(-1)) * inv_t).masked_fill_(~kept, NEG_INF)
+        # themselves (not 1 - Σ kept) so that a small r keeps its precision. Tempered as one more
+        # category: q_i ∝ p_i^(1/τ) for kept i, q_ghost ∝ r^(1/τ).
+        log_r = global_logsumexp(torch.logsumexp(x.masked_fill(kept, NEG_INF), dim=-1), group) - lse1
         a_ghost = log_r * inv_t
-        log_z = torch.logaddexp(global_logsumexp(torch.logsumexp(a_kept, dim=-1), group), a_ghost)
-        return TeacherChunk(a_kept - log_z.unsqueeze(-1), kept, a_ghost - log_z)
+        log_kept = sm.log_norm - lse1 * inv_t  # log Σ_kept p_i^(1/τ)
+        log_z = torch.logaddexp(log_kept, a_ghost)
+        shrink = torch.exp(log_kept - log_z)
+        q.mul_(shrink.unsqueeze(-1))
+        return TeacherChunk(
+            q, x, inv_t, sm.log_norm - log_kept + log_z, sm.mass_local * shrink, kept, a_ghost - log_z
+        )
+
+    def raise_if_corrupt(self, a: int, b: int) -> None:
+        """Raise if tokens ``a:b`` of the teacher logits hold NaN or Inf."""
+        _check_finite(self.logits[a:b], "teacher logits", offset=a)
 
 
 class SparseTarget:
@@ -185,7 +218,8 @@ class SparseTarget:
             tok = int((~valid).all(-1).nonzero()[0, 0])
             raise ValueError(f"sparse teacher target for token {tok} holds no ids (all padding)")
 
-    def chunk(self, a: int, b: int, dtype: torch.dtype) -> TeacherChunk:
+    def chunk(self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None) -> TeacherChunk:
+        """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q."""
         ids, lp = self.ids[a:b], self.logprobs[a:b].to(dtype)
         valid = ids >= 0
         inv_t = 1.0 / self.cfg.temperature
@@ -202,13 +236,16 @@ class SparseTarget:
         logq_ids = a_ids - log_z.unsqueeze(-1)
 
         local = valid & (ids >= self.start) & (ids < self.start + self.v_local)
-        cols = torch.where(local, ids - self.start, torch.zeros_like(ids))
-        logq = torch.full((ids.shape[0], self.v_local), NEG_INF, dtype=dtype, device=lp.device)
-        logq.scatter_(-1, cols, torch.where(local, logq_ids, torch.full_like(logq_ids, NEG_INF)))
-        # scatter_ of several padded slots onto column 0 may overwrite a real id there: reassert it.
-        kept = torch.zeros_like(logq, dtype=torch.bool)
-        kept.scatter_(-1, cols, local)
-        kept[:, 0] = (local & (cols == 0)).any(-1)
-        real0 = torch.where(local & (cols == 0), logq_ids, torch.full_like(logq_ids, NEG_INF)).amax(-1)
-        logq[:, 0] = real0
-        return TeacherChunk(logq, kept, a_ghost - log_z)
+        # Ids of other ranks and padding go to a spare column, dropped afterwards.
+        cols = torch.where(local, ids - self.start, torch.full_like(ids, self.v_local))
+        x = torch.zeros((ids.shape[0], self.v_local + 1), dtype=dtype, device=lp.device)
+        x.scatter_(-1, cols, torch.where(local, logq_ids, torch.zeros_like(logq_ids)))
+        kept = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, cols, local)
+        x, kept = x[:, : self.v_local].contiguous(), kept[:, : self.v_local].contiguous()
+        q = torch.exp(x, out=q_out) if q_out is not None else torch.exp(x)
+        q.masked_fill_(~kept, 0.0)
+        zero = torch.zeros_like(log_z)
+        return TeacherChunk(q, x, 1.0, zero, q.sum(-1), kept, a_ghost - log_z)
+
+    def raise_if_corrupt(self, a: int, b: int) -> None:
+        """Sparse targets are validated on construction; nothing more to scan."""

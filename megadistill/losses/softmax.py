@@ -1,0 +1,51 @@
+"""Vocab-parallel softmax of one token chunk, written into a caller's buffer.
+
+Computes ``exp(x·scale - M)`` in place and normalises it with a global max and a global sum, two
+``[c]``-sized all-reduces: the same pattern as Megatron's vocab-parallel cross entropy, and no
+full-vocabulary temporary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megadistill.losses.parallel import all_reduce_
+
+
+@dataclass
+class ShardSoftmax:
+    """Statistics of ``softmax(x·scale)`` for a chunk ``x[c, v/tp]``."""
+
+    log_norm: torch.Tensor
+    """``[c]`` global log-normaliser: ``log softmax = x·scale - log_norm``."""
+    mass_local: torch.Tensor
+    """``[c]`` this shard's share of the (kept) probability mass."""
+
+
+def softmax_into(
+    x: torch.Tensor,
+    scale: float,
+    group,
+    out: torch.Tensor,
+    kept: Optional[torch.Tensor] = None,
+) -> ShardSoftmax:
+    """Write ``softmax(x·scale)`` over the global vocabulary into ``out[c, v/tp]``.
+
+    With ``kept`` (bool ``[c, v/tp]``), the softmax is over the kept ids only and ``out`` is zero
+    elsewhere; the row maximum must be kept (true for top-p/top-k truncation). ``scale`` > 0.
+    """
+    m = all_reduce_(x.amax(-1), dist.ReduceOp.MAX, group)
+    torch.sub(x, m.unsqueeze(-1), out=out)
+    if scale != 1.0:
+        out.mul_(scale)
+    out.exp_()
+    if kept is not None:
+        out.masked_fill_(~kept, 0.0)
+    s_local = out.sum(-1)
+    s = all_reduce_(s_local.clone(), dist.ReduceOp.SUM, group)
+    out.mul_(s.reciprocal().unsqueeze(-1))
+    return ShardSoftmax(log_norm=m * scale + torch.log(s), mass_local=s_local / s)
