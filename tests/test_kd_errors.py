@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megadistill.losses import KDLossConfig, KDLoss, check_vocab_partition, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
+from megadistill.losses import KDLoss, KDLossConfig, check_vocab_partition, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
+from megadistill.testing import run_distributed
 
 
 def _logits(*shape, seed=0):
@@ -52,7 +53,7 @@ def test_sparse_duplicate_ids_and_excess_mass():
 def test_non_finite_teacher_logits(bad):
     teacher = _logits(2, 2, 8)
     teacher[1, 0, 5] = bad
-    with pytest.raises(ValueError, match=r"teacher logits contain NaN or Inf \(first at token 2, local vocab column 5"):
+    with pytest.raises(ValueError, match=r"teacher logits contain NaN or Inf on tensor-parallel rank\(s\) \[0\]; on this rank first at token 2, vocab id 5"):
         vocab_parallel_kd_loss(_logits(2, 2, 8, seed=1), teacher, KDLossConfig(), group=None)
 
 
@@ -100,3 +101,24 @@ def test_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass per forward"):
         loss.backward()
+
+
+def _nan_on_rank_1_worker():
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    teacher = _logits(4, 2, 8)
+    if rank == 1:
+        teacher[3, 1, 2] = float("nan")
+    try:
+        vocab_parallel_kd_loss(_logits(4, 2, 8, seed=1), teacher, KDLossConfig(chunk_tokens=3))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_corrupt_teacher_shard_raises_on_every_rank():
+    # Only rank 1 holds the NaN; rank 0 must raise too rather than wait in the next collective.
+    msgs = run_distributed(_nan_on_rank_1_worker, 2, tp=2)
+    assert msgs[0] == "teacher logits contain NaN or Inf on tensor-parallel rank(s) [1]"
+    assert msgs[1] == "teacher logits contain NaN or Inf on tensor-parallel rank(s) [1]; on this rank first at token 7, vocab id 10"

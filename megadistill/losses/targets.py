@@ -69,14 +69,22 @@ class TeacherChunk:
         return torch.mul(self.q, y, out=scratch).sum(-1) * y_scale - y_log_norm * self.mass_local
 
 
-def _check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
-    """Raise naming the first non-finite entry of ``x[c, v/tp]`` (token index shifted by ``offset``)."""
-    if not bool(torch.isfinite(x).all()):
-        tok, col = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(
-            f"{what} contain NaN or Inf (first at token {tok + offset}, local vocab column {col} of "
-            "this rank's shard)"
-        )
+def _raise_if_non_finite(x: torch.Tensor, what: str, group, token_offset: int = 0) -> None:
+    """Raise on every rank of ``group`` if any rank's ``x[c, v/tp]`` holds NaN/Inf.
+
+    Collective: all ranks must call it together, so that they raise together instead of leaving
+    the healthy ranks waiting in the next all-reduce.
+    """
+    bad = ~torch.isfinite(x)
+    flags = all_gather_last_dim(bad.any().to(torch.int32).reshape(1), group)
+    if not bool(flags.any()):
+        return
+    ranks = flags.nonzero().flatten().tolist()
+    here = ""
+    if bool(bad.any()):
+        tok, col = bad.nonzero()[0].tolist()
+        here = f"; on this rank first at token {tok + token_offset}, vocab id {group_rank(group) * x.shape[-1] + col}"
+    raise ValueError(f"{what} contain NaN or Inf on tensor-parallel rank(s) {ranks}{here}")
 
 
 def _truncation_threshold(z1: torch.Tensor, lse1: torch.Tensor, cfg: KDLossConfig, group) -> torch.Tensor:
@@ -151,8 +159,8 @@ class DenseTarget:
         )
 
     def raise_if_corrupt(self, a: int, b: int) -> None:
-        """Raise if tokens ``a:b`` of the teacher logits hold NaN or Inf."""
-        _check_finite(self.logits[a:b], "teacher logits", offset=a)
+        """Raise (on every rank) if tokens ``a:b`` of the teacher logits hold NaN or Inf."""
+        _raise_if_non_finite(self.logits[a:b], "teacher logits", self.group, token_offset=a)
 
 
 class SparseTarget:
