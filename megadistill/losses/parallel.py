@@ -75,3 +75,17 @@ def all_gather_last_dim(t: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(n)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, group) -> torch.Tensor:
+    """Global vocab id of the largest logit ``[...]`` from shards ``logits[..., v/tp]``.
+
+    Two ``[...]``-sized all-reduces; ties go to the smallest id, as on a single rank.
+    """
+    local_max, local_idx = logits.max(dim=-1)
+    global_max = all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
+    ids = local_idx + group_rank(group) * logits.shape[-1]
+    # Ranks without the maximum offer an id larger than any real one.
+    big = torch.iinfo(ids.dtype).max
+    ids = torch.where(local_max == global_max, ids, torch.full_like(ids, big))
+    return all_reduce_(ids, dist.ReduceOp.MIN, group)

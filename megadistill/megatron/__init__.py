@@ -1,0 +1,15 @@
+"""Distillation inside Megatron-core: the model wrapper, the loss, and the schedule glue."""
+
+from megadistill.megatron.loss import DistillationLoss, KDStep
+from megadistill.megatron.model import DistillationModel
+from megadistill.megatron.schedule import forward_backward, make_forward_step, reduce_reports, widen_for_teacher
+
+__all__ = [
+    "DistillationLoss",
+    "DistillationModel",
+    "KDStep",
+    "forward_backward",
+    "make_forward_step",
+    "reduce_reports",
+    "widen_for_teacher",
+]

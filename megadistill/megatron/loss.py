@@ -1,0 +1,84 @@
+"""The distillation loss for Megatron's schedules: ``(1-α)·LM + α·KD`` per micro-batch.
+
+Follows Megatron-LM's ``loss_func`` convention: it returns ``(loss_sum, num_tokens, report)``, and
+the schedule divides the first by ``num_tokens`` and by the number of micro-batches, in place.
+``report`` maps a name to a detached ``[sum, count]`` pair; sum the pairs over micro-batches (and
+data-parallel ranks) and divide to log means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss
+from megadistill.losses.parallel import vocab_parallel_argmax
+
+
+@dataclasses.dataclass
+class KDStep:
+    """The per-step knobs a schedule sets before each optimizer step."""
+
+    alpha: float = 0.5
+    """KD weight α in ``(1-α)·LM + α·KD``; 0 trains on the LM loss only (the teacher can be skipped)."""
+
+    temperature: float = 1.0
+    """τ for this step (overrides ``KDLossConfig.temperature``)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"KD weight alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+class DistillationLoss:
+    """Builds per-micro-batch loss functions; read ``step`` (α, τ) at call time."""
+
+    def __init__(self, kd: Optional[KDLossConfig] = None, step: Optional[KDStep] = None) -> None:
+        self.kd = kd or KDLossConfig()
+        self.step = step or KDStep(temperature=self.kd.temperature)
+        self._cfg_cache: tuple[float, KDLossConfig] | None = None
+
+    def _kd_config(self) -> KDLossConfig:
+        tau = self.step.temperature
+        if self._cfg_cache is None or self._cfg_cache[0] != tau:
+            self._cfg_cache = (tau, dataclasses.replace(self.kd, temperature=tau))
+        return self._cfg_cache[1]
+
+    def __call__(
+        self,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor],
+        student_logits: torch.Tensor,
+    ):
+        """Loss of one micro-batch from ``student_logits[b, s, v/tp]`` (the schedule's output tensor),
+        ``teacher_logits[b, s, v/tp]``, ``labels[b, s]`` and ``loss_mask[b, s]``."""
+        alpha = self.step.alpha
+        mask = loss_mask.reshape(student_logits.shape[:-1]).float()
+        num_tokens = mask.sum().to(torch.int)
+        count = mask.sum().detach()
+        report = {}
+        total = torch.zeros((), device=student_logits.device)
+        if alpha > 0.0:
+            if teacher_logits is None:
+                raise RuntimeError("KD weight alpha > 0 but the teacher did not run (teacher_active is False)")
+            group = parallel_state.get_tensor_model_parallel_group()
+            # KD first: Megatron's cross entropy below overwrites fp32 logits in place.
+            kd = (vocab_parallel_kd_loss(student_logits, teacher_logits, self._kd_config(), group) * mask).sum()
+            with torch.no_grad():
+                agree = vocab_parallel_argmax(student_logits, group) == vocab_parallel_argmax(teacher_logits, group)
+                report["top1 agreement"] = torch.stack([(agree.float() * mask).sum(), count])
+            report["kd loss"] = torch.stack([kd.detach().clone(), count])
+            total = total + alpha * kd
+        if alpha < 1.0:
+            lm = (vocab_parallel_cross_entropy(student_logits, labels) * mask).sum()
+            report["lm loss"] = torch.stack([lm.detach().clone(), count])
+            total = total + (1.0 - alpha) * lm
+        report["total loss"] = torch.stack([total.detach().clone(), count])
+        return total, num_tokens, report

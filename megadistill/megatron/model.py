@@ -1,0 +1,86 @@
+"""``DistillationModel``: a student ``GPTModel`` with a frozen teacher riding along on every stage.
+
+Per micro-batch, the teacher runs under ``torch.no_grad()`` and then the student runs. On the last
+pipeline stage the wrapper returns ``(student_logits, teacher_logits)``, both ``[b, s, v/tp]``. On
+any other stage it returns ``cat([student_hidden, teacher_hidden], -1)`` of shape
+``[s, b, h_student + h_teacher]``, the one tensor Megatron's schedule sends to the next stage.
+There, :meth:`set_input_tensor` splits it again. Gradients flow only into the student's part.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+
+from megadistill.teacher import prepare_teacher
+
+
+class DistillationModel(MegatronModule):
+    """Student + frozen teacher on the same ranks and stages.
+
+    Only the student is a registered submodule: ``parameters()``, ``state_dict()`` and
+    ``sharded_state_dict()`` are the student's alone, under the student's own key names, so DDP, the
+    optimizer and checkpoints see a plain GPT model.
+    """
+
+    def __init__(self, student: GPTModel, teacher: GPTModel, teacher_checkpoint: Optional[str] = None) -> None:
+        super().__init__(config=student.config)
+        self.student = student
+        # A list hides the teacher from Module.__setattr__: no parameters, buffers or hooks leak.
+        self._teacher = [prepare_teacher(teacher, student, teacher_checkpoint)]
+        self.pre_process = student.pre_process
+        self.post_process = student.post_process
+        self.model_type = student.model_type  # the schedules look it up on the wrapped model
+        self.student_hidden = student.config.hidden_size
+        self.teacher_hidden = teacher.config.hidden_size
+        self.teacher_active = True
+        """Run the teacher in the next forward passes; set False for steps with KD weight 0."""
+
+    @property
+    def teacher(self) -> GPTModel:
+        return self._teacher[0]
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Split the tensor received from the previous stage between student and teacher."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "a GPT stage receives one tensor"
+            input_tensor = input_tensor[0]
+        if input_tensor is None or not self.teacher_active:
+            self.student.set_input_tensor(input_tensor)
+            self.teacher.set_input_tensor(None)
+            return
+        expected = self.student_hidden + self.teacher_hidden
+        if input_tensor.shape[-1] != expected:
+            raise RuntimeError(
+                f"received a stage input of width {input_tensor.shape[-1]}, expected student + teacher "
+                f"hidden = {expected}: run the schedule through megadistill.megatron.forward_backward"
+            )
+        student_part, teacher_part = torch.split(input_tensor, [self.student_hidden, self.teacher_hidden], dim=-1)
+        self.student.set_input_tensor(student_part)
+        self.teacher.set_input_tensor(teacher_part.detach())
+
+    def forward(self, input_ids, position_ids, attention_mask, **kwargs):
+        """Last stage: ``(student_logits[b, s, v/tp], teacher_logits[b, s, v/tp] or None)``;
+        other stages: the student's (and teacher's) hidden states for the next stage."""
+        teacher_out = None
+        if self.teacher_active:
+            with torch.no_grad():
+                teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+        student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
+        if self.post_process:
+            return student_out, teacher_out
+        if teacher_out is None:
+            return student_out
+        return torch.cat([student_out, teacher_out], dim=-1)
+
+    def state_dict(self, *args, **kwargs):
+        return self.student.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        return self.student.load_state_dict(state_dict, strict=strict)
+
+    def sharded_state_dict(self, prefix: str = "", *args, **kwargs):
+        return self.student.sharded_state_dict(prefix, *args, **kwargs)
