@@ -68,8 +68,10 @@ def _worker(seq: int, batch: int, vocab: int, reps: int):
         cfg = KDLossConfig(loss="forward_kl", chunk_tokens=chunk)
 
         def setup():
-            # In place, like Megatron's CE, the loss overwrites its own copy of the logits.
-            x = (student.detach().clone() if inplace else student.detach()).requires_grad_(True)
+            leaf = student.detach().requires_grad_(True)
+            # Logits come out of the output layer (a graph node): in place, the loss overwrites
+            # its own copy of them, as Megatron's CE does with its input.
+            x = leaf.clone() if inplace else leaf
             return lambda: vocab_parallel_kd_loss(x, teacher, cfg, inplace=inplace).backward(grad_out)
 
         return setup

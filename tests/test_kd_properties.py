@@ -130,7 +130,7 @@ def _ghost_mass_worker():
         sums.append((float((kept_mass + ghost - 1).abs().max()), float(ghost.min()), float((t1.logq_ghost.exp() - residual).abs().max())))
         ids = torch.topk(teacher, 4, -1).indices
         lp = torch.log_softmax(teacher, -1).gather(-1, ids)
-        ts = SparseTarget(ids, lp, cfg, group, V // 2).chunk(0, n, torch.float64)
+        ts = SparseTarget(ids, lp, cfg, group, V // 2, ids.device).chunk(0, n, torch.float64)
         kept_mass = ts.q.sum(-1)
         dist.all_reduce(kept_mass, group=group)
         sums.append((float((kept_mass + ts.logq_ghost.exp() - 1).abs().max()), float(ts.logq_ghost.exp().min()), 0.0))

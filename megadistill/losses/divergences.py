@@ -20,28 +20,33 @@ from typing import Optional
 
 import torch
 
-from megadistill.losses.targets import NEG_INF, TeacherChunk
+from megadistill.losses.targets import TeacherChunk
 
 
 @dataclass
 class StudentChunk:
-    """Student quantities for one chunk. ``log p = x·scale - log_norm`` over the global vocabulary."""
+    """Student quantities for one chunk: ``log p = (x - m)·scale - log_s`` over the global vocabulary."""
 
     p: torch.Tensor
-    """``[c, v/tp]`` softmax of z/τ over the global vocabulary."""
+    """``[c, v/tp]`` softmax of z/τ."""
     x: torch.Tensor
-    """``[c, v/tp]`` raw student logits in the compute dtype (overwritten by ``p`` when the
-    gradient is computed in place: forward KL reads it through :func:`forward_kl_cross` first)."""
+    """``[c, v/tp]`` raw student logits in the compute dtype. Overwritten by ``p`` when forward KL
+    computes its gradient in place: it reads them first, through :func:`forward_kl_cross`."""
     scale: float
     """1/τ."""
-    log_norm: torch.Tensor
-    """``[c]`` global log-normaliser."""
-    logp_ghost: Optional[torch.Tensor]
+    m: torch.Tensor
+    """``[c]`` global row max of x."""
+    log_s: torch.Tensor
+    """``[c]`` log of the global ``Σ exp((x - m)·scale)``."""
+    logp_ghost: Optional[torch.Tensor] = None
     """``[c]`` log of the student's total probability on the truncated ids, or None."""
+    ghost_w: Optional[torch.Tensor] = None
+    """``[c, v/tp]`` the student's distribution *within* the truncated ids (0 on kept ids), for the
+    forward-KL ghost gradient; None when not needed."""
 
     def logp(self) -> torch.Tensor:
-        """``[c, v/tp]`` log-probabilities (allocates)."""
-        return torch.mul(self.x, self.scale).sub_(self.log_norm.unsqueeze(-1))
+        """``[c, v/tp]`` log-probabilities (allocates; needs ``x`` intact)."""
+        return torch.sub(self.x, self.m.unsqueeze(-1)).mul_(self.scale).sub_(self.log_s.unsqueeze(-1))
 
 
 @dataclass
@@ -63,16 +68,26 @@ def _set_off_kept(out: torch.Tensor, kept: torch.Tensor, p: torch.Tensor, g_ghos
     out.addcmul_(p, torch.where(kept, 0.0, g_ghost.unsqueeze(-1)))
 
 
-def forward_kl_cross(t: TeacherChunk, x: torch.Tensor, scale: float, scratch: torch.Tensor, soft_ce: bool) -> torch.Tensor:
-    """The part of the forward-KL (or soft-CE) loss that reads the raw student logits ``x[c, v/tp]``:
-    ``Σ q log q - scale·Σ q x`` (without ``Σ q log q`` for soft CE). Computed before the student
-    softmax may overwrite ``x``; ``scratch[c, v/tp]`` is a work buffer."""
+def forward_kl_cross(
+    t: TeacherChunk, x: torch.Tensor, scale: float, m: torch.Tensor, scratch: torch.Tensor, soft_ce: bool
+) -> torch.Tensor:
+    """The part of the forward-KL (or soft-CE) loss that reads the raw student logits ``x[c, v/tp]``
+    (global row max ``m[c]``): ``Σ q log q - scale·Σ q (x - m)`` (without ``Σ q log q`` for soft CE).
+
+    Computed before the student softmax may overwrite ``x``; the caller adds ``log_s·Σ q`` once
+    the student's normaliser is known. ``scratch[c, v/tp]`` is a work buffer.
+    """
     if not soft_ce and t.scale == scale:
-        # Σ q log q - scale·Σ q x = scale·Σ q (x_t - x) - norm_t·Σ q: one pass over q.
+        # scale·(Σ q (x_t - x) - (m_t - m)·Σ q) - log_s_t·Σ q: one pass over q. Large logits
+        # cancel inside the element-wise difference and in m_t - m, never between large sums.
         torch.sub(t.x, x, out=scratch).mul_(t.q)
-        return scratch.sum(-1) * t.scale - t.log_norm * t.mass_local
-    q_x = torch.mul(t.q, x, out=scratch).sum(-1) * scale
-    return -q_x if soft_ce else t.cross(t.x, t.scale, t.log_norm, scratch) - q_x
+        return (scratch.sum(-1) - (t.m - m) * t.mass_local) * scale - t.log_s * t.mass_local
+    torch.sub(x, m.unsqueeze(-1), out=scratch).mul_(t.q)
+    q_x = scratch.sum(-1) * scale
+    if soft_ce:
+        return -q_x
+    torch.sub(t.x, t.m.unsqueeze(-1), out=scratch).mul_(t.q)
+    return scratch.sum(-1) * t.scale - t.log_s * t.mass_local - q_x
 
 
 def forward_kl(t: TeacherChunk, s: StudentChunk, out: torch.Tensor, cross: torch.Tensor, soft_ce: bool = False) -> ChunkResult:
@@ -81,17 +96,17 @@ def forward_kl(t: TeacherChunk, s: StudentChunk, out: torch.Tensor, cross: torch
     ``out`` must already hold ``s.p`` (the caller computes the student softmax in place there);
     ``cross`` is :func:`forward_kl_cross` of the same chunk.
     """
-    loss_local = cross + s.log_norm * t.mass_local
+    loss_local = cross + s.log_s * t.mass_local
     out.sub_(t.q)
     loss_ghost = None
     if t.kept is not None:
         q_g, lp_g = torch.exp(t.logq_ghost), s.logp_ghost
         term = -q_g * lp_g if soft_ce else q_g * (t.logq_ghost - lp_g)
         loss_ghost = _zero_where(q_g == 0, term)
-        # The truncated ids share the ghost target q_g in proportion to the student's own mass:
-        # gradient p_j (1 - q_g / P_g) there.
-        factor = torch.where(torch.isfinite(lp_g), 1.0 - torch.exp(t.logq_ghost - lp_g), 1.0)
-        out.mul_(torch.where(t.kept, 1.0, factor.unsqueeze(-1)))
+        if s.ghost_w is not None:
+            # Truncated ids share the ghost target q_g in proportion to the student's own mass
+            # there: gradient p_j - q_g·w_j, w_j = p_j / P_g computed in log space.
+            out.addcmul_(s.ghost_w, q_g.unsqueeze(-1), value=-1.0)
     return ChunkResult(loss_local, loss_ghost)
 
 
@@ -141,6 +156,3 @@ def jsd(t: TeacherChunk, s: StudentChunk, out: torch.Tensor, beta: float) -> Chu
         g_g = beta * (lp_g - logm_g) - (1.0 - beta) * r_g
         _set_off_kept(out, t.kept, s.p, _zero_where(p_g == 0, g_g))
     return ChunkResult(loss_local, loss_ghost, e_local=out.sum(-1), e_ghost=None)
-
-
-__all__ = ["NEG_INF", "ChunkResult", "StudentChunk", "forward_kl", "forward_kl_cross", "jsd", "reverse_kl"]

@@ -1,8 +1,9 @@
 """Vocab-parallel softmax of one token chunk, written into a caller's buffer.
 
-Computes ``exp(x·scale - M)`` in place and normalises it with a global max and a global sum, two
+Computes ``exp((x - m)·scale)`` in place and normalises it with a global max and a global sum, two
 ``[c]``-sized all-reduces: the same pattern as Megatron's vocab-parallel cross entropy, and no
-full-vocabulary temporary.
+full-vocabulary temporary. The row max ``m`` and ``log s`` are kept apart (``log softmax =
+(x - m)·scale - log s``) so that large logits do not cost fp32 precision.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ from megadistill.losses.parallel import all_reduce_
 class ShardSoftmax:
     """Statistics of ``softmax(x·scale)`` for a chunk ``x[c, v/tp]``."""
 
-    log_norm: torch.Tensor
-    """``[c]`` global log-normaliser: ``log softmax = x·scale - log_norm``."""
+    m: torch.Tensor
+    """``[c]`` global row maximum of ``x`` (unscaled)."""
+    log_s: torch.Tensor
+    """``[c]`` log of the global ``Σ exp((x - m)·scale)`` (over kept ids)."""
     mass_local: torch.Tensor
     """``[c]`` this shard's share of the (kept) probability mass."""
+
+
+def global_max(x: torch.Tensor, group) -> torch.Tensor:
+    """``[c]`` maximum of ``x[c, v/tp]`` over the whole vocabulary (one all-reduce)."""
+    return all_reduce_(x.amax(-1), dist.ReduceOp.MAX, group)
 
 
 def softmax_into(
@@ -32,13 +40,17 @@ def softmax_into(
     group,
     out: torch.Tensor,
     kept: Optional[torch.Tensor] = None,
+    m: Optional[torch.Tensor] = None,
 ) -> ShardSoftmax:
-    """Write ``softmax(x·scale)`` over the global vocabulary into ``out[c, v/tp]``.
+    """Write ``softmax(x·scale)`` over the global vocabulary into ``out[c, v/tp]`` (``out`` may be
+    ``x`` itself).
 
     With ``kept`` (bool ``[c, v/tp]``), the softmax is over the kept ids only and ``out`` is zero
-    elsewhere; the row maximum must be kept (true for top-p/top-k truncation). ``scale`` > 0.
+    elsewhere; the row maximum must be kept (true for top-p/top-k truncation). ``m`` is the global
+    row max if already known. ``scale`` > 0.
     """
-    m = all_reduce_(x.amax(-1), dist.ReduceOp.MAX, group)
+    if m is None:
+        m = global_max(x, group)
     torch.sub(x, m.unsqueeze(-1), out=out)
     if scale != 1.0:
         out.mul_(scale)
@@ -48,4 +60,4 @@ def softmax_into(
     s_local = out.sum(-1)
     s = all_reduce_(s_local.clone(), dist.ReduceOp.SUM, group)
     out.mul_(s.reciprocal().unsqueeze(-1))
-    return ShardSoftmax(log_norm=m * scale + torch.log(s), mass_local=s_local / s)
+    return ShardSoftmax(m=m, log_s=torch.log(s), mass_local=s_local / s)

@@ -40,17 +40,19 @@ _NUCLEUS_START_K = 64
 class TeacherChunk:
     """The teacher distribution for one chunk of ``c`` tokens on this rank's vocab shard.
 
-    On kept ids, ``log q = x·scale - log_norm``; elsewhere q = 0.
+    On kept ids, ``log q = (x - m)·scale - log_s``; elsewhere q = 0.
     """
 
     q: torch.Tensor
     """``[c, v/tp]`` probabilities at temperature τ, zero where truncated."""
     x: torch.Tensor
-    """``[c, v/tp]`` finite teacher log-weights (raw logits for dense targets)."""
+    """``[c, v/tp]`` teacher log-weights (raw logits for dense targets; finite where kept)."""
     scale: float
-    """Factor on ``x`` (1/τ for dense targets)."""
-    log_norm: torch.Tensor
-    """``[c]`` log-normaliser."""
+    """Factor on ``x - m`` (1/τ for dense targets)."""
+    m: torch.Tensor
+    """``[c]`` offset subtracted from ``x`` (the global row max for dense targets)."""
+    log_s: torch.Tensor
+    """``[c]`` log-normaliser after the offset."""
     mass_local: torch.Tensor
     """``[c]`` this shard's part of Σ q over kept ids."""
     kept: Optional[torch.Tensor]
@@ -60,21 +62,25 @@ class TeacherChunk:
 
     def logq(self) -> torch.Tensor:
         """``[c, v/tp]`` log-probabilities, ``-inf`` where truncated (allocates)."""
-        lq = torch.mul(self.x, self.scale).sub_(self.log_norm.unsqueeze(-1))
+        lq = torch.sub(self.x, self.m.unsqueeze(-1)).mul_(self.scale).sub_(self.log_s.unsqueeze(-1))
         return lq if self.kept is None else lq.masked_fill_(~self.kept, NEG_INF)
 
-    def cross(self, y: torch.Tensor, y_scale: float, y_log_norm: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        """``[c]`` local ``Σ_kept q·(y·y_scale - y_log_norm)`` (Σ q log q or Σ q log p), using the
-        ``scratch[c, v/tp]`` buffer (a multiply-then-sum beats ``vecdot``/``bmm`` on CPU)."""
-        return torch.mul(self.q, y, out=scratch).sum(-1) * y_scale - y_log_norm * self.mass_local
+
+def raise_collectively(message: Optional[str], group, device=None) -> None:
+    """Raise ``ValueError`` on every rank of ``group`` if any rank has a ``message``.
+
+    Collective: a rank that found nothing wrong raises too, instead of waiting in the next
+    all-reduce for a rank that has already left.
+    """
+    flags = all_gather_last_dim(torch.tensor([0 if message is None else 1], dtype=torch.int32, device=device), group)
+    if not bool(flags.any()):
+        return
+    ranks = flags.nonzero().flatten().tolist()
+    raise ValueError(message if message is not None else f"bad KD targets on tensor-parallel rank(s) {ranks}")
 
 
 def _raise_if_non_finite(x: torch.Tensor, what: str, group, token_offset: int = 0) -> None:
-    """Raise on every rank of ``group`` if any rank's ``x[c, v/tp]`` holds NaN/Inf.
-
-    Collective: all ranks must call it together, so that they raise together instead of leaving
-    the healthy ranks waiting in the next all-reduce.
-    """
+    """Raise on every rank of ``group`` if any rank's ``x[c, v/tp]`` holds NaN/Inf (collective)."""
     bad = ~torch.isfinite(x)
     flags = all_gather_last_dim(bad.any().to(torch.int32).reshape(1), group)
     if not bool(flags.any()):
@@ -92,28 +98,39 @@ def _truncation_threshold(z1: torch.Tensor, lse1: torch.Tensor, cfg: KDLossConfi
 
     Each rank contributes its local top-k candidates (the global top-k are among them); only
     ``[c, k*tp]`` values are gathered, never the vocabulary. With top-p alone, the candidate count
-    doubles until the candidates' mass reaches top_p for every token. Ids tied with the last kept
+    doubles, for the tokens whose candidates do not yet hold top_p of the mass, until they do. Ids tied with the last kept
     logit are kept as well (bf16 logits tie often), so the kept set never depends on the TP layout.
     """
     v_local = z1.shape[-1]
     vocab = v_local * group_size(group)
     k = cfg.top_k if cfg.top_k is not None else min(_NUCLEUS_START_K, vocab)
+    threshold = torch.empty_like(lse1)
+    rows = None  # rows still to decide (None = all); identical on every rank, from gathered values
     while True:
         k_eff = min(k, vocab)
-        local = torch.topk(z1, min(k_eff, v_local), dim=-1, sorted=False).values
+        z, lse = (z1, lse1) if rows is None else (z1[rows], lse1[rows])
+        local = torch.topk(z, min(k_eff, v_local), dim=-1, sorted=False).values
         cand = torch.topk(all_gather_last_dim(local, group), k_eff, dim=-1, sorted=True).values
-        probs = torch.exp(cand - lse1.unsqueeze(-1))
         if cfg.top_p >= 1.0:
-            n_keep = torch.full_like(lse1, k_eff, dtype=torch.long)
-            break
-        before = torch.cumsum(probs, dim=-1) - probs
-        # A token is in the nucleus if the mass strictly above it is still short of top_p.
-        n_keep = (before < cfg.top_p).sum(-1).clamp_min(1)
-        covered = (probs.sum(-1) >= cfg.top_p) | (n_keep < k_eff)
-        if cfg.top_k is not None or k_eff >= vocab or bool(covered.all()):
-            break
+            n_keep = torch.full_like(lse, k_eff, dtype=torch.long)
+            done = torch.ones_like(lse, dtype=torch.bool)
+        else:
+            probs = torch.exp(cand - lse.unsqueeze(-1))
+            before = torch.cumsum(probs, dim=-1) - probs
+            # A token is in the nucleus if the mass strictly above it is still short of top_p.
+            n_keep = (before < cfg.top_p).sum(-1).clamp_min(1)
+            done = (probs.sum(-1) >= cfg.top_p) | (n_keep < k_eff) | (cfg.top_k is not None) | (k_eff >= vocab)
+        value = cand.gather(-1, (n_keep - 1).unsqueeze(-1)).squeeze(-1)
+        if rows is None:
+            threshold = torch.where(done, value, threshold)
+            rows = (~done).nonzero().flatten()
+        else:
+            threshold[rows[done]] = value[done]
+            rows = rows[~done]
+        if rows.numel() == 0:
+            return threshold
+        # Only the undecided (flat) rows gather more candidates.
         k = 2 * k_eff
-    return cand.gather(-1, (n_keep - 1).unsqueeze(-1)).squeeze(-1)
 
 
 class DenseTarget:
@@ -136,27 +153,26 @@ class DenseTarget:
         q = torch.empty_like(x) if q_out is None else q_out
         if not cfg.truncates:
             sm = softmax_into(x, inv_t, group, q)
-            return TeacherChunk(q, x, inv_t, sm.log_norm, sm.mass_local, None, None)
+            return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, None, None)
 
         lse1 = global_logsumexp(torch.logsumexp(x, dim=-1), group)
         kept = x >= _truncation_threshold(x, lse1, cfg, group).unsqueeze(-1)
         sm = softmax_into(x, inv_t, group, q, kept)
         if cfg.truncation == "renormalize":
             ghost = torch.full_like(lse1, NEG_INF)
-            return TeacherChunk(q, x, inv_t, sm.log_norm, sm.mass_local, kept, ghost)
+            return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, kept, ghost)
 
         # Ghost bucket: the residual mass r = Σ_{truncated} p_i, computed from the truncated ids
         # themselves (not 1 - Σ kept) so that a small r keeps its precision. Tempered as one more
         # category: q_i ∝ p_i^(1/τ) for kept i, q_ghost ∝ r^(1/τ).
         log_r = global_logsumexp(torch.logsumexp(x.masked_fill(kept, NEG_INF), dim=-1), group) - lse1
         a_ghost = log_r * inv_t
-        log_kept = sm.log_norm - lse1 * inv_t  # log Σ_kept p_i^(1/τ)
+        log_kept = (sm.m - lse1) * inv_t + sm.log_s  # log Σ_kept p_i^(1/τ)
         log_z = torch.logaddexp(log_kept, a_ghost)
         shrink = torch.exp(log_kept - log_z)
         q.mul_(shrink.unsqueeze(-1))
-        return TeacherChunk(
-            q, x, inv_t, sm.log_norm - log_kept + log_z, sm.mass_local * shrink, kept, a_ghost - log_z
-        )
+        log_s = sm.log_s - log_kept + log_z
+        return TeacherChunk(q, x, inv_t, sm.m, log_s, sm.mass_local * shrink, kept, a_ghost - log_z)
 
     def raise_if_corrupt(self, a: int, b: int) -> None:
         """Raise (on every rank) if tokens ``a:b`` of the teacher logits hold NaN or Inf."""
@@ -168,7 +184,8 @@ class SparseTarget:
     τ = 1 log-probabilities ``logprobs[s, b, k]``, replicated on every tensor-parallel rank.
 
     Each rank scatters only the ids inside its own vocab range; the residual mass ``1 - Σ p`` is the
-    ghost bucket (``truncation='ghost'``) or dropped by renormalising.
+    ghost bucket (``truncation='ghost'``) or dropped by renormalising. The ``[c, k]`` arithmetic runs
+    in float64: a confident teacher leaves a residual far below fp32's resolution of 1.
     """
 
     def __init__(
@@ -178,12 +195,18 @@ class SparseTarget:
         cfg: KDLossConfig,
         group,
         v_local: int,
+        device: torch.device,
         validate: bool = True,
     ) -> None:
         if ids.shape != logprobs.shape:
             raise ValueError(f"sparse ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} differ in shape")
-        if ids.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32):
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"sparse ids must be an integer tensor, got {ids.dtype}")
+        if ids.device != device or logprobs.device != device:
+            raise ValueError(
+                f"sparse ids ({ids.device}) and logprobs ({logprobs.device}) must be on the student "
+                f"logits' device ({device})"
+            )
         if cfg.loss == "mse":
             raise ValueError("loss='mse' compares logits; sparse (id, log-prob) targets cannot be used with it")
         if cfg.is_reverse_kl and cfg.truncation == "renormalize":
@@ -192,56 +215,58 @@ class SparseTarget:
                 "outside the stored ids); use truncation='ghost'"
             )
         self.ids = ids.reshape(-1, ids.shape[-1]).long()
-        self.logprobs = logprobs.detach().reshape(-1, logprobs.shape[-1])
+        self.logprobs = logprobs.detach().reshape(-1, logprobs.shape[-1]).double()
         self.cfg = cfg
+        self.group = group
         self.v_local = v_local
         self.vocab = v_local * group_size(group)
         self.start = group_rank(group) * v_local
         if validate:
-            self.validate()
+            raise_collectively(self._problem(), group, device)
 
-    def validate(self) -> None:
-        """Raise on out-of-range or duplicate ids, and on log-probs that are not log-probabilities."""
+    def _problem(self) -> Optional[str]:
+        """What is wrong with the targets, or None: ids out of range or repeated, log-probs that
+        are not log-probabilities, tokens without ids."""
         ids, valid = self.ids, self.ids >= 0
         bad = (ids < -1) | (ids >= self.vocab)
         if bool(bad.any()):
             where = bad.nonzero()[0].tolist()
-            raise ValueError(
+            return (
                 f"sparse teacher ids out of range [0, {self.vocab}) (or -1 for padding): "
                 f"id {int(ids[tuple(where)])} at token {where[0]}, slot {where[1]}"
             )
         srt = torch.sort(ids, dim=-1).values
         dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
         if bool(dup.any()):
-            tok = int(dup.nonzero()[0, 0])
-            raise ValueError(f"sparse teacher ids repeat within token {tok}; each id may appear once")
-        lp = self.logprobs.double()
+            return f"sparse teacher ids repeat within token {int(dup.nonzero()[0, 0])}; each id may appear once"
+        lp = self.logprobs
         if not bool(torch.isfinite(lp[valid]).all()) or bool((lp[valid] > 1e-6).any()):
-            raise ValueError("sparse teacher logprobs must be finite log-probabilities (<= 0)")
+            return "sparse teacher logprobs must be finite log-probabilities (<= 0)"
         mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)
         if bool((mass > 1.0 + 1e-4).any()):
             tok = int((mass > 1.0 + 1e-4).nonzero()[0, 0])
-            raise ValueError(f"sparse teacher probabilities sum to {float(mass[tok]):.6f} > 1 at token {tok}")
+            return f"sparse teacher probabilities sum to {float(mass[tok]):.6f} > 1 at token {tok}"
         if bool((~valid).all(-1).any()):
-            tok = int((~valid).all(-1).nonzero()[0, 0])
-            raise ValueError(f"sparse teacher target for token {tok} holds no ids (all padding)")
+            return f"sparse teacher target for token {int((~valid).all(-1).nonzero()[0, 0])} holds no ids (all padding)"
+        return None
 
     def chunk(self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None) -> TeacherChunk:
         """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q."""
-        ids, lp = self.ids[a:b], self.logprobs[a:b].to(dtype)
+        ids, lp = self.ids[a:b], self.logprobs[a:b]
         valid = ids >= 0
         inv_t = 1.0 / self.cfg.temperature
         a_ids = (lp * inv_t).masked_fill(~valid, NEG_INF)
         if self.cfg.truncation == "ghost":
-            mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)
-            a_ghost = torch.log((1.0 - mass).clamp_min(0.0)) * inv_t
+            # log r = log(1 - Σ p) = log(-expm1(log Σ p)), exact for a residual near 0.
+            log_mass = torch.logsumexp(lp.masked_fill(~valid, NEG_INF), dim=-1).clamp_max(0.0)
+            a_ghost = torch.log(-torch.expm1(log_mass)) * inv_t
             # Ids covering the whole vocabulary leave no bucket, whatever rounding left in 1 - Σ p.
             a_ghost = a_ghost.masked_fill(valid.sum(-1) == self.vocab, NEG_INF)
             log_z = torch.logaddexp(torch.logsumexp(a_ids, dim=-1), a_ghost)
         else:
-            a_ghost = torch.full(ids.shape[:1], NEG_INF, dtype=dtype, device=lp.device)
+            a_ghost = torch.full(ids.shape[:1], NEG_INF, dtype=lp.dtype, device=lp.device)
             log_z = torch.logsumexp(a_ids, dim=-1)
-        logq_ids = a_ids - log_z.unsqueeze(-1)
+        logq_ids = (a_ids - log_z.unsqueeze(-1)).to(dtype)
 
         local = valid & (ids >= self.start) & (ids < self.start + self.v_local)
         # Ids of other ranks and padding go to a spare column, dropped afterwards.
@@ -252,8 +277,8 @@ class SparseTarget:
         x, kept = x[:, : self.v_local].contiguous(), kept[:, : self.v_local].contiguous()
         q = torch.exp(x, out=q_out) if q_out is not None else torch.exp(x)
         q.masked_fill_(~kept, 0.0)
-        zero = torch.zeros_like(log_z)
-        return TeacherChunk(q, x, 1.0, zero, q.sum(-1), kept, a_ghost - log_z)
+        zero = torch.zeros(ids.shape[0], dtype=dtype, device=lp.device)
+        return TeacherChunk(q, x, 1.0, zero, zero, q.sum(-1), kept, (a_ghost - log_z).to(dtype))
 
     def raise_if_corrupt(self, a: int, b: int) -> None:
         """Sparse targets are validated on construction; nothing more to scan."""

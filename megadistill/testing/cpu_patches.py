@@ -9,10 +9,12 @@ those calls raise "Torch not compiled with CUDA enabled" -- or, worse, silently 
 :func:`apply` patches those sites for the current process. It is idempotent, a no-op when CUDA
 is available, and must never be imported by production code (tests and the CPU harness only).
 It touches megatron-core's modules only; the real ``torch`` / ``torch.cuda`` modules are left
-alone, except for the duration of one megatron method (site 4).
+alone, except for the duration of three megatron functions (sites 4 and 5).
 
-Patched sites (megatron-core 0.16.1; each one is reached by tests/test_cpu_harness.py, and
-removing any of them makes that test fail with "Torch not compiled with CUDA enabled"):
+Patched sites (megatron-core 0.16.1; each one is reached by tests/test_cpu_harness.py or, for
+Megatron's DDP and optimizers, tests/test_cpu_ddp_optimizer.py, and removing any of them makes
+that test fail with "Torch not compiled with CUDA enabled" or a ``torch.cuda.FloatTensor``
+type error):
 
 1. ``torch.cuda.current_device()`` used as a *device*, ``device="cuda"`` literals and
    ``torch.cuda.synchronize()``. The module-global ``torch`` of each module below is replaced by
@@ -20,7 +22,8 @@ removing any of them makes that test fail with "Torch not compiled with CUDA ena
    CPU device (and ``synchronize()`` with a no-op), and whose tensor factories map
    ``device="cuda"`` to CPU; every other attribute is the real torch one.
 
-   - ``utils.py``: ``GlobalMemoryBuffer.get_tensor`` (attention's score buffer);
+   - ``utils.py``: ``GlobalMemoryBuffer.get_tensor`` (attention's score buffer), and
+     ``local_multi_tensor_l2_norm`` (the grad norm's fallback without Apex / Transformer Engine);
    - ``tensor_parallel/mappings.py``: all-gather / reduce-scatter output buffers (gathering
      vocab-parallel logits, sequence parallel);
    - ``tensor_parallel/layers.py``: weight allocation when ``use_cpu_initialization=False``
@@ -30,7 +33,13 @@ removing any of them makes that test fail with "Torch not compiled with CUDA ena
    - ``pipeline_parallel/p2p_communication.py``: shape / receive buffers and the
      ``torch.cuda.synchronize()`` after ``batch_isend_irecv``;
    - ``pipeline_parallel/schedules.py``: ``total_num_tokens = torch.zeros(..., device="cuda")``
-     at the start of every schedule.
+     at the start of every schedule;
+   - ``distributed/param_and_grad_buffer.py``: DDP's contiguous param and grad buffers (the
+     distributed optimizer's shards are views of them) on ``current_device()``;
+   - ``optimizer/optimizer.py``: ``MixedPrecisionOptimizer`` (the base of
+     ``DistributedOptimizer``) keeps ``found_inf``, ``_dummy_overflow_buf`` and ``_scale_one`` on
+     ``device='cuda'``, ``FP32Optimizer`` its ``_scale``;
+   - ``optimizer/clip_grads.py``: the grad-norm and zero-count accumulators, ``device='cuda'``.
 
 2. ``tensor_parallel/random.py``, the model-parallel RNG tracker. Its module ``torch`` gets the
    same proxy, whose ``cuda.get_rng_state`` / ``manual_seed`` act on the CPU
@@ -51,15 +60,33 @@ removing any of them makes that test fail with "Torch not compiled with CUDA ena
    before all-reducing the tied embedding between the first and last pipeline stage. It is
    wrapped so that, only while it runs, ``Tensor.cuda`` returns the tensor unchanged.
 
-Not patched (not reached by a dense GPTModel with the local spec under TP/PP without DDP):
-Megatron's DDP, distributed optimizer and grad clipping (literal ``device='cuda'``,
-``torch.cuda.FloatTensor`` checks), dist-checkpointing (``torch.cuda.synchronize`` /
+5. ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers:
+   ``clip_grads.clip_grad_by_total_norm_fp32`` asserts it for every grad (and ``optimizer.py``
+   imported the function by name), and ``DistributedOptimizer._build_model_and_main_param_groups``
+   sorts parameters into fp32 / fp16 / bf16 by it, raising ``TypeError`` for a CPU tensor. Both
+   are wrapped so that, only while they run, the no-argument ``Tensor.type()`` names a CPU tensor
+   as its CUDA twin (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``); ``t.type(dtype)``
+   conversions are unchanged. (``DistributedOptimizer.__init__``'s own check only looks for
+   16-bit params, so fp32 passes it untouched.)
+
+With sites 1 and 5, ``DistributedDataParallel`` (``overlap_grad_reduce=False``, grads
+all-reduced or reduce-scattered on gloo) and ``get_megatron_optimizer`` (``FP32Optimizer`` or
+``DistributedOptimizer`` over torch ``AdamW``, grad-norm clipping, ``log_num_zeros_in_grad``)
+train fp32 models on CPU/gloo: DP=2 and TP=2 match one rank and plain torch to ~1e-6.
+
+Not patched (not reached by a dense fp32 GPTModel with the local spec under TP/PP, DDP and the
+(distributed) optimizer): fp16/bf16 optimizers (``grad_scaler.py`` ``device='cuda'``,
+``Float16OptimizerWithFloat16Params``'s type checks), the distributed optimizer's state-dict and
+checkpoint paths (``distrib_optimizer.py`` ``torch.cuda.current_device()`` / ``.cuda()``),
+optimizer offload (``optimizer.py`` ``offload_to_cpu`` / ``.cuda()``, ``HybridDeviceOptimizer``),
+several distributed-optimizer instances (CUDA streams in ``param_and_grad_buffer.py`` and
+``distributed_data_parallel.py``), ``nccl_ub``, dist-checkpointing (``torch.cuda.synchronize`` /
 ``current_device``), ``tensor_parallel/utils.py`` 1-D split/gather buffers (recompute with
 ``distribute_saved_activations``), ``tensor_parallel/data.py`` ``broadcast_data``, context
 parallel (``rope_utils`` ``.cuda()``), ``get_sliding_window_causal_mask``, non-vanilla
-``softmax_type`` (``dot_product_attention.py``), inference and MoE code. Each still raises
-"Torch not compiled with CUDA enabled" if reached: add its module to ``_PROXIED_MODULES`` (with
-the reason) when a test needs it.
+``softmax_type`` (``dot_product_attention.py``), inference and MoE code. Each still fails
+loudly if reached ("Torch not compiled with CUDA enabled", or a ``torch.cuda.*Tensor`` type
+check): add its module to ``_PROXIED_MODULES`` (with the reason) when a test needs it.
 """
 
 from __future__ import annotations
@@ -170,6 +197,10 @@ _PROXIED_MODULES = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq.to(current_device())",
     "megatron.core.pipeline_parallel.p2p_communication": "buffers on current_device(), synchronize()",
     "megatron.core.pipeline_parallel.schedules": 'total_num_tokens = torch.zeros(device="cuda")',
+    # Megatron's DDP and its optimizers (sites 1 and 5 of the module docstring).
+    "megatron.core.distributed.param_and_grad_buffer": "param/grad buffers on current_device()",
+    "megatron.core.optimizer.optimizer": "found_inf / overflow buf / unit scale on device='cuda'",
+    "megatron.core.optimizer.clip_grads": "grad-norm accumulators on device='cuda'",
 }
 
 
@@ -210,20 +241,51 @@ def _tensor_cuda_identity(self: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     return self
 
 
-def _with_tensor_cuda_as_identity(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``method`` so that ``Tensor.cuda()`` returns the tensor itself while it runs."""
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _tensor_type_as_cuda(
+    self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any
+) -> Any:
+    """``Tensor.type()`` that names a CPU tensor as its CUDA twin ("torch.cuda.FloatTensor").
+
+    Only the no-argument form (the type *name*) is changed; a conversion ``t.type(dtype)`` is
+    the real one.
+    """
+    if dtype is None and not kwargs:
+        name = _TENSOR_TYPE(self)
+        if self.device.type == "cpu" and name.startswith("torch.") and ".cuda." not in name:
+            return "torch.cuda." + name[len("torch.") :]
+        return name
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _with_tensor_method(
+    method: Callable[..., Any], name: str, replacement: Callable[..., Any]
+) -> Callable[..., Any]:
+    """Wrap ``method`` so that ``torch.Tensor.<name>`` is ``replacement`` only while it runs."""
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = _tensor_cuda_identity
+        original = getattr(torch.Tensor, name)
+        setattr(torch.Tensor, name, replacement)
         try:
             return method(*args, **kwargs)
         finally:
-            torch.Tensor.cuda = original
+            setattr(torch.Tensor, name, original)
 
     wrapper._megadistill_cpu_patch = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def _with_tensor_cuda_as_identity(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``method`` so that ``Tensor.cuda()`` returns the tensor itself while it runs."""
+    return _with_tensor_method(method, "cuda", _tensor_cuda_identity)
+
+
+def _with_tensor_type_as_cuda(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``method`` so that ``Tensor.type()`` names CPU tensors as CUDA ones while it runs."""
+    return _with_tensor_method(method, "type", _tensor_type_as_cuda)
 
 
 def apply() -> None:
@@ -256,5 +318,25 @@ def apply() -> None:
     method = LanguageModule.setup_embeddings_and_output_layer
     if not getattr(method, "_megadistill_cpu_patch", False):
         LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(method)
+
+    # Site 5: ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers. A CPU fp32
+    # tensor is a "torch.FloatTensor": grad clipping would fail its assert and the distributed
+    # optimizer would reject every parameter with TypeError.
+    clip_grads = importlib.import_module("megatron.core.optimizer.clip_grads")
+    clip = clip_grads.clip_grad_by_total_norm_fp32
+    if not getattr(clip, "_megadistill_cpu_patch", False):
+        clip = _with_tensor_type_as_cuda(clip)
+        clip_grads.clip_grad_by_total_norm_fp32 = clip  # for callers that go through the module
+    # The call sites reached in training: optimizer.py imported it by name
+    # (MegatronOptimizer.clip_grad_norm, ChainedOptimizer.step).
+    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = clip
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    build = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]  # a classmethod
+    if not getattr(build.__func__, "_megadistill_cpu_patch", False):
+        DistributedOptimizer._build_model_and_main_param_groups = classmethod(
+            _with_tensor_type_as_cuda(build.__func__)
+        )
 
     _applied = True
