@@ -2,9 +2,16 @@
 
 from megadistill.megatron.loss import DistillationLoss, KDStep
 from megadistill.megatron.model import DistillationModel
-from megadistill.megatron.schedule import forward_backward, make_forward_step, reduce_reports, widen_for_teacher
+from megadistill.megatron.schedule import (
+    DistillationForwardStep,
+    forward_backward,
+    make_forward_step,
+    reduce_reports,
+    widen_for_teacher,
+)
 
 __all__ = [
+    "DistillationForwardStep",
     "DistillationLoss",
     "DistillationModel",
     "KDStep",

@@ -23,21 +23,24 @@ class DistillationModel(MegatronModule):
 
     Only the student is a registered submodule: ``parameters()``, ``state_dict()`` and
     ``sharded_state_dict()`` are the student's alone, under the student's own key names, so DDP, the
-    optimizer and checkpoints see a plain GPT model.
+    optimizer and checkpoints see a plain GPT model. The student sits at ``.module``, the attribute
+    Megatron's ``get_attr_wrapped_model`` unwraps through (as for DDP and Float16Module), so that
+    code looking for GPT attributes (tied embeddings, ``pre_process``) finds the student's.
     """
 
     def __init__(self, student: GPTModel, teacher: GPTModel, teacher_checkpoint: Optional[str] = None) -> None:
         super().__init__(config=student.config)
-        self.student = student
+        self.module = student
         # A list hides the teacher from Module.__setattr__: no parameters, buffers or hooks leak.
         self._teacher = [prepare_teacher(teacher, student, teacher_checkpoint)]
-        self.pre_process = student.pre_process
-        self.post_process = student.post_process
-        self.model_type = student.model_type  # the schedules look it up on the wrapped model
         self.student_hidden = student.config.hidden_size
         self.teacher_hidden = teacher.config.hidden_size
         self.teacher_active = True
         """Run the teacher in the next forward passes; set False for steps with KD weight 0."""
+
+    @property
+    def student(self) -> GPTModel:
+        return self.module
 
     @property
     def teacher(self) -> GPTModel:
@@ -70,7 +73,7 @@ class DistillationModel(MegatronModule):
             with torch.no_grad():
                 teacher_out = self.teacher(input_ids, position_ids, attention_mask)
         student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
-        if self.post_process:
+        if self.module.post_process:
             return student_out, teacher_out
         if teacher_out is None:
             return student_out

@@ -8,19 +8,18 @@ from typing import Callable, Iterator
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_attr_wrapped_model
 
 from megadistill.megatron.loss import DistillationLoss
 from megadistill.megatron.model import DistillationModel
 
 
-def _distillation_model(model) -> DistillationModel:
-    model = model[0] if isinstance(model, list) else model
-    inner = model
+def _distillation_model(model) -> DistillationModel | None:
+    """The ``DistillationModel`` inside Megatron wrappers (DDP, Float16Module), if there is one."""
+    inner = model[0] if isinstance(model, list) else model
     while not isinstance(inner, DistillationModel):
-        if not hasattr(inner, "module"):
-            raise TypeError(f"expected a DistillationModel (possibly wrapped by DDP), got {type(model).__name__}")
-        inner = inner.module
+        inner = getattr(inner, "module", None)
+        if inner is None:
+            return None
     return inner
 
 
@@ -45,9 +44,12 @@ def forward_backward(
     forward_only: bool = False,
 ):
     """``get_forward_backward_func()(...)`` with the pipeline's send/receive shapes widened by the
-    teacher's hidden size while the teacher is active. Returns the schedule's per-micro-batch
-    loss reports (last pipeline stage; empty elsewhere)."""
+    teacher's hidden size while the teacher is active (any other model runs unchanged). Returns the
+    schedule's per-micro-batch loss reports (last pipeline stage; empty elsewhere)."""
     distill = _distillation_model(model)
+    if distill is not None and hasattr(forward_step_func, "teacher_active"):
+        # Decided once per step, before any shape is computed: every stage and micro-batch agree.
+        distill.teacher_active = forward_step_func.teacher_active
     kwargs = {}
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         if parallel_state.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
@@ -56,7 +58,7 @@ def forward_backward(
                 "Megatron-core's interleaved schedule cannot widen the stage-to-stage tensors for the "
                 "teacher; unset virtual_pipeline_model_parallel_size"
             )
-        if distill.teacher_active:
+        if distill is not None and distill.teacher_active:
             kwargs["adjust_tensor_shapes_fn"] = widen_for_teacher(distill.teacher_hidden)
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
@@ -70,25 +72,34 @@ def forward_backward(
     )
 
 
-def make_forward_step(get_batch: Callable, loss: DistillationLoss) -> Callable:
+class DistillationForwardStep:
     """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules.
 
     ``get_batch(data_iterator)`` returns ``tokens, labels, loss_mask, attention_mask, position_ids``
     (``[b, s]`` each; attention_mask may be None), as Megatron-LM's ``pretrain_gpt.get_batch``.
-    Sets the model's ``teacher_active`` from the step's α before the forward pass.
     """
 
-    def forward_step(data_iterator, model):
-        tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
-        distill = get_attr_wrapped_model(model, "teacher_active", return_model_obj=True)
-        distill.teacher_active = loss.step.alpha > 0.0
+    def __init__(self, get_batch: Callable, loss: DistillationLoss) -> None:
+        self.get_batch = get_batch
+        self.loss = loss
+
+    @property
+    def teacher_active(self) -> bool:
+        """Whether this step needs the teacher (KD weight α > 0)."""
+        return self.loss.step.alpha > 0.0
+
+    def __call__(self, data_iterator, model):
+        tokens, labels, loss_mask, attention_mask, position_ids = self.get_batch(data_iterator)
         output = model(tokens, position_ids, attention_mask)
         if isinstance(output, tuple):  # last pipeline stage
             student_logits, teacher_logits = output
-            return student_logits, partial(loss, labels, loss_mask, teacher_logits)
-        return output, partial(loss, labels, loss_mask, None)
+            return student_logits, partial(self.loss, labels, loss_mask, teacher_logits)
+        return output, partial(self.loss, labels, loss_mask, None)
 
-    return forward_step
+
+def make_forward_step(get_batch: Callable, loss: DistillationLoss) -> DistillationForwardStep:
+    """The forward step for :func:`forward_backward` (see :class:`DistillationForwardStep`)."""
+    return DistillationForwardStep(get_batch, loss)
 
 
 def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:

@@ -69,6 +69,13 @@ type error):
    conversions are unchanged. (``DistributedOptimizer.__init__``'s own check only looks for
    16-bit params, so fp32 passes it untouched.)
 
+6. ``dist_checkpointing`` of model weights (``torch_dist`` format): ``filesystem_async.py``
+   calls ``torch.cuda.synchronize()`` before writing, ``state_dict_saver.py`` puts its failure
+   flag on ``current_device()``, ``strategies/torch.py`` and ``exchange_utils.py`` build load
+   buffers there; their ``torch`` gets the proxy. (6b) A synchronous save passes its write
+   results through a queue from a *spawn*-context ``Manager``, a fresh interpreter per process
+   (~3 s per test rank); a fork-context queue is installed instead.
+
 With sites 1 and 5, ``DistributedDataParallel`` (``overlap_grad_reduce=False``, grads
 all-reduced or reduce-scattered on gloo) and ``get_megatron_optimizer`` (``FP32Optimizer`` or
 ``DistributedOptimizer`` over torch ``AdamW``, grad-norm clipping, ``log_num_zeros_in_grad``)
@@ -80,8 +87,7 @@ Not patched (not reached by a dense fp32 GPTModel with the local spec under TP/P
 checkpoint paths (``distrib_optimizer.py`` ``torch.cuda.current_device()`` / ``.cuda()``),
 optimizer offload (``optimizer.py`` ``offload_to_cpu`` / ``.cuda()``, ``HybridDeviceOptimizer``),
 several distributed-optimizer instances (CUDA streams in ``param_and_grad_buffer.py`` and
-``distributed_data_parallel.py``), ``nccl_ub``, dist-checkpointing (``torch.cuda.synchronize`` /
-``current_device``), ``tensor_parallel/utils.py`` 1-D split/gather buffers (recompute with
+``distributed_data_parallel.py``), ``nccl_ub``, ``tensor_parallel/utils.py`` 1-D split/gather buffers (recompute with
 ``distribute_saved_activations``), ``tensor_parallel/data.py`` ``broadcast_data``, context
 parallel (``rope_utils`` ``.cuda()``), ``get_sliding_window_causal_mask``, non-vanilla
 ``softmax_type`` (``dot_product_attention.py``), inference and MoE code. Each still fails
@@ -93,6 +99,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import multiprocessing
 import logging
 from typing import Any, Callable
 
@@ -201,6 +208,11 @@ _PROXIED_MODULES = {
     "megatron.core.distributed.param_and_grad_buffer": "param/grad buffers on current_device()",
     "megatron.core.optimizer.optimizer": "found_inf / overflow buf / unit scale on device='cuda'",
     "megatron.core.optimizer.clip_grads": "grad-norm accumulators on device='cuda'",
+    # dist_checkpointing save/load of model weights (site 6 of the module docstring).
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize() before writing",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "failure flag on current_device()",
+    "megatron.core.dist_checkpointing.strategies.torch": "load buffers on current_device()",
+    "megatron.core.dist_checkpointing.exchange_utils": "exchange buffers on current_device()",
 }
 
 
@@ -299,6 +311,13 @@ def apply() -> None:
         module = importlib.import_module(name)
         if module.torch is torch:
             module.torch = _CpuTorch()
+
+    # Site 6b: a synchronous save hands its write results through a queue that megatron creates
+    # from a *spawn*-context Manager: a fresh interpreter per process, ~3 s per test rank. A fork
+    # -context queue carries the same results (sync saves and fork-based async writers alike).
+    filesystem_async = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
 
     # Site 2: the tracker's get/set helpers, looked up as module globals by its methods.
     random = importlib.import_module("megatron.core.tensor_parallel.random")

@@ -1,0 +1,60 @@
+"""One optimizer step of a ``DistillationModel`` with Megatron-core's DDP and optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+from megadistill.megatron.model import DistillationModel
+from megadistill.megatron.schedule import forward_backward, reduce_reports
+
+
+def wrap_ddp(model: DistillationModel, ddp_config: DistributedDataParallelConfig) -> DistributedDataParallel:
+    """Wrap the student (only: the teacher is outside the module tree) in Megatron's DDP.
+
+    Sets, on the student's config and before DDP reads it, the conventions the distillation loss
+    relies on: the loss function returns token *sums* (``calculate_per_token_loss``), and the
+    schedule finishes each step with Megatron's ``finalize_model_grads`` (data-parallel reduction,
+    tied-embedding all-reduce across pipeline stages, division by the global token count).
+    """
+    config = model.config
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    return DistributedDataParallel(config, ddp_config, model)
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    """Means over the global batch of each reported loss (last pipeline stage; empty elsewhere)."""
+    grad_norm: float
+    """Global gradient norm before clipping (identical on every rank)."""
+    update_successful: bool
+
+
+def train_step(
+    forward_step_func: Callable,
+    data_iterator: Iterator,
+    model: DistributedDataParallel,
+    optimizer,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> StepResult:
+    """Zero the gradients, run the 1F1B (or no-pipelining) schedule, step the optimizer."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = forward_backward(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+    )
+    ok, grad_norm, _ = optimizer.step()
+    metrics = reduce_reports(reports) if parallel_state.is_pipeline_last_stage() else {}
+    return StepResult(metrics, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok))
