@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megadistill.losses import divergences as D
 from megadistill.losses.config import KDLossConfig
-from megadistill.losses.parallel import all_reduce_, default_tp_group, global_logsumexp, group_size
+from megadistill.losses.parallel import all_reduce_, default_tp_group, group_size
 from megadistill.losses.softmax import global_max, softmax_into
 from megadistill.losses.targets import NEG_INF, DenseTarget, SparseTarget
 
@@ -75,18 +75,20 @@ def _kd_chunk(
 
     ghost_lse = ghost_w = None
     if t.kept is not None:
-        # The student's log-mass on the truncated ids, in log space so that a confident student
-        # does not underflow it; relative to its row max m.
+        # The student's log-mass on the truncated ids, in log space (relative to their own max)
+        # so that a confident student does not underflow it.
         z = torch.sub(x, m.unsqueeze(-1), out=bufs.get("scratch", c))
         if inv_t != 1.0:
             z.mul_(inv_t)
         z.masked_fill_(t.kept, NEG_INF)
-        ghost_lse = global_logsumexp(torch.logsumexp(z, dim=-1), group)
+        mg = global_max(z, group)  # -inf where no id is truncated
+        mg = torch.where(torch.isfinite(mg), mg, torch.zeros_like(mg))
+        w = z.sub_(mg.unsqueeze(-1)).exp_()
+        sg = all_reduce_(w.sum(-1), dist.ReduceOp.SUM, group)
+        ghost_lse = mg + torch.log(sg)
         if fused and cfg.truncation == "ghost":
-            # Forward KL's gradient on the truncated ids needs the student's distribution within
-            # them (all zero when no id is truncated).
-            safe = torch.where(torch.isfinite(ghost_lse), ghost_lse, torch.zeros_like(ghost_lse))
-            ghost_w = z.sub_(safe.unsqueeze(-1)).exp_()
+            # Forward KL's gradient on the truncated ids needs the student's distribution within them.
+            ghost_w = w.mul_(torch.where(sg > 0, sg.reciprocal(), torch.zeros_like(sg)).unsqueeze(-1))
 
     # Forward KL and soft CE turn the student softmax into their gradient in place in ``out``.
     p = out if fused else torch.empty_like(out)

@@ -34,6 +34,25 @@ def global_max(x: torch.Tensor, group) -> torch.Tensor:
     return all_reduce_(x.amax(-1), dist.ReduceOp.MAX, group)
 
 
+def exp_shifted_into(x: torch.Tensor, m: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``out[c, v/tp] = exp((x - m)·scale)`` (``out`` may be ``x``)."""
+    torch.sub(x, m.unsqueeze(-1), out=out)
+    if scale != 1.0:
+        out.mul_(scale)
+    return out.exp_()
+
+
+def normalize_(e: torch.Tensor, m: torch.Tensor, group, kept: Optional[torch.Tensor] = None) -> ShardSoftmax:
+    """Turn ``e = exp((x - m)·scale)`` into the global softmax in place (over ``kept`` ids only,
+    zero elsewhere, if given)."""
+    if kept is not None:
+        e.masked_fill_(~kept, 0.0)
+    s_local = e.sum(-1)
+    s = all_reduce_(s_local.clone(), dist.ReduceOp.SUM, group)
+    e.mul_(s.reciprocal().unsqueeze(-1))
+    return ShardSoftmax(m=m, log_s=torch.log(s), mass_local=s_local / s)
+
+
 def softmax_into(
     x: torch.Tensor,
     scale: float,
@@ -51,13 +70,4 @@ def softmax_into(
     """
     if m is None:
         m = global_max(x, group)
-    torch.sub(x, m.unsqueeze(-1), out=out)
-    if scale != 1.0:
-        out.mul_(scale)
-    out.exp_()
-    if kept is not None:
-        out.masked_fill_(~kept, 0.0)
-    s_local = out.sum(-1)
-    s = all_reduce_(s_local.clone(), dist.ReduceOp.SUM, group)
-    out.mul_(s.reciprocal().unsqueeze(-1))
-    return ShardSoftmax(m=m, log_s=torch.log(s), mass_local=s_local / s)
+    return normalize_(exp_shifted_into(x, m, scale, out), m, group, kept)

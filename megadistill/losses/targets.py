@@ -21,15 +21,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megadistill.losses.config import KDLossConfig
-from megadistill.losses.softmax import softmax_into
-from megadistill.losses.parallel import (
-    all_gather_last_dim,
-    global_logsumexp,
-    group_rank,
-    group_size,
-)
+from megadistill.losses.softmax import exp_shifted_into, global_max, normalize_, softmax_into
+from megadistill.losses.parallel import all_gather_last_dim, all_reduce_, group_rank, group_size
 
 NEG_INF = float("-inf")
 # Initial candidates per rank when only top-p is set; doubled until the nucleus is covered.
@@ -155,17 +151,26 @@ class DenseTarget:
             sm = softmax_into(x, inv_t, group, q)
             return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, None, None)
 
-        lse1 = global_logsumexp(torch.logsumexp(x, dim=-1), group)
+        # exp(x - m) once serves the τ = 1 normaliser (for top-p), the truncated mass, and at
+        # τ = 1 the target itself.
+        m = global_max(x, group)
+        e1 = exp_shifted_into(x, m, 1.0, q)
+        log_s1 = torch.log(all_reduce_(e1.sum(-1), dist.ReduceOp.SUM, group))
+        lse1 = m + log_s1
         kept = x >= _truncation_threshold(x, lse1, cfg, group).unsqueeze(-1)
-        sm = softmax_into(x, inv_t, group, q, kept)
-        if cfg.truncation == "renormalize":
+        log_r = None
+        if cfg.truncation == "ghost":
+            # The residual mass r = Σ_{truncated} p_i, summed over the truncated ids themselves
+            # (not 1 - Σ kept) so that a small r keeps its precision.
+            log_r = torch.log(all_reduce_(e1.masked_fill(kept, 0.0).sum(-1), dist.ReduceOp.SUM, group)) - log_s1
+        if inv_t != 1.0:
+            exp_shifted_into(x, m, inv_t, q)
+        sm = normalize_(q, m, group, kept)
+        if log_r is None:
             ghost = torch.full_like(lse1, NEG_INF)
             return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, kept, ghost)
 
-        # Ghost bucket: the residual mass r = Σ_{truncated} p_i, computed from the truncated ids
-        # themselves (not 1 - Σ kept) so that a small r keeps its precision. Tempered as one more
-        # category: q_i ∝ p_i^(1/τ) for kept i, q_ghost ∝ r^(1/τ).
-        log_r = global_logsumexp(torch.logsumexp(x.masked_fill(kept, NEG_INF), dim=-1), group) - lse1
+        # Tempered as one more category: q_i ∝ p_i^(1/τ) for kept i, q_ghost ∝ r^(1/τ).
         a_ghost = log_r * inv_t
         log_kept = (sm.m - lse1) * inv_t + sm.log_s  # log Σ_kept p_i^(1/τ)
         log_z = torch.logaddexp(log_kept, a_ghost)
