@@ -5,7 +5,7 @@ VENV := .venv
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench-kd-loss clean-venv
+.PHONY: test bench-kd-loss bench-teacher clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(STAMP)
 
 bench-kd-loss: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python bench/kd_loss.py --reps 7
+
+bench-teacher: $(STAMP)
+	OMP_NUM_THREADS=2 $(VENV)/bin/python bench/teacher_overhead.py --steps 10
 
 clean-venv:
 	rm -rf $(VENV)
