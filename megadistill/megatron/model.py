@@ -28,11 +28,17 @@ class DistillationModel(MegatronModule):
     code looking for GPT attributes (tied embeddings, ``pre_process``) finds the student's.
     """
 
-    def __init__(self, student: GPTModel, teacher: GPTModel, teacher_checkpoint: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        student: GPTModel,
+        teacher: GPTModel,
+        teacher_checkpoint: Optional[str] = None,
+        teacher_checkpoint_prefix: str = "",
+    ) -> None:
         super().__init__(config=student.config)
         self.module = student
         # A list hides the teacher from Module.__setattr__: no parameters, buffers or hooks leak.
-        self._teacher = [prepare_teacher(teacher, student, teacher_checkpoint)]
+        self._teacher = [prepare_teacher(teacher, student, teacher_checkpoint, teacher_checkpoint_prefix)]
         self.student_hidden = student.config.hidden_size
         self.teacher_hidden = teacher.config.hidden_size
         self.teacher_active = True

@@ -91,10 +91,11 @@ class DistillationForwardStep:
     def __call__(self, data_iterator, model):
         tokens, labels, loss_mask, attention_mask, position_ids = self.get_batch(data_iterator)
         output = model(tokens, position_ids, attention_mask)
-        if isinstance(output, tuple):  # last pipeline stage
-            student_logits, teacher_logits = output
-            return student_logits, partial(self.loss, labels, loss_mask, teacher_logits)
-        return output, partial(self.loss, labels, loss_mask, None)
+        teacher_logits = None
+        if isinstance(output, tuple):  # a DistillationModel's last pipeline stage
+            output, teacher_logits = output
+        # A bare GPTModel (no teacher) trains on the LM loss alone: the loss needs α = 0.
+        return output, partial(self.loss, labels, loss_mask, teacher_logits)
 
 
 def make_forward_step(get_batch: Callable, loss: DistillationLoss) -> DistillationForwardStep:

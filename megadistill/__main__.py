@@ -1,0 +1,5 @@
+import sys
+
+from megadistill.cli import main
+
+sys.exit(main())

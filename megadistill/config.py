@@ -1,0 +1,541 @@
+"""The run configuration: dataclasses mapped from one YAML file, validated before any process group.
+
+``load_config(path, overrides)`` reads the YAML, applies dotted command-line overrides
+(``kd.temperature=2.0``), builds the dataclasses and validates them; every error names the key and
+the bad value. ``explain()`` renders each field's one-line docstring (``megadistill config --explain``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from megadistill.losses.config import KDLossConfig
+from megadistill.schedules import AlphaSchedule
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    """A GPT model (megatron-core ``GPTModel``, local spec, RoPE, tied embeddings)."""
+
+    num_layers: int = 3
+    """Transformer layers (divisible by the pipeline-parallel size)."""
+    hidden_size: int = 192
+    """Hidden size."""
+    num_attention_heads: int = 4
+    """Attention heads (divisible by the tensor-parallel size)."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP hidden size (None = 4 x hidden_size)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the weight initialisation."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: none (plain LM training), an online model, or an offline logits store."""
+
+    mode: str = "none"
+    """none, online (a frozen GPT next to the student) or offline (precomputed logits store)."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, hidden_size=256))
+    """The online teacher's architecture (same vocabulary as the student)."""
+    checkpoint: Optional[str] = None
+    """Online teacher weights: a megadistill/megatron-core distributed checkpoint directory."""
+    store: Optional[str] = None
+    """Offline teacher: path of a logits store."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the job is split over ranks (data-parallel size = world size / (tp x pp))."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (TP)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (PP); non-interleaved 1F1B."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs Transformer Engine)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass
+class KDConfig:
+    """Distillation: the KD loss, the teacher-logits processing and the α schedule."""
+
+    loss: str = "forward_kl"
+    """forward_kl, reverse_kl, jsd, soft_ce (alias nll) or mse."""
+    temperature: float = 1.0
+    """τ > 0 applied to student and teacher logits."""
+    scale_by_temperature_squared: bool = False
+    """Multiply the KD loss by τ²."""
+    jsd_beta: float = 0.5
+    """β of the generalized JSD (0 = forward KL, 1 = reverse KL)."""
+    top_p: float = 1.0
+    """Teacher truncation: nucleus mass (1 = off)."""
+    top_k: Optional[int] = None
+    """Teacher truncation: at most this many ids after top-p (None = off)."""
+    truncation: str = "renormalize"
+    """renormalize (PD paper) or ghost (keep the truncated mass as one bucket)."""
+    alpha: AlphaSchedule = field(default_factory=AlphaSchedule)
+    """Schedule of the KD weight α in (1-α)·LM + α·KD."""
+
+    def loss_config(self) -> KDLossConfig:
+        return KDLossConfig(
+            loss=self.loss,
+            temperature=self.temperature,
+            scale_by_temperature_squared=self.scale_by_temperature_squared,
+            jsd_beta=self.jsd_beta,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            truncation=self.truncation,
+        )
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and the learning-rate schedule (Megatron's OptimizerParamScheduler)."""
+
+    lr: float = 2e-3
+    """Peak learning rate."""
+    min_lr: float = 2e-4
+    """Learning rate at the end of the decay."""
+    lr_schedule: str = "cosine"
+    """constant, linear, cosine or wsd."""
+    warmup_fraction: float = 0.05
+    """Fraction of the steps spent in linear warmup."""
+    wsd_decay_fraction: float = 0.2
+    """wsd: fraction of the steps (at the end) spent decaying."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.95
+    """AdamW β2."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping (0 = off)."""
+
+
+@dataclass
+class DataConfig:
+    """Training data: text/JSONL files (or the embedded corpus), tokenised into Megatron's format."""
+
+    inputs: Optional[list] = None
+    """Text (.txt) or JSON-lines (.jsonl) files; None = the embedded Python documentation corpus."""
+    json_key: str = "text"
+    """Key holding the text in JSONL records."""
+    data_prefix: Optional[str] = None
+    """An existing Megatron indexed dataset (<prefix>.bin/.idx); skips preprocessing."""
+    tokenizer_model: Optional[str] = None
+    """A sentencepiece .model (None = train one on the inputs)."""
+    vocab_size: int = 2048
+    """Vocabulary size of a newly trained tokenizer."""
+    seq_length: int = 128
+    """Tokens per training sequence."""
+    micro_batch_size: int = 16
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all ranks (a multiple of micro_batch_size x DP)."""
+    split: str = "90,10,0"
+    """Train/valid/test split of the documents, Megatron style."""
+
+
+@dataclass
+class TrainingConfig:
+    """The loop: steps, evaluation, seed."""
+
+    train_steps: int = 300
+    """Optimizer steps."""
+    eval_interval: int = 50
+    """Evaluate the validation loss every this many steps (and at the end)."""
+    eval_steps: int = 4
+    """Micro-batch groups (global batches) per validation."""
+    seed: int = 1234
+    """Seed for weights, data order and dropout."""
+    log_interval: int = 10
+    """Console/TensorBoard logging every this many steps."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints of the student, optimizer, scheduler, RNG and data position."""
+
+    save_interval: int = 0
+    """Save every this many steps (0 = only at the end)."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in the run's directory), none, or a checkpoint path."""
+
+
+@dataclass
+class RunConfig:
+    """One megadistill run."""
+
+    name: str = "run"
+    """Run name (used in logs)."""
+    output_dir: str = "runs/run"
+    """Directory for data, checkpoints, TensorBoard events and the metrics log."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The student."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The teacher."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Distillation."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and learning rate."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+
+
+CHOICES = {
+    "teacher.mode": ("none", "online", "offline"),
+    "optimizer.lr_schedule": ("constant", "linear", "cosine", "wsd"),
+}
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp`` (a field annotation), or a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp in (list, typing.List) or origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown key {key}{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["kd.temperature=2.0", ...]`` → ``[("kd.temperature", 2.0), ...]`` (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v)))
+    return out
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfig:
+    """Build and validate a RunConfig from a (YAML-shaped) dict plus dotted overrides."""
+    data = dict(data or {})
+    for k, v in parse_overrides(overrides or []):
+        _set_dotted(data, k, v)
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (None = all defaults), apply overrides, validate."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(data, overrides)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def world_size_from_env() -> int:
+    """World size of the launch: torchrun's WORLD_SIZE, else SLURM's task count, else 1."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def _positive(cfg, section: str, *names: str, allow_zero: bool = False) -> None:
+    obj = cfg
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    for n in names:
+        v = getattr(obj, n)
+        if v is None:
+            continue
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{section}.{n} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+def _transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Check everything that can be checked before a process group exists."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+    par = cfg.parallel
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    _positive(cfg, "parallel", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+    models = [("model", cfg.model)] + ([("teacher.model", cfg.teacher.model)] if cfg.teacher.mode == "online" else [])
+    for key, m in models:
+        _positive(cfg, key, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "init_method_std")
+        if m.hidden_size % m.num_attention_heads:
+            raise ConfigError(f"{key}.hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}")
+        if m.num_attention_heads % tp:
+            raise ConfigError(f"{key}.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor_model_parallel_size {tp}")
+        if m.num_layers % pp:
+            raise ConfigError(f"{key}.num_layers {m.num_layers} is not divisible by parallel.pipeline_model_parallel_size {pp}")
+        for d in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(m, d) < 1.0:
+                raise ConfigError(f"{key}.{d} must be in [0, 1), got {getattr(m, d)}")
+    if par.sequence_parallel and not _transformer_engine_available():
+        raise ConfigError(
+            "parallel.sequence_parallel needs Transformer Engine (its LayerNorm); it is not installed "
+            "here: set parallel.sequence_parallel=false"
+        )
+    world = world_size if world_size is not None else world_size_from_env()
+    if world % (tp * pp):
+        raise ConfigError(
+            f"world size {world} is not divisible by tensor x pipeline parallel size {tp} x {pp} = {tp * pp}"
+        )
+    dp = world // (tp * pp)
+    d = cfg.data
+    _positive(cfg, "data", "vocab_size", "seq_length", "micro_batch_size", "global_batch_size")
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ConfigError(
+            f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
+            f"{d.micro_batch_size} x data-parallel size {dp}"
+        )
+    split = [s for s in d.split.replace("/", ",").split(",") if s.strip()]
+    try:
+        parts = [float(s) for s in split]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0 or parts[1] <= 0:
+        raise ConfigError(f"data.split must be three non-negative weights 'train,valid,test' with train and valid > 0, got {d.split!r}")
+    for f in d.inputs or []:
+        if not Path(f).is_file():
+            raise ConfigError(f"data.inputs: file {f} does not exist")
+    if d.data_prefix is not None:
+        for ext in (".bin", ".idx"):
+            if not Path(d.data_prefix + ext).is_file():
+                raise ConfigError(f"data.data_prefix: {d.data_prefix}{ext} does not exist")
+        if d.tokenizer_model is None:
+            raise ConfigError("data.data_prefix needs data.tokenizer_model (the tokenizer the data was made with)")
+    if d.tokenizer_model is not None and not Path(d.tokenizer_model).is_file():
+        raise ConfigError(f"data.tokenizer_model: file {d.tokenizer_model} does not exist")
+
+    o = cfg.optimizer
+    _positive(cfg, "optimizer", "lr")
+    _positive(cfg, "optimizer", "min_lr", "weight_decay", "clip_grad", allow_zero=True)
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optimizer.min_lr {o.min_lr} exceeds optimizer.lr {o.lr}")
+    for n in ("warmup_fraction", "wsd_decay_fraction"):
+        if not 0.0 <= getattr(o, n) < 1.0:
+            raise ConfigError(f"optimizer.{n} must be in [0, 1), got {getattr(o, n)}")
+    for n in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(o, n) < 1.0:
+            raise ConfigError(f"optimizer.{n} must be in [0, 1), got {getattr(o, n)}")
+    _positive(cfg, "training", "train_steps", "eval_interval", "eval_steps", "log_interval")
+    _positive(cfg, "checkpoint", "save_interval", allow_zero=True)
+
+    try:
+        cfg.kd.loss_config()
+    except ValueError as e:
+        raise ConfigError(str(e).replace("KDLossConfig.", "kd.")) from e
+    try:
+        cfg.kd.alpha.validate("kd.alpha")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+    t = cfg.teacher
+    if t.mode == "offline":
+        raise ConfigError(
+            "teacher.mode=offline needs the offline logits store (megadistill.store), which this "
+            "version does not have yet; use teacher.mode=online"
+        )
+    if t.mode == "online":
+        if t.checkpoint is None:
+            raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
+        ckpt = resolve_teacher_checkpoint(t.checkpoint)
+        from megadistill.teacher import checkpoint_vocab_size
+
+        teacher_vocab = checkpoint_vocab_size(ckpt, prefix=CHECKPOINT_MODEL_PREFIX)
+        student_vocab = padded_vocab_size(_tokenizer_vocab(cfg), tp)
+        if teacher_vocab != student_vocab:
+            raise ConfigError(
+                f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the "
+                f"student's {student_vocab}; use the teacher's tokenizer (data.tokenizer_model)"
+            )
+    elif cfg.kd.alpha.alpha_max > 0 and t.mode == "none":
+        pass  # plain LM training: α is ignored
+
+
+# Keys of the model inside megadistill checkpoints (see megadistill.checkpoint).
+CHECKPOINT_MODEL_PREFIX = "model."
+
+
+def resolve_teacher_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a run directory whose latest complete checkpoint is used."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"teacher.checkpoint: {p} does not exist")
+    if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
+        return p
+    from megadistill.checkpoint import latest_checkpoint
+
+    for root in (p, p / "checkpoints"):
+        latest = latest_checkpoint(root) if root.is_dir() else None
+        if latest is not None:
+            return Path(latest)
+    raise ConfigError(f"teacher.checkpoint: {p} holds no complete distributed checkpoint")
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's padding: a multiple of ``divisible_by x tp``."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def _tokenizer_vocab(cfg: RunConfig) -> int:
+    if cfg.data.tokenizer_model is not None:
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_model).vocab_size()
+    return cfg.data.vocab_size
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string right after each field) from the class source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def explain(markdown: bool = False) -> str:
+    """Every config key with its default and one-line description."""
+    lines = []
+
+    def walk(cls, prefix: str, default_obj) -> None:
+        docs = _field_docs(cls)
+        if markdown:
+            lines.append(f"\n### `{prefix or 'top level'}` — {cls.__doc__.strip().splitlines()[0]}\n")
+            lines.append("| key | default | meaning |")
+            lines.append("|---|---|---|")
+        else:
+            lines.append(f"\n[{prefix or 'top level'}]  {cls.__doc__.strip().splitlines()[0]}")
+        nested = []
+        for f in dataclasses.fields(cls):
+            value = getattr(default_obj, f.name)
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            if dataclasses.is_dataclass(value):
+                nested.append((type(value), key, value))
+                continue
+            doc = docs.get(f.name, "")
+            if key in CHOICES:
+                doc += f" Choices: {', '.join(CHOICES[key])}."
+            if markdown:
+                lines.append(f"| `{key}` | `{value!r}` | {doc} |")
+            else:
+                lines.append(f"  {key} = {value!r}\n      {doc}")
+        for cls2, key, value in nested:
+            walk(cls2, key, value)
+
+    walk(RunConfig, "", RunConfig())
+    return "\n".join(lines).strip() + "\n"
