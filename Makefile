@@ -1,11 +1,11 @@
-# The two commands a user needs: `make test` (and, from the driver on, `make demo`).
+# The two commands a user needs: `make demo` and `make test`.
 # Each creates .venv if missing, with torch pinned to the CPU wheel this project is tested on.
 PYTHON ?= python3
 VENV := .venv
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench-kd-loss bench-teacher clean-venv
+.PHONY: demo test bench-kd-loss bench-teacher config-reference clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
 	$(VENV)/bin/python -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
 	touch $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=2 $(VENV)/bin/python -m megadistill demo
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q tests
@@ -22,6 +25,10 @@ bench-kd-loss: $(STAMP)
 
 bench-teacher: $(STAMP)
 	OMP_NUM_THREADS=2 $(VENV)/bin/python bench/teacher_overhead.py --steps 10
+
+# Regenerate the README's config reference from the dataclass docstrings.
+config-reference: $(STAMP)
+	$(VENV)/bin/python -m megadistill.readme
 
 clean-venv:
 	rm -rf $(VENV)

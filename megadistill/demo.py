@@ -72,7 +72,7 @@ def run_demo(out: str | Path = "runs/demo", teacher_steps: int = 200, student_st
         prep = data.preprocess(None, prefix, vocab_size=2048)
         tokenizer = str(prep.tokenizer_model)
     else:
-        tokenizer = str(next(prefix.parent.glob("*.model")))
+        tokenizer = str(prefix) + ".model"
     results, times = {}, {}
     for i, name in enumerate(("teacher", "baseline", "kd"), start=2):
         cfg = _share_data(cfgs[name], str(prefix), tokenizer)

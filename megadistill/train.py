@@ -130,10 +130,7 @@ def prepare_data(cfg: RunConfig):
                 tok_path = str(result.tokenizer_model)
         dist.barrier()
         if tok_path is None:
-            tok_path = str(Path(prefix).parent / "tokenizer.model")
-            if not Path(tok_path).is_file():
-                candidates = sorted(Path(prefix).parent.glob("*.model"))
-                tok_path = str(candidates[0])
+            tok_path = prefix + ".model"  # preprocess writes the tokenizer beside the data
     tokenizer = data.SentencePieceTokenizer(tok_path)
     steps = cfg.training.train_steps
     evals = steps // cfg.training.eval_interval + 1
