@@ -10,8 +10,8 @@ small training loop, so that this file runs on its own:
 Lines marked ``# KD`` are what distillation adds to an existing script: build the teacher next to
 the student and wrap both, replace ``forward_step``/``loss_func`` with megadistill's, and run the
 schedule through ``megadistill.megatron.forward_backward`` (which widens the pipeline's
-stage-to-stage tensors for the teacher). On a machine without CUDA it applies megadistill's
-test-only CPU patch set to megatron-core.
+stage-to-stage tensors for the teacher). On a machine without CUDA it applies megadistill's CPU
+compatibility layer for megatron-core.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
-        from megadistill.testing import cpu_patches  # test-only: megatron-core on a CPU-only torch
+        from megadistill.megatron import cpu as cpu_patches  # megatron-core on a CPU-only torch
 
         cpu_patches.apply()
     for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():

@@ -461,7 +461,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
 
 # Keys of the model inside megadistill checkpoints (see megadistill.checkpoint).
-CHECKPOINT_MODEL_PREFIX = "model."
+CHECKPOINT_MODEL_PREFIX = ""
 
 
 def resolve_teacher_checkpoint(path: str) -> Path:

@@ -61,8 +61,8 @@ def load_teacher_checkpoint(model: GPTModel, checkpoint_dir: str | Path, prefix:
     check_same_vocab(model.vocab_size, checkpoint_vocab_size(checkpoint_dir, prefix), f"teacher checkpoint {checkpoint_dir}")
     sharded = model.sharded_state_dict(prefix=prefix)
     state = dist_checkpointing.load(sharded, str(checkpoint_dir))
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    # A training checkpoint also holds optimizer, RNG and driver state: keep the model's keys only.
+    state = {k[len(prefix):]: v for k, v in state.items() if k in sharded}
     model.load_state_dict(state, strict=True)
     return model
 

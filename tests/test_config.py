@@ -91,3 +91,12 @@ def test_explain_documents_every_key():
 
 def test_defaults_validate():
     validate(RunConfig(), world_size=1)
+
+
+def test_readme_config_reference_is_generated_from_the_dataclasses():
+    from pathlib import Path
+
+    from megadistill.readme import render
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert render(readme) == readme, "run `make config-reference`"

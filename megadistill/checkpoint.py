@@ -1,0 +1,591 @@
+"""Training checkpoints (model, optimizer, LR scheduler, RNG, driver state) with megatron-core's
+``dist_checkpointing``.
+
+Layout under a checkpoint root::
+
+    root/step_00000300/          a complete checkpoint (torch_dist format + our marker)
+        COMPLETE                 written last, before the rename: {"step": ..., "layout": {...}}
+        common.pt, metadata.json, __*.distcp ...
+    root/step_00000400.tmp/      a save in progress, or one that was killed: never loaded
+
+Every rank takes part in :func:`save_checkpoint` and :func:`load_checkpoint` (both are
+collective). What is stored:
+
+* ``model`` (or ``model0``, ``model1``, ... for a list of chunks): the unwrapped model's
+  ``sharded_state_dict()`` -- for a ``DistillationModel`` the student's alone, under the plain
+  GPT key names, so a student checkpoint also loads into a bare GPT model at any TP/PP
+  (``load_checkpoint(path, gpt_model, restore_rng=False)``), e.g. as a later run's teacher;
+* ``optimizer``: ``optimizer.sharded_state_dict(model_sharded_state_dict, ...)``; the distributed
+  optimizer is saved as ``dp_reshardable`` by default (no communication; reshardable along DP
+  only) or ``fully_reshardable`` (gathered over DP on save; loads at any TP/PP/DP);
+* ``opt_param_scheduler``: ``OptimizerParamScheduler.state_dict()``;
+* ``rng_state``: one ``ShardedObject`` per *global rank* (python, numpy, torch CPU, torch CUDA and
+  megatron's model-parallel RNG tracker states), restored on the same rank when the checkpoint
+  is loaded by the same world size and TP/PP layout (otherwise skipped with a warning);
+* ``extra``: a small picklable dict of driver state (data position, consumed samples, config).
+  It must be identical on every rank: rank 0's copy is the one saved.
+
+A save goes to ``step_XXXXXXXX.tmp``; after every rank finished writing (barrier), rank 0 writes
+the ``COMPLETE`` marker, renames the directory to ``step_XXXXXXXX`` and fsyncs. A save killed
+before the rename leaves only the ``.tmp`` directory, which :func:`latest_checkpoint` ignores
+(it returns only directories with the marker) and the next save of that step removes. The
+checkpoint root must be on a file system every rank sees (as for Megatron-LM).
+
+Exact resume: build model -> DDP -> optimizer -> scheduler exactly as for a fresh run, call
+:func:`load_checkpoint`, and continue with step ``extra["step"] + 1`` at the saved data position.
+The per-step losses and grad norms then equal an uninterrupted run's bit for bit, dropout
+included (tests/test_checkpoint.py). Loading only the model (``optimizer=None``) into a run that
+has a mixed-precision optimizer leaves its fp32 main params stale: pass the optimizer too, or
+call ``optimizer.reload_model_params()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject, ShardedTensor
+from megatron.core.package_info import __version__ as _MCORE_VERSION
+from megatron.core.utils import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "megadistill-checkpoint"
+FORMAT_VERSION = 1
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")  # optimizer tensors in a checkpoint
+_META_KEY = "megadistill"
+_OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(root: str | Path, step: int) -> Path:
+    """``root/step_{step:08d}``: where :func:`save_checkpoint` puts step ``step``."""
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return Path(root) / f"step_{step:08d}"
+
+
+def is_complete(path: str | Path) -> bool:
+    """True if ``path`` is a checkpoint directory whose save finished (it holds the marker)."""
+    path = Path(path)
+    return _STEP_DIR.match(path.name) is not None and (path / COMPLETE_MARKER).is_file()
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The newest *complete* checkpoint under ``root`` (highest step), or None.
+
+    ``*.tmp`` directories (saves in progress or killed), directories without the completion
+    marker and anything not named ``step_<digits>`` are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match is None or not entry.is_dir() or not (entry / COMPLETE_MARKER).is_file():
+            continue
+        step = int(match.group(1))
+        if best is None or step > best[0]:
+            best = (step, entry)
+    return None if best is None else best[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler=None,
+    extra: Optional[dict] = None,
+    *,
+    optimizer_sharding: str = "dp_reshardable",
+) -> Path:
+    """Save a training checkpoint for ``step`` under ``root``; returns its directory.
+
+    Collective: every rank must call it with the same ``step``. ``model`` is the DDP-wrapped model
+    (or a list of model chunks), ``optimizer`` a megatron optimizer (distributed or not, or None),
+    ``scheduler`` an ``OptimizerParamScheduler`` or None. ``extra`` must be picklable, small and
+    the same on every rank (rank 0's copy is saved); each rank's RNG states are saved separately.
+    ``optimizer_sharding`` is the distributed optimizer's format: ``"dp_reshardable"`` (the
+    default; a later load may change the DP size only) or ``"fully_reshardable"`` (any layout).
+    """
+    if optimizer_sharding not in _OPTIMIZER_SHARDINGS:
+        raise ValueError(f"optimizer_sharding must be one of {_OPTIMIZER_SHARDINGS}, got {optimizer_sharding!r}")
+    extra = dict(extra or {})
+    if "step" in extra and extra["step"] != step:
+        raise ValueError(f"extra['step'] = {extra['step']} disagrees with step = {step}")
+    final = checkpoint_path(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+
+    # The whole sharded state is built (and validated) before anything is written.
+    chunks = _model_chunks(model)
+    state: dict[str, Any] = {}
+    model_state = {}
+    for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
+        state[key] = chunk.sharded_state_dict()
+        model_state.update(state[key])
+    if optimizer is not None:
+        state["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_state, False, optimizer_sharding)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    state["rng_state"] = _rng_sharded_object(_get_rng_state())
+    state["extra"] = extra
+    state[_META_KEY] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "layout": _layout(),
+        "model_chunks": len(chunks),
+        "has_optimizer": optimizer is not None,
+        "has_scheduler": scheduler is not None,
+        "optimizer_sharding": optimizer_sharding if _is_distributed_optimizer(optimizer) else None,
+    }
+
+    if rank == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left behind by a killed save of the same step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()  # every rank's shards are on disk
+
+    if rank == 0:
+        marker = {"step": step, "layout": _layout()}
+        _write_synced(tmp / COMPLETE_MARKER, json.dumps(marker) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step: swap the old copy out before the rename
+            old = final.with_name(final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``extra`` plus ``step``.
+
+    Collective. Restores the model weights (resharded to this run's TP/PP), and when given, the
+    optimizer state, the scheduler and -- for the same world size and TP/PP layout -- this rank's
+    RNG states. Build ``model``, DDP, ``optimizer`` and ``scheduler`` exactly as for a fresh run
+    first (the optimizer must not have stepped; the scheduler must be new). Raises
+    ``FileNotFoundError`` for a missing or incomplete checkpoint and ``ValueError`` when the model
+    (or, for ``dp_reshardable``, the TP/PP layout) does not match the checkpoint.
+    ``restore_rng=False`` leaves the RNG states alone (e.g. to load weights only, for a new run).
+    ``model`` may also be a bare (unwrapped) model: e.g. a student checkpoint loaded as a teacher.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"{path} is not a complete megadistill checkpoint (no {COMPLETE_MARKER} marker: an "
+            "interrupted save?); use latest_checkpoint(root) to find the newest complete one"
+        )
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    meta = common.get(_META_KEY)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a megadistill training checkpoint")
+    if meta["version"] > FORMAT_VERSION:
+        raise ValueError(f"{path} has checkpoint format version {meta['version']}, newer than {FORMAT_VERSION}")
+
+    chunks = _model_chunks(model)
+    if len(chunks) != meta["model_chunks"]:
+        raise ValueError(f"{path} holds {meta['model_chunks']} model chunk(s), the model has {len(chunks)}")
+    layout = _layout()
+    saved_layout = meta["layout"]
+
+    request: dict[str, Any] = {}
+    model_state = {}
+    for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
+        request[key] = chunk.sharded_state_dict()
+        model_state.update(request[key])
+    _check_model_matches(path, model_state)
+
+    if optimizer is not None:
+        if not meta["has_optimizer"]:
+            raise ValueError(f"{path} holds no optimizer state")
+        sharding = meta["optimizer_sharding"]
+        if _is_distributed_optimizer(optimizer) != (sharding is not None):
+            raise ValueError(
+                f"{path} was saved with {'a distributed' if sharding else 'a non-distributed'} optimizer; "
+                "this run uses the other kind: set use_distributed_optimizer as when saving"
+            )
+        if sharding == "dp_reshardable" and (saved_layout["tp"], saved_layout["pp"]) != (layout["tp"], layout["pp"]):
+            raise ValueError(
+                f"{path} stores the distributed optimizer as 'dp_reshardable', which loads only with the "
+                f"same tensor/pipeline-parallel sizes (saved TP={saved_layout['tp']} PP={saved_layout['pp']}, "
+                f"now TP={layout['tp']} PP={layout['pp']}); save with optimizer_sharding='fully_reshardable' "
+                "to change them"
+            )
+        request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_state, True, sharding or "")
+    if scheduler is not None and not meta["has_scheduler"]:
+        raise ValueError(f"{path} holds no LR scheduler state")
+    same_layout = saved_layout == layout
+    restore_rng = restore_rng and same_layout
+    if restore_rng:
+        request["rng_state"] = _rng_sharded_object(None)
+    elif not same_layout:
+        logger.warning(
+            "checkpoint %s was saved with layout %s, this run has %s: RNG states are not restored",
+            path, saved_layout, layout,
+        )
+
+    loaded = dist_checkpointing.load(request, str(path))
+
+    for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        _load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None:
+        # OptimizerParamScheduler.load_state_dict *adds* the saved step count to its own.
+        scheduler.num_steps = 0
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if restore_rng:
+        _set_rng_state(loaded["rng_state"])  # last: nothing after it may draw random numbers
+    return {**loaded["extra"], "step": meta["step"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_chunks(model) -> list:
+    """The unwrapped model chunks (DDP / Float16Module removed) whose state is checkpointed."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [unwrap_model(chunk) for chunk in chunks]
+
+
+def _chunk_keys(n: int) -> list[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "world_size": dist.get_world_size(),
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _check_model_matches(path: Path, model_state: dict) -> None:
+    """Raise a readable ValueError, on every rank, if the model's tensors differ from the checkpoint's."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    problems = []
+    local_keys = set()
+    for sh in _sharded_tensors(model_state):
+        local_keys.add(sh.key)
+        if sh.key not in saved:
+            problems.append(f"{sh.key}: missing from the checkpoint")
+        elif _shape_differs(tuple(saved[sh.key].global_shape), tuple(sh.global_shape), sh.allow_shape_mismatch):
+            problems.append(
+                f"{sh.key}: shape {tuple(saved[sh.key].global_shape)} in the checkpoint, "
+                f"{tuple(sh.global_shape)} in the model"
+            )
+    # Gathered, so that every rank raises (or none does) and sees the model's full key set.
+    gathered = _all_gather((local_keys, problems))
+    wanted = set().union(*(keys for keys, _ in gathered))
+    problems = sorted({p for _, rank_problems in gathered for p in rank_problems})
+    # Model tensors the checkpoint has but no rank of this model asks for.
+    saved_model_keys = {k for k in saved if not _OPTIMIZER_KEY.match(k)}
+    problems += [f"{k}: in the checkpoint, not in the model" for k in sorted(saved_model_keys - wanted)]
+    if problems:
+        shown = "\n  ".join(problems[:30]) + ("\n  ..." if len(problems) > 30 else "")
+        raise ValueError(
+            f"checkpoint {path} does not match the model ({len(problems)} tensor(s) differ; "
+            f"was it saved for another model configuration?):\n  {shown}"
+        )
+
+
+def _shape_differs(saved: tuple, wanted: tuple, padded_rows: bool) -> bool:
+    """Megatron marks vocabulary-padded embeddings ``allow_shape_mismatch``: their row count may
+    change with the padding (e.g. with the TP size); every other dimension must match."""
+    if padded_rows:
+        return len(saved) != len(wanted) or saved[1:] != wanted[1:]
+    return saved != wanted
+
+
+def _all_gather(obj) -> list:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _sharded_tensors(tree) -> Iterable[ShardedTensor]:
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _sharded_tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _sharded_tensors(value)
+    elif isinstance(tree, ShardedTensor):
+        yield tree
+    # ShardedTensorFactory entries (fused or split weights) are not shape-checked here; their
+    # mismatches still fail inside dist_checkpointing.load.
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    if optimizer is None:
+        return False
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(opt, DistributedOptimizer) for opt in _megatron_optimizers(optimizer))
+
+
+def _megatron_optimizers(optimizer) -> list:
+    """The leaf megatron optimizers (a ``ChainedOptimizer`` holds several)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- RNG ---------------------------------------------------------------------------------------
+
+
+def _get_rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this rank's device
+        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+
+
+def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
+    """This rank's RNG states as entry ``rank`` of a ``[world_size]`` object in the checkpoint."""
+    return ShardedObject(
+        "megadistill.rng_state",
+        state,
+        (dist.get_world_size(),),
+        (dist.get_rank(),),
+        replica_id=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron-core version-specific workarounds (written against 0.16.1). Every quirk of its
+# optimizer checkpointing that this module works around is here, and only here.
+#
+# (a) ``DistributedOptimizer.sharded_state_dict`` defaults to the 'fully_sharded_model_space'
+#     format, which fails on save ("ShardedTensor.flattened_range is not supported"): the format
+#     is always passed explicitly, through ``metadata["distrib_optim_sharding_type"]``.
+# (b) ``sharded_state_dict(is_loading=True)`` first runs ``self.load_state_dict(self.state_dict())``,
+#     and ``state_dict()`` asserts that all Adam states share one ``step`` -- with torch's Adam
+#     (no Apex / Transformer Engine) a fresh optimizer has no state at all, so the assert fails
+#     (on save too, before the first step). ``_init_fresh_optimizer_state`` first gives every
+#     parameter what torch's Adam would create lazily on its first step: zero moments and its
+#     own step tensor 0 (so it changes no result).
+# (c) ``DistributedOptimizer.load_state_dict`` then sets ``state["step"]`` of every parameter to
+#     ONE shared tensor; torch's Adam increments each parameter's step in place, so the shared one
+#     advances once per parameter per step: the first resumed step is right, later ones are not
+#     (bias correction drifts; measured 7.9e-4 in the loss on step 2). Each state gets its own
+#     copy after loading (``_load_optimizer_state``).
+# (d) Its parameter-state loaders copy *every* key of the live Adam state, ``step`` included,
+#     from the loaded tensors; 'fully_reshardable' does not load ``step`` there (KeyError). The
+#     step is therefore taken out of the live states while the parameter state is copied in, and
+#     the copy runs under ``no_grad``: fp32 main params are views of the model's parameters,
+#     which require grad, and an in-place copy into them is an autograd error otherwise.
+# (e) 'dp_reshardable' covers the gap after a rank's last parameter in a bucket with a padding
+#     ShardedTensor that runs to the end of the *padded* bucket, past the checkpoint tensor's
+#     (unpadded) global size, whenever the unpadded end falls inside that gap -- e.g. the first
+#     stage of PP=2 with tied embeddings, whose shared embedding has a bucket of its own. torch
+#     DCP then rejects the save plan ("out of bounds chunk"). ``_clip_padding_shards`` trims such
+#     padding shards (their content is never used) to the global size, on save and on load.
+#     (Open upstream as NVIDIA/Megatron-LM PR #5898.)
+# (f) 'fully_reshardable' reads each parameter's state at its offset in the padded grad buffer
+#     from tensors that have every bucket's end padding removed: with several buckets and
+#     bucket padding, the state of every parameter after the first padded bucket end is saved
+#     shifted, partly zero-filled, with only a log warning (fixed upstream in NVIDIA/Megatron-LM
+#     PR #5077). ``_check_fully_reshardable`` refuses to save from such a layout. (Loading into
+#     one is fine: the receive buffers are disjoint views or fresh tensors, filled by key.)
+# ---------------------------------------------------------------------------------------------
+
+
+def _optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool, sharding: str) -> dict:
+    for opt in _megatron_optimizers(optimizer):
+        _init_fresh_optimizer_state(opt)  # (b); also lets a never-stepped optimizer be saved
+    if not _is_distributed_optimizer(optimizer):
+        return optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    if sharding == "fully_reshardable" and not is_loading:
+        _check_fully_reshardable(optimizer)  # (f)
+    metadata = {"distrib_optim_sharding_type": sharding}  # (a)
+    state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
+    if sharding == "dp_reshardable":
+        _clip_padding_shards(state)  # (e)
+    return state
+
+
+def _clip_padding_shards(tree) -> None:
+    """(e): trim 'dp_reshardable' padding shards that reach past their tensor's global size."""
+    if isinstance(tree, dict):
+        padding = tree.get("padding")
+        if isinstance(padding, LocalNonpersistentObject) and padding.obj is True:
+            for key, value in tree.items():
+                if isinstance(value, ShardedTensor) and len(value.global_shape) == 1:
+                    end = value.global_offset[0] + value.local_shape[0]
+                    overflow = end - value.global_shape[0]
+                    if overflow > 0:
+                        keep = value.local_shape[0] - overflow
+                        if keep > 0:
+                            tree[key] = replace(value, data=value.data[:keep], local_shape=(keep,))
+                        else:  # wholly outside: not part of the checkpoint at all
+                            tree[key] = LocalNonpersistentObject(value.data)
+            return
+        for value in tree.values():
+            _clip_padding_shards(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            _clip_padding_shards(value)
+
+
+def _check_fully_reshardable(optimizer) -> None:
+    """(f): refuse to save 'fully_reshardable' state that megatron-core would save shifted."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    bad = []
+    for opt in _megatron_optimizers(optimizer):
+        if isinstance(opt, DistributedOptimizer):
+            for i, buffer in enumerate(opt.buffers):
+                padded = [b.grad_data.numel() != b.numel_unpadded for b in buffer.buckets[:-1]]
+                if any(padded):
+                    bad.append(f"buffer {i}: {len(buffer.buckets)} buckets")
+    bad = [b for rank_bad in _all_gather(bad) for b in rank_bad]  # every rank decides alike
+    if bad:
+        raise ValueError(
+            "optimizer_sharding='fully_reshardable' would save wrong optimizer state with megatron-core "
+            f"{_MCORE_VERSION} when a gradient buffer has several padded buckets ({'; '.join(sorted(set(bad)))}): "
+            "use optimizer_sharding='dp_reshardable', or a single bucket per buffer "
+            "(DistributedDataParallelConfig.bucket_size=None, no pipeline-parallel tied embeddings)"
+        )
+
+
+def _init_fresh_optimizer_state(opt) -> None:
+    """(b): give a never-stepped torch Adam inside a DistributedOptimizer its state tensors."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(opt, "optimizer", None)
+    if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        return
+    if getattr(opt.config, "use_precision_aware_optimizer", False):
+        return  # Transformer Engine's FusedAdam: not torch's state layout
+    if any(len(inner.state[p]) for group in inner.param_groups for p in group["params"]):
+        return  # already stepped or loaded
+    for group in inner.param_groups:
+        for p in group["params"]:
+            state = inner.state[p]
+            on_device = group.get("capturable", False) or group.get("fused", False)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad", False):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    leaves = _megatron_optimizers(optimizer)
+    if len(leaves) > 1:  # ChainedOptimizer: one sub-state per optimizer, keyed by index
+        subs = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
+    else:
+        subs = [state]
+    for opt, sub in zip(leaves, subs, strict=True):
+        _load_leaf_optimizer_state(opt, sub)
+    if len(leaves) > 1:
+        optimizer._synchronize_steps()
+    _unshare_steps(optimizer)  # (c)
+
+
+def _load_leaf_optimizer_state(opt, state: dict) -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not isinstance(opt, DistributedOptimizer):
+        opt.load_state_dict(state)
+        return
+    state = dict(state)
+    param_state = state.pop("param_state")
+    sharding = state.pop("param_state_sharding_type")
+    opt.load_state_dict(state)  # torch Adam state with ONE shared step (c), param groups, scaler
+    inner = opt.optimizer
+    steps = {p: s.pop("step") for p, s in inner.state.items() if "step" in s}  # (d)
+    try:
+        with torch.no_grad():  # (d)
+            if sharding == "dp_reshardable":
+                opt.load_parameter_state_from_dp_reshardable(param_state)
+            elif sharding == "fully_reshardable":
+                opt.load_parameter_state_from_fully_reshardable(param_state)
+            else:
+                raise ValueError(f"unsupported distributed-optimizer checkpoint format {sharding!r}")
+    finally:
+        for p, step in steps.items():
+            inner.state[p]["step"] = step
+
+
+def _unshare_steps(optimizer) -> None:
+    """(c): one ``step`` tensor per parameter state (clones; values unchanged)."""
+    for opt in _megatron_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for s in inner.state.values():
+            if torch.is_tensor(s.get("step")):
+                s["step"] = s["step"].clone()

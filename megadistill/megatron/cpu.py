@@ -1,0 +1,400 @@
+"""CPU compatibility layer: run megatron-core 0.16.1 on a CPU-only torch with gloo.
+
+Used by the test suite and, on machines without CUDA, by the training driver (``make demo``).
+Real runs belong on GPUs; nothing here is reached when CUDA is available.
+
+Megatron-core assumes a GPU in a handful of places: it allocates buffers on
+``torch.cuda.current_device()``, builds masks with ``device="cuda"``, keeps its model-parallel
+RNG states in the CUDA generator, and calls ``torch.cuda.synchronize()``. On a CPU-only torch
+those calls raise "Torch not compiled with CUDA enabled" -- or, worse, silently do nothing
+(``torch.cuda._lazy_call`` queues work that never runs, so a "set RNG state" is dropped).
+
+:func:`apply` patches those sites for the current process. It is idempotent and a no-op when
+CUDA is available; importing this module changes nothing until :func:`apply` is called.
+It touches megatron-core's modules only; the real ``torch`` / ``torch.cuda`` modules are left
+alone, except for the duration of three megatron functions (sites 4 and 5).
+
+Patched sites (megatron-core 0.16.1; each one is reached by tests/test_cpu_harness.py or, for
+Megatron's DDP and optimizers, tests/test_cpu_ddp_optimizer.py, and removing any of them makes
+that test fail with "Torch not compiled with CUDA enabled" or a ``torch.cuda.FloatTensor``
+type error):
+
+1. ``torch.cuda.current_device()`` used as a *device*, ``device="cuda"`` literals and
+   ``torch.cuda.synchronize()``. The module-global ``torch`` of each module below is replaced by
+   :class:`_CpuTorch`, a thin proxy whose ``torch.cuda`` answers ``current_device()`` with the
+   CPU device (and ``synchronize()`` with a no-op), and whose tensor factories map
+   ``device="cuda"`` to CPU; every other attribute is the real torch one.
+
+   - ``utils.py``: ``GlobalMemoryBuffer.get_tensor`` (attention's score buffer), and
+     ``local_multi_tensor_l2_norm`` (the grad norm's fallback without Apex / Transformer Engine);
+   - ``tensor_parallel/mappings.py``: all-gather / reduce-scatter output buffers (gathering
+     vocab-parallel logits, sequence parallel);
+   - ``tensor_parallel/layers.py``: weight allocation when ``use_cpu_initialization=False``
+     (the GPU default) and the all-gather buffers in the linear layers' autograd functions;
+   - ``models/common/embeddings/rotary_pos_embedding.py``: ``inv_freq`` is moved to
+     ``current_device()`` on the first forward;
+   - ``pipeline_parallel/p2p_communication.py``: shape / receive buffers and the
+     ``torch.cuda.synchronize()`` after ``batch_isend_irecv``;
+   - ``pipeline_parallel/schedules.py``: ``total_num_tokens = torch.zeros(..., device="cuda")``
+     at the start of every schedule;
+   - ``distributed/param_and_grad_buffer.py``: DDP's contiguous param and grad buffers (the
+     distributed optimizer's shards are views of them) on ``current_device()``;
+   - ``optimizer/optimizer.py``: ``MixedPrecisionOptimizer`` (the base of
+     ``DistributedOptimizer``) keeps ``found_inf``, ``_dummy_overflow_buf`` and ``_scale_one`` on
+     ``device='cuda'``, ``FP32Optimizer`` its ``_scale``;
+   - ``optimizer/clip_grads.py``: the grad-norm and zero-count accumulators, ``device='cuda'``.
+
+2. ``tensor_parallel/random.py``, the model-parallel RNG tracker. Its module ``torch`` gets the
+   same proxy, whose ``cuda.get_rng_state`` / ``manual_seed`` act on the CPU
+   default generator (the one CPU kernels such as dropout and ``init`` draw from: the role the
+   CUDA generator plays on a GPU), and its helpers ``_get_cuda_rng_state`` /
+   ``_set_cuda_rng_state`` (which reach into ``torch.cuda.default_generators`` and
+   ``torch.cuda._lazy_call``) are replaced by CPU-generator versions. This makes
+   ``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork()`` (attention dropout,
+   TP weight init) and the RNG restore of activation recompute work. The tracker's "CPU RNG state
+   changed within GPU RNG context" warning is filtered out: with one generator it always fires.
+
+3. ``transformer/utils.py`` ``get_default_causal_mask`` (``torch.ones(..., device="cuda")``):
+   replaced by a CPU version, both there and in ``fusions/fused_softmax.py``, which imported it
+   by name. (``transformer/utils.py`` defines ``jit_fuser`` = ``torch.compile`` functions, so it
+   gets a function swap rather than the ``torch`` proxy, which dynamo would have to trace.)
+
+4. ``LanguageModule.setup_embeddings_and_output_layer`` runs ``weight.data = weight.data.cuda()``
+   before all-reducing the tied embedding between the first and last pipeline stage. It is
+   wrapped so that, only while it runs, ``Tensor.cuda`` returns the tensor unchanged.
+
+5. ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers:
+   ``clip_grads.clip_grad_by_total_norm_fp32`` asserts it for every grad (and ``optimizer.py``
+   imported the function by name), and ``DistributedOptimizer._build_model_and_main_param_groups``
+   sorts parameters into fp32 / fp16 / bf16 by it, raising ``TypeError`` for a CPU tensor. Both
+   are wrapped so that, only while they run, the no-argument ``Tensor.type()`` names a CPU tensor
+   as its CUDA twin (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``); ``t.type(dtype)``
+   conversions are unchanged. (``DistributedOptimizer.__init__``'s own check only looks for
+   16-bit params, so fp32 passes it untouched.)
+
+6. ``dist_checkpointing`` of model weights (``torch_dist`` format): ``filesystem_async.py``
+   calls ``torch.cuda.synchronize()`` before writing, ``state_dict_saver.py`` puts its failure
+   flag on ``current_device()``, ``strategies/torch.py`` and ``exchange_utils.py`` build load
+   buffers there; their ``torch`` gets the proxy. (6b) A synchronous save passes its write
+   results through a queue from a *spawn*-context ``Manager``, a fresh interpreter per process
+   (~3 s per test rank); a fork-context queue is installed instead. Its ``put`` hands the item to
+   a feeder thread, and megatron reads it back at once with ``get_nowait()``: a plain
+   ``multiprocessing.Queue`` intermittently answers "results_queue should not be empty" (a few
+   saves in a hundred here), so :class:`_WriteResultsQueue` waits for the item instead.
+
+7. The distributed optimizer's checkpoint paths: ``distrib_optimizer.py`` allocates the
+   never-stepped optimizer's dummy state in ``load_state_dict`` and the all-gather buffers of
+   ``get_parameter_state_dp_zero`` (the ``fully_reshardable`` format) on ``current_device()``
+   (module ``torch`` -> proxy), and moves the send buffers there with ``send_tensor.cuda()``
+   (``get_parameter_state_dp_zero`` is wrapped like site 4). ``dp_reshardable`` needs neither
+   once megadistill.checkpoint initialised the state (tests/test_checkpoint.py covers both).
+   The legacy ``dp_zero_gather_scatter`` format and the memory-efficient (gloo) variant of
+   ``fully_reshardable`` run through the same code but are untested.
+
+With sites 1 and 5, ``DistributedDataParallel`` (``overlap_grad_reduce=False``, grads
+all-reduced or reduce-scattered on gloo) and ``get_megatron_optimizer`` (``FP32Optimizer`` or
+``DistributedOptimizer`` over torch ``AdamW``, grad-norm clipping, ``log_num_zeros_in_grad``)
+train fp32 models on CPU/gloo: DP=2 and TP=2 match one rank and plain torch to ~1e-6.
+
+Not patched (not reached by a dense fp32 GPTModel with the local spec under TP/PP, DDP and the
+(distributed) optimizer): fp16/bf16 optimizers (``grad_scaler.py`` ``device='cuda'``,
+``Float16OptimizerWithFloat16Params``'s type checks), optimizer offload (``optimizer.py``
+``offload_to_cpu`` / ``.cuda()``, ``HybridDeviceOptimizer``), several distributed-optimizer
+instances (CUDA streams in ``param_and_grad_buffer.py`` and ``distributed_data_parallel.py``),
+``nccl_ub``, ``tensor_parallel/utils.py`` 1-D split/gather buffers (recompute with
+``distribute_saved_activations``), ``tensor_parallel/data.py`` ``broadcast_data``, context
+parallel (``rope_utils`` ``.cuda()``), ``get_sliding_window_causal_mask``, non-vanilla
+``softmax_type`` (``dot_product_attention.py``), inference and MoE code. Each still fails
+loudly if reached ("Torch not compiled with CUDA enabled", or a ``torch.cuda.*Tensor`` type
+check): add its module to ``_PROXIED_MODULES`` (with the reason) when a test needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.queues
+from typing import Any, Callable
+
+import torch
+
+_CPU = torch.device("cpu")
+_applied = False
+
+
+def _is_cuda_device(device: Any) -> bool:
+    """True for anything torch would read as a CUDA device ("cuda", "cuda:1", device, bare int)."""
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True  # a bare ordinal means cuda:<n> to torch's factories
+    if isinstance(device, str):
+        return device.split(":", 1)[0] == "cuda"
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+# Tensor factories whose ``device=`` argument the proxy rewrites from CUDA to CPU.
+_FACTORIES = frozenset(
+    {
+        "arange", "as_tensor", "empty", "empty_like", "full", "full_like", "ones", "ones_like",
+        "rand", "randint", "randn", "tensor", "zeros", "zeros_like",
+    }
+)  # fmt: skip
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(factory)
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        return factory(*args, **kwargs)
+
+    return call
+
+
+class _CpuCuda:
+    """What ``torch.cuda`` looks like from inside a patched megatron module.
+
+    Only the calls megatron makes on its CPU-reachable paths are redirected; any other attribute is
+    the real ``torch.cuda`` one (so an unexpected CUDA call still fails loudly).
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    # -- device and synchronisation ------------------------------------------------------------
+    @staticmethod
+    def current_device() -> torch.device:
+        # In the patched modules the result is used only as a ``device=`` argument (random.py's
+        # generator-index uses are in the helpers replaced by apply()). CPU is the only device.
+        return _CPU
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        # CPU ops and gloo's waited requests are already complete when they return.
+        pass
+
+    # -- RNG: the CPU default generator stands in for the CUDA one -----------------------------
+    @staticmethod
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+
+class _CpuTorch:
+    """Proxy for the ``torch`` module inside one megatron module: CUDA-device requests become CPU.
+
+    Attribute access falls through to the real ``torch`` (``torch.Tensor``, ``torch.distributed``,
+    ``torch.nn`` ... are the genuine objects), except ``cuda`` (a :class:`_CpuCuda`) and the
+    tensor factories in ``_FACTORIES``.
+    """
+
+    def __init__(self) -> None:
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            attr = _on_cpu(attr)
+            setattr(self, name, attr)  # cache: later look-ups skip __getattr__
+        return attr
+
+    def __repr__(self) -> str:
+        return "<megadistill CPU proxy of module 'torch'>"
+
+
+# Megatron modules whose global ``torch`` is swapped for the proxy, and why (module docstring, 1-2).
+_PROXIED_MODULES = {
+    "megatron.core.utils": "GlobalMemoryBuffer.get_tensor: buffer on current_device()",
+    "megatron.core.tensor_parallel.mappings": "gather/scatter buffers on current_device()",
+    "megatron.core.tensor_parallel.layers": "weights / gather buffers on current_device()",
+    "megatron.core.tensor_parallel.random": "tracker: torch.cuda.get_rng_state / manual_seed",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq.to(current_device())",
+    "megatron.core.pipeline_parallel.p2p_communication": "buffers on current_device(), synchronize()",
+    "megatron.core.pipeline_parallel.schedules": 'total_num_tokens = torch.zeros(device="cuda")',
+    # Megatron's DDP and its optimizers (sites 1 and 5 of the module docstring).
+    "megatron.core.distributed.param_and_grad_buffer": "param/grad buffers on current_device()",
+    "megatron.core.optimizer.optimizer": "found_inf / overflow buf / unit scale on device='cuda'",
+    "megatron.core.optimizer.clip_grads": "grad-norm accumulators on device='cuda'",
+    # dist_checkpointing save/load of model weights (site 6 of the module docstring).
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize() before writing",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "failure flag on current_device()",
+    "megatron.core.dist_checkpointing.strategies.torch": "load buffers on current_device()",
+    "megatron.core.dist_checkpointing.exchange_utils": "exchange buffers on current_device()",
+    # The distributed optimizer's checkpoint paths (site 7 of the module docstring).
+    "megatron.core.optimizer.distrib_optimizer": "state gather / dummy load buffers on current_device()",
+}
+
+
+class _WriteResultsQueue(multiprocessing.queues.Queue):
+    """Fork-context queue for dist_checkpointing's write results (site 6b).
+
+    ``multiprocessing.Queue.put`` returns before a feeder thread has written the item to the
+    pipe, so megatron's ``get_nowait()`` right after a synchronous save can find it still empty.
+    The item is always on its way when megatron asks (the writer finished before), so waiting
+    for it is safe.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(ctx=multiprocessing.get_context("fork"))
+
+    def get_nowait(self) -> Any:
+        return self.get(timeout=60)
+
+
+def _get_cpu_rng_state(
+    device: Any = "cuda", clone: bool = False, graph_safe: bool = False
+) -> torch.Tensor:
+    """CPU replacement for ``random._get_cuda_rng_state`` (always returns a fresh copy)."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """CPU replacement for ``random._set_cuda_rng_state``.
+
+    The original goes through ``torch.cuda._lazy_call``, which on a CPU-only torch queues the
+    call forever: the tracker's ``fork()`` would silently never switch RNG streams.
+    """
+    torch.set_rng_state(new_state)
+
+
+class _DropSameGeneratorWarning(logging.Filter):
+    """Drop the tracker's "CPU RNG state changed within GPU RNG context" warning.
+
+    ``fork()`` warns when the CPU generator moved while the CUDA one was forked. With the CPU
+    generator standing in for the CUDA one, every random op inside a fork moves it: the warning
+    would fire on every attention-dropout / init call and means nothing here.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    """CPU replacement for ``transformer.utils.get_default_causal_mask`` (True = masked out)."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _tensor_cuda_identity(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _tensor_type_as_cuda(
+    self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any
+) -> Any:
+    """``Tensor.type()`` that names a CPU tensor as its CUDA twin ("torch.cuda.FloatTensor").
+
+    Only the no-argument form (the type *name*) is changed; a conversion ``t.type(dtype)`` is
+    the real one.
+    """
+    if dtype is None and not kwargs:
+        name = _TENSOR_TYPE(self)
+        if self.device.type == "cpu" and name.startswith("torch.") and ".cuda." not in name:
+            return "torch.cuda." + name[len("torch.") :]
+        return name
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _with_tensor_method(
+    method: Callable[..., Any], name: str, replacement: Callable[..., Any]
+) -> Callable[..., Any]:
+    """Wrap ``method`` so that ``torch.Tensor.<name>`` is ``replacement`` only while it runs."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = getattr(torch.Tensor, name)
+        setattr(torch.Tensor, name, replacement)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            setattr(torch.Tensor, name, original)
+
+    wrapper._megadistill_cpu_patch = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _with_tensor_cuda_as_identity(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``method`` so that ``Tensor.cuda()`` returns the tensor itself while it runs."""
+    return _with_tensor_method(method, "cuda", _tensor_cuda_identity)
+
+
+def _with_tensor_type_as_cuda(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``method`` so that ``Tensor.type()`` names CPU tensors as CUDA ones while it runs."""
+    return _with_tensor_method(method, "type", _tensor_type_as_cuda)
+
+
+def apply() -> None:
+    """Apply the CPU patches once per process (idempotent; does nothing when CUDA is available)."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+
+    # Sites 1 and 2: module-local ``torch`` proxies.
+    for name in _PROXIED_MODULES:
+        module = importlib.import_module(name)
+        if module.torch is torch:
+            module.torch = _CpuTorch()
+
+    # Site 6b: a synchronous save hands its write results through a queue that megatron creates
+    # from a *spawn*-context Manager: a fresh interpreter per process, ~3 s per test rank. A fork
+    # -context queue carries the same results (sync saves and fork-based async writers alike).
+    filesystem_async = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = _WriteResultsQueue()
+
+    # Site 2: the tracker's get/set helpers, looked up as module globals by its methods.
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    random._get_cuda_rng_state = _get_cpu_rng_state
+    random._set_cuda_rng_state = _set_cpu_rng_state
+    logger = logging.getLogger(random.__name__)
+    if not any(isinstance(f, _DropSameGeneratorWarning) for f in logger.filters):
+        logger.addFilter(_DropSameGeneratorWarning())
+
+    # Site 3: the default causal mask, in its home module and where it was imported by name.
+    for name in ("megatron.core.transformer.utils", "megatron.core.fusions.fused_softmax"):
+        importlib.import_module(name).get_default_causal_mask = _cpu_default_causal_mask
+
+    # Site 4: ``weight.data.cuda()`` while tying embeddings across pipeline stages.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    method = LanguageModule.setup_embeddings_and_output_layer
+    if not getattr(method, "_megadistill_cpu_patch", False):
+        LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(method)
+
+    # Site 5: ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers. A CPU fp32
+    # tensor is a "torch.FloatTensor": grad clipping would fail its assert and the distributed
+    # optimizer would reject every parameter with TypeError.
+    clip_grads = importlib.import_module("megatron.core.optimizer.clip_grads")
+    clip = clip_grads.clip_grad_by_total_norm_fp32
+    if not getattr(clip, "_megadistill_cpu_patch", False):
+        clip = _with_tensor_type_as_cuda(clip)
+        clip_grads.clip_grad_by_total_norm_fp32 = clip  # for callers that go through the module
+    # The call sites reached in training: optimizer.py imported it by name
+    # (MegatronOptimizer.clip_grad_norm, ChainedOptimizer.step).
+    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = clip
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    build = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]  # a classmethod
+    if not getattr(build.__func__, "_megadistill_cpu_patch", False):
+        DistributedOptimizer._build_model_and_main_param_groups = classmethod(
+            _with_tensor_type_as_cuda(build.__func__)
+        )
+
+    # Site 7: the distributed optimizer's 'fully_reshardable' save all-gathers its state shards
+    # with ``send_tensor.cuda()`` (the receive buffers go through the proxy).
+    method = DistributedOptimizer.get_parameter_state_dp_zero
+    if not getattr(method, "_megadistill_cpu_patch", False):
+        DistributedOptimizer.get_parameter_state_dp_zero = _with_tensor_cuda_as_identity(method)
+
+    _applied = True

@@ -1,0 +1,191 @@
+"""The training driver end to end: text files -> preprocess -> train (TP=2, PP=2, online teacher),
+TensorBoard tags, the CLI, and kill -9 + resume reproducing the uninterrupted run exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from megadistill.config import (
+    CheckpointConfig,
+    DataConfig,
+    KDConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    TeacherConfig,
+    TrainingConfig,
+    to_dict,
+    validate,
+)
+from megadistill.schedules import AlphaSchedule
+from megadistill.testing import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+TEACHER = ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=4)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two text files and a JSONL file cut from the embedded corpus, preprocessed once."""
+    from megadistill.data import embedded_corpus_text, preprocess
+
+    root = tmp_path_factory.mktemp("corpus")
+    text = embedded_corpus_text()[:120_000]
+    parts = text.split("\n\n")
+    (root / "a.txt").write_text("\n\n".join(parts[: len(parts) // 3]))
+    (root / "b.txt").write_text("\n\n".join(parts[len(parts) // 3 : 2 * len(parts) // 3]))
+    with open(root / "c.jsonl", "w") as f:
+        for p in parts[2 * len(parts) // 3 :]:
+            if p.strip():
+                f.write(json.dumps({"text": p}) + "\n")
+    inputs = [str(root / n) for n in ("a.txt", "b.txt", "c.jsonl")]
+    result = preprocess(inputs, root / "data" / "corpus", vocab_size=512, progress=False)
+    return inputs, str(result.prefix), str(result.tokenizer_model)
+
+
+def _cfg(out, corpus, **kw) -> RunConfig:
+    _, prefix, tok = corpus
+    cfg = RunConfig(
+        name=Path(out).name,
+        output_dir=str(out),
+        model=STUDENT,
+        data=DataConfig(data_prefix=prefix, tokenizer_model=tok, seq_length=32, micro_batch_size=4, global_batch_size=8),
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_fraction=0.1),
+        training=TrainingConfig(train_steps=12, eval_interval=6, eval_steps=1, log_interval=1),
+        checkpoint=CheckpointConfig(save_interval=0),
+    )
+    return replace(cfg, **kw)
+
+
+def _run(cfg):
+    from megadistill.train import run
+
+    return run(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = _cfg(out, corpus, model=TEACHER, training=TrainingConfig(train_steps=15, eval_interval=15, eval_steps=1))
+    result = run_distributed(_run, 1, cfg)[0]
+    return out, result
+
+
+def _kd_cfg(out, corpus, teacher_dir, **kw):
+    return _cfg(
+        out, corpus,
+        teacher=TeacherConfig(mode="online", model=TEACHER, checkpoint=str(teacher_dir)),
+        kd=KDConfig(top_p=0.95, top_k=20, truncation="ghost", alpha=AlphaSchedule("constant", alpha_max=0.5)),
+        **kw,
+    )
+
+
+def _losses(out):
+    by_step = {}
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        by_step[rec["step"]] = rec  # a resumed run re-logs steps after its checkpoint: keep the last
+    return by_step
+
+
+def test_preprocessed_text_trains_a_teacher(teacher_run):
+    out, result = teacher_run
+    losses = _losses(out)
+    assert result.steps == 15 and len(losses) == 15
+    assert losses[15]["total loss"] < losses[1]["total loss"] - 0.5
+    assert result.checkpoint and Path(result.checkpoint).is_dir()
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_kd_on_two_ranks_with_an_online_teacher(tmp_path, corpus, teacher_run, layout):
+    par = replace(RunConfig().parallel, **({"tensor_model_parallel_size": 2} if layout == "tp2" else {"pipeline_model_parallel_size": 2}))
+    cfg = _kd_cfg(tmp_path / layout, corpus, teacher_run[0] / "checkpoints", parallel=par)
+    validate(cfg, world_size=2)
+    results = run_distributed(_run, 2, cfg, tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size)
+    losses = _losses(tmp_path / layout)
+    assert results[0].steps == 12 and set(losses) == set(range(1, 13))
+    assert losses[12]["total loss"] < losses[1]["total loss"] - 0.3, (losses[1], losses[12])
+    assert losses[12]["kd loss"] < losses[1]["kd loss"]
+    assert 0 < losses[12]["teacher_time_fraction"] < 1
+    assert set(results[0].val_losses) == {6, 12}
+
+
+def test_tensorboard_event_files_hold_every_tag(tmp_path, corpus, teacher_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _kd_cfg(tmp_path / "tb", corpus, teacher_run[0] / "checkpoints",
+                  training=TrainingConfig(train_steps=4, eval_interval=2, eval_steps=1))
+    run_distributed(_run, 1, cfg)
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"loss/total", "loss/lm", "loss/kd", "loss/val", "kd/alpha", "kd/temperature", "optim/lr",
+                "optim/grad_norm", "perf/tokens_per_s", "perf/teacher_time_fraction", "kd/top1_agreement"}
+    assert expected <= tags, expected - tags
+    assert [e.step for e in acc.Scalars("loss/val")] == [2, 4]
+
+
+def _launch(cfg_path, log):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "megadistill", "train", str(cfg_path), "--no-progress"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )
+
+
+def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, teacher_run):
+    steps = 10
+    training = TrainingConfig(train_steps=steps, eval_interval=5, eval_steps=1)
+    # Dropout makes the exact match depend on restoring the RNG states as well.
+    student = replace(STUDENT, hidden_dropout=0.1)
+    cfgs = {}
+    for name in ("full", "killed"):
+        cfg = _kd_cfg(tmp_path / name, corpus, teacher_run[0] / "checkpoints", training=training, model=student,
+                      checkpoint=CheckpointConfig(save_interval=3))
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(to_dict(cfg)))
+        cfgs[name] = path
+    with open(tmp_path / "full.log", "w") as log:
+        assert _launch(cfgs["full"], log).wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = _launch(cfgs["killed"], log)
+        metrics = tmp_path / "killed" / "metrics.jsonl"
+        deadline = time.time() + 300
+        # Kill between checkpoints: after step 7 is logged (last checkpoint at step 6).
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and any(json.loads(l)["step"] >= 7 for l in metrics.read_text().splitlines() if l):
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert max(_losses(tmp_path / "killed")) < steps, "the run finished before it could be killed"
+    with open(tmp_path / "resumed.log", "w") as log:
+        assert _launch(cfgs["killed"], log).wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert set(resumed) == set(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        for key in ("total loss", "lm loss", "kd loss", "grad_norm"):
+            assert resumed[step][key] == full[step][key], (step, key, resumed[step][key], full[step][key])
+    assert resumed[steps]["val_loss"] == full[steps]["val_loss"]
+
+
+def test_cli_rejects_a_bad_config_before_starting(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"kd": {"temprature": 2.0}}))
+    r = subprocess.run([sys.executable, "-m", "megadistill", "train", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert "unknown key kd.temprature; did you mean kd.temperature?" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "megadistill", "config", "--explain"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "kd.alpha.n_kd" in r.stdout
