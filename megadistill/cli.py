@@ -67,13 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_config)
     d = sub.add_parser("demo", help="teacher, KD student and baseline on the embedded corpus (CPU, minutes)")
     d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--teacher-steps", type=int, default=200)
+    d.add_argument("--teacher-steps", type=int, default=320)
     d.add_argument("--student-steps", type=int, default=300)
     d.set_defaults(fn=_demo)
     return p
 
 
+def _quiet_known_warnings() -> None:
+    import warnings
+
+    # torch's checkpoint planner warns on every save/load about its own ShardedTensor; Megatron
+    # warns that GPU-only accelerators (Transformer Engine, Apex) are absent, which on a CPU
+    # machine is expected.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_known_warnings()
     args = build_parser().parse_args(argv)
     from megadistill.config import ConfigError
 

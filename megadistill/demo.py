@@ -30,7 +30,7 @@ STUDENT = ModelConfig(num_layers=3, hidden_size=192, num_attention_heads=4)
 TEACHER = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=4)
 
 
-def demo_configs(out: str | Path = "runs/demo", teacher_steps: int = 200, student_steps: int = 300) -> dict[str, RunConfig]:
+def demo_configs(out: str | Path = "runs/demo", teacher_steps: int = 320, student_steps: int = 300) -> dict[str, RunConfig]:
     """The three runs of the demo (teacher, baseline, KD), sharing one preprocessed corpus."""
     out = Path(out)
     data = DataConfig(vocab_size=2048, seq_length=128, micro_batch_size=16, global_batch_size=16)
@@ -58,7 +58,7 @@ def _share_data(cfg: RunConfig, prefix: str, tokenizer: str) -> RunConfig:
     return replace(cfg, data=replace(cfg.data, data_prefix=prefix, tokenizer_model=tokenizer))
 
 
-def run_demo(out: str | Path = "runs/demo", teacher_steps: int = 200, student_steps: int = 300) -> str:
+def run_demo(out: str | Path = "runs/demo", teacher_steps: int = 320, student_steps: int = 300) -> str:
     """Run the demo; returns the summary (also written to ``<out>/summary.md``)."""
     from megadistill import data
     from megadistill.train import run
@@ -109,6 +109,17 @@ def _summary(results, times, cfgs, total: float) -> str:
     for s in steps:
         b, k = base.val_losses[s], kd.val_losses[s]
         lines.append(f"| {s} | {b:.4f} | {k:.4f} | {k - b:+.4f} |")
+    if steps:
+        last = steps[-1]
+        b, k = base.val_losses[last], kd.val_losses[last]
+        t_val = teacher.val_losses.get(teacher.steps, float("nan"))
+        verdict = "beats" if k < b else "does not beat"
+        lines += ["", f"At step {last} the KD student {verdict} the baseline ({k:.4f} vs {b:.4f})."]
+        if t_val > b:
+            lines.append(
+                f"The teacher itself ({t_val:.4f}) ends worse than the baseline student: a teacher this weak "
+                "can only help early in training."
+            )
     lines += [
         "",
         f"Wall-clock: baseline {times['baseline']:.0f} s, KD {times['kd']:.0f} s "

@@ -320,10 +320,26 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     bar.close()
     if logger is not None:
         logger.close()
+        # The whole run's history, including steps done before a resume.
+        result.val_losses = {s: m["val_loss"] for s, m in read_metrics(out).items() if "val_loss" in m}
     # Every rank reports the logging rank's numbers.
     shared = [result if logger is not None else None]
     dist.broadcast_object_list(shared, src=dist.get_world_size() - 1)
     return shared[0]
+
+
+def read_metrics(output_dir: str | Path) -> dict[int, dict]:
+    """The metrics log by step; a step logged twice (re-run after a resume) keeps its last record."""
+    path = Path(output_dir) / "metrics.jsonl"
+    by_step: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the partial last line of a killed run
+                continue
+            by_step[int(rec["step"])] = rec
+    return by_step
 
 
 class _Logger:
@@ -341,7 +357,14 @@ class _Logger:
 
         out.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if start else None)
-        self.jsonl = open(out / "metrics.jsonl", "a")
+        path = out / "metrics.jsonl"
+        if path.is_file():
+            # A run killed mid-write leaves a partial last line: drop it before appending.
+            text = path.read_bytes()
+            if text and not text.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(text.rfind(b"\n") + 1)
+        self.jsonl = open(path, "a")
         self.every = cfg.training.log_interval
 
     def log(self, step: int, metrics: dict) -> None:

@@ -93,11 +93,9 @@ def _kd_cfg(out, corpus, teacher_dir, **kw):
 
 
 def _losses(out):
-    by_step = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        by_step[rec["step"]] = rec  # a resumed run re-logs steps after its checkpoint: keep the last
-    return by_step
+    from megadistill.train import read_metrics
+
+    return read_metrics(out)  # a resumed run re-logs steps after its checkpoint: the last one counts
 
 
 def test_preprocessed_text_trains_a_teacher(teacher_run):
@@ -165,7 +163,7 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, te
         deadline = time.time() + 300
         # Kill between checkpoints: after step 7 is logged (last checkpoint at step 6).
         while time.time() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(json.loads(l)["step"] >= 7 for l in metrics.read_text().splitlines() if l):
+            if metrics.is_file() and max(_losses(tmp_path / "killed"), default=0) >= 7:
                 break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
@@ -189,3 +187,14 @@ def test_cli_rejects_a_bad_config_before_starting(tmp_path):
     assert "unknown key kd.temprature; did you mean kd.temperature?" in r.stderr
     r = subprocess.run([sys.executable, "-m", "megadistill", "config", "--explain"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "kd.alpha.n_kd" in r.stdout
+
+
+def test_teacher_with_another_vocabulary_is_rejected_before_training(tmp_path, corpus, teacher_run):
+    from megadistill.config import ConfigError
+    from megadistill.data import embedded_corpus_text, train_tokenizer
+
+    tok = train_tokenizer(embedded_corpus_text()[:50_000].split("\n\n"), tmp_path / "small", vocab_size=384)
+    cfg = _kd_cfg(tmp_path / "x", corpus, teacher_run[0] / "checkpoints")
+    cfg = replace(cfg, data=replace(cfg.data, tokenizer_model=str(tok)))
+    with pytest.raises(ConfigError, match=r"teacher vocabulary size 512 differs from the student's 384"):
+        validate(cfg, world_size=1)
