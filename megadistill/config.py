@@ -77,36 +77,15 @@ class ParallelConfig:
 
 
 @dataclass
-class KDConfig:
-    """Distillation: the KD loss, the teacher-logits processing and the α schedule."""
+class KDConfig(KDLossConfig):
+    """Distillation: the KD loss and teacher-logits processing (``KDLossConfig``), and the α schedule."""
 
-    loss: str = "forward_kl"
-    """forward_kl, reverse_kl, jsd, soft_ce (alias nll) or mse."""
-    temperature: float = 1.0
-    """τ > 0 applied to student and teacher logits."""
-    scale_by_temperature_squared: bool = False
-    """Multiply the KD loss by τ²."""
-    jsd_beta: float = 0.5
-    """β of the generalized JSD (0 = forward KL, 1 = reverse KL)."""
-    top_p: float = 1.0
-    """Teacher truncation: nucleus mass (1 = off)."""
-    top_k: Optional[int] = None
-    """Teacher truncation: at most this many ids after top-p (None = off)."""
-    truncation: str = "renormalize"
-    """renormalize (PD paper) or ghost (keep the truncated mass as one bucket)."""
     alpha: AlphaSchedule = field(default_factory=AlphaSchedule)
     """Schedule of the KD weight α in (1-α)·LM + α·KD."""
 
     def loss_config(self) -> KDLossConfig:
-        return KDLossConfig(
-            loss=self.loss,
-            temperature=self.temperature,
-            scale_by_temperature_squared=self.scale_by_temperature_squared,
-            jsd_beta=self.jsd_beta,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            truncation=self.truncation,
-        )
+        """The loss part alone, as ``megadistill.losses`` takes it."""
+        return KDLossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(KDLossConfig)})
 
 
 @dataclass
@@ -270,7 +249,10 @@ def _build(cls, data: dict, prefix: str = ""):
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
             raise ConfigError(f"unknown key {key}{hint}")
         kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a dataclass's own validation (KDLossConfig's), named by its config key
+        raise ConfigError(str(e).replace("KDLossConfig.", f"{prefix}." if prefix else "")) from e
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -429,10 +411,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _positive(cfg, "checkpoint", "save_interval", allow_zero=True)
 
     try:
-        cfg.kd.loss_config()
-    except ValueError as e:
-        raise ConfigError(str(e).replace("KDLossConfig.", "kd.")) from e
-    try:
         cfg.kd.alpha.validate("kd.alpha")
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -498,13 +476,16 @@ def _tokenizer_vocab(cfg: RunConfig) -> int:
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings (the string right after each field) from the class source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    """Attribute docstrings (the string right after each field) from the sources of the class and
+    of the dataclasses it extends."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 

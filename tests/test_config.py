@@ -86,7 +86,7 @@ def test_explain_documents_every_key():
         assert key in text
     assert "Choices: none, online, offline." in text
     md = explain(markdown=True)
-    assert "| `kd.temperature` | `1.0` | τ > 0 applied to student and teacher logits. |" in md
+    assert "| `kd.temperature` | `1.0` | τ > 0 dividing both the student's and the teacher's logits. |" in md
 
 
 def test_defaults_validate():
