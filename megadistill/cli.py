@@ -80,6 +80,7 @@ def _quiet_known_warnings() -> None:
     # warns that GPU-only accelerators (Transformer Engine, Apex) are absent, which on a CPU
     # machine is expected.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
 
 

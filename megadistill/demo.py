@@ -117,8 +117,8 @@ def _summary(results, times, cfgs, total: float) -> str:
         lines += ["", f"At step {last} the KD student {verdict} the baseline ({k:.4f} vs {b:.4f})."]
         if t_val > b:
             lines.append(
-                f"The teacher itself ({t_val:.4f}) ends worse than the baseline student: a teacher this weak "
-                "can only help early in training."
+                f"The teacher itself ({t_val:.4f}) ends worse than the baseline student ({b:.4f}): the student "
+                "learns from a weaker model, so expect the gain to shrink as training goes on."
             )
     lines += [
         "",
