@@ -149,7 +149,7 @@ class TrainingConfig:
     seed: int = 1234
     """Seed for weights, data order and dropout."""
     log_interval: int = 10
-    """Console/TensorBoard logging every this many steps."""
+    """TensorBoard scalars every this many steps (metrics.jsonl gets every step)."""
 
 
 @dataclass

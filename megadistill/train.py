@@ -368,8 +368,10 @@ class _Logger:
         self.every = cfg.training.log_interval
 
     def log(self, step: int, metrics: dict) -> None:
-        for k, v in metrics.items():
-            self.writer.add_scalar(self.TAGS.get(k, k), v, step)
+        # TensorBoard every log_interval steps (and at evaluations); the JSON log every step.
+        if step % self.every == 0 or "val_loss" in metrics:
+            for k, v in metrics.items():
+                self.writer.add_scalar(self.TAGS.get(k, k), v, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
 
