@@ -356,6 +356,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"{key}.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor_model_parallel_size {tp}")
         if m.num_layers % pp:
             raise ConfigError(f"{key}.num_layers {m.num_layers} is not divisible by parallel.pipeline_model_parallel_size {pp}")
+        if m.ffn_hidden_size is not None and m.ffn_hidden_size % tp:
+            raise ConfigError(f"{key}.ffn_hidden_size {m.ffn_hidden_size} is not divisible by parallel.tensor_model_parallel_size {tp}")
         for d in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(m, d) < 1.0:
                 raise ConfigError(f"{key}.{d} must be in [0, 1), got {getattr(m, d)}")
@@ -367,7 +369,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     world = world_size if world_size is not None else world_size_from_env()
     if world % (tp * pp):
         raise ConfigError(
-            f"world size {world} is not divisible by tensor x pipeline parallel size {tp} x {pp} = {tp * pp}"
+            f"world size {world} is not divisible by parallel.tensor_model_parallel_size x "
+            f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
         )
     dp = world // (tp * pp)
     d = cfg.data
@@ -377,13 +380,17 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
             f"{d.micro_batch_size} x data-parallel size {dp}"
         )
-    split = [s for s in d.split.replace("/", ",").split(",") if s.strip()]
+    from megadistill import data as data_module
+
     try:
-        parts = [float(s) for s in split]
-    except ValueError:
-        parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0 or parts[1] <= 0:
-        raise ConfigError(f"data.split must be three non-negative weights 'train,valid,test' with train and valid > 0, got {d.split!r}")
+        data_module._check_split(d.split)
+    except ValueError as e:
+        raise ConfigError(f"data.split: {e}") from e
+    parts = [float(x) for x in d.split.split(",")]
+    if len(parts) != 3 or parts[0] <= 0 or parts[1] <= 0:
+        raise ConfigError(f"data.split must be three weights 'train,valid,test' with train and valid > 0, got {d.split!r}")
+    if d.tokenizer_model is None and d.vocab_size < data_module._MIN_VOCAB_SIZE:
+        raise ConfigError(f"data.vocab_size must be >= {data_module._MIN_VOCAB_SIZE} for a new tokenizer, got {d.vocab_size}")
     for f in d.inputs or []:
         if not Path(f).is_file():
             raise ConfigError(f"data.inputs: file {f} does not exist")
@@ -404,6 +411,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for n in ("warmup_fraction", "wsd_decay_fraction"):
         if not 0.0 <= getattr(o, n) < 1.0:
             raise ConfigError(f"optimizer.{n} must be in [0, 1), got {getattr(o, n)}")
+    if o.lr_schedule == "wsd" and o.warmup_fraction + o.wsd_decay_fraction > 1.0:
+        raise ConfigError("optimizer.warmup_fraction + optimizer.wsd_decay_fraction must be <= 1 for lr_schedule wsd")
     for n in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(o, n) < 1.0:
             raise ConfigError(f"optimizer.{n} must be in [0, 1), got {getattr(o, n)}")
@@ -432,10 +441,34 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         if teacher_vocab != student_vocab:
             raise ConfigError(
                 f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the "
-                f"student's {student_vocab}; use the teacher's tokenizer (data.tokenizer_model)"
+                f"student's {student_vocab} (padded to a multiple of 128 x TP); use the teacher's "
+                "tokenizer (data.tokenizer_model)"
             )
+        _check_teacher_shape(cfg.teacher.model, ckpt)
     elif cfg.kd.alpha.alpha_max > 0 and t.mode == "none":
         pass  # plain LM training: α is ignored
+
+
+def _check_teacher_shape(model: ModelConfig, ckpt: Path) -> None:
+    """teacher.model must describe the checkpoint's architecture (hidden size, layers, FFN)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    p = CHECKPOINT_MODEL_PREFIX
+    found = {}
+    if p + "embedding.word_embeddings.weight" in meta:
+        found["hidden_size"] = meta[p + "embedding.word_embeddings.weight"].global_shape[1]
+    fc1 = meta.get(p + "decoder.layers.mlp.linear_fc1.weight")
+    if fc1 is not None:
+        found["num_layers"], found["ffn_hidden_size"] = fc1.global_shape[0], fc1.global_shape[1]
+    wanted = {
+        "hidden_size": model.hidden_size,
+        "num_layers": model.num_layers,
+        "ffn_hidden_size": model.ffn_hidden_size or 4 * model.hidden_size,
+    }
+    for k, v in found.items():
+        if wanted[k] != v:
+            raise ConfigError(f"teacher.model.{k} is {wanted[k]} but teacher.checkpoint {ckpt} has {v}")
 
 
 # Keys of the model inside megadistill checkpoints (see megadistill.checkpoint).

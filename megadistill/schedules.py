@@ -1,4 +1,4 @@
-"""Per-step schedules for the KD weight α and the temperature τ (the learning rate uses Megatron's
+"""Per-step schedules for the KD weight α (τ is constant per run; the learning rate uses Megatron's
 own ``OptimizerParamScheduler``, WSD included).
 
 α schedules (PD paper, SALT):
@@ -84,13 +84,14 @@ class AlphaSchedule:
             phase = (step % self.period) / self.period
             return self.alpha_min + (self.alpha_max - self.alpha_min) * 0.5 * (1 - math.cos(2 * math.pi * phase))
         if self.kind == "wsd":
-            warm = self.warmup_fraction * total_steps
-            decay_start = (1.0 - self.decay_fraction) * total_steps
+            # Whole steps: warmup steps 0..warm-1 climb to α_max, the last `decay` steps fall to α_min.
+            warm = math.ceil(self.warmup_fraction * total_steps)
+            decay = math.ceil(self.decay_fraction * total_steps)
             if step < warm:
                 return self.alpha_max * (step + 1) / warm
-            if step < decay_start or self.decay_fraction == 0:
+            if decay == 0 or step < total_steps - decay:
                 return self.alpha_max
-            t = (step - decay_start) / max(total_steps - decay_start, 1)
+            t = (step - (total_steps - decay) + 1) / decay
             return self.alpha_max + (self.alpha_min - self.alpha_max) * min(t, 1.0)
         # salt
         if step < self.n_kd:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megadistill.config import CHECKPOINT_MODEL_PREFIX, RunConfig, padded_vocab_size, resolve_teacher_checkpoint, to_dict
+from megadistill.config import (
+    CHECKPOINT_MODEL_PREFIX,
+    ConfigError,
+    RunConfig,
+    padded_vocab_size,
+    resolve_teacher_checkpoint,
+    to_dict,
+)
 
 
 @dataclass
@@ -47,24 +56,50 @@ def init_distributed(cfg: RunConfig) -> None:
 
         cpu.apply()
     if not dist.is_initialized():
-        if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun without torchrun
-            os.environ.update(
-                RANK=os.environ["SLURM_PROCID"],
-                WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
-            )
-        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
-            os.environ.setdefault(k, v)
+        _launch_environment()
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            # With one visible GPU per task (--gpus-per-task) every local rank maps to device 0.
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         )
-    torch.manual_seed(cfg.training.seed)
-    model_parallel_cuda_manual_seed(cfg.training.seed)
+    # Each pipeline stage draws its own layers' weights and dropout masks (as in Megatron-LM).
+    seed = cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _launch_environment() -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from torchrun, from an ``srun`` step, or
+    for a single process."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
+        # One task per rank under srun (SLURM_NTASKS is also set in a plain sbatch shell).
+        os.environ.update(
+            RANK=os.environ["SLURM_PROCID"],
+            WORLD_SIZE=os.environ["SLURM_STEP_NUM_TASKS"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+        )
+        if "MASTER_ADDR" not in os.environ and int(os.environ.get("SLURM_NNODES", "1")) > 1:
+            nodes = subprocess.run(
+                ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                capture_output=True, text=True, check=True,
+            ).stdout.split()
+            os.environ["MASTER_ADDR"] = nodes[0]
+    os.environ.setdefault("WORLD_SIZE", "1")
+    for k, v in dict(MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0").items():
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        # A single process picks a free port, so that concurrent runs on one machine do not clash.
+        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _device() -> torch.device:
@@ -120,26 +155,49 @@ def prepare_data(cfg: RunConfig):
     prefix, tok_path = cfg.data.data_prefix, cfg.data.tokenizer_model
     if prefix is None:
         prefix = str(out / "data" / "corpus")
+        error = None
         if dist.get_rank() == 0:
-            have = all(Path(prefix + ext).is_file() for ext in (".bin", ".idx"))
-            if not have:
-                result = data.preprocess(
-                    cfg.data.inputs, prefix, vocab_size=cfg.data.vocab_size, tokenizer_model=tok_path,
-                    json_key=cfg.data.json_key,
-                )
-                tok_path = str(result.tokenizer_model)
-        dist.barrier()
+            try:
+                _preprocess_if_stale(cfg, prefix, tok_path)
+            except Exception as e:  # every rank must learn of it, not wait at a barrier forever
+                error = f"{type(e).__name__}: {e}"
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None:
+            raise RuntimeError(f"preprocessing on rank 0 failed: {shared[0]}")
         if tok_path is None:
             tok_path = prefix + ".model"  # preprocess writes the tokenizer beside the data
     tokenizer = data.SentencePieceTokenizer(tok_path)
     steps = cfg.training.train_steps
-    evals = steps // cfg.training.eval_interval + 1
-    num_samples = (steps * cfg.data.global_batch_size, evals * cfg.training.eval_steps * cfg.data.global_batch_size)
+    # Validation always reads the first eval_steps global batches: building exactly that many makes
+    # the validation samples independent of the run's length (Megatron shuffles over all epochs).
+    num_samples = (steps * cfg.data.global_batch_size, cfg.training.eval_steps * cfg.data.global_batch_size)
     train_ds, valid_ds = data.build_gpt_datasets(
         prefix, tokenizer, cfg.data.seq_length, cfg.data.split, num_samples, cfg.training.seed,
         cache_dir=str(out / "data" / "cache"),
     )
     return tokenizer, train_ds, valid_ds, tok_path
+
+
+def _preprocess_if_stale(cfg: RunConfig, prefix: str, tokenizer_model: Optional[str]) -> None:
+    """Preprocess the inputs into ``prefix`` unless a corpus made from the same inputs is there."""
+    from megadistill import data
+
+    recipe = {
+        "inputs": [str(Path(p).resolve()) for p in cfg.data.inputs] if cfg.data.inputs else None,
+        "json_key": cfg.data.json_key,
+        "vocab_size": cfg.data.vocab_size,
+        "tokenizer_model": str(Path(tokenizer_model).resolve()) if tokenizer_model else None,
+    }
+    stamp = Path(prefix + ".recipe.json")
+    have = all(Path(prefix + ext).is_file() for ext in (".bin", ".idx", ".model"))
+    if have and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+        return
+    data.preprocess(cfg.data.inputs, prefix, vocab_size=cfg.data.vocab_size, tokenizer_model=tokenizer_model,
+                    json_key=cfg.data.json_key)
+    tmp = stamp.with_suffix(".tmp")
+    tmp.write_text(json.dumps(recipe))
+    os.replace(tmp, stamp)
 
 
 def micro_batches(dataset, step: int, cfg: RunConfig):
@@ -166,26 +224,95 @@ def get_batch(data_iterator):
 # --------------------------------------------------------------------------- the run
 
 
+# Settings a resumed run must share with the run it continues: they fix the weights' shapes, the
+# data position and content, and the schedules.
+RESUME_INVARIANTS = (
+    "model", "teacher.mode", "teacher.model", "parallel.use_distributed_optimizer", "kd",
+    "data.inputs", "data.data_prefix", "data.vocab_size", "data.seq_length", "data.global_batch_size",
+    "data.split", "training.train_steps", "training.seed", "optimizer",
+)
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else None
+    return tree
+
+
+def resume_mismatches(cfg: RunConfig, saved: Optional[dict]) -> list[str]:
+    """Keys whose value differs from the checkpointed run's config (``saved``)."""
+    if not saved:
+        return []
+    now = to_dict(cfg)
+    return [k for k in RESUME_INVARIANTS if _lookup(now, k) != _lookup(saved, k)]
+
+
+def _decide_paths(cfg: RunConfig, ckpt_root: Path) -> tuple[Optional[str], Optional[str]]:
+    """(checkpoint to resume, teacher checkpoint), chosen on rank 0 and shared, so that ranks which
+    list a shared file system at different moments still agree. A resumed run keeps the teacher
+    checkpoint it started with, even if a newer one has appeared since."""
+    from megatron.core import dist_checkpointing
+
+    from megadistill.checkpoint import latest_checkpoint
+
+    decision: list = [None, None, None]
+    if dist.get_rank() == 0:
+        try:
+            resume = cfg.checkpoint.resume
+            path = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "none" else Path(resume))
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(f"checkpoint.resume: {path} does not exist")
+            extra = dist_checkpointing.load_common_state_dict(str(path)).get("extra", {}) if path else {}
+            bad = resume_mismatches(cfg, extra.get("config"))
+            if bad:
+                raise ConfigError(
+                    f"cannot resume from {path}: these settings differ from the checkpointed run's: "
+                    f"{', '.join(bad)} (start a new output_dir, or set checkpoint.resume=none)"
+                )
+            teacher = None
+            if cfg.teacher.mode == "online":
+                teacher = extra.get("teacher_checkpoint") or str(resolve_teacher_checkpoint(cfg.teacher.checkpoint))
+            decision = [str(path) if path else None, teacher, None]
+        except Exception as e:  # raised on every rank below, instead of leaving them waiting
+            decision = [None, None, e]
+    dist.broadcast_object_list(decision, src=0)
+    if decision[2] is not None:
+        raise decision[2]
+    return decision[0], decision[1]
+
+
 class _TeacherTimer:
-    """Time spent in the teacher's forward passes (synchronising the GPU around them)."""
+    """Time spent in the teacher's forward passes: CUDA events on a GPU (read once per step, no
+    synchronisation inside the schedule), wall-clock on CPU."""
 
     def __init__(self, teacher) -> None:
-        self.seconds = 0.0
-        self._t0 = 0.0
+        self.cuda = torch.cuda.is_available()
+        self._spans: list = []
         teacher.register_forward_pre_hook(self._start)
         teacher.register_forward_hook(self._stop)
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     def _start(self, *_):
-        self._sync()
-        self._t0 = time.perf_counter()
+        self._spans.append([self._now(), None])
 
     def _stop(self, *_):
-        self._sync()
-        self.seconds += time.perf_counter() - self._t0
+        self._spans[-1][1] = self._now()
+
+    def take_seconds(self) -> float:
+        """Seconds in the teacher since the last call (synchronises the GPU once)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            total = sum(a.elapsed_time(b) for a, b in self._spans) / 1e3
+        else:
+            total = sum(b - a for a, b in self._spans)
+        self._spans = []
+        return total
 
 
 def _lr_scheduler(optimizer, cfg: RunConfig):
@@ -218,7 +345,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from tqdm import tqdm
 
-    from megadistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megadistill.checkpoint import load_checkpoint, save_checkpoint
     from megadistill.megatron import DistillationLoss, DistillationModel, KDStep, forward_backward, make_forward_step
     from megadistill.megatron.training import train_step, wrap_ddp
 
@@ -229,13 +356,12 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     tp = cfg.parallel.tensor_model_parallel_size
     vocab = padded_vocab_size(tokenizer.vocab_size, tp)
 
+    resume_path, teacher_path = _decide_paths(cfg, ckpt_root)
     student = build_gpt(cfg.model, cfg, vocab)
     teacher_timer = None
     if cfg.teacher.mode == "online":
         teacher = build_gpt(cfg.teacher.model, cfg, vocab)
-        model = DistillationModel(
-            student, teacher, str(resolve_teacher_checkpoint(cfg.teacher.checkpoint)), CHECKPOINT_MODEL_PREFIX
-        )
+        model = DistillationModel(student, teacher, teacher_path, CHECKPOINT_MODEL_PREFIX)
         teacher_timer = _TeacherTimer(teacher)
     else:
         model = student
@@ -243,7 +369,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     ddp = wrap_ddp(
         model,
         DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and dp > 1
+            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
         ),
     )
     o = cfg.optimizer
@@ -251,28 +377,34 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and dp > 1,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         ),
         [ddp],
     )
     scheduler = _lr_scheduler(optimizer, cfg)
+    steps = cfg.training.train_steps
 
     start = 0
-    resume = cfg.checkpoint.resume
-    path = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "none" else resume)
-    if path is not None:
-        extra = load_checkpoint(path, [ddp], optimizer, scheduler)
+    if resume_path is not None:
+        extra = load_checkpoint(resume_path, [ddp], optimizer, scheduler)
         start = int(extra["step"])
+    if start > steps:
+        raise ConfigError(f"checkpoint {resume_path} is at step {start}, beyond training.train_steps {steps}")
 
     kd_loss = DistillationLoss(cfg.kd.loss_config())
     forward_step = make_forward_step(get_batch, kd_loss)
     eval_loss = DistillationLoss(cfg.kd.loss_config(), KDStep(alpha=0.0))
     eval_step = make_forward_step(get_batch, eval_loss)
-    steps, seq = cfg.training.train_steps, cfg.data.seq_length
+    seq = cfg.data.seq_length
     mbs, n_micro = cfg.data.micro_batch_size, cfg.data.global_batch_size // cfg.data.micro_batch_size // dp
     logger = _Logger(cfg, out, start) if dist.get_rank() == dist.get_world_size() - 1 else None
     bar = tqdm(total=steps, initial=start, desc=cfg.name, disable=logger is None or not progress, dynamic_ncols=True)
     result = RunResult(steps=start)
+    if cfg.data.global_batch_size % (mbs * dp):
+        raise ConfigError(
+            f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by data.micro_batch_size "
+            f"{mbs} x data-parallel size {dp}"
+        )
 
     def validate(step: int) -> float:
         ddp.eval()
@@ -293,18 +425,18 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         alpha = cfg.kd.alpha(step, steps) if cfg.teacher.mode != "none" else 0.0
         kd_loss.step = KDStep(alpha=alpha, temperature=cfg.kd.temperature)
         t0 = time.perf_counter()
-        if teacher_timer is not None:
-            teacher_timer.seconds = 0.0
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         r = train_step(forward_step, iter(micro_batches(train_ds, step, cfg)), ddp, optimizer, n_micro, seq, mbs)
         scheduler.step(increment=1)
         elapsed = time.perf_counter() - t0
         metrics = dict(r.metrics)
         metrics.update(
-            alpha=alpha, temperature=cfg.kd.temperature, lr=optimizer.param_groups[0]["lr"], grad_norm=r.grad_norm,
+            alpha=alpha, temperature=cfg.kd.temperature, lr=lr, grad_norm=r.grad_norm,
             tokens_per_s=cfg.data.global_batch_size * seq / elapsed,
         )
         if teacher_timer is not None:
-            metrics["teacher_time_fraction"] = teacher_timer.seconds / elapsed
+            # Measured on this (last) pipeline stage: the teacher's share of its step time.
+            metrics["teacher_time_fraction"] = teacher_timer.take_seconds() / elapsed
         done = step + 1
         if done % cfg.training.eval_interval == 0 or done == steps:
             metrics["val_loss"] = validate(done)
@@ -316,7 +448,8 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         result.last_metrics = metrics
         result.steps = done
         if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == steps:
-            result.checkpoint = str(save_checkpoint(ckpt_root, done, [ddp], optimizer, scheduler, extra={"step": done, "config": to_dict(cfg)}))
+            extra = {"step": done, "config": to_dict(cfg), "teacher_checkpoint": teacher_path}
+            result.checkpoint = str(save_checkpoint(ckpt_root, done, [ddp], optimizer, scheduler, extra=extra))
     bar.close()
     if logger is not None:
         logger.close()
@@ -356,7 +489,8 @@ class _Logger:
         from torch.utils.tensorboard import SummaryWriter
 
         out.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if start else None)
+        # Steps after the checkpoint were logged by the killed run and are logged again: drop them.
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
         path = out / "metrics.jsonl"
         if path.is_file():
             # A run killed mid-write leaves a partial last line: drop it before appending.

@@ -198,3 +198,28 @@ def test_teacher_with_another_vocabulary_is_rejected_before_training(tmp_path, c
     cfg = replace(cfg, data=replace(cfg.data, tokenizer_model=str(tok)))
     with pytest.raises(ConfigError, match=r"teacher vocabulary size 512 differs from the student's 384"):
         validate(cfg, world_size=1)
+
+
+def test_teacher_architecture_must_match_its_checkpoint(tmp_path, corpus, teacher_run):
+    from megadistill.config import ConfigError
+
+    cfg = _kd_cfg(tmp_path / "x", corpus, teacher_run[0] / "checkpoints")
+    cfg = replace(cfg, teacher=replace(cfg.teacher, model=replace(TEACHER, hidden_size=64)))
+    with pytest.raises(ConfigError, match=r"teacher.model.hidden_size is 64 but teacher.checkpoint .* has 96"):
+        validate(cfg, world_size=1)
+
+
+def _run_or_error(cfg):
+    try:
+        return _run(cfg).steps
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_resume_refuses_a_changed_config(tmp_path, corpus):
+    cfg = _cfg(tmp_path / "r", corpus, training=TrainingConfig(train_steps=2, eval_interval=2, eval_steps=1))
+    assert run_distributed(_run_or_error, 1, cfg)[0] == 2
+    longer = replace(cfg, training=replace(cfg.training, train_steps=4, seed=7))
+    msg = run_distributed(_run_or_error, 1, longer)[0]
+    assert msg.startswith("ConfigError: cannot resume from") and "training.train_steps, training.seed" in msg
+    assert run_distributed(_run_or_error, 1, replace(longer, checkpoint=CheckpointConfig(resume="none")))[0] == 4

@@ -1,9 +1,11 @@
 """The distillation loss for Megatron's schedules: ``(1-α)·LM + α·KD`` per micro-batch.
 
-Follows Megatron-LM's ``loss_func`` convention: it returns ``(loss_sum, num_tokens, report)``, and
-the schedule divides the first by ``num_tokens`` and by the number of micro-batches, in place.
-``report`` maps a name to a detached ``[sum, count]`` pair; sum the pairs over micro-batches (and
-data-parallel ranks) and divide to log means.
+Follows Megatron-LM's ``loss_func`` convention: it returns ``(loss_sum, num_tokens, report)``.
+With ``calculate_per_token_loss`` (set by ``megadistill.megatron.training.wrap_ddp``) the schedule
+keeps the sum and ``finalize_model_grads`` divides the gradients by the global token count, so the
+objective is the mean over every loss token of the global batch. ``report`` maps a name to a
+detached ``[sum, count]`` pair; sum the pairs over micro-batches and data-parallel ranks and
+divide to log means (``reduce_reports``).
 """
 
 from __future__ import annotations
