@@ -22,16 +22,15 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-from megatron.core.transformer import TransformerConfig
 
 from megadistill import checkpoint as ckpt
 from megadistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megadistill.megatron.training import train_step, wrap_ddp
 from megadistill.testing.distributed import run_distributed
+from megadistill.testing.models import tiny_gpt
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patch set is for CPU-only torch")
 
@@ -42,32 +41,9 @@ LR, CLIP = 3e-3, 1.0
 
 
 def _model(hidden=HIDDEN, layers=LAYERS, dropout=0.1) -> GPTModel:
-    config = TransformerConfig(
-        num_layers=layers,
-        hidden_size=hidden,
-        num_attention_heads=HEADS,
-        ffn_hidden_size=2 * hidden,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
-        # Dropout draws from the CPU generator (hidden) and the model-parallel tracker
-        # (attention): an exact resume needs both restored.
-        hidden_dropout=dropout,
-        attention_dropout=dropout,
-        init_method_std=0.2,
-        use_cpu_initialization=True,
-    )
-    return GPTModel(
-        config,
-        get_gpt_layer_local_spec(),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=True,
-        position_embedding_type="rope",
-    )
+    # Dropout draws from the CPU generator (hidden) and the model-parallel tracker (attention):
+    # an exact resume needs both restored.
+    return tiny_gpt(layers, hidden, HEADS, VOCAB, SEQ, dropout=dropout)
 
 
 def _build(hidden=HIDDEN, layers=LAYERS, distributed_optimizer=True, dropout=0.1):

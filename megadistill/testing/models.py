@@ -18,8 +18,10 @@ def tiny_gpt(
     ffn: int | None = None,
     init_std: float = 0.2,
     dtype: torch.dtype = torch.float32,
+    dropout: float = 0.0,
 ) -> GPTModel:
-    """A GPTModel (local spec, RoPE, tied embeddings, no dropout) for this rank's TP/PP slice.
+    """A GPTModel (local spec, RoPE, tied embeddings, ``dropout`` on hidden states and attention)
+    for this rank's TP/PP slice.
 
     Weights are initialised on CPU from the full master weight, so a given seed gives the same
     model at any TP size. ``init_std`` is larger than Megatron's 0.02 so that untrained logits are
@@ -34,8 +36,8 @@ def tiny_gpt(
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=dtype,
         params_dtype=dtype,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
         init_method_std=init_std,
         use_cpu_initialization=True,
     )
