@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
