@@ -268,6 +268,7 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         return self._sp.decode([int(i) for i in ids])
 
     def apply_chat_template(self, *args, **kwargs):
+        """Abstract in megatron's tokenizer base class; pre-training text has no chat format."""
         raise NotImplementedError("SentencePieceTokenizer is for pre-training text; it has no chat template")
 
 
