@@ -90,8 +90,11 @@ class KDConfig(KDLossConfig):
 
 @dataclass
 class OptimizerConfig:
-    """AdamW and the learning-rate schedule (Megatron's OptimizerParamScheduler)."""
+    """AdamW and the learning-rate schedule (Megatron's OptimizerParamScheduler), and the backend
+    that shards and steps the student."""
 
+    backend: str = "megatron"
+    """megatron (Megatron DDP + distributed optimizer) or deepspeed (a DeepSpeed ZeRO engine)."""
     lr: float = 2e-3
     """Peak learning rate."""
     min_lr: float = 2e-4
@@ -110,6 +113,16 @@ class OptimizerConfig:
     """AdamW β2."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping (0 = off)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed backend (``optimizer.backend: deepspeed``): ZeRO stage and extra engine settings."""
+
+    zero_stage: int = 1
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    config: dict = field(default_factory=dict)
+    """Pass-through DeepSpeed config keys merged into the generated config (for anything the YAML does not set)."""
 
 
 @dataclass
@@ -180,6 +193,8 @@ class RunConfig:
     """Distillation."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer and learning rate."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed backend settings."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -191,6 +206,8 @@ class RunConfig:
 CHOICES = {
     "teacher.mode": ("none", "online", "offline"),
     "optimizer.lr_schedule": ("constant", "linear", "cosine", "wsd"),
+    "optimizer.backend": ("megatron", "deepspeed"),
+    "deepspeed.zero_stage": (1, 2, 3),
 }
 
 
@@ -213,6 +230,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key)
+    if tp in (dict, typing.Dict) or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if tp in (list, typing.List) or origin is list:
         if isinstance(value, str):
             value = [value]
@@ -543,7 +564,7 @@ def explain(markdown: bool = False) -> str:
                 continue
             doc = docs.get(f.name, "")
             if key in CHOICES:
-                doc += f" Choices: {', '.join(CHOICES[key])}."
+                doc += f" Choices: {', '.join(map(str, CHOICES[key]))}."
             if markdown:
                 lines.append(f"| `{key}` | `{value!r}` | {doc} |")
             else:

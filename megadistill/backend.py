@@ -1,0 +1,82 @@
+"""The Backend seam: how the student is wrapped, sharded, stepped, evaluated and checkpointed.
+
+The training loop (``megadistill.train``) talks to a :class:`Backend` only. Two implement it:
+``megadistill.megatron.backend.MegatronBackend`` (Megatron DDP + distributed optimizer, 1F1B
+pipelines) and ``megadistill.deepspeed.backend.DeepSpeedBackend`` (a ZeRO 1/2/3 engine).
+:func:`build_backend` is the one place that chooses between them.
+
+A micro-batch is a dict of ``[b, s]`` tensors ``tokens``, ``labels``, ``loss_mask``,
+``position_ids`` and the ``[b]`` global sample ``indices`` it was built from (see
+``megadistill.sampler``). The KD target of a micro-batch comes from a ``TeacherSource``
+(``megadistill.kd.teacher``), handed to the backend when it is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from megadistill.config import RunConfig
+    from megadistill.kd.teacher import TeacherSource
+    from megadistill.megatron.loss import KDStep
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    metrics: dict[str, float]
+    """Means over the global batch of each reported loss (``lm loss``, ``kd loss``, ``total loss``,
+    ``top1 agreement``); filled on the logging rank (last pipeline stage), may be empty elsewhere."""
+    grad_norm: float
+    """Global gradient norm before clipping (identical on every rank)."""
+    update_successful: bool
+    """False when the optimizer skipped the update (fp16 overflow)."""
+
+
+class Backend(Protocol):
+    """A student training engine. Every method is collective over all ranks."""
+
+    name: str
+    """``megatron`` or ``deepspeed`` (recorded in checkpoints: a resume must use the same)."""
+
+    def train_step(self, micro_batches: list[dict], knobs: "KDStep") -> StepResult:
+        """Forward, backward and one optimizer step over this rank's micro-batches of one global
+        batch, with KD weight and temperature ``knobs``; then one LR-scheduler step."""
+        ...
+
+    def eval_step(self, micro_batches: list[dict]) -> dict[str, list[float]]:
+        """Forward only (α = 0): per-micro-batch ``[sum, count]`` reports of this rank (last stage;
+        empty elsewhere), to be reduced with ``megadistill.megatron.reduce_reports`` style sums."""
+        ...
+
+    def learning_rate(self) -> float:
+        """The learning rate the next ``train_step`` uses."""
+        ...
+
+    def is_logging_rank(self) -> bool:
+        """Whether this rank's ``StepResult.metrics`` hold the reduced metrics."""
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Write model, optimizer, scheduler and this rank's RNG states into ``directory`` (an
+        existing, empty temporary directory seen by every rank; ``megadistill.checkpoint_dir``
+        commits it atomically afterwards)."""
+        ...
+
+    def load(self, directory: Path) -> None:
+        """Restore what :meth:`save` wrote (raise a clear error on a mismatched checkpoint)."""
+        ...
+
+
+def build_backend(cfg: "RunConfig", vocab_size: int, teacher: "TeacherSource") -> Backend:
+    """The backend ``cfg.optimizer.backend`` names, with the student built and wrapped."""
+    if cfg.optimizer.backend == "deepspeed":
+        from megadistill.deepspeed.backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, vocab_size, teacher)
+    from megadistill.megatron.backend import MegatronBackend
+
+    return MegatronBackend(cfg, vocab_size, teacher)
