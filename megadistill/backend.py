@@ -47,9 +47,9 @@ class Backend(Protocol):
         batch, with KD weight and temperature ``knobs``; then one LR-scheduler step."""
         ...
 
-    def eval_step(self, micro_batches: list[dict]) -> dict[str, list[float]]:
-        """Forward only (α = 0): per-micro-batch ``[sum, count]`` reports of this rank (last stage;
-        empty elsewhere), to be reduced with ``megadistill.megatron.reduce_reports`` style sums."""
+    def eval_step(self, micro_batches: list[dict]) -> list[dict]:
+        """Forward only (α = 0): this rank's per-micro-batch reports (``name -> [sum, count]``
+        tensors; on the logging rank, may be empty elsewhere), for ``reduce_reports``."""
         ...
 
     def learning_rate(self) -> float:
@@ -60,14 +60,15 @@ class Backend(Protocol):
         """Whether this rank's ``StepResult.metrics`` hold the reduced metrics."""
         ...
 
-    def save(self, directory: Path) -> None:
-        """Write model, optimizer, scheduler and this rank's RNG states into ``directory`` (an
-        existing, empty temporary directory seen by every rank; ``megadistill.checkpoint_dir``
-        commits it atomically afterwards)."""
+    def save(self, directory: Path, step: int) -> None:
+        """Write model, optimizer, LR scheduler and every rank's RNG states after ``step`` optimizer
+        steps into ``directory`` (an existing, empty temporary directory seen by every rank;
+        ``megadistill.checkpoint_dir.commit`` makes it complete atomically afterwards)."""
         ...
 
-    def load(self, directory: Path) -> None:
-        """Restore what :meth:`save` wrote (raise a clear error on a mismatched checkpoint)."""
+    def load(self, directory: Path) -> int:
+        """Restore what :meth:`save` wrote; returns its step. Raises a clear error for a checkpoint
+        that does not match this run (model shapes, layout)."""
         ...
 
 

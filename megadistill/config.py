@@ -455,7 +455,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         if t.checkpoint is None:
             raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
         ckpt = resolve_teacher_checkpoint(t.checkpoint)
-        from megadistill.teacher import checkpoint_vocab_size
+        from megadistill.megatron.teacher import checkpoint_vocab_size
 
         teacher_vocab = checkpoint_vocab_size(ckpt, prefix=CHECKPOINT_MODEL_PREFIX)
         student_vocab = padded_vocab_size(_tokenizer_vocab(cfg), tp)
@@ -503,7 +503,7 @@ def resolve_teacher_checkpoint(path: str) -> Path:
         raise ConfigError(f"teacher.checkpoint: {p} does not exist")
     if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
         return p
-    from megadistill.checkpoint import latest_checkpoint
+    from megadistill.checkpoint_dir import latest_checkpoint
 
     for root in (p, p / "checkpoints"):
         latest = latest_checkpoint(root) if root.is_dir() else None

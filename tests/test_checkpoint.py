@@ -26,8 +26,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megadistill import checkpoint as ckpt
-from megadistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megadistill.megatron import checkpoint as ckpt
+from megadistill.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megadistill.megatron.training import train_step, wrap_ddp
 from megadistill.testing.distributed import run_distributed
 from megadistill.testing.models import tiny_gpt

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megadistill.losses import KDLossConfig
 from megadistill.megatron import DistillationLoss, DistillationModel, KDStep, forward_backward, make_forward_step
 from megadistill.megatron.training import train_step, wrap_ddp
-from megadistill.teacher import load_teacher_checkpoint, save_model_checkpoint
+from megadistill.megatron.teacher import load_teacher_checkpoint, save_model_checkpoint
 from megadistill.testing import run_distributed
 from megadistill.testing.models import tiny_gpt
 

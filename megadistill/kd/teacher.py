@@ -15,7 +15,7 @@ A target is either a dense ``Tensor[b, s, v/tp]`` of teacher logits or :class:`S
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 
@@ -42,9 +42,18 @@ class TeacherSource(Protocol):
         """The module the backend trains: ``student`` itself, or one that also runs the teacher."""
         ...
 
+    def set_active(self, active: bool) -> None:
+        """Whether the next micro-batches need targets (False for steps with KD weight α = 0: an
+        online teacher then does not run, and pipeline tensors keep the student's width)."""
+        ...
+
     def split(self, batch: dict, output) -> tuple[torch.Tensor, Optional[Target]]:
         """``(student_logits[b, s, v/tp], target or None)`` from a micro-batch and the model output
         of the last pipeline stage."""
+        ...
+
+    def take_seconds(self) -> Optional[float]:
+        """Seconds this rank spent producing targets since the last call (None: not measured)."""
         ...
 
 
@@ -56,32 +65,77 @@ class NoTeacher:
     def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
         return student
 
+    def set_active(self, active: bool) -> None:
+        pass
+
+    def take_seconds(self) -> Optional[float]:
+        return None
+
     def split(self, batch: dict, output):
         return output, None
 
 
-class OnlineTeacher:
+class InModelTargets:
+    """Targets that travel in the model output: a ``DistillationModel``'s last pipeline stage returns
+    ``(student_logits, teacher_logits)``; any other output has no target (α must be 0)."""
+
+    def split(self, batch: dict, output):
+        if isinstance(output, tuple):
+            return output
+        return output, None
+
+
+class OnlineTeacher(InModelTargets):
     """A frozen GPT teacher run inside each micro-batch, next to the student on the same ranks.
 
     ``teacher`` is this rank's stage of the teacher ``GPTModel`` (built with the student's
-    vocabulary and TP/PP layout); ``checkpoint`` its weights (a distributed checkpoint directory).
+    vocabulary and TP/PP layout), or a function building it, called by :meth:`wrap` once the
+    student exists (so the student's initialisation does not depend on the teacher's);
+    ``checkpoint`` holds its weights (a distributed checkpoint directory).
     """
 
-    def __init__(self, teacher: torch.nn.Module, checkpoint: Optional[str] = None, prefix: str = "") -> None:
-        self.teacher = teacher
+    def __init__(
+        self, teacher: Union[torch.nn.Module, Callable[[], torch.nn.Module]], checkpoint: Optional[str] = None,
+        prefix: str = "",
+    ) -> None:
+        self._teacher = teacher
         self.checkpoint = checkpoint
         self.prefix = prefix
-        self.hidden_size = teacher.config.hidden_size
         self.model = None
         """The ``DistillationModel`` made by :meth:`wrap`."""
+        self._timer = None
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        if not isinstance(self._teacher, torch.nn.Module):
+            self._teacher = self._teacher()
+        return self._teacher
+
+    @property
+    def hidden_size(self) -> int:
+        return self.teacher.config.hidden_size
 
     def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
         from megadistill.megatron.model import DistillationModel
+        from megadistill.metrics import ModuleTimer
 
         self.model = DistillationModel(student, self.teacher, self.checkpoint, self.prefix)
+        self._timer = ModuleTimer(self.teacher)
         return self.model
 
-    def split(self, batch: dict, output):
-        if isinstance(output, tuple):  # the last stage of a DistillationModel
-            return output
-        return output, None
+    def take_seconds(self) -> Optional[float]:
+        return self._timer.take_seconds() if self._timer is not None else None
+
+    def set_active(self, active: bool) -> None:
+        self.model.teacher_active = active
+
+
+def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str]) -> TeacherSource:
+    """The teacher source ``cfg.teacher.mode`` names (the one place that chooses it)."""
+    if cfg.teacher.mode == "online":
+        from megadistill.megatron.gpt import build_gpt
+
+        return OnlineTeacher(lambda: build_gpt(cfg.teacher.model, cfg, vocab_size), checkpoint)
+    if cfg.teacher.mode == "none":
+        return NoTeacher()
+    raise ValueError(f"teacher.mode {cfg.teacher.mode!r} has no teacher source")

@@ -17,8 +17,15 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss
+from megadistill.kd.teacher import SparseLogits, Target
+from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 from megadistill.losses.parallel import vocab_parallel_argmax
+
+
+def _sparse_top1(target: SparseLogits) -> torch.Tensor:
+    """The teacher's most likely id ``[b, s]`` among its stored ids (pads ignored)."""
+    logprobs = target.logprobs.masked_fill(target.ids < 0, float("-inf"))
+    return target.ids.gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)
 
 
 @dataclasses.dataclass
@@ -28,13 +35,13 @@ class KDStep:
     alpha: float = 0.5
     """KD weight α in ``(1-α)·LM + α·KD``; 0 trains on the LM loss only (the teacher can be skipped)."""
 
-    temperature: float = 1.0
-    """τ for this step (overrides ``KDLossConfig.temperature``)."""
+    temperature: Optional[float] = None
+    """τ for this step; None uses ``KDLossConfig.temperature`` (a τ schedule sets it per step)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"KD weight alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
@@ -43,11 +50,11 @@ class DistillationLoss:
 
     def __init__(self, kd: Optional[KDLossConfig] = None, step: Optional[KDStep] = None) -> None:
         self.kd = kd or KDLossConfig()
-        self.step = step or KDStep(temperature=self.kd.temperature)
+        self.step = step or KDStep()
         self._cfg_cache: tuple[float, KDLossConfig] | None = None
 
     def _kd_config(self) -> KDLossConfig:
-        tau = self.step.temperature
+        tau = self.step.temperature if self.step.temperature is not None else self.kd.temperature
         if self._cfg_cache is None or self._cfg_cache[0] != tau:
             self._cfg_cache = (tau, dataclasses.replace(self.kd, temperature=tau))
         return self._cfg_cache[1]
@@ -56,11 +63,12 @@ class DistillationLoss:
         self,
         labels: torch.Tensor,
         loss_mask: torch.Tensor,
-        teacher_logits: Optional[torch.Tensor],
+        target: Optional["Target"],
         student_logits: torch.Tensor,
     ):
         """Loss of one micro-batch from ``student_logits[b, s, v/tp]`` (the schedule's output tensor),
-        ``teacher_logits[b, s, v/tp]``, ``labels[b, s]`` and ``loss_mask[b, s]``."""
+        the KD ``target`` (dense teacher logits ``[b, s, v/tp]`` or ``SparseLogits`` of ``[b, s, k]``;
+        None when α = 0), ``labels[b, s]`` and ``loss_mask[b, s]``."""
         alpha = self.step.alpha
         mask = loss_mask.reshape(student_logits.shape[:-1]).float()
         num_tokens = mask.sum().to(torch.int)
@@ -68,13 +76,21 @@ class DistillationLoss:
         report = {}
         total = torch.zeros((), device=student_logits.device)
         if alpha > 0.0:
-            if teacher_logits is None:
-                raise RuntimeError("KD weight alpha > 0 but the teacher did not run (teacher_active is False)")
+            if target is None:
+                raise RuntimeError("KD weight alpha > 0 but there is no KD target (the teacher did not run)")
             group = parallel_state.get_tensor_model_parallel_group()
             # KD first: Megatron's cross entropy below overwrites fp32 logits in place.
-            kd = (vocab_parallel_kd_loss(student_logits, teacher_logits, self._kd_config(), group) * mask).sum()
+            if isinstance(target, SparseLogits):
+                kd = vocab_parallel_sparse_kd_loss(student_logits, target.ids, target.logprobs, self._kd_config(), group)
+                teacher_top1 = _sparse_top1(target)
+            else:
+                kd = vocab_parallel_kd_loss(student_logits, target, self._kd_config(), group)
+                teacher_top1 = None
+            kd = (kd * mask).sum()
             with torch.no_grad():
-                agree = vocab_parallel_argmax(student_logits, group) == vocab_parallel_argmax(teacher_logits, group)
+                if teacher_top1 is None:
+                    teacher_top1 = vocab_parallel_argmax(target, group)
+                agree = vocab_parallel_argmax(student_logits, group) == teacher_top1
                 report["top1 agreement"] = torch.stack([(agree.float() * mask).sum(), count])
             report["kd loss"] = torch.stack([kd.detach().clone(), count])
             total = total + alpha * kd

@@ -15,7 +15,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
-from megadistill.teacher import prepare_teacher
+from megadistill.megatron.teacher import prepare_teacher
 
 
 class DistillationModel(MegatronModule):

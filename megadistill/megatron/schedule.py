@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megadistill.kd.teacher import InModelTargets, TeacherSource
 from megadistill.megatron.loss import DistillationLoss
 from megadistill.megatron.model import DistillationModel
 
@@ -47,7 +48,7 @@ def forward_backward(
     teacher's hidden size while the teacher is active (any other model runs unchanged). Returns the
     schedule's per-micro-batch loss reports (last pipeline stage; empty elsewhere)."""
     distill = _distillation_model(model)
-    if distill is not None and hasattr(forward_step_func, "teacher_active"):
+    if distill is not None and isinstance(forward_step_func, DistillationForwardStep):
         # Decided once per step, before any shape is computed: every stage and micro-batch agree.
         distill.teacher_active = forward_step_func.teacher_active
     kwargs = {}
@@ -76,12 +77,16 @@ class DistillationForwardStep:
     """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules.
 
     ``get_batch(data_iterator)`` returns ``tokens, labels, loss_mask, attention_mask, position_ids``
-    (``[b, s]`` each; attention_mask may be None), as Megatron-LM's ``pretrain_gpt.get_batch``.
+    (``[b, s]`` each; attention_mask may be None), as Megatron-LM's ``pretrain_gpt.get_batch``, or
+    a batch dict with those keys (and ``indices``, as ``megadistill.sampler.micro_batches`` makes).
+    ``teacher`` (a ``TeacherSource``) turns the model output and the batch into the student's logits
+    and the KD target; by default a ``DistillationModel``'s ``(student, teacher)`` logits pair.
     """
 
-    def __init__(self, get_batch: Callable, loss: DistillationLoss) -> None:
+    def __init__(self, get_batch: Callable, loss: DistillationLoss, teacher: Optional[TeacherSource] = None) -> None:
         self.get_batch = get_batch
         self.loss = loss
+        self.teacher = teacher if teacher is not None else InModelTargets()
 
     @property
     def teacher_active(self) -> bool:
@@ -89,18 +94,24 @@ class DistillationForwardStep:
         return self.loss.step.alpha > 0.0
 
     def __call__(self, data_iterator, model):
-        tokens, labels, loss_mask, attention_mask, position_ids = self.get_batch(data_iterator)
+        batch = self.get_batch(data_iterator)
+        if isinstance(batch, dict):
+            tokens, labels, loss_mask, position_ids = (batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids"))
+            loss_mask, attention_mask = loss_mask.float(), batch.get("attention_mask")
+        else:
+            tokens, labels, loss_mask, attention_mask, position_ids = batch
+            batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
         output = model(tokens, position_ids, attention_mask)
-        teacher_logits = None
-        if isinstance(output, tuple):  # a DistillationModel's last pipeline stage
-            output, teacher_logits = output
         # A bare GPTModel (no teacher) trains on the LM loss alone: the loss needs α = 0.
-        return output, partial(self.loss, labels, loss_mask, teacher_logits)
+        logits, target = self.teacher.split(batch, output)
+        return logits, partial(self.loss, labels, loss_mask, target)
 
 
-def make_forward_step(get_batch: Callable, loss: DistillationLoss) -> DistillationForwardStep:
+def make_forward_step(
+    get_batch: Callable, loss: DistillationLoss, teacher: Optional[TeacherSource] = None
+) -> DistillationForwardStep:
     """The forward step for :func:`forward_backward` (see :class:`DistillationForwardStep`)."""
-    return DistillationForwardStep(get_batch, loss)
+    return DistillationForwardStep(get_batch, loss, teacher)
 
 
 def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:

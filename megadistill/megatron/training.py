@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from megadistill.backend import StepResult
 from megadistill.megatron.model import DistillationModel
 from megadistill.megatron.schedule import forward_backward, reduce_reports
 
@@ -24,15 +24,6 @@ def wrap_ddp(model: DistillationModel, ddp_config: DistributedDataParallelConfig
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
     return DistributedDataParallel(config, ddp_config, model)
-
-
-@dataclass
-class StepResult:
-    metrics: dict[str, float]
-    """Means over the global batch of each reported loss (last pipeline stage; empty elsewhere)."""
-    grad_norm: float
-    """Global gradient norm before clipping (identical on every rank)."""
-    update_successful: bool
 
 
 def train_step(

@@ -41,12 +41,9 @@ call ``optimizer.reload_model_params()``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -59,53 +56,15 @@ from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, S
 from megatron.core.package_info import __version__ as _MCORE_VERSION
 from megatron.core.utils import unwrap_model
 
+from megadistill.checkpoint_dir import COMPLETE_MARKER, checkpoint_path, commit, is_complete, latest_checkpoint  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "megadistill-checkpoint"
 FORMAT_VERSION = 1
-COMPLETE_MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")  # optimizer tensors in a checkpoint
 _META_KEY = "megadistill"
 _OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
-
-
-# ---------------------------------------------------------------------------------------------
-# Paths
-# ---------------------------------------------------------------------------------------------
-
-
-def checkpoint_path(root: str | Path, step: int) -> Path:
-    """``root/step_{step:08d}``: where :func:`save_checkpoint` puts step ``step``."""
-    if step < 0:
-        raise ValueError(f"checkpoint step must be >= 0, got {step}")
-    return Path(root) / f"step_{step:08d}"
-
-
-def is_complete(path: str | Path) -> bool:
-    """True if ``path`` is a checkpoint directory whose save finished (it holds the marker)."""
-    path = Path(path)
-    return _STEP_DIR.match(path.name) is not None and (path / COMPLETE_MARKER).is_file()
-
-
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The newest *complete* checkpoint under ``root`` (highest step), or None.
-
-    ``*.tmp`` directories (saves in progress or killed), directories without the completion
-    marker and anything not named ``step_<digits>`` are ignored.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for entry in root.iterdir():
-        match = _STEP_DIR.match(entry.name)
-        if match is None or not entry.is_dir() or not (entry / COMPLETE_MARKER).is_file():
-            continue
-        step = int(match.group(1))
-        if best is None or step > best[0]:
-            best = (step, entry)
-    return None if best is None else best[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +81,7 @@ def save_checkpoint(
     extra: Optional[dict] = None,
     *,
     optimizer_sharding: str = "dp_reshardable",
+    marker: Optional[dict] = None,
 ) -> Path:
     """Save a training checkpoint for ``step`` under ``root``; returns its directory.
 
@@ -131,17 +91,27 @@ def save_checkpoint(
     the same on every rank (rank 0's copy is saved); each rank's RNG states are saved separately.
     ``optimizer_sharding`` is the distributed optimizer's format: ``"dp_reshardable"`` (the
     default; a later load may change the DP size only) or ``"fully_reshardable"`` (any layout).
+    ``marker`` (JSON-serialisable) is added to the ``COMPLETE`` marker (``checkpoint_dir.commit``).
     """
+    state = _training_state(step, model, optimizer, scheduler, extra, optimizer_sharding)
+    return commit(root, step, lambda tmp: dist_checkpointing.save(state, str(tmp)), {"layout": _layout(), **(marker or {})})
+
+
+def write_checkpoint(directory: str | Path, step: int, model, optimizer, scheduler=None, extra: Optional[dict] = None,
+                     *, optimizer_sharding: str = "dp_reshardable") -> None:
+    """Write the same state as :func:`save_checkpoint` into an existing empty ``directory``, with no
+    commit protocol (for callers that commit it themselves, as ``megadistill.checkpoint_dir``)."""
+    state = _training_state(step, model, optimizer, scheduler, extra, optimizer_sharding)
+    dist_checkpointing.save(state, str(directory))
+
+
+def _training_state(step: int, model, optimizer, scheduler, extra: Optional[dict], optimizer_sharding: str) -> dict:
+    """The sharded state dict of a training checkpoint (built and validated before any write)."""
     if optimizer_sharding not in _OPTIMIZER_SHARDINGS:
         raise ValueError(f"optimizer_sharding must be one of {_OPTIMIZER_SHARDINGS}, got {optimizer_sharding!r}")
     extra = dict(extra or {})
     if "step" in extra and extra["step"] != step:
         raise ValueError(f"extra['step'] = {extra['step']} disagrees with step = {step}")
-    final = checkpoint_path(root, step)
-    tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
-
-    # The whole sharded state is built (and validated) before anything is written.
     chunks = _model_chunks(model)
     state: dict[str, Any] = {}
     model_state = {}
@@ -164,32 +134,7 @@ def save_checkpoint(
         "has_scheduler": scheduler is not None,
         "optimizer_sharding": optimizer_sharding if _is_distributed_optimizer(optimizer) else None,
     }
-
-    if rank == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left behind by a killed save of the same step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()  # every rank's shards are on disk
-
-    if rank == 0:
-        marker = {"step": step, "layout": _layout()}
-        _write_synced(tmp / COMPLETE_MARKER, json.dumps(marker) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step: swap the old copy out before the rename
-            old = final.with_name(final.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    dist.barrier()
-    return final
+    return state
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict:
@@ -367,26 +312,6 @@ def _is_distributed_optimizer(optimizer) -> bool:
 def _megatron_optimizers(optimizer) -> list:
     """The leaf megatron optimizers (a ``ChainedOptimizer`` holds several)."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- RNG ---------------------------------------------------------------------------------------

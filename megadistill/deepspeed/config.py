@@ -1,0 +1,162 @@
+"""The DeepSpeed JSON config of a run, generated from its ``RunConfig`` (pure: no deepspeed import).
+
+What the YAML already says (batch sizes, clipping, ZeRO stage, fp32) is generated from it and
+must not be contradicted by the ``deepspeed.config`` pass-through block; anything else (bucket
+sizes, ZeRO-3 thresholds, offload, logging) passes through unchanged. The optimizer is AdamW with
+Megatron's hyper-parameters; the learning-rate schedule is megadistill's own (Megatron's
+``OptimizerParamScheduler``, stepped by the backend), so DeepSpeed gets neither an ``optimizer``
+nor a ``scheduler`` block from the user.
+
+:func:`check` raises ``ConfigError`` for every problem; the run's config validation calls it
+before any process group exists. :func:`deepspeed_config` builds the dict ``deepspeed.initialize``
+takes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+from megadistill.config import ConfigError, RunConfig, world_size_from_env
+
+ADAM_EPS = 1e-8
+"""Megatron's ``OptimizerConfig.adam_eps`` default (the Megatron backend uses it too)."""
+
+# Blocks the user may not pass through, and why.
+_REJECTED_BLOCKS = {
+    "optimizer": "the optimizer is generated from the optimizer section (AdamW with its lr, betas, weight_decay)",
+    "scheduler": "the learning-rate schedule is megadistill's (optimizer.lr_schedule, warmup_fraction, min_lr)",
+}
+# Precision blocks: the DeepSpeed backend trains in fp32 only.
+_PRECISION_BLOCKS = ("fp16", "bf16", "amp", "torch_autocast")
+
+# Settings megadistill picks but the user may change freely (quieter logs; nothing numerical).
+_DEFAULTS = {
+    "steps_per_print": 2**31 - 1,
+    "wall_clock_breakdown": False,
+}
+
+
+def _dp_size(cfg: RunConfig, world_size: Optional[int]) -> int:
+    world = world_size if world_size is not None else world_size_from_env()
+    model_parallel = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    return max(1, world // model_parallel)
+
+
+def _from_yaml(cfg: RunConfig, dp_size: int) -> dict[tuple[str, ...], tuple[Any, str]]:
+    """Generated settings by DeepSpeed key path: ``(value, the YAML key it comes from)``."""
+    d, o = cfg.data, cfg.optimizer
+    return {
+        ("train_batch_size",): (d.global_batch_size, "data.global_batch_size"),
+        ("train_micro_batch_size_per_gpu",): (d.micro_batch_size, "data.micro_batch_size"),
+        ("gradient_accumulation_steps",): (
+            d.global_batch_size // (d.micro_batch_size * dp_size),
+            f"data.global_batch_size / (data.micro_batch_size x data-parallel size {dp_size})",
+        ),
+        ("gradient_clipping",): (o.clip_grad, "optimizer.clip_grad"),
+        ("zero_optimization", "stage"): (cfg.deepspeed.zero_stage, "deepspeed.zero_stage"),
+    }
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        path = prefix + (str(k),)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def check(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+    """Raise ``ConfigError`` if ``cfg`` cannot run on the DeepSpeed backend (does nothing for
+    ``optimizer.backend: megatron``). ``world_size`` defaults to the launch's (``WORLD_SIZE``)."""
+    if cfg.optimizer.backend != "deepspeed":
+        return
+    par = cfg.parallel
+    if par.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"optimizer.backend=deepspeed does not support pipeline parallelism "
+            f"(parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size}): use "
+            "optimizer.backend=megatron for PP > 1, or set parallel.pipeline_model_parallel_size=1"
+        )
+    if par.sequence_parallel:
+        raise ConfigError(
+            "optimizer.backend=deepspeed does not support parallel.sequence_parallel (its layer-norm "
+            "gradients need Megatron's tensor-parallel all-reduce): set parallel.sequence_parallel=false"
+        )
+    if cfg.deepspeed.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage!r} is not one of (1, 2, 3)")
+    passed = cfg.deepspeed.config
+    if not isinstance(passed, dict):
+        raise ConfigError(f"deepspeed.config must be a mapping of DeepSpeed config keys, got {passed!r}")
+    for block, why in _REJECTED_BLOCKS.items():
+        if block in passed:
+            raise ConfigError(f"deepspeed.config.{block} is not allowed: {why}")
+    for block in _PRECISION_BLOCKS:
+        value = passed.get(block)
+        enabled = value.get("enabled", False) if isinstance(value, dict) else value
+        if enabled not in (False, None, "auto"):
+            raise ConfigError(
+                f"deepspeed.config.{block}.enabled={enabled!r}: the DeepSpeed backend trains in fp32 only "
+                f"(remove deepspeed.config.{block})"
+            )
+    if "zero_optimization" in passed and not isinstance(passed["zero_optimization"], dict):
+        raise ConfigError(f"deepspeed.config.zero_optimization must be a mapping, got {passed['zero_optimization']!r}")
+    generated = _from_yaml(cfg, _dp_size(cfg, world_size))
+    flat = _flatten(passed)
+    for path, value in flat.items():
+        for gen_path, (gen_value, yaml_key) in generated.items():
+            if path == gen_path and not _same(value, gen_value):
+                raise ConfigError(
+                    f"deepspeed.config.{'.'.join(path)}={value!r} contradicts {yaml_key}={gen_value!r} "
+                    f"(remove it from deepspeed.config, or change {yaml_key.split(' ')[0]})"
+                )
+            if path[: len(gen_path)] == gen_path and path != gen_path:
+                raise ConfigError(f"deepspeed.config.{'.'.join(gen_path)} must be a value, got a mapping")
+
+
+def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
+    """The config dict for ``deepspeed.initialize``: generated settings, then the pass-through
+    block merged over the defaults (``check`` has ruled out contradictions)."""
+    check(cfg, dp_size * cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+    o = cfg.optimizer
+    out = copy.deepcopy(_DEFAULTS)
+    _merge(out, copy.deepcopy(cfg.deepspeed.config))
+    for path, (value, _) in _from_yaml(cfg, dp_size).items():
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    out["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": o.lr,
+            "betas": [o.adam_beta1, o.adam_beta2],
+            "eps": ADAM_EPS,
+            "weight_decay": o.weight_decay,
+            # torch.optim.AdamW, as Megatron's optimizer falls back to without Apex/TE: the same
+            # update arithmetic, and no JIT-compiled FusedAdam / CPUAdam op.
+            "torch_adam": True,
+        },
+    }
+    for block in ("fp16", "bf16"):
+        out.setdefault(block, {})["enabled"] = False
+    return out
+
+
+def _merge(into: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v

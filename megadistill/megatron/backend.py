@@ -1,0 +1,84 @@
+"""The Megatron backend: Megatron-core DDP + (distributed) optimizer, 1F1B pipeline schedules,
+``dist_checkpointing`` checkpoints. See ``megadistill.backend.Backend``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from megadistill.backend import StepResult
+from megadistill.lr_schedule import lr_scheduler
+from megadistill.megatron.checkpoint import load_checkpoint, write_checkpoint
+from megadistill.megatron.gpt import build_gpt
+from megadistill.megatron.loss import DistillationLoss, KDStep
+from megadistill.megatron.schedule import forward_backward, make_forward_step
+from megadistill.megatron.training import train_step, wrap_ddp
+
+
+def _next(data_iterator):
+    return next(data_iterator)
+
+
+class MegatronBackend:
+    """The student (this rank's stage, wrapped with the teacher by ``teacher.wrap``) in Megatron's
+    DDP, stepped by Megatron's optimizer (``parallel.use_distributed_optimizer``: ZeRO-1 sharded
+    Adam state) and LR scheduler."""
+
+    name = "megatron"
+
+    def __init__(self, cfg, vocab_size: int, teacher) -> None:
+        self.cfg = cfg
+        self.teacher = teacher
+        use_dist_opt = cfg.parallel.use_distributed_optimizer
+        model = teacher.wrap(build_gpt(cfg.model, cfg, vocab_size))
+        self.model = wrap_ddp(model, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt))
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, use_distributed_optimizer=use_dist_opt,
+            ),
+            [self.model],
+        )
+        self.scheduler = lr_scheduler(self.optimizer, cfg)
+        self.loss = DistillationLoss(cfg.kd.loss_config())
+        self.forward_step = make_forward_step(_next, self.loss, teacher)
+        self.eval_forward_step = make_forward_step(_next, DistillationLoss(cfg.kd.loss_config(), KDStep(alpha=0.0)), teacher)
+        self._shape = dict(seq_length=cfg.data.seq_length, micro_batch_size=cfg.data.micro_batch_size)
+
+    def train_step(self, micro_batches: list[dict], knobs: KDStep) -> StepResult:
+        self.loss.step = knobs
+        self.teacher.set_active(knobs.alpha > 0.0)
+        mbs = self._shape["micro_batch_size"]
+        result = train_step(
+            self.forward_step, iter(micro_batches), self.model, self.optimizer, len(micro_batches),
+            self._shape["seq_length"], mbs,
+        )
+        self.scheduler.step(increment=1)
+        return result
+
+    def eval_step(self, micro_batches: list[dict]) -> list[dict]:
+        self.teacher.set_active(False)
+        self.model.eval()
+        try:
+            return forward_backward(
+                forward_step_func=self.eval_forward_step, data_iterator=iter(micro_batches), model=[self.model],
+                num_microbatches=len(micro_batches), forward_only=True, **self._shape,
+            )
+        finally:
+            self.model.train()
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def is_logging_rank(self) -> bool:
+        return parallel_state.is_pipeline_last_stage()
+
+    def save(self, directory: Path, step: int) -> None:
+        write_checkpoint(directory, step, [self.model], self.optimizer, self.scheduler, {"step": step})
+
+    def load(self, directory: Path) -> int:
+        return int(load_checkpoint(directory, [self.model], self.optimizer, self.scheduler)["step"])

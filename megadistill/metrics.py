@@ -1,0 +1,97 @@
+"""Run metrics: TensorBoard scalars, the JSON-lines log (appended across resumes), the teacher timer."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Metric name -> TensorBoard tag.
+TAGS = {
+    "total loss": "loss/total", "lm loss": "loss/lm", "kd loss": "loss/kd", "val_loss": "loss/val",
+    "top1 agreement": "kd/top1_agreement", "alpha": "kd/alpha", "temperature": "kd/temperature",
+    "teacher_time_fraction": "perf/teacher_time_fraction", "tokens_per_s": "perf/tokens_per_s",
+    "lr": "optim/lr", "grad_norm": "optim/grad_norm",
+}
+
+
+def read_metrics(output_dir: str | Path) -> dict[int, dict]:
+    """The metrics log by step; a step logged twice (re-run after a resume) keeps its last record."""
+    path = Path(output_dir) / "metrics.jsonl"
+    by_step: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the partial last line of a killed run
+                continue
+            by_step[int(rec["step"])] = rec
+    return by_step
+
+
+class MetricsLogger:
+    """TensorBoard scalars every ``log_interval`` steps (and at evaluations) and every step in
+    ``metrics.jsonl``, in ``out``; ``start`` is the step a resumed run continues from."""
+
+    def __init__(self, out: Path, start: int, log_interval: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        # Steps after the checkpoint were logged by the killed run and are logged again: drop them.
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
+        path = out / "metrics.jsonl"
+        if path.is_file():
+            # A run killed mid-write leaves a partial last line: drop it before appending.
+            text = path.read_bytes()
+            if text and not text.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(text.rfind(b"\n") + 1)
+        self.jsonl = open(path, "a")
+        self.every = log_interval
+
+    def log(self, step: int, metrics: dict) -> None:
+        if step % self.every == 0 or "val_loss" in metrics:
+            for k, v in metrics.items():
+                self.writer.add_scalar(TAGS.get(k, k), v, step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.jsonl.close()
+
+
+class ModuleTimer:
+    """Time spent in a module's forward passes: CUDA events on a GPU (read once per step, no
+    synchronisation inside the schedule), wall-clock on CPU."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.cuda = torch.cuda.is_available()
+        self._spans: list = []
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._stop)
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self, *_):
+        self._spans.append([self._now(), None])
+
+    def _stop(self, *_):
+        self._spans[-1][1] = self._now()
+
+    def take_seconds(self) -> float:
+        """Seconds in the module since the last call (synchronises the GPU once)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            total = sum(a.elapsed_time(b) for a, b in self._spans) / 1e3
+        else:
+            total = sum(b - a for a, b in self._spans)
+        self._spans = []
+        return total
