@@ -1,8 +1,17 @@
 """The run configuration: dataclasses mapped from one YAML file, validated before any process group.
 
-``load_config(path, overrides)`` reads the YAML, applies dotted command-line overrides
-(``kd.temperature=2.0``), builds the dataclasses and validates them; every error names the key and
-the bad value. ``explain()`` renders each field's one-line docstring (``megadistill config --explain``).
+``load_config(path, overrides, world_size=...)`` reads the YAML, applies dotted command-line
+overrides (``kd.temperature=2.0``), builds the dataclasses and checks them; every error names the
+key and the bad value. The checks come in two kinds:
+
+- :func:`validate`, the schema: pure (no file system, tokenizer or checkpoint reads), so a config
+  can be checked anywhere, for any world size (``megadistill config run.yaml --world-size 16``);
+- ``megadistill.preflight.preflight``: what needs the run's files (data, tokenizer, teacher
+  checkpoint) or the machine (Transformer Engine).
+
+The world size is never guessed here: ``None`` means unknown (its checks are skipped);
+``megadistill train`` passes ``megadistill.launch.resolve().world_size``.
+``explain()`` renders each field's one-line docstring (``megadistill config --explain``).
 """
 
 from __future__ import annotations
@@ -11,7 +20,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import os
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -73,7 +81,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs Transformer Engine)."""
     use_distributed_optimizer: bool = True
-    """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+    """Shard optimizer state across data-parallel ranks (ZeRO-1); optimizer.backend megatron only (deepspeed ignores it: deepspeed.zero_stage decides)."""
 
 
 @dataclass
@@ -297,18 +305,32 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfig:
-    """Build and validate a RunConfig from a (YAML-shaped) dict plus dotted overrides."""
+def config_from_dict(
+    data: dict, overrides: list[str] | None = None, *, world_size: int | None = None, preflight: bool = True
+) -> RunConfig:
+    """Build a RunConfig from a (YAML-shaped) dict plus dotted overrides, and check it: the schema
+    for ``world_size`` (None = unknown), then, with ``preflight``, the files and checkpoints."""
     data = dict(data or {})
     for k, v in parse_overrides(overrides or []):
         _set_dotted(data, k, v)
     cfg = _build(RunConfig, data)
-    validate(cfg)
+    validate(cfg, world_size=world_size)
+    if preflight:
+        from megadistill.preflight import preflight as check_files
+
+        check_files(cfg)
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run file (None = all defaults), apply overrides, validate."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    world_size: int | None = None,
+    preflight: bool = True,
+) -> RunConfig:
+    """Read a YAML run file (None = all defaults), apply overrides, check (see
+    :func:`config_from_dict`). Before a run, pass ``world_size=megadistill.launch.resolve().world_size``."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -320,7 +342,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(data, overrides)
+    return config_from_dict(data, overrides, world_size=world_size, preflight=preflight)
 
 
 def to_dict(cfg) -> dict:
@@ -331,11 +353,11 @@ def to_dict(cfg) -> dict:
 
 
 def world_size_from_env() -> int:
-    """World size of the launch: torchrun's WORLD_SIZE, else SLURM's task count, else 1."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
+    """The launch's world size; kept for older callers: use ``megadistill.launch.resolve().world_size``
+    (which also tells an srun step from a bare allocation)."""
+    from megadistill import launch
+
+    return launch.resolve().world_size
 
 
 def _positive(cfg, section: str, *names: str, allow_zero: bool = False) -> None:
@@ -350,16 +372,33 @@ def _positive(cfg, section: str, *names: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"{section}.{n} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
-def _transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def model_parallel_size(cfg: RunConfig) -> int:
+    """Ranks holding one copy of the model: TP x PP."""
+    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+
+
+def accepted_world_sizes(cfg: RunConfig) -> list[int]:
+    """Every world size the layout accepts: TP x PP x DP for each data-parallel size DP that
+    divides global_batch_size / micro_batch_size (empty if micro_batch_size does not divide it)."""
+    d = cfg.data
+    if d.micro_batch_size <= 0 or d.global_batch_size % d.micro_batch_size:
+        return []
+    micro_batches = d.global_batch_size // d.micro_batch_size
+    return [model_parallel_size(cfg) * dp for dp in range(1, micro_batches + 1) if micro_batches % dp == 0]
+
+
+def _accepted_hint(cfg: RunConfig) -> str:
+    sizes = accepted_world_sizes(cfg)
+    if not sizes:
+        return ""
+    shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")
+    return f" (world sizes this layout accepts: {shown})"
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Check everything that can be checked before a process group exists."""
+    """The schema: everything that can be checked from the config alone, for ``world_size`` ranks
+    (None = unknown: what depends on it is skipped). Pure: no file system, tokenizer or checkpoint
+    reads (those are ``megadistill.preflight``)."""
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -382,47 +421,41 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         for d in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(m, d) < 1.0:
                 raise ConfigError(f"{key}.{d} must be in [0, 1), got {getattr(m, d)}")
-    if par.sequence_parallel and not _transformer_engine_available():
-        raise ConfigError(
-            "parallel.sequence_parallel needs Transformer Engine (its LayerNorm); it is not installed "
-            "here: set parallel.sequence_parallel=false"
-        )
-    world = world_size if world_size is not None else world_size_from_env()
-    if world % (tp * pp):
-        raise ConfigError(
-            f"world size {world} is not divisible by parallel.tensor_model_parallel_size x "
-            f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
-        )
-    dp = world // (tp * pp)
+    if world_size is not None:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
+                f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}{_accepted_hint(cfg)}"
+            )
     d = cfg.data
     _positive(cfg, "data", "vocab_size", "seq_length", "micro_batch_size", "global_batch_size")
-    if d.global_batch_size % (d.micro_batch_size * dp):
+    if world_size is not None:
+        dp = world_size // (tp * pp)
+        if d.global_batch_size % (d.micro_batch_size * dp):
+            raise ConfigError(
+                f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
+                f"{d.micro_batch_size} x data-parallel size {dp}{_accepted_hint(cfg)}"
+            )
+    elif d.global_batch_size % d.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
-            f"{d.micro_batch_size} x data-parallel size {dp}"
+            f"{d.micro_batch_size} (at any data-parallel size)"
         )
-    from megadistill import data as data_module
+    from megadistill import data_checks
 
     try:
-        data_module._check_split(d.split)
+        data_checks.check_split(d.split)
     except ValueError as e:
         raise ConfigError(f"data.split: {e}") from e
     parts = [float(x) for x in d.split.split(",")]
     if len(parts) != 3 or parts[0] <= 0 or parts[1] <= 0:
         raise ConfigError(f"data.split must be three weights 'train,valid,test' with train and valid > 0, got {d.split!r}")
-    if d.tokenizer_model is None and d.vocab_size < data_module._MIN_VOCAB_SIZE:
-        raise ConfigError(f"data.vocab_size must be >= {data_module._MIN_VOCAB_SIZE} for a new tokenizer, got {d.vocab_size}")
-    for f in d.inputs or []:
-        if not Path(f).is_file():
-            raise ConfigError(f"data.inputs: file {f} does not exist")
-    if d.data_prefix is not None:
-        for ext in (".bin", ".idx"):
-            if not Path(d.data_prefix + ext).is_file():
-                raise ConfigError(f"data.data_prefix: {d.data_prefix}{ext} does not exist")
-        if d.tokenizer_model is None:
-            raise ConfigError("data.data_prefix needs data.tokenizer_model (the tokenizer the data was made with)")
-    if d.tokenizer_model is not None and not Path(d.tokenizer_model).is_file():
-        raise ConfigError(f"data.tokenizer_model: file {d.tokenizer_model} does not exist")
+    if d.tokenizer_model is None and d.vocab_size < data_checks.MIN_VOCAB_SIZE:
+        raise ConfigError(f"data.vocab_size must be >= {data_checks.MIN_VOCAB_SIZE} for a new tokenizer, got {d.vocab_size}")
+    if d.data_prefix is not None and d.tokenizer_model is None:
+        raise ConfigError("data.data_prefix needs data.tokenizer_model (the tokenizer the data was made with)")
 
     o = cfg.optimizer
     _positive(cfg, "optimizer", "lr")
@@ -451,65 +484,43 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             "teacher.mode=offline needs the offline logits store (megadistill.store), which this "
             "version does not have yet; use teacher.mode=online"
         )
-    if t.mode == "online":
-        if t.checkpoint is None:
-            raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
-        ckpt = resolve_teacher_checkpoint(t.checkpoint)
-        from megadistill.megatron.teacher import checkpoint_vocab_size
+    if t.mode == "online" and t.checkpoint is None:
+        raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
 
-        teacher_vocab = checkpoint_vocab_size(ckpt, prefix=CHECKPOINT_MODEL_PREFIX)
-        student_vocab = padded_vocab_size(_tokenizer_vocab(cfg), tp)
-        if teacher_vocab != student_vocab:
-            raise ConfigError(
-                f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the "
-                f"student's {student_vocab} (padded to a multiple of 128 x TP); use the teacher's "
-                "tokenizer (data.tokenizer_model)"
-            )
-        _check_teacher_shape(cfg.teacher.model, ckpt)
-    elif cfg.kd.alpha.alpha_max > 0 and t.mode == "none":
-        pass  # plain LM training: α is ignored
+    if o.backend == "deepspeed":
+        _validate_deepspeed(cfg, world_size)
 
 
-def _check_teacher_shape(model: ModelConfig, ckpt: Path) -> None:
-    """teacher.model must describe the checkpoint's architecture (hidden size, layers, FFN)."""
-    from megatron.core import dist_checkpointing
+def _validate_deepspeed(cfg: RunConfig, world_size: int | None) -> None:
+    """optimizer.backend=deepspeed: what megadistill's DeepSpeed engine supports, then the DeepSpeed
+    helper's own checks (pass-through block). parallel.use_distributed_optimizer is ignored there:
+    ZeRO (deepspeed.zero_stage) always shards the optimizer state."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if pp > 1:
+        raise ConfigError(
+            f"optimizer.backend=deepspeed does not support pipeline parallelism "
+            f"(parallel.pipeline_model_parallel_size={pp}): set parallel.pipeline_model_parallel_size=1, "
+            "or use optimizer.backend=megatron for PP > 1"
+        )
+    try:
+        from megadistill.deepspeed.config import check
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("megadistill.deepspeed"):
+            raise
+        raise ConfigError(
+            "optimizer.backend=deepspeed: this megadistill has no DeepSpeed backend (megadistill.deepspeed "
+            "is missing); use optimizer.backend=megatron"
+        ) from e
+    try:
+        check(cfg, world_size=world_size)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
-    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    p = CHECKPOINT_MODEL_PREFIX
-    found = {}
-    if p + "embedding.word_embeddings.weight" in meta:
-        found["hidden_size"] = meta[p + "embedding.word_embeddings.weight"].global_shape[1]
-    fc1 = meta.get(p + "decoder.layers.mlp.linear_fc1.weight")
-    if fc1 is not None:
-        found["num_layers"], found["ffn_hidden_size"] = fc1.global_shape[0], fc1.global_shape[1]
-    wanted = {
-        "hidden_size": model.hidden_size,
-        "num_layers": model.num_layers,
-        "ffn_hidden_size": model.ffn_hidden_size or 4 * model.hidden_size,
-    }
-    for k, v in found.items():
-        if wanted[k] != v:
-            raise ConfigError(f"teacher.model.{k} is {wanted[k]} but teacher.checkpoint {ckpt} has {v}")
 
-
-# Keys of the model inside megadistill checkpoints (see megadistill.checkpoint).
+# Keys of the model inside megadistill checkpoints (see megadistill.megatron.checkpoint).
 CHECKPOINT_MODEL_PREFIX = ""
-
-
-def resolve_teacher_checkpoint(path: str) -> Path:
-    """A checkpoint directory, or a run directory whose latest complete checkpoint is used."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"teacher.checkpoint: {p} does not exist")
-    if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
-        return p
-    from megadistill.checkpoint_dir import latest_checkpoint
-
-    for root in (p, p / "checkpoints"):
-        latest = latest_checkpoint(root) if root.is_dir() else None
-        if latest is not None:
-            return Path(latest)
-    raise ConfigError(f"teacher.checkpoint: {p} holds no complete distributed checkpoint")
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -518,12 +529,12 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def _tokenizer_vocab(cfg: RunConfig) -> int:
-    if cfg.data.tokenizer_model is not None:
-        import sentencepiece as spm
+def resolve_teacher_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a run directory whose latest complete checkpoint is used (reads
+    the file system: lives in ``megadistill.preflight``; kept here for older imports)."""
+    from megadistill.preflight import resolve_teacher_checkpoint as resolve
 
-        return spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_model).vocab_size()
-    return cfg.data.vocab_size
+    return resolve(path)
 
 
 # --------------------------------------------------------------------------- reference

@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -50,6 +49,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
+
+from megadistill.data_checks import MIN_VOCAB_SIZE as _MIN_VOCAB_SIZE
+from megadistill.data_checks import check_split as _check_split
 
 PathLike = Union[str, Path]
 
@@ -83,7 +85,6 @@ _SP_TRAINER_OPTIONS = dict(
     num_threads=1,
     minloglevel=2,
 )
-_MIN_VOCAB_SIZE = 256 + 2 + 1  # byte pieces + <unk> + </s> + at least one learned piece
 
 
 # --------------------------------------------------------------------------- documents
@@ -428,17 +429,6 @@ def preprocess(
 
 
 # --------------------------------------------------------------------------- datasets
-
-
-def _check_split(split: str) -> str:
-    """``" 90, 10"`` → ``"90,10"``, checked. Megatron's own parser silently skips stray characters
-    (``"-5"`` reads as ``5``, ``"1e-3"`` as ``1,3``), so only plain decimal numbers pass here."""
-    parts = [p.strip() for p in split.split(",")] if isinstance(split, str) else []
-    if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts):
-        raise ValueError(f"split must be 1 to 3 comma-separated non-negative numbers (train,valid,test), got {split!r}")
-    if float(parts[0]) == 0:
-        raise ValueError(f"split {split!r} leaves no documents for training")
-    return ",".join(parts)
 
 
 def _idx_fingerprint(idx_path: str) -> str:

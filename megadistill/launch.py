@@ -15,7 +15,8 @@ The rules, in order (the environment is only read, never trusted blindly):
    :attr:`Launch.notes`). Only a one-task step next to a ``WORLD_SIZE`` > 1 is ambiguous (a
    launcher of one's own inside srun, or a stale value?) and raises :class:`LaunchError`.
 3. ``RANK`` and ``WORLD_SIZE`` without torchrun's markers and outside any srun step: some other
-   env:// launcher (a test harness, a cluster operator); trusted, reported as ``"torchrun"``.
+   env:// launcher (a test harness, a cluster operator); trusted, reported as ``"torchrun"``, unless
+   they say a single process inside a multi-task allocation (leftovers, see 4).
 4. **Inside a SLURM allocation of several tasks but in no step** (``sbatch``/``salloc`` shell,
    ``SLURM_NTASKS`` > 1): an error. Running there would start one process that believes it is the
    whole job while SLURM reserved N; launch with ``srun`` (or torchrun) instead.
@@ -121,7 +122,7 @@ def _checked(rank: int, local_rank: int, world: int, names: str) -> None:
 
 
 def _port(env: Mapping[str, str], default: Optional[int]) -> Optional[int]:
-    if "MASTER_PORT" not in env:
+    if not env.get("MASTER_PORT", "").strip():
         return default
     port = _int(env, "MASTER_PORT")
     if not 0 < port < 65536:
@@ -130,8 +131,7 @@ def _port(env: Mapping[str, str], default: Optional[int]) -> Optional[int]:
 
 
 def _slurm_port(env: Mapping[str, str]) -> int:
-    job = _int(env, "SLURM_JOB_ID", 0) if env.get("SLURM_JOB_ID", "").isdigit() else 0
-    step = int(env["SLURM_STEP_ID"]) if env.get("SLURM_STEP_ID", "").isdigit() else 0
+    job, step = (int(env[k]) if env.get(k, "").isdigit() else 0 for k in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
     return SLURM_PORT_BASE + (10 * job + step) % SLURM_PORT_SPAN
 
 
@@ -139,19 +139,22 @@ def _is_loopback(addr: str) -> bool:
     return addr in ("localhost", "::1") or addr.startswith("127.")
 
 
-def _from_env_ranks(env: Mapping[str, str], source: str) -> Launch:
-    for name in ("RANK", "WORLD_SIZE"):
-        if env.get(name, "").strip() == "":
-            present = [m for m in TORCHRUN_MARKERS + ("RANK", "WORLD_SIZE") if m in env]
-            raise LaunchError(f"{name} is not set although {', '.join(present)} is: an incomplete torchrun-style environment")
-    rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+def _from_env_ranks(env: Mapping[str, str], torchrun: bool) -> Launch:
+    given = {k: env[k].strip() for k in ("RANK", "WORLD_SIZE") if env.get(k, "").strip()}
+    # Alone, RANK=0 or WORLD_SIZE=1 still means one process; anything else needs its partner, and
+    # torchrun always sets both.
+    if len(given) < 2 and (torchrun or given not in ({"RANK": "0"}, {"WORLD_SIZE": "1"})):
+        missing = " and ".join(k for k in ("RANK", "WORLD_SIZE") if k not in given)
+        shown = ", ".join(f"{k}={env[k]}" for k in TORCHRUN_MARKERS + tuple(given) if k in env)
+        raise LaunchError(f"{missing} not set although {shown} is: an incomplete torchrun-style environment")
+    rank, world = _int(env, "RANK", 0), _int(env, "WORLD_SIZE", 1)
     local = _int(env, "LOCAL_RANK", 0)
     _checked(rank, local, world, "RANK / WORLD_SIZE / LOCAL_RANK")
     return Launch(
         rank=rank, local_rank=local, world_size=world,
         master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
         master_port=_port(env, None if world == 1 else DEFAULT_PORT),
-        source=source,
+        source="torchrun",
     )
 
 
@@ -213,18 +216,21 @@ def resolve(
     docstring for the rules). ``hostnames`` expands a SLURM node list; it is called only for a
     multi-node srun step without MASTER_ADDR. Raises :class:`LaunchError` naming the variables."""
     if any(m in env for m in TORCHRUN_MARKERS):
-        return _from_env_ranks(env, "torchrun")
+        return _from_env_ranks(env, torchrun=True)
     if all(env.get(v, "").strip() for v in SRUN_STEP_VARIABLES):
         return _from_srun(env, hostnames)
-    if "RANK" in env or "WORLD_SIZE" in env:
-        return _from_env_ranks(env, "torchrun")
-    if env.get("SLURM_JOB_ID"):
-        tasks = _int(env, "SLURM_NTASKS", 1)
-        if tasks > 1:
-            raise LaunchError(
-                f"inside a SLURM allocation of {tasks} tasks (SLURM_JOB_ID={env['SLURM_JOB_ID']}, SLURM_NTASKS={tasks}) "
-                "but not in an srun step: launch with `srun python -m megadistill train ...` or torchrun"
-            )
+    tasks = _int(env, "SLURM_NTASKS", 1) if env.get("SLURM_JOB_ID") else 1
+    if env.get("RANK", "").strip() or env.get("WORLD_SIZE", "").strip():
+        got = _from_env_ranks(env, torchrun=False)
+        # RANK=0 WORLD_SIZE=1 in a bare multi-task allocation are the submitting shell's leftovers
+        # (sbatch exports them), not a launcher: the allocation rule below still applies.
+        if got.world_size > 1 or tasks == 1:
+            return got
+    if tasks > 1:
+        raise LaunchError(
+            f"inside a SLURM allocation of {tasks} tasks (SLURM_JOB_ID={env['SLURM_JOB_ID']}, SLURM_NTASKS={tasks}) "
+            "but not in an srun step: launch with `srun python -m megadistill train ...` or torchrun"
+        )
     return Launch(
         rank=0, local_rank=0, world_size=1,
         master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
@@ -265,10 +271,13 @@ def gpu_evidence(env: Mapping[str, str] = os.environ) -> list[str]:
     if visible is not None and visible.strip() not in ("", "-1", "NoDevFiles"):
         found.append(f"CUDA_VISIBLE_DEVICES={visible}")
     for name in sorted(env):
-        if name.startswith("SLURM_GPUS") or name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
-            value = env[name].strip()
-            if value not in ("", "0", "none", "(null)"):
-                found.append(f"{name}={value}")
+        value = env[name].strip()
+        if value in ("", "none", "(null)"):
+            continue
+        if name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):  # GPU indices: "0" is the first GPU
+            found.append(f"{name}={value}")
+        elif name.startswith("SLURM_GPUS") and value.rsplit(":", 1)[-1] != "0":  # counts, "[type:]n"
+            found.append(f"{name}={value}")
     return found
 
 

@@ -35,23 +35,26 @@ class RunResult:
 
 
 def init_distributed(cfg: RunConfig) -> None:
-    """Start torch.distributed (from torchrun/SLURM variables, or as a single process) and Megatron's
-    parallel state, and seed this rank. Without CUDA, megatron-core runs through the CPU layer."""
-    import os
+    """Start torch.distributed (ranks from ``megadistill.launch``: torchrun, an srun step, or one
+    process) unless a caller already did, and Megatron's parallel state; seed this rank. Without
+    CUDA on gloo, megatron-core runs through the CPU compatibility layer."""
+    import sys
 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if not torch.cuda.is_available():
-        from megadistill.megatron import cpu
+    from megadistill import launch
+    from megadistill.config import validate
+    from megadistill.megatron import cpu
 
-        cpu.apply()
     if not dist.is_initialized():
-        _launch_environment()
-        if torch.cuda.is_available():
-            # With one visible GPU per task (--gpus-per-task) every local rank maps to device 0.
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        where = launch.resolve()  # the same function the CLI validated with
+        validate(cfg, world_size=where.world_size)  # for callers of run() that skipped load_config
+        where = launch.init_process_group(where, launch.choose_backend())
+        if where.rank == 0:
+            for note in where.notes:
+                print(f"megadistill: {note}", file=sys.stderr)
+    cpu.apply_if_needed(dist.get_backend())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
@@ -61,27 +64,6 @@ def init_distributed(cfg: RunConfig) -> None:
     seed = cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-
-
-def _launch_environment() -> None:
-    """TEMPORARY (until megadistill.launch): RANK/WORLD_SIZE/... from torchrun, srun or a single process."""
-    import os
-    import subprocess
-
-    from megadistill.testing.distributed import free_port
-
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_STEP_NUM_TASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
-        if "MASTER_ADDR" not in os.environ and int(os.environ.get("SLURM_NNODES", "1")) > 1:
-            nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                                   capture_output=True, text=True, check=True).stdout.split()
-            os.environ["MASTER_ADDR"] = nodes[0]
-    os.environ.setdefault("WORLD_SIZE", "1")
-    for k, v in dict(MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0").items():
-        os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
 
 
 def run(cfg: RunConfig, progress: bool = True) -> RunResult:

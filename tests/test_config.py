@@ -36,7 +36,15 @@ INVALID = [
     ({"parallel": {"sequence_parallel": True}}, r"parallel.sequence_parallel needs Transformer Engine"),
     ({"data": {"inputs": ["no/such/file.txt"]}}, r"data.inputs: file no/such/file.txt does not exist"),
     ({"data": {"tokenizer_model": "missing.model"}}, r"data.tokenizer_model: file missing.model does not exist"),
-    ({"data": {"data_prefix": "nowhere/corpus", "tokenizer_model": None}}, r"data.data_prefix: nowhere/corpus.bin does not exist"),
+    ({"data": {"data_prefix": "nowhere/corpus", "tokenizer_model": "nowhere/corpus.model"}},
+     r"data.data_prefix: nowhere/corpus.bin does not exist"),
+    ({"data": {"data_prefix": "nowhere/corpus", "tokenizer_model": None}},
+     r"data.data_prefix needs data.tokenizer_model \(the tokenizer the data was made with\)"),
+    ({"data": {"global_batch_size": 10, "micro_batch_size": 4}, "_world": None},
+     r"data.global_batch_size 10 is not divisible by data.micro_batch_size 4 \(at any data-parallel size\)"),
+    ({"optimizer": {"backend": "deepspeed"}, "parallel": {"pipeline_model_parallel_size": 2}, "model": {"num_layers": 4}, "_world": 2},
+     r"optimizer.backend=deepspeed does not support pipeline parallelism \(parallel.pipeline_model_parallel_size=2\)"),
+    ({"optimizer": {"backend": "torch"}}, r"optimizer.backend: 'torch' is not one of \('megatron', 'deepspeed'\)"),
     ({"data": {"split": "90,10"}}, r"data.split must be three weights"),
     ({"data": {"split": "90,1e-3,0"}}, r"data.split: "),
     ({"data": {"vocab_size": 100}}, r"data.vocab_size must be >= 259 for a new tokenizer, got 100"),
@@ -57,18 +65,17 @@ INVALID = [
 
 
 @pytest.mark.parametrize("data, message", INVALID, ids=[m[:40] for _, m in INVALID])
-def test_invalid_config_names_the_key(data, message, monkeypatch):
+def test_invalid_config_names_the_key(data, message):
     data = dict(data)
-    monkeypatch.setenv("WORLD_SIZE", str(data.pop("_world", 1)))
+    world = data.pop("_world", 1)
     with pytest.raises(ConfigError, match=message):
-        config_from_dict(data)
+        config_from_dict(data, world_size=world)
 
 
-def test_yaml_file_overrides_and_defaults(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+def test_yaml_file_overrides_and_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "kd": {"temperature": 1.5}, "parallel": {"tensor_model_parallel_size": 2}}))
-    cfg = load_config(path, ["kd.temperature=2.0", "kd.alpha.kind=wsd", "data.micro_batch_size=8"])
+    cfg = load_config(path, ["kd.temperature=2.0", "kd.alpha.kind=wsd", "data.micro_batch_size=8"], world_size=2)
     assert cfg.name == "x" and cfg.kd.temperature == 2.0 and cfg.kd.alpha.kind == "wsd"
     assert cfg.data.micro_batch_size == 8 and cfg.parallel.tensor_model_parallel_size == 2
     assert cfg.optimizer == RunConfig().optimizer  # untouched sections keep their defaults
@@ -106,3 +113,148 @@ def test_readme_config_reference_is_generated_from_the_dataclasses():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert render(readme) == readme, "run `make config-reference`"
+
+
+# --------------------------------------------------------------------------- schema vs world size
+
+
+def test_world_size_unknown_skips_only_what_depends_on_it():
+    tp2 = config_from_dict({"parallel": {"tensor_model_parallel_size": 2}}, world_size=None)
+    validate(tp2)  # not run under a launcher: not rejected for want of ranks
+    with pytest.raises(ConfigError, match="world size 1 is not divisible by"):
+        validate(tp2, world_size=1)
+    with pytest.raises(ConfigError, match=r"world size must be a positive integer, got 0"):
+        validate(tp2, world_size=0)
+
+
+def test_accepted_world_sizes():
+    from megadistill.config import accepted_world_sizes
+
+    cfg = config_from_dict({"parallel": {"tensor_model_parallel_size": 2}, "data": {"global_batch_size": 16, "micro_batch_size": 4}})
+    assert accepted_world_sizes(cfg) == [2, 4, 8]
+    for world in accepted_world_sizes(cfg):
+        validate(cfg, world_size=world)
+    assert accepted_world_sizes(RunConfig()) == [1]  # 16 / 16: one micro-batch, DP 1 only
+
+
+def test_deepspeed_backend_ignores_use_distributed_optimizer_and_runs_the_helpers_check(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("megadistill.deepspeed.config")
+    fake.check = lambda cfg, world_size=None: calls.append((cfg.optimizer.backend, world_size))
+    monkeypatch.setitem(sys.modules, "megadistill.deepspeed.config", fake)
+    ds = {"optimizer": {"backend": "deepspeed"}, "parallel": {"use_distributed_optimizer": True},
+          "data": {"micro_batch_size": 4}}
+    config_from_dict(ds, world_size=4, preflight=False)
+    config_from_dict(ds, world_size=None, preflight=False)
+    config_from_dict({"data": {"micro_batch_size": 4}}, world_size=4, preflight=False)  # megatron: not called
+    assert calls == [("deepspeed", 4), ("deepspeed", None)]
+
+    def reject(cfg, world_size=None):
+        raise ConfigError("deepspeed.config.optimizer is not allowed: ...")
+
+    fake.check = reject
+    with pytest.raises(ConfigError, match="deepspeed.config.optimizer is not allowed"):
+        config_from_dict(ds, preflight=False)
+
+
+def test_deepspeed_backend_without_the_deepspeed_package_says_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "megadistill.deepspeed.config", None)  # as if the module were missing
+    with pytest.raises(ConfigError, match=r"optimizer.backend=deepspeed: this megadistill has no DeepSpeed backend"):
+        config_from_dict({"optimizer": {"backend": "deepspeed"}}, preflight=False)
+    config_from_dict({}, preflight=False)  # the Megatron backend never imports it
+
+
+# --------------------------------------------------------------------------- megadistill config --world-size
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """A shell outside torchrun and SLURM, whatever the test runner's environment."""
+    from megadistill.launch import TORCHRUN_MARKERS
+
+    for k in list(__import__("os").environ):
+        if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k in TORCHRUN_MARKERS:
+            monkeypatch.delenv(k)
+
+
+def _config_cli(capsys, tmp_path, data, *args):
+    from megadistill.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code = main(["config", str(path), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+TP2 = {"parallel": {"tensor_model_parallel_size": 2}, "data": {"global_batch_size": 16, "micro_batch_size": 4}}
+
+
+@pytest.mark.parametrize("args, dp", [(["--world-size", "2"], 1), (["--world-size", "4"], 2),
+                                      (["--nproc-per-node", "4", "--nnodes", "2"], 4), (["--nproc-per-node", "2"], 1)])
+def test_config_accepts_a_layout_for_a_world_size(capsys, tmp_path, no_launcher, args, dp):
+    code, out, err = _config_cli(capsys, tmp_path, TP2, *args)
+    assert code == 0, err
+    assert yaml.safe_load(out)["parallel"]["tensor_model_parallel_size"] == 2  # still a loadable run file
+    assert f"= TP 2 x PP 1 x DP {dp}: valid" in out
+
+
+def test_config_rejects_a_world_size_the_layout_cannot_use(capsys, tmp_path, no_launcher):
+    code, out, err = _config_cli(capsys, tmp_path, TP2, "--world-size", "3")
+    assert code == 2 and out == ""
+    assert ("world size 3 is not divisible by parallel.tensor_model_parallel_size x "
+            "parallel.pipeline_model_parallel_size = 2 x 1 = 2 (world sizes this layout accepts: 2, 4, 8)") in err
+    # TP 2 x DP 8 needs 8 x 4 = 32 sequences per step, but the global batch is 16.
+    code, _, err = _config_cli(capsys, tmp_path, TP2, "--world-size", "16")
+    assert code == 2
+    assert "data.global_batch_size 16 is not divisible by data.micro_batch_size 4 x data-parallel size 8 (world sizes" in err
+
+
+def test_config_without_a_world_size_lists_the_accepted_ones(capsys, tmp_path, no_launcher):
+    code, out, err = _config_cli(capsys, tmp_path, TP2)
+    assert code == 0, err
+    assert "world size unknown (not under a launcher)" in out
+    assert "TP 2 x PP 1 = 2 ranks per model copy; world sizes accepted" in out and ": 2, 4, 8\n" in out
+    assert yaml.safe_load(out)["data"]["global_batch_size"] == 16
+
+
+def test_config_under_a_launcher_checks_its_world_size(capsys, tmp_path, no_launcher, monkeypatch):
+    for k, v in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(k, v)
+    code, _, err = _config_cli(capsys, tmp_path, TP2)
+    assert code == 2 and "world size 3 is not divisible" in err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, out, err = _config_cli(capsys, tmp_path, TP2)
+    assert code == 0 and "world size 4 (from the torchrun environment) = TP 2 x PP 1 x DP 2: valid" in out
+
+
+def test_config_in_an_allocation_without_srun_still_checks_the_schema(capsys, tmp_path, no_launcher, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    code, out, err = _config_cli(capsys, tmp_path, TP2)
+    assert code == 0, err
+    assert "world size unknown (not a launch here (inside a SLURM allocation of 4 tasks" in out
+
+
+def test_config_schema_only_skips_the_files(capsys, tmp_path, no_launcher):
+    data = {**TP2, "data": {**TP2["data"], "inputs": ["/cluster/only/a.txt"]}}
+    code, _, err = _config_cli(capsys, tmp_path, data, "--world-size", "2")
+    assert code == 2 and "data.inputs: file /cluster/only/a.txt does not exist" in err
+    code, out, err = _config_cli(capsys, tmp_path, data, "--world-size", "2", "--schema-only")
+    assert code == 0, err
+    assert "--schema-only: data files, tokenizer and teacher checkpoint not checked" in out
+
+
+def test_config_world_size_arguments_are_checked(capsys, tmp_path, no_launcher):
+    code, _, err = _config_cli(capsys, tmp_path, TP2, "--world-size", "2", "--nproc-per-node", "2")
+    assert code == 2 and "give either --world-size or --nproc-per-node" in err
+    code, _, err = _config_cli(capsys, tmp_path, TP2, "--nnodes", "2")
+    assert code == 2 and "--nnodes needs --nproc-per-node" in err
+    with pytest.raises(SystemExit):
+        _config_cli(capsys, tmp_path, TP2, "--world-size", "0")
+    assert "expected a positive integer, got 0" in capsys.readouterr().err

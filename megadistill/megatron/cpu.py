@@ -1,7 +1,16 @@
 """CPU compatibility layer: run megatron-core 0.16.1 on a CPU-only torch with gloo.
 
-Used by the test suite and, on machines without CUDA, by the training driver (``make demo``).
-Real runs belong on GPUs; nothing here is reached when CUDA is available.
+When it applies: only when asked for. The test harness and the CPU demo call :func:`apply`
+themselves; the training driver calls :func:`apply_if_needed` with the process group's backend,
+which applies the layer only for **gloo on a machine without CUDA**. Whether a job may run on gloo
+at all is decided before that by ``megadistill.launch.choose_backend``, which refuses a job that
+was given GPUs torch cannot see (so a GPU job with a broken CUDA never lands here). Real runs
+belong on GPUs; nothing here is reached when CUDA is available.
+
+The patches name megatron-core 0.16.x call sites. :func:`apply` checks the installed version
+(``megatron.core.package_info.__version__``) and refuses another one with
+:class:`UnsupportedMegatronVersion`: a moved site would otherwise fail obscurely, or silently
+misbehave (an RNG state that is never set). ``MEGADISTILL_CPU_ANY_MCORE=1`` tries anyway.
 
 Megatron-core assumes a GPU in a handful of places: it allocates buffers on
 ``torch.cuda.current_device()``, builds masks with ``device="cuda"``, keeps its model-parallel
@@ -116,12 +125,63 @@ import importlib
 import logging
 import multiprocessing
 import multiprocessing.queues
-from typing import Any, Callable
+import os
+import warnings
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from megadistill.launch import LaunchError
+
 _CPU = torch.device("cpu")
 _applied = False
+
+SUPPORTED_MCORE = "0.16"
+"""The megatron-core minor version whose call sites this layer patches."""
+ANY_MCORE_VARIABLE = "MEGADISTILL_CPU_ANY_MCORE"
+"""Set to 1 to apply the layer to another megatron-core version anyway (at your own risk)."""
+
+
+class UnsupportedMegatronVersion(LaunchError):
+    """The installed megatron-core is not the one the CPU layer was written for."""
+
+
+def check_megatron_version(version: Optional[str] = None, env: Mapping[str, str] = os.environ) -> None:
+    """Raise :class:`UnsupportedMegatronVersion` unless megatron-core ``version`` (default: the
+    installed one) is 0.16.x, or ``MEGADISTILL_CPU_ANY_MCORE=1`` (then only warn)."""
+    if version is None:
+        from megatron.core import package_info
+
+        version = package_info.__version__
+    if version == SUPPORTED_MCORE or version.startswith(SUPPORTED_MCORE + "."):
+        return
+    message = (
+        f"megadistill's CPU compatibility layer patches megatron-core {SUPPORTED_MCORE}.x, but megatron-core "
+        f"{version} is installed: its CUDA-only call sites may have moved, so a CPU run could fail obscurely "
+        f"or silently misbehave"
+    )
+    if env.get(ANY_MCORE_VARIABLE, "").strip() == "1":
+        warnings.warn(f"{message} ({ANY_MCORE_VARIABLE}=1: applying it anyway)", stacklevel=3)
+        return
+    raise UnsupportedMegatronVersion(
+        f"{message}. Install megatron-core=={SUPPORTED_MCORE}.* for CPU runs, or set {ANY_MCORE_VARIABLE}=1 to try anyway"
+    )
+
+
+def needed(backend: str, cuda_available: Optional[bool] = None) -> bool:
+    """Whether the driver must apply the layer: a gloo process group and no CUDA device."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return backend == "gloo" and not cuda_available
+
+
+def apply_if_needed(backend: str) -> bool:
+    """The driver's policy: :func:`apply` for a ``backend`` (``"gloo"``/``"nccl"``) process group
+    on a machine without CUDA, else nothing. Returns whether the layer is now applied."""
+    if not needed(backend):
+        return False
+    apply()
+    return True
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -334,10 +394,12 @@ def _with_tensor_type_as_cuda(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def apply() -> None:
-    """Apply the CPU patches once per process (idempotent; does nothing when CUDA is available)."""
+    """Apply the CPU patches once per process (idempotent; does nothing when CUDA is available).
+    Raises :class:`UnsupportedMegatronVersion` on a megatron-core other than 0.16.x."""
     global _applied
     if _applied or torch.cuda.is_available():
         return
+    check_megatron_version()
 
     # Sites 1 and 2: module-local ``torch`` proxies.
     for name in _PROXIED_MODULES:

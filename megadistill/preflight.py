@@ -1,0 +1,121 @@
+"""Checks of a run config that need its files or the machine: data files, tokenizer, teacher
+checkpoint (its vocabulary and shape), Transformer Engine.
+
+``megadistill.config.validate`` checks the config alone and can run anywhere; :func:`preflight`
+runs where the job will run, before any process group starts (``load_config`` calls both), so a
+missing file or a mismatched teacher fails in seconds rather than after Megatron started.
+Every error is a ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megadistill.config import CHECKPOINT_MODEL_PREFIX, ConfigError, ModelConfig, RunConfig, padded_vocab_size
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Raise ``ConfigError`` for the first problem found in the files and checkpoints ``cfg`` names."""
+    _check_transformer_engine(cfg)
+    _check_data_files(cfg)
+    _check_teacher(cfg)
+
+
+def _transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_transformer_engine(cfg: RunConfig) -> None:
+    if cfg.parallel.sequence_parallel and not _transformer_engine_available():
+        raise ConfigError(
+            "parallel.sequence_parallel needs Transformer Engine (its LayerNorm); it is not installed "
+            "here: set parallel.sequence_parallel=false"
+        )
+
+
+def _check_data_files(cfg: RunConfig) -> None:
+    d = cfg.data
+    for f in d.inputs or []:
+        if not Path(f).is_file():
+            raise ConfigError(f"data.inputs: file {f} does not exist")
+    if d.data_prefix is not None:
+        for ext in (".bin", ".idx"):
+            if not Path(d.data_prefix + ext).is_file():
+                raise ConfigError(f"data.data_prefix: {d.data_prefix}{ext} does not exist")
+    if d.tokenizer_model is not None and not Path(d.tokenizer_model).is_file():
+        raise ConfigError(f"data.tokenizer_model: file {d.tokenizer_model} does not exist")
+
+
+def _check_teacher(cfg: RunConfig) -> None:
+    t = cfg.teacher
+    if t.mode != "online":
+        return
+    if t.checkpoint is None:
+        raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
+    ckpt = resolve_teacher_checkpoint(t.checkpoint)
+    from megadistill.megatron.teacher import checkpoint_vocab_size
+
+    try:
+        teacher_vocab = checkpoint_vocab_size(ckpt, prefix=CHECKPOINT_MODEL_PREFIX)
+    except ValueError as e:  # no GPT embedding in it
+        raise ConfigError(f"teacher.checkpoint: {e}") from e
+    student_vocab = padded_vocab_size(tokenizer_vocab_size(cfg), cfg.parallel.tensor_model_parallel_size)
+    if teacher_vocab != student_vocab:
+        raise ConfigError(
+            f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the "
+            f"student's {student_vocab} (padded to a multiple of 128 x TP); use the teacher's "
+            "tokenizer (data.tokenizer_model)"
+        )
+    check_teacher_shape(t.model, ckpt)
+
+
+def resolve_teacher_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a run directory whose latest complete checkpoint is used."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"teacher.checkpoint: {p} does not exist")
+    if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
+        return p
+    from megadistill.checkpoint_dir import latest_checkpoint
+
+    for root in (p, p / "checkpoints"):
+        latest = latest_checkpoint(root) if root.is_dir() else None
+        if latest is not None:
+            return Path(latest)
+    raise ConfigError(f"teacher.checkpoint: {p} holds no complete distributed checkpoint")
+
+
+def tokenizer_vocab_size(cfg: RunConfig) -> int:
+    """The student's vocabulary before padding: the given tokenizer's, or data.vocab_size for one
+    still to be trained."""
+    if cfg.data.tokenizer_model is not None:
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_model).vocab_size()
+    return cfg.data.vocab_size
+
+
+def check_teacher_shape(model: ModelConfig, ckpt: Path) -> None:
+    """teacher.model must describe the checkpoint's architecture (hidden size, layers, FFN)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    p = CHECKPOINT_MODEL_PREFIX
+    found = {}
+    if p + "embedding.word_embeddings.weight" in meta:
+        found["hidden_size"] = meta[p + "embedding.word_embeddings.weight"].global_shape[1]
+    fc1 = meta.get(p + "decoder.layers.mlp.linear_fc1.weight")
+    if fc1 is not None:
+        found["num_layers"], found["ffn_hidden_size"] = fc1.global_shape[0], fc1.global_shape[1]
+    wanted = {
+        "hidden_size": model.hidden_size,
+        "num_layers": model.num_layers,
+        "ffn_hidden_size": model.ffn_hidden_size or 4 * model.hidden_size,
+    }
+    for k, v in found.items():
+        if wanted[k] != v:
+            raise ConfigError(f"teacher.model.{k} is {wanted[k]} but teacher.checkpoint {ckpt} has {v}")
