@@ -5,7 +5,7 @@ VENV := .venv
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-kd-loss bench-teacher config-reference clean-venv
+.PHONY: demo test bench-kd-loss bench-teacher bench-backends config-reference clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ bench-kd-loss: $(STAMP)
 
 bench-teacher: $(STAMP)
 	OMP_NUM_THREADS=2 $(VENV)/bin/python bench/teacher_overhead.py --steps 10
+
+bench-backends: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python bench/backends.py --steps 3 --rounds 2
 
 # Regenerate the README's config reference from the dataclass docstrings.
 config-reference: $(STAMP)

@@ -29,6 +29,7 @@ from megadistill.config import (
 )
 from megadistill.schedules import AlphaSchedule
 from megadistill.testing import run_distributed
+from megadistill.testing.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
@@ -134,15 +135,28 @@ def test_tensorboard_event_files_hold_every_tag(tmp_path, corpus, teacher_run):
     assert [e.step for e in acc.Scalars("loss/val")] == [2, 4]
 
 
-def _launch(cfg_path, log):
+def _launch(cfg_path, log, nproc: int = 1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "megadistill", "train", str(cfg_path), "--no-progress"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megadistill", "train", str(cfg_path), "--no-progress"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(free_port()), "-m", "megadistill", "train", str(cfg_path), "--no-progress"]
+    # A session of its own: kill -9 takes the launcher and every rank at once, as a node failure does.
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
 
 
-def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, teacher_run):
+KILL_CASES = {
+    "megatron": ({}, 1),
+    "deepspeed-zero3-dp2": ({"optimizer": {"backend": "deepspeed"}, "deepspeed": {"zero_stage": 3}}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(KILL_CASES))
+def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, teacher_run, case):
+    overrides, nproc = KILL_CASES[case]
     steps = 10
     training = TrainingConfig(train_steps=steps, eval_interval=5, eval_steps=1)
     # Dropout makes the exact match depend on restoring the RNG states as well.
@@ -151,13 +165,16 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, te
     for name in ("full", "killed"):
         cfg = _kd_cfg(tmp_path / name, corpus, teacher_run[0] / "checkpoints", training=training, model=student,
                       checkpoint=CheckpointConfig(save_interval=3))
+        tree = to_dict(cfg)
+        for section, values in overrides.items():
+            tree[section].update(values)
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(to_dict(cfg)))
+        path.write_text(yaml.safe_dump(tree))
         cfgs[name] = path
     with open(tmp_path / "full.log", "w") as log:
-        assert _launch(cfgs["full"], log).wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
+        assert _launch(cfgs["full"], log, nproc).wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
     with open(tmp_path / "killed.log", "w") as log:
-        proc = _launch(cfgs["killed"], log)
+        proc = _launch(cfgs["killed"], log, nproc)
         metrics = tmp_path / "killed" / "metrics.jsonl"
         deadline = time.time() + 300
         # Kill between checkpoints: after step 7 is logged (last checkpoint at step 6).
@@ -165,11 +182,11 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, te
             if metrics.is_file() and max(_losses(tmp_path / "killed"), default=0) >= 7:
                 break
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert max(_losses(tmp_path / "killed")) < steps, "the run finished before it could be killed"
     with open(tmp_path / "resumed.log", "w") as log:
-        assert _launch(cfgs["killed"], log).wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()
+        assert _launch(cfgs["killed"], log, nproc).wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert set(resumed) == set(range(1, steps + 1))
     for step in range(1, steps + 1):
@@ -191,21 +208,23 @@ def test_cli_rejects_a_bad_config_before_starting(tmp_path):
 def test_teacher_with_another_vocabulary_is_rejected_before_training(tmp_path, corpus, teacher_run):
     from megadistill.config import ConfigError
     from megadistill.data import embedded_corpus_text, train_tokenizer
+    from megadistill.preflight import preflight
 
     tok = train_tokenizer(embedded_corpus_text()[:50_000].split("\n\n"), tmp_path / "small", vocab_size=384)
     cfg = _kd_cfg(tmp_path / "x", corpus, teacher_run[0] / "checkpoints")
     cfg = replace(cfg, data=replace(cfg.data, tokenizer_model=str(tok)))
     with pytest.raises(ConfigError, match=r"teacher vocabulary size 512 differs from the student's 384"):
-        validate(cfg, world_size=1)
+        preflight(cfg)
 
 
 def test_teacher_architecture_must_match_its_checkpoint(tmp_path, corpus, teacher_run):
     from megadistill.config import ConfigError
+    from megadistill.preflight import preflight
 
     cfg = _kd_cfg(tmp_path / "x", corpus, teacher_run[0] / "checkpoints")
     cfg = replace(cfg, teacher=replace(cfg.teacher, model=replace(TEACHER, hidden_size=64)))
     with pytest.raises(ConfigError, match=r"teacher.model.hidden_size is 64 but teacher.checkpoint .* has 96"):
-        validate(cfg, world_size=1)
+        preflight(cfg)
 
 
 def _run_or_error(cfg):

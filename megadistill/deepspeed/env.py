@@ -3,10 +3,10 @@
 On a machine without CUDA, DeepSpeed must use its CPU accelerator (``DS_ACCELERATOR=cpu``; its
 auto-detection also lands there, with a warning) and gloo. Its ``TorchBackend`` would otherwise
 JIT-compile the ``deepspeed_shm_comm`` op (~100 s per fresh machine, a C++ compiler needed) the
-first time it is created: :func:`setup` marks that op incompatible before DeepSpeed's
-communication layer starts. (The optimizer is torch's AdamW, ``"torch_adam": true`` in
-``megadistill.deepspeed.config``, so no Adam op is compiled either.) With CUDA, nothing changes:
-DeepSpeed detects the GPU accelerator and its NCCL backend itself.
+first time it is created: :func:`configure_accelerator` marks that op incompatible first. (The
+optimizer is torch's AdamW, ``"torch_adam": true`` in ``megadistill.deepspeed.config``, so no
+Adam op is compiled either.) With CUDA, nothing changes: DeepSpeed detects the GPU accelerator
+and its NCCL backend itself.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import os
 import torch
 
 
-def setup() -> None:
-    """Prepare this process for ``deepspeed.initialize`` (idempotent). Call it before DeepSpeed
-    first asks for its accelerator, i.e. before ``import deepspeed`` where possible."""
+def configure_accelerator() -> None:
+    """Pick DeepSpeed's accelerator and disable its JIT-built communication op (idempotent; needs
+    no process group, so a parent process can pay for it once before forking ranks)."""
     if torch.cuda.is_available():
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    import deepspeed.comm as ds_comm
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -32,9 +31,16 @@ def setup() -> None:
             f"DeepSpeed picked the {accelerator.device_name()!r} accelerator on a machine without CUDA "
             f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}): set DS_ACCELERATOR=cpu"
         )
-    # The shm op is built by TorchBackend.__init__ (deepspeed.comm.init_distributed); once a backend
-    # exists, the flag no longer matters.
+    # Read by TorchBackend.__init__ (deepspeed.comm.init_distributed) when it decides to build the op.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def setup() -> None:
+    """Prepare this process for ``deepspeed.initialize``: :func:`configure_accelerator`, then
+    DeepSpeed's communication layer over the process group torch.distributed already has."""
+    configure_accelerator()
+    import deepspeed.comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+
     if not ds_comm.is_initialized():
-        # DeepSpeed adopts the process group torch.distributed already has (gloo on CPU).
-        ds_comm.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+        ds_comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)

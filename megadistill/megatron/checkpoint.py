@@ -42,20 +42,19 @@ call ``optimizer.reload_model_params()``.
 from __future__ import annotations
 
 import logging
-import random
 import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject, ShardedTensor
 from megatron.core.package_info import __version__ as _MCORE_VERSION
 from megatron.core.utils import unwrap_model
 
+from megadistill import rng
 from megadistill.checkpoint_dir import COMPLETE_MARKER, checkpoint_path, commit, is_complete, latest_checkpoint  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ def _training_state(step: int, model, optimizer, scheduler, extra: Optional[dict
         state["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_state, False, optimizer_sharding)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
-    state["rng_state"] = _rng_sharded_object(_get_rng_state())
+    state["rng_state"] = _rng_sharded_object(rng.get_state())
     state["extra"] = extra
     state[_META_KEY] = {
         "format": FORMAT,
@@ -217,7 +216,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
         scheduler.num_steps = 0
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if restore_rng:
-        _set_rng_state(loaded["rng_state"])  # last: nothing after it may draw random numbers
+        rng.set_state(loaded["rng_state"])  # last: nothing after it may draw random numbers
     return {**loaded["extra"], "step": meta["step"]}
 
 
@@ -315,26 +314,6 @@ def _megatron_optimizers(optimizer) -> list:
 
 
 # -- RNG ---------------------------------------------------------------------------------------
-
-
-def _get_rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this rank's device
-        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-    }
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
 
 
 def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
