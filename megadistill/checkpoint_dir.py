@@ -3,7 +3,7 @@
 Layout under a checkpoint root::
 
     root/step_00000300/          a complete checkpoint
-        COMPLETE                 written last, before the rename (JSON: step, backend, layout, run meta)
+        COMPLETE                 written last, before the rename (JSON: step and the caller's run record)
         ...                      the backend's own files
     root/step_00000400.tmp/      a save in progress, or one that was killed: never loaded
 
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch.distributed as dist
+
+from megadistill.collective import on_every_rank
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -77,33 +79,34 @@ def commit(root: str | Path, step: int, write: Callable[[Path], None], marker: d
 
     Collective. ``marker`` (JSON-serialisable, rank 0's copy is written) is stored in the
     ``COMPLETE`` file together with ``step``. Re-saving an existing step replaces it only after
-    the new copy is complete. Returns the final directory.
+    the new copy is complete. An error on any rank, in any phase, is raised on every rank (none
+    is left waiting) and leaves no complete checkpoint behind. Returns the final directory.
     """
     final = checkpoint_path(root, step)
     tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank()
-    if rank == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left behind by a killed save of the same step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
-    write(tmp)
-    dist.barrier()  # every rank's files are on disk
-    if rank == 0:
-        _write_synced(tmp / COMPLETE_MARKER, json.dumps({**marker, "step": step}) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step: swap the old copy out before the rename
-            old = final.with_name(final.name + ".old")
-            if old.exists():
+    with on_every_rank(f"preparing checkpoint directory {tmp}"):
+        if rank == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left behind by a killed save of the same step
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+    with on_every_rank(f"writing checkpoint {tmp}"):
+        write(tmp)
+    with on_every_rank(f"committing checkpoint {final}"):  # after every rank's files are on disk
+        if rank == 0:
+            _write_synced(tmp / COMPLETE_MARKER, json.dumps({**marker, "step": step}) + "\n")
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving a step: swap the old copy out before the rename
+                old = final.with_name(final.name + ".old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+                os.replace(tmp, final)
                 shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    dist.barrier()
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(final.parent)
     return final
 
 

@@ -502,15 +502,8 @@ def _validate_deepspeed(cfg: RunConfig, world_size: int | None) -> None:
             f"(parallel.pipeline_model_parallel_size={pp}): set parallel.pipeline_model_parallel_size=1, "
             "or use optimizer.backend=megatron for PP > 1"
         )
-    try:
-        from megadistill.deepspeed.config import check
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("megadistill.deepspeed"):
-            raise
-        raise ConfigError(
-            "optimizer.backend=deepspeed: this megadistill has no DeepSpeed backend (megadistill.deepspeed "
-            "is missing); use optimizer.backend=megatron"
-        ) from e
+    from megadistill.deepspeed.config import check  # pure: no deepspeed import
+
     try:
         check(cfg, world_size=world_size)
     except ConfigError:

@@ -292,16 +292,23 @@ def choose_backend(env: Mapping[str, str] = os.environ, cuda_available: Optional
     """``"nccl"`` with CUDA, ``"gloo"`` without; but a job that was given GPUs torch cannot use
     (CUDA_VISIBLE_DEVICES, SLURM_GPUS*, SLURM_JOB_GPUS, or MEGADISTILL_DIST_BACKEND=nccl) raises
     :class:`LaunchError` rather than silently training on CPU. ``MEGADISTILL_DIST_BACKEND=gloo``
-    chooses gloo deliberately. ``cuda_available`` defaults to ``torch.cuda.is_available()``."""
+    chooses gloo deliberately where CUDA is unusable; where it works, models and batches live on
+    the GPU, which gloo cannot reduce, so that combination raises too (hide the GPUs instead).
+    ``cuda_available`` defaults to ``torch.cuda.is_available()``."""
     wanted = env.get(BACKEND_VARIABLE, "").strip().lower()
     if wanted not in ("", "nccl", "gloo"):
         raise LaunchError(f"{BACKEND_VARIABLE}={env[BACKEND_VARIABLE]!r} is not one of nccl, gloo")
-    if wanted == "gloo":
-        return "gloo"
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
+    if wanted == "gloo":
+        if cuda_available:
+            raise LaunchError(
+                f"{BACKEND_VARIABLE}=gloo but CUDA is available: the models would be on the GPU, which gloo "
+                "cannot reduce; to run on CPU, hide the GPUs (CUDA_VISIBLE_DEVICES=) as well"
+            )
+        return "gloo"
     if cuda_available:
         return "nccl"
     evidence = ([f"{BACKEND_VARIABLE}=nccl"] if wanted == "nccl" else []) + gpu_evidence(env)

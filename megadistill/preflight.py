@@ -57,12 +57,21 @@ def _check_teacher(cfg: RunConfig) -> None:
     if t.checkpoint is None:
         raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
     ckpt = resolve_teacher_checkpoint(t.checkpoint)
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from megadistill.checkpoint_dir import is_complete, read_marker
     from megadistill.megatron.teacher import checkpoint_vocab_size
 
+    backend = read_marker(ckpt).get("backend", "megatron") if is_complete(ckpt) else "megatron"
+    if backend != "megatron":
+        raise ConfigError(
+            f"teacher.checkpoint {ckpt} was written by the {backend} backend; a teacher loads from a "
+            "megatron-core distributed checkpoint (train the teacher with optimizer.backend=megatron)"
+        )
     try:
         teacher_vocab = checkpoint_vocab_size(ckpt, prefix=CHECKPOINT_MODEL_PREFIX)
-    except ValueError as e:  # no GPT embedding in it
-        raise ConfigError(f"teacher.checkpoint: {e}") from e
+    except (ValueError, CheckpointingException) as e:  # no GPT embedding in it, or not a dist checkpoint
+        raise ConfigError(f"teacher.checkpoint {ckpt}: {e}") from e
     student_vocab = padded_vocab_size(tokenizer_vocab_size(cfg), cfg.parallel.tensor_model_parallel_size)
     if teacher_vocab != student_vocab:
         raise ConfigError(

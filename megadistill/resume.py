@@ -51,6 +51,12 @@ def decide(cfg: RunConfig, ckpt_root: Path) -> tuple[Optional[str], Optional[str
             if path is not None and not Path(path).is_dir():
                 raise ConfigError(f"checkpoint.resume: {path} does not exist")
             marker = read_marker(path) if path else {}
+            if path and "config" not in marker:
+                raise ConfigError(
+                    f"cannot resume from {path}: it records no run config to check this run against "
+                    "(written outside the training driver, or by an older megadistill); start a new "
+                    "output_dir, or set checkpoint.resume=none"
+                )
             if path and marker.get("backend", "megatron") != cfg.optimizer.backend:
                 raise ConfigError(
                     f"cannot resume from {path}: it was written by the {marker.get('backend')} backend, this run "

@@ -1,4 +1,4 @@
-"""Training checkpoints (megadistill.checkpoint): exact resume, layouts, atomicity, bad loads.
+"""Training checkpoints (megadistill.megatron.checkpoint): exact resume, layouts, atomicity, bad loads.
 
 The central test trains a tiny GPT on 2 ranks (Megatron DDP, the *distributed* optimizer over
 torch Adam, grad clipping, a warmup + cosine LR schedule with weight decay, dropout > 0) for STEPS

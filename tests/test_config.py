@@ -137,36 +137,16 @@ def test_accepted_world_sizes():
     assert accepted_world_sizes(RunConfig()) == [1]  # 16 / 16: one micro-batch, DP 1 only
 
 
-def test_deepspeed_backend_ignores_use_distributed_optimizer_and_runs_the_helpers_check(monkeypatch):
-    import sys
-    import types
-
-    calls = []
-    fake = types.ModuleType("megadistill.deepspeed.config")
-    fake.check = lambda cfg, world_size=None: calls.append((cfg.optimizer.backend, world_size))
-    monkeypatch.setitem(sys.modules, "megadistill.deepspeed.config", fake)
+def test_deepspeed_backend_validation_runs_its_pass_through_check():
     ds = {"optimizer": {"backend": "deepspeed"}, "parallel": {"use_distributed_optimizer": True},
-          "data": {"micro_batch_size": 4}}
-    config_from_dict(ds, world_size=4, preflight=False)
-    config_from_dict(ds, world_size=None, preflight=False)
-    config_from_dict({"data": {"micro_batch_size": 4}}, world_size=4, preflight=False)  # megatron: not called
-    assert calls == [("deepspeed", 4), ("deepspeed", None)]
-
-    def reject(cfg, world_size=None):
-        raise ConfigError("deepspeed.config.optimizer is not allowed: ...")
-
-    fake.check = reject
-    with pytest.raises(ConfigError, match="deepspeed.config.optimizer is not allowed"):
-        config_from_dict(ds, preflight=False)
-
-
-def test_deepspeed_backend_without_the_deepspeed_package_says_so(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "megadistill.deepspeed.config", None)  # as if the module were missing
-    with pytest.raises(ConfigError, match=r"optimizer.backend=deepspeed: this megadistill has no DeepSpeed backend"):
-        config_from_dict({"optimizer": {"backend": "deepspeed"}}, preflight=False)
-    config_from_dict({}, preflight=False)  # the Megatron backend never imports it
+          "data": {"micro_batch_size": 4, "global_batch_size": 16}}
+    config_from_dict(ds, world_size=4, preflight=False)  # use_distributed_optimizer is ignored, not refused
+    bad = {**ds, "deepspeed": {"config": {"gradient_accumulation_steps": 2}}}
+    config_from_dict(bad, world_size=None, preflight=False)  # unknown DP size: compared at launch
+    with pytest.raises(ConfigError, match=r"deepspeed.config.gradient_accumulation_steps=2 contradicts"):
+        config_from_dict(bad, world_size=4, preflight=False)  # DP 4: 16 / (4 x 4) = 1
+    with pytest.raises(ConfigError, match="deepspeed.config.scheduler is not allowed"):
+        config_from_dict({**ds, "deepspeed": {"config": {"scheduler": {"type": "WarmupLR"}}}}, preflight=False)
 
 
 # --------------------------------------------------------------------------- megadistill config --world-size

@@ -212,6 +212,9 @@ def test_gloo_can_be_chosen_deliberately():
     assert choose_backend(env, cuda_available=False) == "gloo"
     with pytest.raises(LaunchError, match=r"MEGADISTILL_DIST_BACKEND='mpi' is not one of nccl, gloo"):
         choose_backend({"MEGADISTILL_DIST_BACKEND": "mpi"}, cuda_available=False)
+    # Forcing gloo where CUDA works would leave the models on the GPU, reduced by gloo: refused.
+    with pytest.raises(LaunchError, match="MEGADISTILL_DIST_BACKEND=gloo but CUDA is available"):
+        choose_backend({"MEGADISTILL_DIST_BACKEND": "gloo"}, cuda_available=True)
 
 
 def test_gpu_evidence_lists_every_variable():

@@ -9,6 +9,7 @@ from kd_reference import reference_sparse
 from megatron.core import parallel_state
 
 from megadistill.kd.teacher import InModelTargets, NoTeacher, SparseLogits
+from megadistill.config import RunConfig
 from megadistill.losses import KDLossConfig
 from megadistill.megatron.loss import DistillationLoss, KDStep
 from megadistill.sampler import ContiguousSampler, micro_batches
@@ -21,7 +22,7 @@ def test_contiguous_sampler_partitions_each_global_batch():
         parts = [list(s.indices(step, r)) for r in range(3)]
         assert sorted(sum(parts, [])) == list(range(12 * step, 12 * (step + 1)))
         assert all(len(p) == 4 for p in parts)
-    assert list(s.indices(2, 1)) == list(ContiguousSampler(12, 3).indices(2, 1))  # a pure function of the step
+    assert list(s.indices(2, 1)) == [28, 29, 30, 31]  # a function of (step, rank) alone: no iterator state
     with pytest.raises(ValueError, match="not divisible by DP size"):
         ContiguousSampler(10, 3)
 
@@ -43,13 +44,41 @@ def test_teacher_sources_split_model_outputs():
     assert InModelTargets().split({}, logits) == (logits, None)
 
 
+def _kd_value(config_tau: float, step: KDStep) -> float:
+    g = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 32, generator=g)
+    loss = DistillationLoss(KDLossConfig(temperature=config_tau), step)
+    total, _, _ = loss(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), teacher, student.requires_grad_(True))
+    return float(total.detach())
+
+
+def _temperature_routes():
+    return (
+        _kd_value(2.0, KDStep(alpha=1.0)),  # no τ in the step: the configured one
+        _kd_value(1.0, KDStep(alpha=1.0, temperature=2.0)),  # a τ schedule's per-step value
+        _kd_value(1.0, KDStep(alpha=1.0)),
+    )
+
+
 def test_configured_temperature_is_not_overridden_by_a_step_without_one():
     # KDStep(alpha=...) used to carry τ = 1.0 by default, silently replacing the configured τ.
-    loss = DistillationLoss(KDLossConfig(temperature=2.0))
-    loss.step = KDStep(alpha=0.5)
-    assert loss._kd_config().temperature == 2.0
-    loss.step = KDStep(alpha=0.5, temperature=3.0)  # a τ schedule sets it per step
-    assert loss._kd_config().temperature == 3.0
+    configured, per_step, tau1 = run_distributed(_temperature_routes, 1)[0]
+    assert configured == per_step and configured != tau1
+
+
+def test_knob_schedule_is_the_route_from_config_to_the_loss():
+    from megadistill.config import KDConfig, TeacherConfig, TrainingConfig
+    from megadistill.kd.knobs import KnobSchedule
+    from megadistill.schedules import AlphaSchedule
+
+    cfg = RunConfig(
+        teacher=TeacherConfig(mode="online", checkpoint="t"),
+        kd=KDConfig(temperature=2.0, alpha=AlphaSchedule("salt", alpha_max=0.9, n_kd=5)),
+        training=TrainingConfig(train_steps=10),
+    )
+    assert [KnobSchedule(cfg).at(s) for s in (0, 7)] == [KDStep(0.9, 2.0), KDStep(0.0, 2.0)]
+    plain = RunConfig(kd=cfg.kd, training=cfg.training)  # no teacher: α is 0 whatever the schedule
+    assert KnobSchedule(plain).at(0) == KDStep(0.0, 2.0)
 
 
 V, K = 64, 6

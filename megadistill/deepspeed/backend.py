@@ -20,6 +20,7 @@ Numerics follow the Megatron backend (DDP + distributed optimizer, ``calculate_p
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,10 @@ class DeepSpeedBackend:
         self.student = build_gpt(cfg.model, cfg, vocab_size)
         self.model = teacher.wrap(self.student)
         groups = megatron_param_groups(self.model, cfg.optimizer.lr, cfg.optimizer.min_lr)
+        if torch.cuda.is_available():
+            # DeepSpeed's engine moves the student to cuda:LOCAL_RANK; with one visible GPU per task
+            # that is not this task's device (launch binds local_rank % visible GPUs): tell it ours.
+            os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, model_parameters=groups, config=self.config, mpu=MegatronMPU(), dist_init_required=False
         )

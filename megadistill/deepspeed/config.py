@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional
 
-from megadistill.config import ConfigError, RunConfig, world_size_from_env
+from megadistill.config import ConfigError, RunConfig
 
 ADAM_EPS = 1e-8
 """Megatron's ``OptimizerConfig.adam_eps`` default (the Megatron backend uses it too)."""
@@ -37,25 +37,40 @@ _DEFAULTS = {
 }
 
 
-def _dp_size(cfg: RunConfig, world_size: Optional[int]) -> int:
-    world = world_size if world_size is not None else world_size_from_env()
+def _dp_size(cfg: RunConfig, world_size: Optional[int]) -> Optional[int]:
+    if world_size is None:
+        return None  # unknown before launch: the settings that depend on it are checked then
     model_parallel = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
-    return max(1, world // model_parallel)
+    return max(1, world_size // model_parallel)
 
 
-def _from_yaml(cfg: RunConfig, dp_size: int) -> dict[tuple[str, ...], tuple[Any, str]]:
-    """Generated settings by DeepSpeed key path: ``(value, the YAML key it comes from)``."""
+# Settings the backend's arithmetic relies on, pinned whatever the pass-through block says: the
+# loss scaling (dp / global tokens per micro-batch sum) assumes gradients *averaged* over the
+# data-parallel group, one optimizer update per global batch, and fp32 accumulation.
+_PINNED = {
+    ("gradient_allreduce_op",): ("mean", "gradients averaged over data-parallel ranks, as its loss scaling assumes"),
+    ("managed_gradient_accumulation",): (True, "one optimizer update per global batch"),
+    ("data_types", "grad_accum_dtype"): ("fp32", "it trains in fp32 only"),
+}
+
+
+def _from_yaml(cfg: RunConfig, dp_size: Optional[int]) -> dict[tuple[str, ...], tuple[Any, str]]:
+    """Generated settings by DeepSpeed key path: ``(value, the YAML key or reason it comes from)``;
+    with ``dp_size`` None, those that depend on the data-parallel size are left out."""
     d, o = cfg.data, cfg.optimizer
-    return {
-        ("train_batch_size",): (d.global_batch_size, "data.global_batch_size"),
+    out = {
         ("train_micro_batch_size_per_gpu",): (d.micro_batch_size, "data.micro_batch_size"),
-        ("gradient_accumulation_steps",): (
-            d.global_batch_size // (d.micro_batch_size * dp_size),
-            f"data.global_batch_size / (data.micro_batch_size x data-parallel size {dp_size})",
-        ),
         ("gradient_clipping",): (o.clip_grad, "optimizer.clip_grad"),
         ("zero_optimization", "stage"): (cfg.deepspeed.zero_stage, "deepspeed.zero_stage"),
+        **_PINNED,
     }
+    if dp_size is not None:
+        out[("train_batch_size",)] = (d.global_batch_size, "data.global_batch_size")
+        out[("gradient_accumulation_steps",)] = (
+            d.global_batch_size // (d.micro_batch_size * dp_size),
+            f"data.global_batch_size / (data.micro_batch_size x data-parallel size {dp_size})",
+        )
+    return out
 
 
 def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -79,7 +94,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def check(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     """Raise ``ConfigError`` if ``cfg`` cannot run on the DeepSpeed backend (does nothing for
-    ``optimizer.backend: megatron``). ``world_size`` defaults to the launch's (``WORLD_SIZE``)."""
+    ``optimizer.backend: megatron``). With ``world_size`` None (not known before launch), the
+    settings that depend on the data-parallel size are not compared."""
     if cfg.optimizer.backend != "deepspeed":
         return
     par = cfg.parallel
@@ -116,10 +132,17 @@ def check(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     flat = _flatten(passed)
     for path, value in flat.items():
         for gen_path, (gen_value, yaml_key) in generated.items():
+            if path == gen_path and not _same(value, gen_value) and gen_path in _PINNED:
+                raise ConfigError(
+                    f"deepspeed.config.{'.'.join(path)}={value!r} is not allowed: the backend needs "
+                    f"{gen_value!r}: {yaml_key} (remove it from deepspeed.config)"
+                )
             if path == gen_path and not _same(value, gen_value):
+                source = yaml_key.split(" ")[0]
+                change = f", or change {source}" if source.split(".")[0] in ("data", "optimizer", "deepspeed") else ""
                 raise ConfigError(
                     f"deepspeed.config.{'.'.join(path)}={value!r} contradicts {yaml_key}={gen_value!r} "
-                    f"(remove it from deepspeed.config, or change {yaml_key.split(' ')[0]})"
+                    f"(remove it from deepspeed.config{change})"
                 )
             if path[: len(gen_path)] == gen_path and path != gen_path:
                 raise ConfigError(f"deepspeed.config.{'.'.join(gen_path)} must be a value, got a mapping")

@@ -35,9 +35,6 @@ Target = Union[torch.Tensor, SparseLogits]
 class TeacherSource(Protocol):
     """Supplies KD targets to a backend's forward step."""
 
-    hidden_size: int
-    """Width the teacher adds to pipeline stage-to-stage tensors (0: nothing travels with them)."""
-
     def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
         """The module the backend trains: ``student`` itself, or one that also runs the teacher."""
         ...
@@ -59,8 +56,6 @@ class TeacherSource(Protocol):
 
 class NoTeacher:
     """No teacher: plain next-token training (α is ignored)."""
-
-    hidden_size = 0
 
     def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
         return student
@@ -111,10 +106,6 @@ class OnlineTeacher(InModelTargets):
             self._teacher = self._teacher()
         return self._teacher
 
-    @property
-    def hidden_size(self) -> int:
-        return self.teacher.config.hidden_size
-
     def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
         from megadistill.megatron.model import DistillationModel
         from megadistill.metrics import ModuleTimer
@@ -133,9 +124,10 @@ class OnlineTeacher(InModelTargets):
 def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str]) -> TeacherSource:
     """The teacher source ``cfg.teacher.mode`` names (the one place that chooses it)."""
     if cfg.teacher.mode == "online":
+        from megadistill.config import CHECKPOINT_MODEL_PREFIX
         from megadistill.megatron.gpt import build_gpt
 
-        return OnlineTeacher(lambda: build_gpt(cfg.teacher.model, cfg, vocab_size), checkpoint)
+        return OnlineTeacher(lambda: build_gpt(cfg.teacher.model, cfg, vocab_size), checkpoint, CHECKPOINT_MODEL_PREFIX)
     if cfg.teacher.mode == "none":
         return NoTeacher()
     raise ValueError(f"teacher.mode {cfg.teacher.mode!r} has no teacher source")

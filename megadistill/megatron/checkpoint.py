@@ -4,7 +4,8 @@
 Layout under a checkpoint root::
 
     root/step_00000300/          a complete checkpoint (torch_dist format + our marker)
-        COMPLETE                 written last, before the rename: {"step": ..., "layout": {...}}
+        COMPLETE                 written last, before the rename (``megadistill.checkpoint_dir``):
+                                 {"step", "layout", and the caller's ``marker``}
         common.pt, metadata.json, __*.distcp ...
     root/step_00000400.tmp/      a save in progress, or one that was killed: never loaded
 
@@ -22,11 +23,13 @@ collective). What is stored:
 * ``rng_state``: one ``ShardedObject`` per *global rank* (python, numpy, torch CPU, torch CUDA and
   megatron's model-parallel RNG tracker states), restored on the same rank when the checkpoint
   is loaded by the same world size and TP/PP layout (otherwise skipped with a warning);
-* ``extra``: a small picklable dict of driver state (data position, consumed samples, config).
-  It must be identical on every rank: rank 0's copy is the one saved.
+* ``extra``: a small picklable dict of the caller's state (the training driver keeps its run
+  record, config and teacher checkpoint, in the ``COMPLETE`` marker instead, readable without
+  megatron). It must be identical on every rank: rank 0's copy is the one saved.
 
-A save goes to ``step_XXXXXXXX.tmp``; after every rank finished writing (barrier), rank 0 writes
-the ``COMPLETE`` marker, renames the directory to ``step_XXXXXXXX`` and fsyncs. A save killed
+A save goes to ``step_XXXXXXXX.tmp``; after every rank finished writing, rank 0 writes the
+``COMPLETE`` marker, renames the directory to ``step_XXXXXXXX`` and fsyncs
+(``checkpoint_dir.commit``; :func:`write_checkpoint` writes the same state without it). A save killed
 before the rename leaves only the ``.tmp`` directory, which :func:`latest_checkpoint` ignores
 (it returns only directories with the marker) and the next save of that step removes. The
 checkpoint root must be on a file system every rank sees (as for Megatron-LM).

@@ -96,7 +96,7 @@ type error):
    ``get_parameter_state_dp_zero`` (the ``fully_reshardable`` format) on ``current_device()``
    (module ``torch`` -> proxy), and moves the send buffers there with ``send_tensor.cuda()``
    (``get_parameter_state_dp_zero`` is wrapped like site 4). ``dp_reshardable`` needs neither
-   once megadistill.checkpoint initialised the state (tests/test_checkpoint.py covers both).
+   once megadistill.megatron.checkpoint initialised the state (tests/test_checkpoint.py covers both).
    The legacy ``dp_zero_gather_scatter`` format and the memory-efficient (gloo) variant of
    ``fully_reshardable`` run through the same code but are untested.
 

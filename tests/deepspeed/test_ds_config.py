@@ -62,12 +62,25 @@ def test_agreeing_pass_through_keys_are_accepted():
         ({"bf16": {"enabled": True}}, "deepspeed.config.bf16.enabled=True: the DeepSpeed backend trains in fp32 only"),
         ({"fp16": {"enabled": True}}, "deepspeed.config.fp16.enabled=True"),
         ({"zero_optimization": 2}, "deepspeed.config.zero_optimization must be a mapping"),
+        # Keys that would silently change the backend's arithmetic.
+        ({"managed_gradient_accumulation": False}, "deepspeed.config.managed_gradient_accumulation=False is not allowed: the backend needs True"),
+        ({"gradient_allreduce_op": "sum"}, "deepspeed.config.gradient_allreduce_op='sum' is not allowed: the backend needs 'mean'"),
+        ({"data_types": {"grad_accum_dtype": "bf16"}}, "deepspeed.config.data_types.grad_accum_dtype='bf16' is not allowed"),
     ],
 )
 def test_pass_through_contradictions_name_both_keys(passthrough, message):
     with pytest.raises(ConfigError) as e:
         check(_cfg(passthrough), world_size=2)
     assert message in str(e.value)
+
+
+def test_world_size_dependent_keys_wait_for_a_known_world_size():
+    # Before launch the data-parallel size is unknown: not guessed from this shell's environment.
+    passthrough = {"gradient_accumulation_steps": 2, "train_batch_size": 32}
+    check(_cfg(passthrough), world_size=None)
+    check(_cfg(passthrough), world_size=4)  # DP 4: 32 / (4 x 4) = 2
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 contradicts"):
+        check(_cfg(passthrough), world_size=2)
 
 
 def test_deepspeed_rejects_pipeline_parallelism_and_sequence_parallel():
