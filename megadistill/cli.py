@@ -17,7 +17,7 @@ def _train(args) -> int:
     launch.choose_backend()
     from megadistill.train import run
 
-    result = run(cfg, progress=not args.no_progress)
+    result = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     return 0 if result.steps == cfg.training.train_steps else 1
 
 
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="run YAML file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. kd.temperature=2.0")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh even though output_dir holds an earlier run: its checkpoints and logs are "
+                        "moved aside to output_dir/superseded-<UTC time>/ (never deleted)")
     t.set_defaults(fn=_train)
     pr = sub.add_parser("preprocess", help="text/JSONL files -> sentencepiece tokenizer + Megatron .bin/.idx")
     pr.add_argument("--input", nargs="*", help="text (.txt) or JSON-lines (.jsonl) files (default: the embedded corpus)")
@@ -182,7 +185,14 @@ def _quiet_known_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_known_warnings()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after a flag (`train run.yaml --no-progress kd.temperature=2`), which a
+    # positional nargs="*" alone does not take.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from megadistill.config import ConfigError
     from megadistill.launch import LaunchError
 
@@ -191,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError, FileNotFoundError) as e:
         print(f"megadistill: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged: stopped before a bad checkpoint
+        print(f"megadistill: training stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

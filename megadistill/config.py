@@ -20,6 +20,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
+import math
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -181,6 +183,8 @@ class CheckpointConfig:
     """Save every this many steps (0 = only at the end)."""
     resume: str = "auto"
     """auto (latest complete checkpoint in the run's directory), none, or a checkpoint path."""
+    optimizer_sharding: str = "dp_reshardable"
+    """Megatron distributed optimizer state: dp_reshardable (fast; a resume may change the DP size only) or fully_reshardable (gathered on save; resumes at any TP/PP/DP)."""
 
 
 @dataclass
@@ -216,6 +220,7 @@ CHOICES = {
     "optimizer.lr_schedule": ("constant", "linear", "cosine", "wsd"),
     "optimizer.backend": ("megatron", "deepspeed"),
     "deepspeed.zero_stage": (1, 2, 3),
+    "checkpoint.optimizer_sharding": ("dp_reshardable", "fully_reshardable"),
 }
 
 
@@ -224,6 +229,10 @@ CHOICES = {
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+# Numbers in exponent form without a dot ("1e-3", "5E+4"), which YAML 1.1 reads as strings.
+_YAML_FLOAT_STRING = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -257,8 +266,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML_FLOAT_STRING.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, where 1e-3 (no dot) is a string; every user means a number.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -301,7 +315,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         k, v = item.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v)))
+        k = k.strip()
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", k):
+            raise ConfigError(f"override {item!r}: {k!r} is not a dotted key such as kd.temperature")
+        out.append((k, yaml.safe_load(v)))
     return out
 
 
@@ -370,6 +387,16 @@ def _positive(cfg, section: str, *names: str, allow_zero: bool = False) -> None:
             continue
         if v < 0 or (v == 0 and not allow_zero):
             raise ConfigError(f"{section}.{n} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+def _check_finite(node, prefix: str = "") -> None:
+    """Every number anywhere in the config is finite (configs built in code skip ``_coerce``)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
 
 
 def model_parallel_size(cfg: RunConfig) -> int:
@@ -471,6 +498,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         if not 0.0 <= getattr(o, n) < 1.0:
             raise ConfigError(f"optimizer.{n} must be in [0, 1), got {getattr(o, n)}")
     _positive(cfg, "training", "train_steps", "eval_interval", "eval_steps", "log_interval")
+    if not 0 <= cfg.training.seed < 2**31 - 1000:  # each pipeline stage adds 100 x its rank
+        raise ConfigError(f"training.seed must be in [0, 2**31 - 1000), got {cfg.training.seed}")
+    _check_finite(cfg)
     _positive(cfg, "checkpoint", "save_interval", allow_zero=True)
 
     try:

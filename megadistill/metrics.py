@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 # Metric name -> TensorBoard tag.
 TAGS = {
@@ -95,3 +97,20 @@ class ModuleTimer:
             total = sum(b - a for a, b in self._spans)
         self._spans = []
         return total
+
+
+def stop_if_not_finite(step: int, r, device) -> None:
+    """Stop on every rank, before anything is logged or checkpointed, when the step's loss (known on
+    the logging ranks) or gradient norm is not finite: NaN weights must never reach a checkpoint."""
+    bad = [k for k, v in r.metrics.items() if not math.isfinite(v)]
+    if not math.isfinite(r.grad_norm):
+        bad.append("grad_norm")
+    flag = torch.tensor([1.0 if bad else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        where = f" ({', '.join(f'{k}={r.metrics.get(k, r.grad_norm)}' for k in bad)})" if bad else " (on another rank)"
+        raise FloatingPointError(
+            f"step {step}: non-finite loss or gradient norm{where}; stopped before logging or checkpointing "
+            "it. Lower optimizer.lr, check the data and the teacher (kd.check_finite), then resume from the "
+            "last checkpoint"
+        )

@@ -3,12 +3,16 @@ and shared, and the settings a resumed run must keep."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
 
-from megadistill.checkpoint_dir import latest_checkpoint, read_marker
+from megadistill.checkpoint_dir import is_complete, latest_checkpoint, read_marker
 from megadistill.config import ConfigError, RunConfig, resolve_teacher_checkpoint, to_dict
 
 # Settings a resumed run must share with the run it continues: they fix the weights' shapes, the
@@ -19,6 +23,12 @@ RESUME_INVARIANTS = (
     "data.split", "training.train_steps", "training.seed", "optimizer", "deepspeed",
 )
 
+logger = logging.getLogger(__name__)
+
+
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
+"""What a teacher's ``teacher.model`` must share with the run that trained its checkpoint."""
+
 
 def _lookup(tree: dict, dotted: str):
     for part in dotted.split("."):
@@ -26,23 +36,108 @@ def _lookup(tree: dict, dotted: str):
     return tree
 
 
+def _leaf_differences(now, saved, key: str) -> list[str]:
+    """Dotted keys under ``key`` whose values differ (``kd.temperature``, not ``kd``)."""
+    if isinstance(now, dict) and isinstance(saved, dict):
+        out = []
+        for k in sorted(set(now) | set(saved), key=str):
+            out += _leaf_differences(now.get(k), saved.get(k), f"{key}.{k}")
+        return out
+    return [] if now == saved else [key]
+
+
 def resume_mismatches(cfg: RunConfig, saved: Optional[dict]) -> list[str]:
-    """Keys whose value differs from the checkpointed run's config (``saved``)."""
+    """Dotted keys whose value differs from the checkpointed run's config (``saved``)."""
     if not saved:
         return []
     now = to_dict(cfg)
-    return [k for k in RESUME_INVARIANTS if _lookup(now, k) != _lookup(saved, k)]
+    return [leaf for k in RESUME_INVARIANTS for leaf in _leaf_differences(_lookup(now, k), _lookup(saved, k), k)]
 
 
-def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str]) -> dict:
-    """What every checkpoint of this run records in its completion marker."""
-    return {"backend": cfg.optimizer.backend, "config": to_dict(cfg), "teacher_checkpoint": teacher_checkpoint}
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a (small) file such as a tokenizer model, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def decide(cfg: RunConfig, ckpt_root: Path) -> tuple[Optional[str], Optional[str]]:
+def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha256: str) -> dict:
+    """What every checkpoint of this run records in its completion marker: enough to check a
+    resume against, and to check the checkpoint when it later serves as a teacher."""
+    return {
+        "backend": cfg.optimizer.backend,
+        "config": to_dict(cfg),
+        "tokenizer_sha256": tokenizer_sha256,
+        "teacher_checkpoint": teacher_checkpoint,
+    }
+
+
+def _architecture(model: dict) -> dict:
+    arch = {k: model.get(k) for k in ARCHITECTURE_KEYS}
+    if arch["ffn_hidden_size"] is None and arch["hidden_size"] is not None:
+        arch["ffn_hidden_size"] = 4 * arch["hidden_size"]
+    return arch
+
+
+def check_teacher_record(cfg: RunConfig, teacher: str, tokenizer_sha256: str) -> None:
+    """A teacher checkpoint written by this project records the architecture and the tokenizer it
+    was trained with: ``teacher.model`` and the student's tokenizer must match them."""
+    if not is_complete(teacher):
+        logger.warning("teacher checkpoint %s records no architecture or tokenizer: neither can be checked", teacher)
+        return
+    marker = read_marker(teacher)
+    model = (marker.get("config") or {}).get("model")
+    if model is not None:
+        want, have = _architecture(to_dict(cfg.teacher.model)), _architecture(model)
+        for k in ARCHITECTURE_KEYS:
+            if want[k] != have[k]:
+                raise ConfigError(
+                    f"teacher.model.{k} is {want[k]} but teacher.checkpoint {teacher} was trained with {have[k]}"
+                )
+    recorded = marker.get("tokenizer_sha256")
+    if recorded is not None and recorded != tokenizer_sha256:
+        raise ConfigError(
+            f"teacher.checkpoint {teacher} was trained with another tokenizer (sha256 {recorded[:12]}…) than "
+            f"this run's (sha256 {tokenizer_sha256[:12]}…): distillation needs the teacher's tokenizer "
+            "(data.tokenizer_model)"
+        )
+
+
+def _earlier_run(out: Path, ckpt_root: Path) -> list[str]:
+    """What an earlier run left in ``out``: checkpoint directories (complete or not) and logs."""
+    found = sorted(p.name for p in ckpt_root.iterdir()) if ckpt_root.is_dir() else []
+    found = [f"checkpoints/{name}" for name in found]
+    for name in ("metrics.jsonl", "tensorboard"):
+        if (out / name).exists():
+            found.append(name)
+    return found
+
+
+def _move_aside(out: Path, ckpt_root: Path) -> Path:
+    """Move the earlier run's checkpoints and logs into ``out/superseded-<UTC time>/``."""
+    aside = out / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+    while aside.exists():
+        aside = aside.with_name(aside.name + "+")
+    aside.mkdir(parents=True)
+    for p in (ckpt_root, out / "metrics.jsonl", out / "tensorboard"):
+        if p.exists():
+            os.replace(p, aside / p.name)
+    return aside
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return Path(path).resolve().parent == Path(root).resolve()
+
+
+def decide(
+    cfg: RunConfig, ckpt_root: Path, tokenizer_sha256: str, overwrite: bool = False
+) -> tuple[Optional[str], Optional[str]]:
     """(checkpoint to resume, teacher checkpoint), chosen on rank 0 and shared, so that ranks which
     list a shared file system at different moments still agree. A resumed run keeps the teacher
-    checkpoint it started with, even if a newer one has appeared since."""
+    checkpoint it started with, even if a newer one has appeared since. A run that would start
+    afresh over an earlier run's files is refused, unless ``overwrite`` moves them aside first."""
     decision: list = [None, None, None]
     if dist.get_rank() == 0:
         try:
@@ -50,27 +145,14 @@ def decide(cfg: RunConfig, ckpt_root: Path) -> tuple[Optional[str], Optional[str
             path = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "none" else Path(resume))
             if path is not None and not Path(path).is_dir():
                 raise ConfigError(f"checkpoint.resume: {path} does not exist")
+            _protect_earlier_run(cfg, ckpt_root, path, overwrite)
             marker = read_marker(path) if path else {}
-            if path and "config" not in marker:
-                raise ConfigError(
-                    f"cannot resume from {path}: it records no run config to check this run against "
-                    "(written outside the training driver, or by an older megadistill); start a new "
-                    "output_dir, or set checkpoint.resume=none"
-                )
-            if path and marker.get("backend", "megatron") != cfg.optimizer.backend:
-                raise ConfigError(
-                    f"cannot resume from {path}: it was written by the {marker.get('backend')} backend, this run "
-                    f"uses optimizer.backend={cfg.optimizer.backend}"
-                )
-            bad = resume_mismatches(cfg, marker.get("config"))
-            if bad:
-                raise ConfigError(
-                    f"cannot resume from {path}: these settings differ from the checkpointed run's: "
-                    f"{', '.join(bad)} (start a new output_dir, or set checkpoint.resume=none)"
-                )
+            if path:
+                _check_resume(cfg, path, marker, tokenizer_sha256)
             teacher = None
             if cfg.teacher.mode == "online":
                 teacher = marker.get("teacher_checkpoint") or str(resolve_teacher_checkpoint(cfg.teacher.checkpoint))
+                check_teacher_record(cfg, teacher, tokenizer_sha256)
             decision = [str(path) if path else None, teacher, None]
         except Exception as e:  # raised on every rank below, instead of leaving them waiting
             decision = [None, None, e]
@@ -78,3 +160,54 @@ def decide(cfg: RunConfig, ckpt_root: Path) -> tuple[Optional[str], Optional[str
     if decision[2] is not None:
         raise decision[2]
     return decision[0], decision[1]
+
+
+_NEW_RUN = "use a new output_dir, or pass --overwrite to move the earlier run aside"
+
+
+def _protect_earlier_run(cfg: RunConfig, ckpt_root: Path, path: Optional[Path], overwrite: bool) -> None:
+    """Never write over, or append to, another run's checkpoints and logs."""
+    if path is not None and _inside(path, ckpt_root):
+        return  # continuing this output_dir's own run
+    out = Path(cfg.output_dir)
+    earlier = _earlier_run(out, ckpt_root)
+    if not earlier:
+        return
+    complete = latest_checkpoint(ckpt_root) is not None
+    if overwrite or (cfg.checkpoint.resume == "auto" and not complete):
+        # With resume=auto and no complete checkpoint, the earlier attempt left nothing to resume:
+        # its logs and partial saves are kept aside rather than mixed into this run's.
+        aside = _move_aside(out, ckpt_root)
+        logger.warning("moved an earlier run's %s aside to %s", ", ".join(earlier), aside)
+        return
+    what = f"checkpoint.resume={cfg.checkpoint.resume}"
+    raise ConfigError(
+        f"output_dir {out} holds an earlier run ({', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}): "
+        f"starting with {what} would overwrite or mix with it; {_NEW_RUN}"
+    )
+
+
+def _check_resume(cfg: RunConfig, path: Path, marker: dict, tokenizer_sha256: str) -> None:
+    if "config" not in marker:
+        raise ConfigError(
+            f"cannot resume from {path}: it records no run config to check this run against "
+            f"(written outside the training driver, or by an older megadistill); {_NEW_RUN}"
+        )
+    if marker.get("backend", "megatron") != cfg.optimizer.backend:
+        raise ConfigError(
+            f"cannot resume from {path}: it was written by the {marker.get('backend')} backend, this run "
+            f"uses optimizer.backend={cfg.optimizer.backend}"
+        )
+    bad = resume_mismatches(cfg, marker.get("config"))
+    if bad:
+        raise ConfigError(
+            f"cannot resume from {path}: these settings differ from the checkpointed run's: "
+            f"{', '.join(bad)} ({_NEW_RUN})"
+        )
+    recorded = marker.get("tokenizer_sha256")
+    if recorded is not None and recorded != tokenizer_sha256:
+        raise ConfigError(
+            f"cannot resume from {path}: the tokenizer differs from the checkpointed run's (sha256 "
+            f"{recorded[:12]}… vs {tokenizer_sha256[:12]}… now, data.tokenizer_model={cfg.data.tokenizer_model}); "
+            f"{_NEW_RUN}"
+        )

@@ -66,8 +66,10 @@ def init_distributed(cfg: RunConfig) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def run(cfg: RunConfig, progress: bool = True) -> RunResult:
-    """Train per ``cfg`` (distributed state is set up here if needed); returns the result."""
+def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunResult:
+    """Train per ``cfg`` (distributed state is set up here if needed); returns the result.
+    ``overwrite`` moves an earlier run's checkpoints and logs in ``cfg.output_dir`` aside instead of
+    refusing to start over them."""
     from megatron.core import parallel_state
     from tqdm import tqdm
 
@@ -79,15 +81,16 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     from megadistill.kd.teacher import make_teacher_source
     from megadistill.megatron.gpt import device
     from megadistill.megatron.schedule import reduce_reports
-    from megadistill.metrics import MetricsLogger
+    from megadistill.metrics import MetricsLogger, stop_if_not_finite
     from megadistill.sampler import ContiguousSampler, micro_batches
 
     init_distributed(cfg)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
-    tokenizer, train_ds, valid_ds, _ = prepare_data(cfg)
+    tokenizer, train_ds, valid_ds, tokenizer_path = prepare_data(cfg)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
-    resume_path, teacher_path = resume.decide(cfg, ckpt_root)
+    tokenizer_sha256 = resume.file_sha256(tokenizer_path)
+    resume_path, teacher_path = resume.decide(cfg, ckpt_root, tokenizer_sha256, overwrite)
 
     teacher = make_teacher_source(cfg, vocab, teacher_path)
     backend = build_backend(cfg, vocab, teacher)
@@ -101,7 +104,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     sampler = ContiguousSampler(d.global_batch_size, dp)
     knobs = KnobSchedule(cfg)
     dev = device()
-    marker = resume.run_marker(cfg, teacher_path)
+    marker = resume.run_marker(cfg, teacher_path, tokenizer_sha256)
     logger = MetricsLogger(out, start, cfg.training.log_interval) if dist.get_rank() == dist.get_world_size() - 1 else None
     bar = tqdm(total=steps, initial=start, desc=cfg.name, disable=logger is None or not progress, dynamic_ncols=True)
     result = RunResult(steps=start)
@@ -119,6 +122,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         t0 = time.perf_counter()
         batches = micro_batches(train_ds, sampler.indices(step, dp_rank), d.micro_batch_size, dev)
         r = backend.train_step(batches, k)
+        stop_if_not_finite(step + 1, r, dev)
         elapsed = time.perf_counter() - t0
         metrics = dict(r.metrics)
         metrics.update(alpha=k.alpha, temperature=k.temperature, lr=lr, grad_norm=r.grad_norm,

@@ -52,7 +52,7 @@ def _decide(cfg: RunConfig, root: str):
     from megadistill import resume
 
     try:
-        return resume.decide(cfg, Path(root))
+        return resume.decide(cfg, Path(root), "0" * 64)
     except ConfigError as e:
         return f"ConfigError: {e}"
 

@@ -238,3 +238,49 @@ def test_config_world_size_arguments_are_checked(capsys, tmp_path, no_launcher):
     with pytest.raises(SystemExit):
         _config_cli(capsys, tmp_path, TP2, "--world-size", "0")
     assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=.inf", "optimizer.lr: expected a finite number, got inf"),
+        ("optimizer.lr=.nan", "optimizer.lr: expected a finite number, got nan"),
+        ("optimizer.weight_decay=.nan", "optimizer.weight_decay: expected a finite number"),
+        ("model.init_method_std=.nan", "model.init_method_std: expected a finite number"),
+        ("optimizer.clip_grad=.nan", "optimizer.clip_grad: expected a finite number"),
+        ("kd.alpha.alpha_max=.nan", "kd.alpha.alpha_max: expected a finite number"),
+        ("training.seed=-1", "training.seed must be in [0, 2**31 - 1000), got -1"),
+        ("=2", "override '=2': '' is not a dotted key such as kd.temperature"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_rejected(override, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({}, [override], preflight=False)
+    assert message in str(e.value)
+
+
+def test_exponent_floats_are_numbers_in_yaml_and_overrides():
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; it means 0.001 to every user.
+    cfg = config_from_dict({"optimizer": {"lr": "5E-3"}}, ["optimizer.min_lr=1e-4"], preflight=False)
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr) == (5e-3, 1e-4)
+    with pytest.raises(ConfigError, match="optimizer.lr: expected a number, got 'fast'"):
+        config_from_dict({"optimizer": {"lr": "fast"}}, preflight=False)
+
+
+def test_a_config_built_in_code_is_checked_for_finite_numbers_too():
+    cfg = RunConfig()
+    cfg.kd.temperature = float("nan")
+    with pytest.raises(ConfigError, match="kd.temperature: expected a finite number"):
+        validate(cfg, world_size=1)
+
+
+def test_overrides_may_follow_flags(tmp_path, capsys):
+    from megadistill.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("kd: {temperature: 1.5}\n")
+    assert main(["config", str(path), "--schema-only", "kd.temperature=2.5", "optimizer.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "temperature: 2.5" in out and "lr: 0.001" in out
+    with pytest.raises(SystemExit):
+        main(["config", str(path), "--schema-only", "--no-such-flag"])

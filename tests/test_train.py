@@ -237,7 +237,74 @@ def _run_or_error(cfg):
 def test_resume_refuses_a_changed_config(tmp_path, corpus):
     cfg = _cfg(tmp_path / "r", corpus, training=TrainingConfig(train_steps=2, eval_interval=2, eval_steps=1))
     assert run_distributed(_run_or_error, 1, cfg)[0] == 2
-    longer = replace(cfg, training=replace(cfg.training, train_steps=4, seed=7))
+    longer = replace(cfg, training=replace(cfg.training, train_steps=4, seed=7), kd=replace(cfg.kd, temperature=2.0))
     msg = run_distributed(_run_or_error, 1, longer)[0]
-    assert msg.startswith("ConfigError: cannot resume from") and "training.train_steps, training.seed" in msg
-    assert run_distributed(_run_or_error, 1, replace(longer, checkpoint=CheckpointConfig(resume="none")))[0] == 4
+    # The refusal names the keys, not just their sections.
+    assert msg.startswith("ConfigError: cannot resume from") and "kd.temperature, training.train_steps, training.seed" in msg
+    assert "--overwrite" in msg and "checkpoint.resume=none" not in msg
+
+
+def _other_tokenizer(tmp_path, vocab_size=512):
+    from megadistill.data import embedded_corpus_text, train_tokenizer
+
+    text = embedded_corpus_text()[200_000:320_000]  # other text: other pieces, same vocabulary size
+    return str(train_tokenizer(text.split("\n\n"), tmp_path / "other", vocab_size=vocab_size))
+
+
+def _from_text(cfg, corpus, tokenizer):
+    """``cfg`` reading the corpus's text files, tokenised by ``tokenizer`` into its output_dir."""
+    return replace(cfg, data=replace(cfg.data, data_prefix=None, inputs=corpus[0], tokenizer_model=tokenizer))
+
+
+def test_resume_refuses_another_tokenizer_of_the_same_size(tmp_path, corpus):
+    cfg = _cfg(tmp_path / "r", corpus, training=TrainingConfig(train_steps=2, eval_interval=2, eval_steps=1))
+    cfg = _from_text(cfg, corpus, corpus[2])
+    assert run_distributed(_run_or_error, 1, cfg)[0] == 2
+    # Same key values but another tokenizer file: the text is re-tokenised, the ids change.
+    longer = _from_text(cfg, corpus, _other_tokenizer(tmp_path))
+    msg = run_distributed(_run_or_error, 1, longer)[0]
+    assert "cannot resume from" in msg and "the tokenizer differs from the checkpointed run's" in msg, msg
+
+
+def test_teacher_must_match_the_architecture_and_tokenizer_it_was_trained_with(tmp_path, corpus, teacher_run):
+    # num_attention_heads does not change any weight shape: only the checkpoint's record can tell.
+    cfg = _kd_cfg(tmp_path / "heads", corpus, teacher_run[0] / "checkpoints")
+    cfg = replace(cfg, teacher=replace(cfg.teacher, model=replace(TEACHER, num_attention_heads=2)))
+    msg = run_distributed(_run_or_error, 1, cfg)[0]
+    assert "teacher.model.num_attention_heads is 2 but teacher.checkpoint" in msg and "was trained with 4" in msg, msg
+    cfg = _from_text(_kd_cfg(tmp_path / "tok", corpus, teacher_run[0] / "checkpoints"), corpus, _other_tokenizer(tmp_path))
+    msg = run_distributed(_run_or_error, 1, cfg)[0]
+    assert "was trained with another tokenizer" in msg, msg
+
+
+def _run_overwriting(cfg):
+    from megadistill.train import run
+
+    return run(cfg, progress=False, overwrite=True).steps
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, corpus):
+    out = tmp_path / "r"
+    cfg = _cfg(out, corpus, training=TrainingConfig(train_steps=2, eval_interval=2, eval_steps=1))
+    assert run_distributed(_run_or_error, 1, cfg)[0] == 2
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_00000002").iterdir() if p.is_file()}
+    fresh = replace(cfg, training=replace(cfg.training, train_steps=3), checkpoint=CheckpointConfig(resume="none"))
+    msg = run_distributed(_run_or_error, 1, fresh)[0]
+    assert msg.startswith("ConfigError: output_dir") and "holds an earlier run (checkpoints/step_00000002" in msg, msg
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_00000002").iterdir() if p.is_file()} == before
+    # --overwrite moves the earlier run aside, whole, and the new one starts with clean logs.
+    assert run_distributed(_run_overwriting, 1, fresh)[0] == 3
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("superseded-")]
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000002"]
+    assert set(_losses(aside)) == {1, 2} and set(_losses(out)) == {1, 2, 3}
+
+
+def test_a_diverging_run_stops_before_checkpointing_nan_weights(tmp_path, corpus):
+    cfg = _cfg(tmp_path / "nan", corpus, optimizer=OptimizerConfig(lr=1e30, min_lr=0.0, warmup_fraction=0.0, clip_grad=0.0),
+               training=TrainingConfig(train_steps=6, eval_interval=6, eval_steps=1), checkpoint=CheckpointConfig(save_interval=1))
+    msg = run_distributed(_run_or_error, 1, cfg)[0]
+    assert msg.startswith("FloatingPointError: step") and "non-finite loss or gradient norm" in msg, msg
+    bad = int(msg.split()[2].rstrip(":"))
+    saved = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert saved == [f"step_{s:08d}" for s in range(1, bad)], (bad, saved)  # nothing of the diverged step
+    assert max(_losses(tmp_path / "nan"), default=0) == bad - 1

@@ -78,7 +78,8 @@ class MegatronBackend:
         return parallel_state.is_pipeline_last_stage()
 
     def save(self, directory: Path, step: int) -> None:
-        write_checkpoint(directory, step, [self.model], self.optimizer, self.scheduler, {"step": step})
+        write_checkpoint(directory, step, [self.model], self.optimizer, self.scheduler, {"step": step},
+                         optimizer_sharding=self.cfg.checkpoint.optimizer_sharding)
 
     def load(self, directory: Path) -> int:
         return int(load_checkpoint(directory, [self.model], self.optimizer, self.scheduler)["step"])
