@@ -1,4 +1,4 @@
-"""The ``megadistill`` command line: train, preprocess, config, demo."""
+"""The ``megadistill`` command line: train, preprocess, data verify, config, demo."""
 
 from __future__ import annotations
 
@@ -27,6 +27,20 @@ def _preprocess(args) -> int:
     r = preprocess(args.input or None, args.output_prefix, vocab_size=args.vocab_size,
                    tokenizer_model=args.tokenizer_model, json_key=args.json_key)
     print(f"wrote {r.prefix}.bin/.idx: {r.num_documents} documents, {r.num_tokens} tokens; tokenizer {r.tokenizer_model}")
+    return 0
+
+
+def _data_verify(args) -> int:
+    from pathlib import Path
+
+    from megadistill.data_integrity import verify
+
+    prefix = args.prefix
+    # "corpus.bin" or "corpus.idx" given for the prefix "corpus".
+    if not Path(prefix + ".idx").exists() and Path(prefix).suffix in (".bin", ".idx"):
+        prefix = str(Path(prefix).with_suffix(""))
+    for line in verify(prefix, tokenizer_model=args.tokenizer_model).lines():
+        print(line)
     return 0
 
 
@@ -140,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tokenizer-model", default=None, help="use this sentencepiece model instead of training one")
     pr.add_argument("--json-key", default="text")
     pr.set_defaults(fn=_preprocess)
+    dt = sub.add_parser("data", help="check preprocessed data (data verify PREFIX)")
+    dsub = dt.add_subparsers(dest="data_command", metavar="verify", required=True)
+    v = dsub.add_parser(
+        "verify",
+        help="full check of <prefix>.bin/.idx: structure, manifest checksums, token ids",
+        description=(
+            "Check <PREFIX>.bin/.idx in full: the index's structure against the .bin's size, the size and "
+            "sha256 of every file <PREFIX>.manifest.json lists (written by megadistill preprocess), and every "
+            "token id against the vocabulary of the tokenizer (<PREFIX>.model, or --tokenizer-model). "
+            "Exit 0 if all is well, 2 with a message naming the damaged file otherwise."
+        ),
+    )
+    v.add_argument("prefix", help="dataset prefix (the .bin/.idx file names without their suffix)")
+    v.add_argument("--tokenizer-model", default=None, help="check token ids against this sentencepiece model")
+    v.set_defaults(fn=_data_verify)
     c = sub.add_parser(
         "config",
         help="check a run file for a world size and print it, or --explain every key",
@@ -194,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from megadistill.config import ConfigError
+    from megadistill.data_checks import DataError
     from megadistill.launch import LaunchError
 
     try:
         return args.fn(args)
-    except (ConfigError, LaunchError, FileNotFoundError) as e:
+    except (ConfigError, DataError, LaunchError, FileNotFoundError) as e:
         print(f"megadistill: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # training diverged: stopped before a bad checkpoint

@@ -21,6 +21,13 @@ Inputs:
 Empty documents are skipped: they carry no tokens. Every document is stored as one Megatron
 document of ``len(tokenize(text)) + 1`` tokens: its tokens, then the end-of-document token ``eod``.
 
+Beside the data, ``preprocess`` writes ``<prefix>.manifest.json``: the size and SHA-256 of the
+``.bin``, ``.idx`` and ``.model``, and the recipe (the inputs' sizes and SHA-256, the tokenizer's
+SHA-256 or the vocabulary size to train). ``megadistill.data_integrity`` checks data against it.
+
+Every problem with the inputs, the settings or the data files is a ``DataError`` (a
+``ValueError``) naming the file, and the line where there is one.
+
 The tokenizer is lossless: ``detokenize(tokenize(text)) == text`` for any string (no Unicode
 normalisation, whitespace kept as it is, unknown characters fall back to their UTF-8 bytes).
 """
@@ -46,11 +53,13 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
+from megadistill import data_integrity
 from megadistill.data_checks import MIN_VOCAB_SIZE as _MIN_VOCAB_SIZE
+from megadistill.data_checks import DataError
 from megadistill.data_checks import check_split as _check_split
 
 PathLike = Union[str, Path]
@@ -107,9 +116,10 @@ def read_documents(paths: Union[PathLike, Sequence[PathLike]], json_key: str = "
     """The documents of ``.txt`` and ``.jsonl`` files, in file order (see the module docstring).
 
     Every path is checked before the first document is read: ``FileNotFoundError`` for a missing
-    file, ``ValueError`` for a directory, an unreadable or empty file, or an unknown suffix. Content
-    errors (invalid UTF-8, a bad JSONL line, a missing or non-string ``json_key``, a file without any
-    document) raise ``ValueError`` naming the file, and the line where there is one, when reached.
+    file, ``DataError`` for a directory, an unreadable or empty file, or an unknown suffix. Content
+    errors (invalid UTF-8, NUL characters, a bad JSONL line, a missing or non-string ``json_key``,
+    text that is not valid Unicode, a file without any document) raise ``DataError`` naming the
+    file, and the line where there is one, when reached.
     """
     files = _check_inputs(paths, json_key)
     return _iter_documents(files, json_key)
@@ -120,16 +130,16 @@ def _check_inputs(paths: Union[PathLike, Sequence[PathLike]], json_key: str) -> 
         paths = [paths]
     files = [Path(p) for p in paths]
     if not files:
-        raise ValueError("no input files given")
+        raise DataError("no input files given")
     if not isinstance(json_key, str) or not json_key:
-        raise ValueError(f"json_key must be a non-empty string, got {json_key!r}")
+        raise DataError(f"json_key must be a non-empty string, got {json_key!r}")
     for path in files:
         if not path.exists():
             raise FileNotFoundError(f"input file not found: {path}")
         if path.is_dir():
-            raise ValueError(f"input {path} is a directory, not a file")
+            raise DataError(f"input {path} is a directory, not a file")
         if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
-            raise ValueError(
+            raise DataError(
                 f"input {path}: unsupported file type {path.suffix!r}; use .txt (documents separated "
                 f"by blank lines) or .jsonl (one JSON object per line, the text under key {json_key!r})"
             )
@@ -137,9 +147,9 @@ def _check_inputs(paths: Union[PathLike, Sequence[PathLike]], json_key: str) -> 
             with open(path, "rb") as f:
                 f.read(1)
         except OSError as err:
-            raise ValueError(f"cannot read input file {path}: {err.strerror or err}") from err
+            raise DataError(f"cannot read input file {path}: {err.strerror or err}") from err
         if path.stat().st_size == 0:
-            raise ValueError(f"input file {path} is empty")
+            raise DataError(f"input file {path} is empty")
     return files
 
 
@@ -151,14 +161,23 @@ def _iter_documents(files: list[Path], json_key: str) -> Iterator[str]:
             count += 1
             yield doc
         if count == 0:
-            raise ValueError(f"input file {path} contains no documents")
+            raise DataError(f"input file {path} contains no documents")
 
 
 def _decode(raw: bytes, path: Path, lineno: int) -> str:
     try:
-        return raw.decode("utf-8")
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}, line {lineno}: not valid UTF-8 text ({err.reason})") from err
+        raise DataError(
+            f"{path}, line {lineno}: not valid UTF-8 text ({err.reason} at byte {err.start}); convert the file to UTF-8"
+        ) from err
+    # Valid UTF-8 but not text: UTF-16 without a byte-order mark (every other byte NUL), or binary
+    # data that happens to decode; it would otherwise be tokenized as it is.
+    if "\x00" in line:
+        raise DataError(
+            f"{path}, line {lineno}: contains NUL characters (a binary file, or UTF-16 text?); inputs must be UTF-8 text"
+        )
+    return line
 
 
 def _iter_txt(path: Path) -> Iterator[str]:
@@ -186,15 +205,24 @@ def _iter_jsonl(path: Path, json_key: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except ValueError as err:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({err})") from err
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({err})") from err
             if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
             if json_key not in record:
                 keys = ", ".join(map(repr, list(record)[:10])) or "none"
-                raise ValueError(f"{path}, line {lineno}: no key {json_key!r} in the JSON object (keys: {keys})")
+                raise DataError(f"{path}, line {lineno}: no key {json_key!r} in the JSON object (keys: {keys})")
             text = record[json_key]
             if not isinstance(text, str):
-                raise ValueError(f"{path}, line {lineno}: {json_key!r} must be a string, got {type(text).__name__}")
+                raise DataError(f"{path}, line {lineno}: {json_key!r} must be a string, got {type(text).__name__}")
+            # JSON may escape half of a surrogate pair ("\ud83d" alone): not a character, and
+            # sentencepiece fails on it with a bare pybind11 cast error.
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise DataError(
+                    f"{path}, line {lineno}: {json_key!r} is not valid Unicode (a lone surrogate "
+                    f"{text[err.start]!r} at character {err.start})"
+                ) from err
             if text:
                 yield text
 
@@ -235,12 +263,12 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as err:
-            raise ValueError(f"{path} is not a sentencepiece model ({err})") from err
+            raise DataError(f"{path} is not a sentencepiece model ({err})") from err
         self._proto = proto
         self.model_path = path
         self.sha256 = hashlib.sha256(proto).hexdigest()
         if self._sp.eos_id() < 0:
-            raise ValueError(f"tokenizer {path} has no </s> piece to mark the end of a document")
+            raise DataError(f"tokenizer {path} has no </s> piece to mark the end of a document")
         self.unique_identifiers = OrderedDict(
             [("class", f"{type(self).__module__}.{type(self).__qualname__}"), ("model_sha256", self.sha256)]
         )
@@ -273,13 +301,17 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         raise NotImplementedError("SentencePieceTokenizer is for pre-training text; it has no chat template")
 
 
-def _train_sentencepiece(documents: Iterable[str], vocab_size: int) -> bytes:
-    """Train the BPE model on ``documents``; the ``.model`` file's bytes. Deterministic."""
+def _check_vocab_size(vocab_size: int) -> None:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(
+        raise DataError(
             f"vocab_size must be an integer >= {_MIN_VOCAB_SIZE} (256 byte pieces, <unk>, </s> and "
             f"learned pieces), got {vocab_size!r}"
         )
+
+
+def _train_sentencepiece(documents: Iterable[str], vocab_size: int) -> bytes:
+    """Train the BPE model on ``documents``; the ``.model`` file's bytes. Deterministic."""
+    _check_vocab_size(vocab_size)
     # Collected first, so a bad input raises here, with its own message, rather than inside the
     # C++ trainer.
     texts, budget = [], TOKENIZER_TRAINING_CHARS
@@ -290,7 +322,7 @@ def _train_sentencepiece(documents: Iterable[str], vocab_size: int) -> bytes:
         if budget <= 0:
             break
     if not texts:
-        raise ValueError("no documents to train the tokenizer on")
+        raise DataError("no documents to train the tokenizer on")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -298,7 +330,7 @@ def _train_sentencepiece(documents: Iterable[str], vocab_size: int) -> bytes:
         )
     except RuntimeError as err:
         # e.g. "Vocabulary size too high (4096). Please set it to a value <= 1234."
-        raise ValueError(f"sentencepiece could not train a vocabulary of {vocab_size}: {err}") from err
+        raise DataError(f"sentencepiece could not train a vocabulary of {vocab_size}: {err}") from err
     return model.getvalue()
 
 
@@ -351,15 +383,35 @@ def _staged(*finals: Path) -> Iterator:
 def _check_output_prefix(output_prefix: PathLike) -> Path:
     prefix = Path(output_prefix)
     if prefix.suffix in (".bin", ".idx", ".model"):
-        raise ValueError(
+        raise DataError(
             f"output_prefix {prefix} ends in {prefix.suffix}: give the prefix without it "
             f"({prefix.with_suffix('')}), the .bin/.idx/.model files are named after it"
         )
     if prefix.is_dir():
-        raise ValueError(f"output_prefix {prefix} is a directory; give a file prefix inside it, e.g. {prefix / 'corpus'}")
+        raise DataError(f"output_prefix {prefix} is a directory; give a file prefix inside it, e.g. {prefix / 'corpus'}")
     if prefix.parent.exists() and not prefix.parent.is_dir():
-        raise ValueError(f"output_prefix {prefix}: {prefix.parent} is not a directory")
+        raise DataError(f"output_prefix {prefix}: {prefix.parent} is not a directory")
     return prefix
+
+
+def corpus_recipe(
+    inputs: Optional[Sequence[PathLike]], json_key: str, vocab_size: int, tokenizer_sha256: Optional[str]
+) -> dict:
+    """What a corpus is made from, by content: preprocessing is deterministic, so equal recipes
+    give equal files. The inputs' sizes and SHA-256, in order, streamed (for the embedded corpus
+    the SHA-256 of its documents, which change with the Python version); the given tokenizer's
+    SHA-256, or else the vocabulary size and trainer settings; and the sentencepiece version."""
+    if inputs is None:
+        source = {"embedded_sha256": hashlib.sha256(json.dumps(_embedded_documents()).encode("utf-8")).hexdigest()}
+    else:
+        source = [{"size": Path(p).stat().st_size, "sha256": data_integrity.file_sha256(p)} for p in inputs]
+    recipe = {"inputs": source, "json_key": None if inputs is None else json_key, "sentencepiece": spm.__version__}
+    if tokenizer_sha256 is not None:
+        recipe["tokenizer_sha256"] = tokenizer_sha256
+    else:
+        trainer = json.dumps([_SP_TRAINER_OPTIONS, TOKENIZER_TRAINING_CHARS], sort_keys=True).encode("utf-8")
+        recipe.update(vocab_size=vocab_size, trainer_sha256=hashlib.sha256(trainer).hexdigest())
+    return recipe
 
 
 def preprocess(
@@ -375,7 +427,9 @@ def preprocess(
     ``inputs`` are ``.txt``/``.jsonl`` files, or None for the embedded corpus. A new tokenizer of
     ``vocab_size`` pieces is trained on them unless ``tokenizer_model`` is given (then
     ``vocab_size`` is unused and the model is copied to ``<prefix>.model``). Each document becomes one
-    Megatron document: its tokens followed by ``eod``. Deterministic.
+    Megatron document: its tokens followed by ``eod``. Deterministic. ``<prefix>.manifest.json``
+    records the files' sizes and SHA-256 and the :func:`corpus_recipe` (the inputs are hashed
+    before they are read, so an input edited meanwhile reads as changed next time).
 
     Everything is checked before any work, and written to hidden temporary files first. The
     ``.idx`` is the commit marker: it is removed before the new files are moved into place and
@@ -393,16 +447,19 @@ def preprocess(
             return _iter_documents(files, json_key)
 
         total_bytes = sum(f.stat().st_size for f in files)
-    if tokenizer_model is not None:
-        tokenizer = SentencePieceTokenizer(tokenizer_model)
-        proto = tokenizer._proto
-    else:
-        proto = _train_sentencepiece(documents(), vocab_size)
-    model_path, bin_path, idx_path = (Path(f"{prefix}{ext}") for ext in (".model", ".bin", ".idx"))
+    given = SentencePieceTokenizer(tokenizer_model) if tokenizer_model is not None else None
+    if given is None:
+        _check_vocab_size(vocab_size)  # before hashing the inputs, which may take minutes
+    sources = None if inputs is None else [str(f) for f in files]
+    recipe = corpus_recipe(sources, json_key, vocab_size, None if given is None else given.sha256)
+    proto = given._proto if given is not None else _train_sentencepiece(documents(), vocab_size)
+    model_path, bin_path, idx_path, manifest_path = (
+        Path(f"{prefix}{ext}") for ext in (".model", ".bin", ".idx", data_integrity.MANIFEST_SUFFIX)
+    )
     tokenizer = SentencePieceTokenizer._from_proto(proto, model_path)
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with _staged(model_path, bin_path, idx_path) as (tmp_model, tmp_bin, tmp_idx):
+    with _staged(model_path, bin_path, idx_path, manifest_path) as (tmp_model, tmp_bin, tmp_idx, tmp_manifest):
         tmp_model.write_bytes(proto)
         # uint16 tokens for vocabularies below 65500, as Megatron-LM's preprocess_data writes them.
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=DType.optimal_dtype(tokenizer.vocab_size))
@@ -420,10 +477,17 @@ def preprocess(
         finally:
             builder.data_file.close()
         builder.finalize(str(tmp_idx))
+        record = data_integrity.manifest(
+            {".bin": tmp_bin, ".idx": tmp_idx, ".model": tmp_model},
+            num_documents=num_documents, num_tokens=num_tokens, vocab_size=tokenizer.vocab_size,
+            dtype=builder.dtype.__name__, sources=sources, recipe=recipe,
+        )
+        tmp_manifest.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
         idx_path.unlink(missing_ok=True)  # from here until the last replace, the prefix reads as absent
         os.replace(tmp_model, model_path)
         os.replace(tmp_bin, bin_path)
+        os.replace(tmp_manifest, manifest_path)  # before the .idx: a complete set never has a stale manifest
         os.replace(tmp_idx, idx_path)
     return PreprocessResult(prefix, model_path, num_documents, num_tokens, tokenizer.vocab_size)
 
@@ -460,6 +524,9 @@ def build_gpt_datasets(
     ``0..seq_length-1``). No attention mask: the model uses its causal mask. The sample order is a
     function of ``seed`` only.
 
+    The ``.bin/.idx`` structure is checked first (``data_integrity.check_index``: reads the
+    ``.idx`` only); a damaged file raises ``DataError`` naming it.
+
     Megatron caches each dataset's sample indices under ``cache_dir`` (default
     ``<data_prefix>.cache``), in a subdirectory named after a hash of the ``.idx``, so rewriting the
     data never reuses indices of the old data. Under ``torch.distributed``, every rank must call
@@ -479,18 +546,22 @@ def build_gpt_datasets(
     # The data must have been written with this tokenizer; only our own layout records which one.
     sibling, sha = Path(prefix + ".model"), getattr(tokenizer, "sha256", None)
     if sha is not None and sibling.is_file() and hashlib.sha256(sibling.read_bytes()).hexdigest() != sha:
-        raise ValueError(
+        raise DataError(
             f"{prefix}.bin was written with the tokenizer {sibling}, not with {tokenizer.model_path} "
             f"(the models differ): token ids would be misread"
         )
 
+    # Megatron reads a truncated or corrupt .bin/.idx without complaint (or fails with bare numpy
+    # errors): every rank checks the structure first. The reads are the .idx's, not the tokens'.
+    # GPTDataset splits by sequence; ours are one per document, as in Megatron-LM's text preprocessing.
+    num_documents = data_integrity.check_index(prefix, full=True).num_sequences
+
     # Megatron's builder gives a split with no document an empty index and then loops forever
     # looking for tokens, so refuse such splits here, with the same arithmetic as the builder.
-    num_documents = IndexedDataset(prefix).sequence_lengths.shape[0]
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for name, bounds in zip(("train", "valid", "test"), matrix):
         if bounds is not None and round(bounds[0] * num_documents) == round(bounds[1] * num_documents):
-            raise ValueError(
+            raise DataError(
                 f"split {split!r} of the {num_documents} documents in {prefix} leaves the {name} split "
                 f"without documents; use more documents or a larger {name} weight"
             )

@@ -1,10 +1,17 @@
-"""Pure checks of data settings, light enough for config validation (no Megatron import)."""
+"""Pure checks of data settings, light enough for config validation (no Megatron import), and
+the error every data problem raises."""
 
 from __future__ import annotations
 
 import re
 
 MIN_VOCAB_SIZE = 256 + 2 + 1  # byte pieces + <unk> + </s> + at least one learned piece
+
+
+class DataError(ValueError):
+    """Bad input text, a damaged or mismatched ``.bin/.idx/.model``, or a preprocessing setting the
+    data cannot satisfy. The message is one line naming the file (and line, where there is one);
+    the command line prints it and exits with status 2."""
 
 
 def check_split(split: str) -> str:

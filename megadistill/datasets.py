@@ -1,10 +1,14 @@
-"""A run's data: the tokenizer and the train/valid ``GPTDataset``s, preprocessing the text first
-(on rank 0) when no corpus made from the same inputs exists in the run's directory."""
+"""A run's data: the tokenizer and the train/valid ``GPTDataset``s.
+
+Rank 0 first makes sure the data can be trained on. With ``data.inputs`` (or the embedded corpus)
+it preprocesses the text into the run's directory, unless a corpus made from the same content is
+there and intact. With ``data.data_prefix`` it verifies the given files. A problem found there is
+raised as ``DataError`` on every rank, so the command line exits with a one-line message.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -13,24 +17,35 @@ import torch.distributed as dist
 
 def prepare_data(cfg):
     """``(tokenizer, train_ds, valid_ds, tokenizer_path)`` for run ``cfg`` (collective)."""
-    from megadistill import data
+    from megadistill import data, data_integrity
+    from megadistill.data_checks import DataError
 
     out = Path(cfg.output_dir)
     prefix, tok_path = cfg.data.data_prefix, cfg.data.tokenizer_model
-    if prefix is None:
+    own = prefix is None
+    if own:
         prefix = str(out / "data" / "corpus")
-        error = None
-        if dist.get_rank() == 0:
-            try:
+    failure, cause = None, None
+    if dist.get_rank() == 0:
+        try:
+            if own:
                 _preprocess_if_stale(cfg, prefix, tok_path)
-            except Exception as e:  # every rank must learn of it, not wait at a barrier forever
-                error = f"{type(e).__name__}: {e}"
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        if shared[0] is not None:
-            raise RuntimeError(f"preprocessing on rank 0 failed: {shared[0]}")
-        if tok_path is None:
-            tok_path = prefix + ".model"  # preprocess writes the tokenizer beside the data
+            else:
+                data_integrity.verify(prefix, tok_path, hash_limit=data_integrity.HASH_AT_START_BYTES)
+        # Every rank must learn of a failure, not wait at a barrier forever.
+        except (DataError, FileNotFoundError) as e:
+            failure, cause = ("data", str(e)), e
+        except Exception as e:
+            failure, cause = ("other", f"{type(e).__name__}: {e}"), e
+    shared = [failure]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        kind, message = shared[0]
+        if kind == "data":  # the user's to fix: one line from the command line, on every rank
+            raise DataError(message) from cause
+        raise RuntimeError(f"preparing the data on rank 0 failed: {message}") from cause
+    if own and tok_path is None:
+        tok_path = prefix + ".model"  # preprocess writes the tokenizer beside the data
     tokenizer = data.SentencePieceTokenizer(tok_path)
     steps = cfg.training.train_steps
     # Validation always reads the first eval_steps global batches: building exactly that many makes
@@ -44,21 +59,25 @@ def prepare_data(cfg):
 
 
 def _preprocess_if_stale(cfg, prefix: str, tokenizer_model: Optional[str]) -> None:
-    """Preprocess the inputs into ``prefix`` unless a corpus made from the same inputs is there."""
-    from megadistill import data
+    """Preprocess the inputs into ``prefix`` unless the corpus there was made from the same
+    content and passes ``data_integrity.verify`` (files above its start-up limit: sizes only).
 
-    recipe = {
-        "inputs": [str(Path(p).resolve()) for p in cfg.data.inputs] if cfg.data.inputs else None,
-        "json_key": cfg.data.json_key,
-        "vocab_size": cfg.data.vocab_size,
-        "tokenizer_model": str(Path(tokenizer_model).resolve()) if tokenizer_model else None,
-    }
-    stamp = Path(prefix + ".recipe.json")
-    have = all(Path(prefix + ext).is_file() for ext in (".bin", ".idx", ".model"))
-    if have and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
-        return
-    data.preprocess(cfg.data.inputs, prefix, vocab_size=cfg.data.vocab_size, tokenizer_model=tokenizer_model,
-                    json_key=cfg.data.json_key)
-    tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps(recipe))
-    os.replace(tmp, stamp)
+    The comparison is by content (``data.corpus_recipe``), not by path: an input or tokenizer
+    edited in place makes a new corpus. A damaged corpus is ours to rebuild, with a note on stderr.
+    """
+    from megadistill import data, data_integrity
+    from megadistill.data_checks import DataError
+
+    d = cfg.data
+    tokenizer_sha = data_integrity.file_sha256(tokenizer_model) if tokenizer_model else None
+    wanted = data.corpus_recipe(d.inputs, d.json_key, d.vocab_size, tokenizer_sha)
+    if Path(prefix + ".idx").is_file():  # else absent, or an interrupted commit
+        try:
+            found = data_integrity.read_manifest(prefix)
+            if found is not None and found.get("recipe") == wanted:
+                data_integrity.verify(prefix, hash_limit=data_integrity.HASH_AT_START_BYTES)
+                return
+        except (DataError, FileNotFoundError) as e:
+            print(f"megadistill: {e}; preprocessing again", file=sys.stderr)
+    data.preprocess(d.inputs, prefix, vocab_size=d.vocab_size, tokenizer_model=tokenizer_model, json_key=d.json_key)
+    Path(prefix + ".recipe.json").unlink(missing_ok=True)  # the path-keyed stamp of earlier versions

@@ -38,16 +38,43 @@ def _check_transformer_engine(cfg: RunConfig) -> None:
 
 
 def _check_data_files(cfg: RunConfig) -> None:
+    """The data files exist and are files; a given ``.bin/.idx`` passes the checks that cost a few
+    reads whatever its size (``data_integrity.quick_check``: truncation, mismatched sizes)."""
     d = cfg.data
     for f in d.inputs or []:
-        if not Path(f).is_file():
+        p = Path(f)
+        if p.is_dir():
+            # The suffixes megadistill.data reads (TEXT_SUFFIXES, JSONL_SUFFIXES).
+            found = sorted(str(c) for c in p.iterdir() if c.suffix in (".txt", ".jsonl") and c.is_file())
+            hint = " (it holds no .txt or .jsonl file)"
+            if found:
+                hint = f", e.g. {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}"
+            raise ConfigError(f"data.inputs: {f} is a directory, not a file; list its files instead{hint}")
+        if not p.is_file():
             raise ConfigError(f"data.inputs: file {f} does not exist")
+        if p.stat().st_size == 0:
+            raise ConfigError(f"data.inputs: file {f} is empty")
     if d.data_prefix is not None:
+        p = Path(d.data_prefix)
+        if p.is_dir():
+            found = sorted(str(c.with_suffix("")) for c in p.glob("*.idx"))
+            hint = f", e.g. {found[0]}" if found else ""
+            raise ConfigError(f"data.data_prefix: {p} is a directory; give the prefix of the .bin/.idx files{hint}")
         for ext in (".bin", ".idx"):
             if not Path(d.data_prefix + ext).is_file():
                 raise ConfigError(f"data.data_prefix: {d.data_prefix}{ext} does not exist")
-    if d.tokenizer_model is not None and not Path(d.tokenizer_model).is_file():
-        raise ConfigError(f"data.tokenizer_model: file {d.tokenizer_model} does not exist")
+        from megadistill.data_checks import DataError
+        from megadistill.data_integrity import quick_check
+
+        try:
+            quick_check(d.data_prefix)
+        except DataError as e:
+            raise ConfigError(f"data.data_prefix: {e}") from e
+    if d.tokenizer_model is not None:
+        if Path(d.tokenizer_model).is_dir():
+            raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} is a directory, not a sentencepiece .model file")
+        if not Path(d.tokenizer_model).is_file():
+            raise ConfigError(f"data.tokenizer_model: file {d.tokenizer_model} does not exist")
 
 
 def _check_teacher(cfg: RunConfig) -> None:

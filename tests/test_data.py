@@ -156,7 +156,7 @@ def test_preprocess_txt_and_jsonl(corpus, small_inputs, tmp_path, capfd):
     for doc, ids in zip(TXT_DOCS + JSONL_DOCS, stored):
         assert ids == tok.tokenize(doc) + [tok.eod]
         assert tok.detokenize(ids) == doc
-    assert _files(tmp_path / "out") == {"small.bin", "small.idx", "small.model"}
+    assert _files(tmp_path / "out") == {"small.bin", "small.idx", "small.model", "small.manifest.json"}
 
 
 def test_preprocess_trains_on_the_inputs(tmp_path):
@@ -191,6 +191,8 @@ BAD_INPUTS = {
     "non-string text": (lambda d: _write(d / "num.jsonl", '{"text": 3}\n'), ValueError, "{path}, line 1: 'text' must be a string, got int"),
     "not an object": (lambda d: _write(d / "list.jsonl", '["text"]\n'), ValueError, "{path}, line 1: expected a JSON object, got list"),
     "only empty texts": (lambda d: _write(d / "none.jsonl", '{"text": ""}\n'), ValueError, "input file {path} contains no documents"),
+    "NUL characters": (lambda d: _write(d / "u16.txt", "ab\n".encode("utf-16-le")), ValueError, "{path}, line 1: contains NUL characters"),
+    "lone surrogate": (lambda d: _write(d / "half.jsonl", '{"text": "\\ud83d"}\n'), ValueError, "{path}, line 1: 'text' is not valid Unicode"),
 }
 
 
@@ -240,7 +242,7 @@ def test_failed_preprocess_keeps_the_previous_dataset(corpus, small_inputs, tmp_
     assert after == before  # no temporary files left behind either
 
 
-@pytest.mark.parametrize("completed_moves", [0, 1, 2])
+@pytest.mark.parametrize("completed_moves", [0, 1, 2, 3])
 def test_interrupted_commit_never_looks_complete(completed_moves, corpus, small_inputs, tmp_path, monkeypatch):
     """A run killed while moving its files into place leaves no .idx: the dataset reads as absent."""
     model = corpus[0].tokenizer_model
@@ -383,3 +385,50 @@ def test_two_ranks_build_identical_datasets(corpus, tmp_path):
     for key in ("train", "valid"):
         assert torch.equal(ranks[0][key], ranks[1][key])
         assert torch.equal(ranks[0][key], single[key])
+
+
+# --------------------------------------------------------------------------- the run's own corpus
+
+
+def _run_corpus(tmp_path, inputs, tokenizer_model=None):
+    """``prepare_data``'s preprocessing step for a run over ``inputs``; the corpus prefix."""
+    from megadistill.config import DataConfig, RunConfig
+    from megadistill.datasets import _preprocess_if_stale
+
+    cfg = RunConfig(output_dir=str(tmp_path / "run"),
+                    data=DataConfig(inputs=[str(p) for p in inputs], tokenizer_model=tokenizer_model, vocab_size=300))
+    prefix = str(tmp_path / "run" / "data" / "corpus")
+    _preprocess_if_stale(cfg, prefix, tokenizer_model)
+    return prefix
+
+
+@pytest.fixture
+def count_preprocess(monkeypatch):
+    calls, real = [], data.preprocess
+    monkeypatch.setattr(data, "preprocess", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def test_run_corpus_is_rebuilt_when_an_input_changes_in_place(corpus, tmp_path, count_preprocess):
+    model = str(corpus[0].tokenizer_model)
+    text = _write(tmp_path / "in.txt", "the first text\n\na second document")
+    prefix = _run_corpus(tmp_path, [text], model)
+    assert _run_corpus(tmp_path, [text], model) == prefix and len(count_preprocess) == 1  # unchanged: reused
+    before = _documents(prefix)
+    _write(text, "THE first text\n\na second document")  # same path, same size, other content
+    _run_corpus(tmp_path, [text], model)
+    assert len(count_preprocess) == 2
+    assert _documents(prefix) != before
+    assert _documents(prefix)[0] == corpus[1].tokenize("THE first text") + [corpus[1].eod]
+
+
+def test_run_corpus_is_rebuilt_when_its_tokenizer_changes_in_place(corpus, tmp_path, count_preprocess):
+    model = _write(tmp_path / "tok.model", corpus[0].tokenizer_model.read_bytes())
+    text = _write(tmp_path / "in.txt", "some text\n\nmore text")
+    prefix = _run_corpus(tmp_path, [text], str(model))
+    other = train_tokenizer(data._embedded_documents()[:20], tmp_path / "other", 400)
+    model.write_bytes(other.read_bytes())  # same path, another tokenizer
+    _run_corpus(tmp_path, [text], str(model))
+    assert len(count_preprocess) == 2
+    assert Path(f"{prefix}.model").read_bytes() == other.read_bytes()
+    assert _documents(prefix)[0] == SentencePieceTokenizer(other).tokenize("some text") + [1]
