@@ -29,7 +29,7 @@ def prepare_data(cfg):
     if dist.get_rank() == 0:
         try:
             if own:
-                _preprocess_if_stale(cfg, prefix, tok_path)
+                preprocess_if_stale(cfg, prefix, tok_path)
             else:
                 data_integrity.verify(prefix, tok_path, hash_limit=data_integrity.HASH_AT_START_BYTES)
         # Every rank must learn of a failure, not wait at a barrier forever.
@@ -58,7 +58,7 @@ def prepare_data(cfg):
     return tokenizer, train_ds, valid_ds, tok_path
 
 
-def _preprocess_if_stale(cfg, prefix: str, tokenizer_model: Optional[str]) -> None:
+def preprocess_if_stale(cfg, prefix: str, tokenizer_model: Optional[str]) -> None:
     """Preprocess the inputs into ``prefix`` unless the corpus there was made from the same
     content and passes ``data_integrity.verify`` (files above its start-up limit: sizes only).
 

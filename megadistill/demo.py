@@ -60,19 +60,17 @@ def _share_data(cfg: RunConfig, prefix: str, tokenizer: str) -> RunConfig:
 
 def run_demo(out: str | Path = "runs/demo", teacher_steps: int = 320, student_steps: int = 300) -> str:
     """Run the demo; returns the summary (also written to ``<out>/summary.md``)."""
-    from megadistill import data
+    from megadistill.datasets import preprocess_if_stale
     from megadistill.train import run
 
     out = Path(out)
     cfgs = demo_configs(out, teacher_steps, student_steps)
     t0 = time.perf_counter()
     prefix = out / "data" / "corpus"
-    if not all(Path(str(prefix) + ext).is_file() for ext in (".bin", ".idx")):
-        print("[demo] 1/4 preprocessing the embedded corpus (Python's documentation text)")
-        prep = data.preprocess(None, prefix, vocab_size=2048)
-        tokenizer = str(prep.tokenizer_model)
-    else:
-        tokenizer = str(prefix) + ".model"
+    print("[demo] 1/4 preparing the embedded corpus (Python's documentation text)")
+    # Reused only if made from the same content (another Python's documentation makes a new one).
+    preprocess_if_stale(cfgs["teacher"], str(prefix), None)
+    tokenizer = str(prefix) + ".model"
     results, times = {}, {}
     for i, name in enumerate(("teacher", "baseline", "kd"), start=2):
         cfg = _share_data(cfgs[name], str(prefix), tokenizer)

@@ -393,12 +393,12 @@ def test_two_ranks_build_identical_datasets(corpus, tmp_path):
 def _run_corpus(tmp_path, inputs, tokenizer_model=None):
     """``prepare_data``'s preprocessing step for a run over ``inputs``; the corpus prefix."""
     from megadistill.config import DataConfig, RunConfig
-    from megadistill.datasets import _preprocess_if_stale
+    from megadistill.datasets import preprocess_if_stale
 
     cfg = RunConfig(output_dir=str(tmp_path / "run"),
                     data=DataConfig(inputs=[str(p) for p in inputs], tokenizer_model=tokenizer_model, vocab_size=300))
     prefix = str(tmp_path / "run" / "data" / "corpus")
-    _preprocess_if_stale(cfg, prefix, tokenizer_model)
+    preprocess_if_stale(cfg, prefix, tokenizer_model)
     return prefix
 
 
