@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher-steps", type=int, default=320)
     d.add_argument("--student-steps", type=int, default=300)
     d.set_defaults(fn=_demo)
+    from megadistill.store.cli import _add_store_commands  # precompute-logits, store info|verify
+
+    _add_store_commands(sub)
     return p
 
 
@@ -222,13 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from megadistill.checkpoint_dir import CorruptCheckpointError
     from megadistill.config import ConfigError
     from megadistill.data_checks import DataError
     from megadistill.launch import LaunchError
+    from megadistill.store.format import StoreError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, LaunchError, FileNotFoundError) as e:
+    except (ConfigError, DataError, LaunchError, FileNotFoundError, CorruptCheckpointError, StoreError) as e:
         print(f"megadistill: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # training diverged: stopped before a bad checkpoint

@@ -67,9 +67,11 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, hidden_size=256))
     """The online teacher's architecture (same vocabulary as the student)."""
     checkpoint: Optional[str] = None
-    """Online teacher weights: a megadistill/megatron-core distributed checkpoint directory."""
+    """Teacher weights: a megadistill/megatron-core distributed checkpoint directory (online KD, and
+    precompute-logits for offline KD)."""
     store: Optional[str] = None
-    """Offline teacher: path of a logits store."""
+    """Offline teacher: directory of a logits store (written by megadistill precompute-logits, read by
+    teacher.mode=offline)."""
 
 
 @dataclass
@@ -509,10 +511,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(str(e)) from e
 
     t = cfg.teacher
-    if t.mode == "offline":
+    if t.mode == "offline" and not t.store:
         raise ConfigError(
-            "teacher.mode=offline needs the offline logits store (megadistill.store), which this "
-            "version does not have yet; use teacher.mode=online"
+            "teacher.store is required for teacher.mode=offline (a logits store written by "
+            "megadistill precompute-logits)"
         )
     if t.mode == "online" and t.checkpoint is None:
         raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")

@@ -19,6 +19,7 @@ def preflight(cfg: RunConfig) -> None:
     _check_transformer_engine(cfg)
     _check_data_files(cfg)
     _check_teacher(cfg)
+    _check_store(cfg)
 
 
 def _transformer_engine_available() -> bool:
@@ -89,6 +90,13 @@ def _check_teacher(cfg: RunConfig) -> None:
     from megadistill.checkpoint_dir import is_complete, read_marker
     from megadistill.megatron.teacher import checkpoint_vocab_size
 
+    if is_complete(ckpt):
+        from megadistill.checkpoint_dir import CorruptCheckpointError, verify
+
+        try:
+            verify(ckpt)  # a corrupt teacher would distil wrong targets from step 1
+        except CorruptCheckpointError as e:
+            raise ConfigError(f"teacher.checkpoint: {e}") from e
     backend = read_marker(ckpt).get("backend", "megatron") if is_complete(ckpt) else "megatron"
     if backend != "megatron":
         raise ConfigError(
@@ -107,6 +115,30 @@ def _check_teacher(cfg: RunConfig) -> None:
             "tokenizer (data.tokenizer_model)"
         )
     check_teacher_shape(t.model, ckpt)
+
+
+def _check_store(cfg: RunConfig) -> None:
+    """teacher.mode=offline: the store exists, its manifest is readable and its shards are the sizes
+    it records, and it was made for this run (tokenizer, sequence length, split, seed, truncation,
+    vocabulary, enough samples). Its checksums and per-sample token hashes are checked as training
+    reads it."""
+    if cfg.teacher.mode != "offline":
+        return
+    if not cfg.teacher.store:
+        raise ConfigError("teacher.store is required for teacher.mode=offline")
+    from megadistill.resume import file_sha256
+    from megadistill.store.format import StoreError
+    from megadistill.store.reader import StoreReader, run_mismatches
+
+    try:
+        manifest = StoreReader(cfg.teacher.store, verify=False).manifest
+    except StoreError as e:
+        raise ConfigError(f"teacher.store: {e}") from e
+    tok = cfg.data.tokenizer_model
+    vocab = padded_vocab_size(tokenizer_vocab_size(cfg), cfg.parallel.tensor_model_parallel_size) if tok else None
+    problems = run_mismatches(manifest, cfg, vocab, file_sha256(tok) if tok else None)
+    if problems:
+        raise ConfigError(f"teacher.store {cfg.teacher.store} was not made for this run: " + "; ".join(problems))
 
 
 def resolve_teacher_checkpoint(path: str) -> Path:

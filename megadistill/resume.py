@@ -18,7 +18,7 @@ from megadistill.config import ConfigError, RunConfig, resolve_teacher_checkpoin
 # Settings a resumed run must share with the run it continues: they fix the weights' shapes, the
 # data position and content, the schedules and the backend's checkpoint format.
 RESUME_INVARIANTS = (
-    "model", "teacher.mode", "teacher.model", "parallel.use_distributed_optimizer", "kd",
+    "model", "teacher.mode", "teacher.model", "teacher.store", "parallel.use_distributed_optimizer", "kd",
     "data.inputs", "data.data_prefix", "data.vocab_size", "data.seq_length", "data.global_batch_size",
     "data.split", "training.train_steps", "training.seed", "optimizer", "deepspeed",
 )
@@ -71,7 +71,18 @@ def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha2
         "config": to_dict(cfg),
         "tokenizer_sha256": tokenizer_sha256,
         "teacher_checkpoint": teacher_checkpoint,
+        "teacher_store_sha256": _store_identity(cfg),
     }
+
+
+def _store_identity(cfg: RunConfig) -> Optional[str]:
+    """The offline store's identity: its manifest (which holds every shard's sha256) hashed; a store
+    rebuilt at the same path is another store."""
+    if cfg.teacher.mode != "offline":
+        return None
+    from megadistill.store.format import MANIFEST
+
+    return file_sha256(Path(cfg.teacher.store) / MANIFEST)
 
 
 def _architecture(model: dict) -> dict:
@@ -139,10 +150,14 @@ def decide(
     checkpoint it started with, even if a newer one has appeared since. A run that would start
     afresh over an earlier run's files is refused, unless ``overwrite`` moves them aside first."""
     decision: list = [None, None, None]
+    from megadistill.checkpoint_dir import checkpoint_to_resume
+
+    # Collective: every rank checksums its share of the files and all agree, so a corrupt latest
+    # checkpoint is skipped (auto) or refused (a path) on every rank alike.
+    chosen = checkpoint_to_resume(ckpt_root, cfg.checkpoint.resume)
     if dist.get_rank() == 0:
         try:
-            resume = cfg.checkpoint.resume
-            path = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "none" else Path(resume))
+            path = chosen
             if path is not None and not Path(path).is_dir():
                 raise ConfigError(f"checkpoint.resume: {path} does not exist")
             _protect_earlier_run(cfg, ckpt_root, path, overwrite)
@@ -203,6 +218,12 @@ def _check_resume(cfg: RunConfig, path: Path, marker: dict, tokenizer_sha256: st
         raise ConfigError(
             f"cannot resume from {path}: these settings differ from the checkpointed run's: "
             f"{', '.join(bad)} ({_NEW_RUN})"
+        )
+    store = _store_identity(cfg)
+    if marker.get("teacher_store_sha256") != store:
+        raise ConfigError(
+            f"cannot resume from {path}: the logits store teacher.store={cfg.teacher.store} is not the one the "
+            f"checkpointed run read (its manifest changed: rebuilt or replaced); {_NEW_RUN}"
         )
     recorded = marker.get("tokenizer_sha256")
     if recorded is not None and recorded != tokenizer_sha256:

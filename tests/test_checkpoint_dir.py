@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megadistill.checkpoint_dir import COMPLETE_MARKER, checkpoint_path, commit, latest_checkpoint, read_marker
-from megadistill.config import ConfigError, OptimizerConfig, RunConfig, TeacherConfig, to_dict
+from megadistill.config import CheckpointConfig, ConfigError, OptimizerConfig, RunConfig, TeacherConfig, to_dict
 from megadistill.testing import run_distributed
 
 
@@ -87,3 +87,98 @@ def test_a_deepspeed_run_is_not_accepted_as_a_teacher(tmp_path):
     cfg = RunConfig(teacher=TeacherConfig(mode="online", checkpoint=str(tmp_path / "ds_run")))
     with pytest.raises(ConfigError, match=r"teacher.checkpoint .*step_00000007 was written by the deepspeed backend"):
         preflight(cfg)
+
+
+# -- Integrity: checksums at commit, verified resume decisions --------------------------------
+
+TOKENIZER_SHA = "0" * 64
+
+
+def _commit_run(root: str, cfg: RunConfig, steps: list[int]) -> list[str]:
+    """Commit fake checkpoints of ``steps`` as the driver would (each rank writes a shard, plus a
+    nested file from rank 0), with ``cfg``'s run record."""
+    import torch.distributed as dist
+
+    from megadistill import resume
+
+    def write(directory: Path) -> None:
+        (directory / f"shard{dist.get_rank()}.bin").write_bytes(bytes(range(256)) * (64 + 64 * dist.get_rank()))
+        if dist.get_rank() == 0:
+            (directory / "engine").mkdir()
+            (directory / "engine" / "state.pt").write_bytes(b"engine state")
+
+    marker = resume.run_marker(cfg, None, TOKENIZER_SHA)
+    return [str(commit(root, step, write, marker)) for step in steps]
+
+
+def test_commit_records_the_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    (path,) = run_distributed(_commit_run, 2, str(tmp_path), RunConfig(output_dir=str(tmp_path)), [3])[0]
+    path = Path(path)
+    marker = json.loads((path / COMPLETE_MARKER).read_text())
+    files = marker["integrity"]["files"]
+    assert sorted(files) == ["engine/state.pt", "shard0.bin", "shard1.bin"]
+    for name, (size, digest) in files.items():
+        data = (path / name).read_bytes()
+        assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
+    assert "integrity" not in read_marker(path) and read_marker(path)["step"] == 3
+
+
+def _decide_logged(cfg: RunConfig, root: str):
+    """resume.decide on this rank, with its warnings and error."""
+    import logging
+
+    import torch.distributed as dist
+
+    from megadistill import resume
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("megadistill.checkpoint_dir").addHandler(handler)
+    try:
+        result = resume.decide(cfg, Path(root), TOKENIZER_SHA)
+    except Exception as e:
+        result = f"{type(e).__name__}: {e}"
+    return dist.get_rank(), result, records
+
+
+def _corrupt(path: Path, name: str) -> None:
+    data = bytearray((path / name).read_bytes())
+    data[100:356] = bytes(b ^ 0xFF for b in data[100:356])  # 64 floats' worth, same size
+    (path / name).write_bytes(data)
+
+
+def test_resume_auto_falls_back_past_a_corrupt_latest_checkpoint(tmp_path):
+    cfg = RunConfig(output_dir=str(tmp_path))
+    root = tmp_path / "checkpoints"
+    run_distributed(_commit_run, 2, str(root), cfg, [3, 6, 9])
+    _corrupt(root / "step_00000009", "shard1.bin")
+    (root / "step_00000006" / COMPLETE_MARKER).write_text('{"step": 6, "integ')  # a torn marker
+    results = run_distributed(_decide_logged, 2, cfg, str(root))
+    for rank, (path, _), records in results:  # every rank agrees on the fallback
+        assert path == str(root / "step_00000003"), (rank, path)
+    warnings = "\n".join(results[0][2])
+    assert f"checkpoint {root / 'step_00000009'} is corrupt" in warnings
+    assert "shard1.bin: content differs from the sha256 recorded at save" in warnings
+    assert f"{root / 'step_00000006'} is corrupt" in warnings and "COMPLETE: not valid JSON" in warnings
+    assert f"resuming from {root / 'step_00000003'}, the newest intact checkpoint" in warnings
+    assert results[1][2] == []  # warned once, by rank 0
+
+
+def test_resume_from_a_corrupt_checkpoint_path_is_refused_naming_the_file(tmp_path):
+    root = tmp_path / "checkpoints"
+    cfg = RunConfig(output_dir=str(tmp_path))
+    run_distributed(_commit_run, 2, str(root), cfg, [3, 6])
+    (root / "step_00000006" / "engine" / "state.pt").unlink()
+    explicit = RunConfig(output_dir=str(tmp_path), checkpoint=CheckpointConfig(resume=str(root / "step_00000006")))
+    for _, message, _ in run_distributed(_decide_logged, 2, explicit, str(root)):
+        assert message.startswith(f"CorruptCheckpointError: checkpoint {root / 'step_00000006'} is corrupt")
+        assert "engine/state.pt: missing" in message
+
+    _corrupt(root / "step_00000003", "shard0.bin")  # now none is intact: refused, not restarted
+    for _, message, _ in run_distributed(_decide_logged, 2, cfg, str(root)):
+        assert message.startswith(f"NoIntactCheckpointError: every complete checkpoint under {root} is corrupt")
+        assert "step_00000006/engine/state.pt: missing" in message and "step_00000003/shard0.bin: content differs" in message
+        assert "checkpoint.resume: none" in message

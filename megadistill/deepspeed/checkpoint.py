@@ -10,17 +10,26 @@ Inside the (empty, temporary) directory ``megadistill.checkpoint_dir.commit`` ha
 
 A ZeRO checkpoint holds one optimizer partition per data-parallel rank and is read back by the
 same ranks: :func:`load` refuses a checkpoint of another ZeRO stage, data-parallel size, tensor
-or world size before DeepSpeed reads anything. RNG states are restored last, so that the resumed
+or world size before DeepSpeed reads anything. Before that, every file of the committed directory
+is checked against the checksums of its ``COMPLETE`` marker (``checkpoint_dir.verify``), and a
+read error that still happens names the file. RNG states are restored last, so that the resumed
 run draws the dropout masks the uninterrupted run would have.
+
+DeepSpeed's default (torch.save) checkpoint engine writes in the rank's own process: nothing is
+forked or spawned. (Its decoupled and DataStates writers, chosen by ``checkpoint.writer`` /
+``datastates`` in its config, would write after ``save`` returned, behind the commit's back.)
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from megadistill.checkpoint_dir import verify
 
 FORMAT = "megadistill-deepspeed-checkpoint"
 VERSION = 1
@@ -60,7 +69,10 @@ def read_meta(directory: Path) -> dict:
             f"{directory} is not a checkpoint of the DeepSpeed backend (no {META_FILE}; was it saved "
             "with optimizer.backend=megatron, or is the save incomplete?)"
         )
-    meta = json.loads(path.read_text())
+    with _reading(path):
+        meta = json.loads(path.read_bytes())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: corrupt or not a megadistill checkpoint file (not a JSON object)")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} version {meta.get('version')!r}")
     return meta
@@ -88,18 +100,22 @@ def load(directory: Path, engine, scheduler, layout: dict) -> int:
     from megadistill import rng
 
     directory = Path(directory)
+    verify(directory)  # before DeepSpeed reads anything; agreed on every rank
     meta = read_meta(directory)
     check_layout(directory, meta, layout)
-    state = torch.load(_rank_file(directory, dist.get_rank()), weights_only=False)
+    rank_file = _rank_file(directory, dist.get_rank())
+    with _reading(rank_file):
+        state = torch.load(rank_file, weights_only=False)  # our own file, verified above
     if state["step"] != meta["step"]:
         raise ValueError(f"{directory}: rank {dist.get_rank()}'s state is of step {state['step']}, the checkpoint's {meta['step']}")
-    path, client = engine.load_checkpoint(
-        str(directory / ENGINE_DIR),
-        tag=ENGINE_TAG,
-        load_module_strict=True,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=False,
-    )
+    with _reading(directory / ENGINE_DIR):
+        path, client = engine.load_checkpoint(
+            str(directory / ENGINE_DIR),
+            tag=ENGINE_TAG,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
     if path is None or client.get("megadistill_step") != meta["step"]:
         raise ValueError(f"{directory}: DeepSpeed could not load its engine checkpoint from {directory / ENGINE_DIR}")
     # The scheduler replays its saved step count onto the live one; start it from zero.
@@ -107,3 +123,17 @@ def load(directory: Path, engine, scheduler, layout: dict) -> int:
     scheduler.load_state_dict(state["scheduler"])
     rng.set_state(state["rng"])  # last: nothing after it may draw random numbers
     return int(meta["step"])
+
+
+@contextmanager
+def _reading(path: Path):
+    """An error while reading ``path`` (a file, or the engine's directory) re-raised naming it."""
+    try:
+        yield
+    except Exception as e:
+        if str(path) in str(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"cannot read {path} ({type(e).__name__}: {first}): corrupt, or not a megadistill checkpoint?"
+        ) from e

@@ -26,6 +26,7 @@ ADAM_EPS = 1e-8
 _REJECTED_BLOCKS = {
     "optimizer": "the optimizer is generated from the optimizer section (AdamW with its lr, betas, weight_decay)",
     "scheduler": "the learning-rate schedule is megadistill's (optimizer.lr_schedule, warmup_fraction, min_lr)",
+    "datastates": "an asynchronous checkpoint writer would still be writing after the checkpoint is committed",
 }
 # Precision blocks: the DeepSpeed backend trains in fp32 only.
 _PRECISION_BLOCKS = ("fp16", "bf16", "amp", "torch_autocast")
@@ -126,6 +127,11 @@ def check(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                 f"deepspeed.config.{block}.enabled={enabled!r}: the DeepSpeed backend trains in fp32 only "
                 f"(remove deepspeed.config.{block})"
             )
+    if isinstance(passed.get("checkpoint"), dict) and "writer" in passed["checkpoint"]:
+        raise ConfigError(
+            "deepspeed.config.checkpoint.writer is not allowed: a decoupled checkpoint writer would still be "
+            "writing after the checkpoint is committed (megadistill checksums and commits it on save)"
+        )
     if "zero_optimization" in passed and not isinstance(passed["zero_optimization"], dict):
         raise ConfigError(f"deepspeed.config.zero_optimization must be a mapping, got {passed['zero_optimization']!r}")
     generated = _from_yaml(cfg, _dp_size(cfg, world_size))

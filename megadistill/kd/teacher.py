@@ -130,4 +130,8 @@ def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str]) -> Teac
         return OnlineTeacher(lambda: build_gpt(cfg.teacher.model, cfg, vocab_size), checkpoint, CHECKPOINT_MODEL_PREFIX)
     if cfg.teacher.mode == "none":
         return NoTeacher()
+    if cfg.teacher.mode == "offline":
+        from megadistill.store.reader import OfflineTeacher
+
+        return OfflineTeacher.for_run(cfg, vocab_size)
     raise ValueError(f"teacher.mode {cfg.teacher.mode!r} has no teacher source")

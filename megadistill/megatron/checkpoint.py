@@ -27,12 +27,19 @@ collective). What is stored:
   record, config and teacher checkpoint, in the ``COMPLETE`` marker instead, readable without
   megatron). It must be identical on every rank: rank 0's copy is the one saved.
 
-A save goes to ``step_XXXXXXXX.tmp``; after every rank finished writing, rank 0 writes the
-``COMPLETE`` marker, renames the directory to ``step_XXXXXXXX`` and fsyncs
+A save goes to ``step_XXXXXXXX.tmp``; after every rank finished writing, the ranks checksum the
+files, rank 0 writes the ``COMPLETE`` marker, renames the directory to ``step_XXXXXXXX`` and fsyncs
 (``checkpoint_dir.commit``; :func:`write_checkpoint` writes the same state without it). A save killed
 before the rename leaves only the ``.tmp`` directory, which :func:`latest_checkpoint` ignores
 (it returns only directories with the marker) and the next save of that step removes. The
 checkpoint root must be on a file system every rank sees (as for Megatron-LM).
+:func:`load_checkpoint` verifies every file against its checksum before megatron-core reads any
+(``checkpoint_dir.verify``), and an error megatron-core or torch raise while reading names the file.
+
+megatron-core's writer forks one process per write bucket for every save; they die with the rank
+(``checkpoint_dir.children_die_with_this_process``). Its results queue would be a *spawn*-context
+``Manager``, a server process per rank that outlives a rank killed with SIGKILL: a fork-context
+queue is installed instead (:func:`install_write_results_queue`).
 
 Exact resume: build model -> DDP -> optimizer -> scheduler exactly as for a fresh run, call
 :func:`load_checkpoint`, and continue with step ``extra["step"] + 1`` at the saved data position.
@@ -45,7 +52,10 @@ call ``optimizer.reload_model_params()``.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.queues
 import re
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -53,12 +63,24 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.core import CONFIG_FNAME, maybe_load_config
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject, ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.package_info import __version__ as _MCORE_VERSION
 from megatron.core.utils import unwrap_model
 
 from megadistill import rng
-from megadistill.checkpoint_dir import COMPLETE_MARKER, checkpoint_path, commit, is_complete, latest_checkpoint  # noqa: F401
+from megadistill.checkpoint_dir import (  # noqa: F401
+    COMPLETE_MARKER,
+    checkpoint_path,
+    children_die_with_this_process,
+    commit,
+    is_complete,
+    latest_checkpoint,
+    verify,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +118,7 @@ def save_checkpoint(
     ``marker`` (JSON-serialisable) is added to the ``COMPLETE`` marker (``checkpoint_dir.commit``).
     """
     state = _training_state(step, model, optimizer, scheduler, extra, optimizer_sharding)
-    return commit(root, step, lambda tmp: dist_checkpointing.save(state, str(tmp)), {"layout": _layout(), **(marker or {})})
+    return commit(root, step, lambda tmp: _save(state, tmp), {"layout": _layout(), **(marker or {})})
 
 
 def write_checkpoint(directory: str | Path, step: int, model, optimizer, scheduler=None, extra: Optional[dict] = None,
@@ -104,7 +126,13 @@ def write_checkpoint(directory: str | Path, step: int, model, optimizer, schedul
     """Write the same state as :func:`save_checkpoint` into an existing empty ``directory``, with no
     commit protocol (for callers that commit it themselves, as ``megadistill.checkpoint_dir``)."""
     state = _training_state(step, model, optimizer, scheduler, extra, optimizer_sharding)
-    dist_checkpointing.save(state, str(directory))
+    _save(state, Path(directory))
+
+
+def _save(state: dict, directory: Path) -> None:
+    install_write_results_queue()
+    with children_die_with_this_process():  # megatron-core's writer processes
+        dist_checkpointing.save(state, str(directory))
 
 
 def _training_state(step: int, model, optimizer, scheduler, extra: Optional[dict], optimizer_sharding: str) -> dict:
@@ -146,20 +174,20 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
     optimizer state, the scheduler and -- for the same world size and TP/PP layout -- this rank's
     RNG states. Build ``model``, DDP, ``optimizer`` and ``scheduler`` exactly as for a fresh run
     first (the optimizer must not have stepped; the scheduler must be new). Raises
-    ``FileNotFoundError`` for a missing or incomplete checkpoint and ``ValueError`` when the model
-    (or, for ``dp_reshardable``, the TP/PP layout) does not match the checkpoint.
+    ``FileNotFoundError`` for a missing or incomplete checkpoint,
+    ``checkpoint_dir.CorruptCheckpointError`` (naming the files) when its files are not the ones
+    saved, and ``ValueError`` when the model (or, for ``dp_reshardable``, the TP/PP layout) does
+    not match the checkpoint or a file cannot be read (naming it).
     ``restore_rng=False`` leaves the RNG states alone (e.g. to load weights only, for a new run).
     ``model`` may also be a bare (unwrapped) model: e.g. a student checkpoint loaded as a teacher.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not is_complete(path):
-        raise FileNotFoundError(
-            f"{path} is not a complete megadistill checkpoint (no {COMPLETE_MARKER} marker: an "
-            "interrupted save?); use latest_checkpoint(root) to find the newest complete one"
-        )
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    verify(path)  # before megatron-core reads anything; agreed on every rank
+    with _reading(path / CONFIG_FNAME):
+        if maybe_load_config(str(path)) is None:
+            raise FileNotFoundError(f"{path / CONFIG_FNAME} is missing")
+    with _reading(path / COMMON_STATE_FNAME):
+        common = dist_checkpointing.load_common_state_dict(str(path))
     meta = common.get(_META_KEY)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a megadistill training checkpoint")
@@ -192,8 +220,9 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
             raise ValueError(
                 f"{path} stores the distributed optimizer as 'dp_reshardable', which loads only with the "
                 f"same tensor/pipeline-parallel sizes (saved TP={saved_layout['tp']} PP={saved_layout['pp']}, "
-                f"now TP={layout['tp']} PP={layout['pp']}); save with optimizer_sharding='fully_reshardable' "
-                "to change them"
+                f"now TP={layout['tp']} PP={layout['pp']}): resume with the saved sizes, or save the run with "
+                "checkpoint.optimizer_sharding=fully_reshardable (save_checkpoint(optimizer_sharding=...) in "
+                "code) to change them"
             )
         request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_state, True, sharding or "")
     if scheduler is not None and not meta["has_scheduler"]:
@@ -208,7 +237,8 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
             path, saved_layout, layout,
         )
 
-    loaded = dist_checkpointing.load(request, str(path))
+    with _reading(path, "the tensors and objects (__*.distcp, .metadata)"):
+        loaded = dist_checkpointing.load(request, str(path))
 
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         chunk.load_state_dict(loaded[key], strict=True)
@@ -226,6 +256,55 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+# torch.load's advice for a file it refuses to unpickle (weights_only=False "will likely succeed")
+# is wrong for a corrupt file and unsafe for a foreign one: never passed on.
+_UNSAFE_ADVICE = "weights_only"
+
+
+@contextmanager
+def _reading(file: Path, what: str = ""):
+    """Re-raise an error megatron-core or torch raise while reading ``file`` (or ``what`` of a
+    checkpoint directory) as a ValueError naming it. torch's DCP raises ``CheckpointException``,
+    a BaseException."""
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        reason, unsafe = _reason(e)
+        if what:  # megatron-core does not say which file: the content may be at fault, or the model
+            error = ValueError(
+                f"cannot read {what} of checkpoint {file}: a corrupt file, or a checkpoint of another model? ({reason})"
+            )
+        else:
+            error = ValueError(f"cannot read {file}: corrupt or not a megadistill checkpoint ({reason})")
+        if unsafe:
+            raise error from None  # the chained original would show torch's advice after all
+        raise error from e
+
+
+def _reason(error: BaseException) -> tuple[str, bool]:
+    """A one-line account of ``error`` (per rank for a DCP failure), and whether torch's
+    weights_only advice had to be left out."""
+    if isinstance(error, CheckpointException):
+        parts = [_reason(inner) for inner, _ in error.failures.values()]
+        ranks = list(error.failures)
+        return "; ".join(f"rank {r}: {text}" for r, (text, _) in zip(ranks, parts)), any(u for _, u in parts)
+    message = str(error)
+    if _UNSAFE_ADVICE in message:
+        return f"{type(error).__name__}: not a file torch.load reads safely{_unpickler_detail(message)}", True
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return f"{type(error).__name__}: {first[:300]}" if first else type(error).__name__, False
+
+
+def _unpickler_detail(message: str) -> str:
+    """The first sentence of what torch's safe unpickler objected to ("Unsupported operand 149"),
+    without the advice that follows it."""
+    _, found, rest = message.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in rest.splitlines() if line.strip()]
+    return f" ({lines[0].split('. ')[0].rstrip('.')})" if found and lines else ""
 
 
 def _model_chunks(model) -> list:
@@ -249,7 +328,8 @@ def _layout() -> dict[str, int]:
 
 def _check_model_matches(path: Path, model_state: dict) -> None:
     """Raise a readable ValueError, on every rank, if the model's tensors differ from the checkpoint's."""
-    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    with _reading(path / ".metadata"):
+        saved = dist_checkpointing.load_tensors_metadata(str(path))
     problems = []
     local_keys = set()
     for sh in _sharded_tensors(model_state):
@@ -328,6 +408,36 @@ def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
         (dist.get_rank(),),
         replica_id=0,
     )
+
+
+# -- dist_checkpointing's write results queue ---------------------------------------------------
+
+
+class _WriteResultsQueue(multiprocessing.queues.Queue):
+    """Fork-context queue for dist_checkpointing's write results.
+
+    megatron-core creates its own lazily from a *spawn*-context ``Manager``: a server process
+    per rank (a fresh interpreter, seconds to start) that outlives a rank killed with SIGKILL,
+    blocked on a futex. For the synchronous saves made here, the results are put and read back
+    by the rank itself (a fork-based async writer would inherit the queue too).
+    ``multiprocessing.Queue.put`` returns before a feeder thread has written the item to the
+    pipe, so megatron's ``get_nowait()`` right after the save can find it still empty (a few
+    saves in a hundred): the item is always on its way by then (the writer finished), so
+    ``get_nowait`` waits for it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(ctx=multiprocessing.get_context("fork"))
+
+    def get_nowait(self) -> Any:
+        return self.get(timeout=60)
+
+
+def install_write_results_queue() -> None:
+    """Give dist_checkpointing a fork-context results queue unless it already has one.
+    Idempotent; called before every save (and by the CPU layer)."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = _WriteResultsQueue()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,10 +86,10 @@ type error):
    flag on ``current_device()``, ``strategies/torch.py`` and ``exchange_utils.py`` build load
    buffers there; their ``torch`` gets the proxy. (6b) A synchronous save passes its write
    results through a queue from a *spawn*-context ``Manager``, a fresh interpreter per process
-   (~3 s per test rank); a fork-context queue is installed instead. Its ``put`` hands the item to
-   a feeder thread, and megatron reads it back at once with ``get_nowait()``: a plain
-   ``multiprocessing.Queue`` intermittently answers "results_queue should not be empty" (a few
-   saves in a hundred here), so :class:`_WriteResultsQueue` waits for the item instead.
+   (~3 s per test rank) that outlives a rank killed with SIGKILL. Not a CPU matter:
+   ``megadistill.megatron.checkpoint.install_write_results_queue`` puts a fork-context queue in
+   its place before every save, on any machine; the layer installs it too, for direct
+   ``dist_checkpointing.save`` calls (a teacher checkpoint in a test, say).
 
 7. The distributed optimizer's checkpoint paths: ``distrib_optimizer.py`` allocates the
    never-stepped optimizer's dummy state in ``load_state_dict`` and the all-gather buffers of
@@ -123,8 +123,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import multiprocessing
-import multiprocessing.queues
 import os
 import warnings
 from typing import Any, Callable, Mapping, Optional
@@ -293,22 +291,6 @@ _PROXIED_MODULES = {
 }
 
 
-class _WriteResultsQueue(multiprocessing.queues.Queue):
-    """Fork-context queue for dist_checkpointing's write results (site 6b).
-
-    ``multiprocessing.Queue.put`` returns before a feeder thread has written the item to the
-    pipe, so megatron's ``get_nowait()`` right after a synchronous save can find it still empty.
-    The item is always on its way when megatron asks (the writer finished before), so waiting
-    for it is safe.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(ctx=multiprocessing.get_context("fork"))
-
-    def get_nowait(self) -> Any:
-        return self.get(timeout=60)
-
-
 def _get_cpu_rng_state(
     device: Any = "cuda", clone: bool = False, graph_safe: bool = False
 ) -> torch.Tensor:
@@ -407,12 +389,10 @@ def apply() -> None:
         if module.torch is torch:
             module.torch = _CpuTorch()
 
-    # Site 6b: a synchronous save hands its write results through a queue that megatron creates
-    # from a *spawn*-context Manager: a fresh interpreter per process, ~3 s per test rank. A fork
-    # -context queue carries the same results (sync saves and fork-based async writers alike).
-    filesystem_async = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = _WriteResultsQueue()
+    # Site 6b: not megatron's spawn-context Manager for the write results (module docstring).
+    from megadistill.megatron.checkpoint import install_write_results_queue
+
+    install_write_results_queue()
 
     # Site 2: the tracker's get/set helpers, looked up as module globals by its methods.
     random = importlib.import_module("megatron.core.tensor_parallel.random")

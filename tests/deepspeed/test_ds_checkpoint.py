@@ -6,6 +6,7 @@ size or backend is refused with a clear message before DeepSpeed reads it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,10 +94,88 @@ def test_load_refuses_another_data_parallel_size(saved):
     assert "data-parallel size 2 in the checkpoint, 1 in this run" in message, message
 
 
+def _load_error_of_another_backend(cfg, root: str) -> tuple[str, str]:
+    """A committed checkpoint of the Megatron backend, and an uncommitted directory."""
+    def write(directory: Path) -> None:
+        (directory / "common.pt").write_bytes(b"megatron's")
+
+    other = commit(root, 1, write, {"backend": "megatron"})
+    backend, _ = build(cfg)
+    uncommitted = "loaded"
+    try:
+        backend.load(Path(root) / "step_00000002.tmp")
+    except FileNotFoundError as e:
+        uncommitted = str(e)
+    return _load_error(cfg, str(other)), uncommitted
+
+
 def test_load_refuses_a_directory_without_a_deepspeed_checkpoint(teacher_ckpt, tmp_path):
     cfg = run_config("deepspeed", 1, teacher_ckpt)
-    (message,) = run_distributed(_load_error, 1, cfg, str(tmp_path))
+    (tmp_path / "step_00000002.tmp").mkdir()
+    ((message, uncommitted),) = run_distributed(_load_error_of_another_backend, 1, cfg, str(tmp_path))
     assert "not a checkpoint of the DeepSpeed backend" in message and "optimizer.backend=megatron" in message
+    assert "step_00000002.tmp is not a complete megadistill checkpoint" in uncommitted
+
+
+# Every kind of file a DeepSpeed checkpoint holds (ZeRO-3, DP=2), by a pattern of its path.
+DS_FILES = {
+    "deepspeed.json": "deepspeed.json",
+    "rank state": "rank_state/rank00001.pt",
+    "engine model states": "engine/engine/zero_pp_rank_1_mp_rank_00_model_states.pt",
+    "engine optimizer partition": "engine/engine/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    "engine latest tag": "engine/latest",
+}
+
+
+def _overwrite_64_floats(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    start = len(data) // 2
+    data[start : start + 256] = bytes(b ^ 0xFF for b in data[start : start + 256])[: len(data) - start]
+    file.write_bytes(data)
+
+
+def test_every_kind_of_corrupted_deepspeed_file_is_detected(saved, tmp_path):
+    from megadistill.checkpoint_dir import CorruptCheckpointError, verify
+
+    _, root, _ = saved(3)
+    directory = root / f"step_{SAVE_AT:08d}"
+    recorded = json.loads((directory / "COMPLETE").read_text())["integrity"]["files"]
+    on_disk = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != "COMPLETE")
+    assert sorted(recorded) == on_disk  # the engine's files and the backend's, all of them
+    assert set(DS_FILES.values()) <= set(recorded)
+    silent = []
+    for i, name in enumerate(DS_FILES.values()):
+        for j, corrupt in enumerate((_overwrite_64_floats, lambda f: f.write_bytes(f.read_bytes()[:-1]))):
+            copy = tmp_path / f"{i}_{j}" / directory.name
+            shutil.copytree(directory, copy)
+            corrupt(copy / name)
+            try:
+                verify(copy)
+                silent.append(name)
+            except CorruptCheckpointError as e:
+                assert name in str(e), str(e)
+    assert silent == []
+
+
+def _load_corrupt(cfg, directory: str) -> str:
+    from megadistill.checkpoint_dir import CorruptCheckpointError
+
+    backend, _ = build(cfg)
+    try:
+        backend.load(Path(directory))
+    except CorruptCheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_a_corrupt_deepspeed_checkpoint_is_refused_before_deepspeed_reads_it(saved, tmp_path):
+    cfg, root, _ = saved(3)
+    copy = tmp_path / f"step_{SAVE_AT:08d}"
+    shutil.copytree(root / copy.name, copy)
+    _overwrite_64_floats(copy / DS_FILES["engine optimizer partition"])
+    for message in run_distributed(_load_corrupt, 2, cfg, str(copy)):
+        assert f"checkpoint {copy} is corrupt" in message
+        assert f"{DS_FILES['engine optimizer partition']}: content differs from the sha256 recorded at save" in message
 
 
 def _load_after_training(cfg, directory: str):

@@ -1,0 +1,94 @@
+"""The store's subcommands: ``precompute-logits`` and ``store info|verify`` (added to the
+``megadistill`` parser by ``megadistill.cli.build_parser`` through :func:`_add_store_commands`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+
+def _precompute(args) -> int:
+    from megadistill import launch, preflight
+    from megadistill.config import ConfigError, load_config
+    from megadistill.store.format import StoreError
+
+    where = launch.resolve()
+    # The full preflight would demand the store this command is about to write.
+    cfg = load_config(args.config, args.overrides, world_size=where.world_size, preflight=False)
+    if not cfg.teacher.store:
+        raise ConfigError("teacher.store is required: the directory to write the logits store to")
+    if not cfg.teacher.checkpoint:
+        raise ConfigError("teacher.checkpoint is required: the teacher whose logits are precomputed")
+    preflight._check_transformer_engine(cfg)
+    preflight._check_data_files(cfg)
+    preflight._check_teacher(replace(cfg, teacher=replace(cfg.teacher, mode="online")))
+    launch.choose_backend()
+    from megadistill.store.precompute import precompute
+
+    try:
+        manifest = precompute(cfg, progress=not args.no_progress, samples_per_shard=args.samples_per_shard,
+                              logprob_dtype=args.logprob_dtype)
+    except StoreError as e:
+        raise ConfigError(str(e)) from e
+    tokens = manifest["num_samples"] * manifest["identity"]["dataset"]["seq_length"]
+    print(f"wrote {cfg.teacher.store}: {manifest['num_samples']} samples, {len(manifest['shards'])} shards, "
+          f"{manifest['total_bytes'] / max(tokens, 1):.1f} bytes/token")
+    return 0
+
+
+def _info(args) -> int:
+    from megadistill.config import ConfigError
+    from megadistill.store.format import StoreError
+    from megadistill.store.inspect_store import info
+
+    try:
+        lines = info(args.path)
+    except StoreError as e:
+        raise ConfigError(str(e)) from e
+    print("\n".join(lines))
+    return 0
+
+
+def _verify(args) -> int:
+    from megadistill.config import ConfigError
+    from megadistill.store.format import StoreError
+    from megadistill.store.inspect_store import run_dataset, verify
+
+    try:
+        lines = verify(args.path, run_dataset(args.data) if args.data else None)
+    except StoreError as e:
+        raise ConfigError(str(e)) from e
+    print("\n".join(lines))
+    return 0
+
+
+def _add_store_commands(sub) -> None:
+    """Add ``precompute-logits`` and ``store {info,verify}`` to the subparsers ``sub``."""
+    from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD
+
+    p = sub.add_parser(
+        "precompute-logits",
+        help="run the teacher over a run's training samples once and write a logits store (teacher.store)",
+        description=(
+            "Build the run's training data as training does, load teacher.model from teacher.checkpoint and "
+            "write the top-p-k targets (kd.top_p, kd.top_k) of samples 0 .. train_steps x global_batch_size - 1 "
+            "to teacher.store. Data- and tensor-parallel under torchrun/srun; a killed run resumes where it stopped."
+        ),
+    )
+    p.add_argument("config", help="run YAML file (the student's run: teacher.*, kd.top_p/top_k, data, training)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.store=/data/store")
+    p.add_argument("--logprob-dtype", choices=("fp16", "fp32"), default="fp16",
+                   help="log-prob encoding: fp16 (default, rounds down by < 1 ulp) or fp32 (exact)")
+    p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, metavar="N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_precompute)
+    s = sub.add_parser("store", help="inspect or check a logits store (store info|verify PATH)")
+    ssub = s.add_subparsers(dest="store_command", required=True)
+    i = ssub.add_parser("info", help="settings, size, bytes/token and coverage of a store")
+    i.add_argument("path")
+    i.set_defaults(fn=_info)
+    v = ssub.add_parser("verify", help="check every shard's checksum and contents (and, with --data, the dataset)")
+    v.add_argument("path")
+    v.add_argument("--data", metavar="RUN_YAML", default=None,
+                   help="also check each sample's token hash against this run's training data")
+    v.set_defaults(fn=_verify)

@@ -1,0 +1,220 @@
+"""``megadistill precompute-logits run.yaml``: run a finished teacher over a run's training
+samples once and write their top-p-k targets to ``teacher.store``.
+
+The samples are the ones the student's sampler asks for, by global sample index
+``0 .. train_steps × global_batch_size - 1``, built exactly as training builds them
+(``megadistill.datasets.prepare_data``). Shard ``i`` (samples ``[i·S, (i+1)·S)``) is computed by
+data-parallel rank ``i mod DP``, each teacher forward over ``data.micro_batch_size`` samples of one
+shard, so a shard's bytes do not depend on the number of ranks (and a resumed run, which skips the
+finished shards, writes the same files as an uninterrupted one). Under tensor parallelism the
+truncation is decided on the *global* vocabulary (``megadistill.losses.targets._truncation_threshold``)
+and the kept ids are gathered from every vocab shard; pipeline parallelism is not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megadistill.config import ConfigError
+from megadistill.losses.config import KDLossConfig
+from megadistill.store.format import (
+    DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, LOGPROB_DTYPES, SampleTargets, StoreError, encode_shard, id_bits, sample_hash, shard_name,
+)
+
+def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's kept ids of each token, as the online KD loss keeps them.
+
+    ``logits[c, v/tp]`` is this rank's vocab shard (ids ``[rank·v/tp, (rank+1)·v/tp)``). Returns,
+    identical on every rank of ``group``: ``ids[c, k]`` (global ids, by descending log-prob, ties by
+    ascending id, -1 pads), their τ = 1 ``logprobs[c, k]`` (float64, -inf pads) and the truncated
+    mass ``residual[c]`` (float64, summed over the truncated ids themselves). ``k`` is the largest
+    kept count of the chunk. Without truncation every id is kept.
+    """
+    from megadistill.losses.parallel import all_gather_last_dim, all_reduce_, group_rank
+    from megadistill.losses.softmax import global_max
+    from megadistill.losses.targets import _truncation_threshold
+
+    x = logits.float()
+    v_local = x.shape[-1]
+    m = global_max(x, group)
+    # The threshold is decided exactly as DenseTarget decides it (fp32), so the stored ids are the
+    # online loss's; the stored log-probs come from a float64 normaliser.
+    e1 = torch.exp(x - m.unsqueeze(-1))
+    lse1 = m + torch.log(all_reduce_(e1.sum(-1), dist.ReduceOp.SUM, group))
+    if cfg.truncates:
+        kept = x >= _truncation_threshold(x, lse1, cfg, group).unsqueeze(-1)
+    else:
+        kept = torch.ones_like(x, dtype=torch.bool)
+    xd = x.double()
+    e1d = torch.exp(xd - m.double().unsqueeze(-1))
+    s1d = all_reduce_(e1d.sum(-1), dist.ReduceOp.SUM, group)
+    lse1d = m.double() + torch.log(s1d)
+    residual = all_reduce_(e1d.masked_fill(kept, 0.0).sum(-1), dist.ReduceOp.SUM, group) / s1d
+
+    k_local = all_reduce_(kept.sum(-1).max().reshape(1), dist.ReduceOp.MAX, group)
+    k_local = max(1, int(k_local))
+    # This shard's kept ids are its top-k_local logits (every kept logit exceeds every dropped one).
+    values, idx = torch.topk(x, min(k_local, v_local), dim=-1, sorted=True)
+    valid = kept.gather(-1, idx)
+    gids = torch.where(valid, idx + group_rank(group) * v_local, torch.full_like(idx, -1))
+    lp = torch.where(valid, xd.gather(-1, idx) - lse1d.unsqueeze(-1), torch.full_like(values, -np.inf, dtype=torch.float64))
+    gids, lp = all_gather_last_dim(gids, group), all_gather_last_dim(lp, group)
+    # Canonical order, independent of the TP layout: ascending id, then (stable) descending log-prob.
+    order = torch.argsort(torch.where(gids < 0, torch.full_like(gids, torch.iinfo(gids.dtype).max), gids), dim=-1, stable=True)
+    gids, lp = gids.gather(-1, order), lp.gather(-1, order)
+    order = torch.argsort(-lp, dim=-1, stable=True)
+    gids, lp = gids.gather(-1, order), lp.gather(-1, order)
+    k = int((gids >= 0).sum(-1).max())
+    return gids[:, :k], lp[:, :k], residual
+
+
+def checkpoint_identity(ckpt: Path) -> dict:
+    """The teacher checkpoint's identity: sha256 of every file in it (relative path + content)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    for p in files:
+        digest.update(str(p.relative_to(ckpt)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return {"path": str(ckpt.resolve()), "num_files": len(files), "files_sha256": digest.hexdigest()}
+
+
+def _plan(cfg, ckpt: Path, tokenizer_sha256: str, dataset: dict, vocab: int, samples_per_shard: int,
+          logprob_dtype: str) -> dict:
+    from megadistill.config import to_dict
+
+    k = cfg.kd
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "top_p_k",
+        "identity": {
+            "teacher": {**checkpoint_identity(ckpt), "model": to_dict(cfg.teacher.model)},
+            "tokenizer_sha256": tokenizer_sha256,
+            "dataset": dataset,
+        },
+        "truncation": {"top_p": k.top_p, "top_k": k.top_k, "ties": "kept"},
+        "encoding": {"vocab_size": vocab, "id_bits": id_bits(vocab), "logprob_dtype": logprob_dtype,
+                     "residual_dtype": logprob_dtype, "ids_per_position": "variable (per-position counts)"},
+        "num_samples": cfg.training.train_steps * cfg.data.global_batch_size,
+        "samples_per_shard": samples_per_shard,
+    }
+
+
+def _on_rank0(fn):
+    """``fn()`` on global rank 0, its result (or its error) shared with every rank."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except (StoreError, ConfigError, OSError) as e:
+            box = [("err", f"{type(e).__name__}\0{e}")]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "err":
+        name, message = value.split("\0", 1)
+        raise (ConfigError if name == "ConfigError" else StoreError)(message)
+    return value
+
+
+def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+               logprob_dtype: str = "fp16", _stop_after_shards: Optional[int] = None) -> dict:
+    """Write run ``cfg``'s teacher targets to ``cfg.teacher.store`` (collective over all ranks);
+    returns the manifest. Resumes a store begun for the same plan; refuses one made for another.
+    ``_stop_after_shards`` (tests) raises after this rank wrote that many shards, as a kill would."""
+    from megatron.core import parallel_state
+    from tqdm import tqdm
+
+    from megadistill import resume
+    from megadistill.config import CHECKPOINT_MODEL_PREFIX, padded_vocab_size
+    from megadistill.datasets import prepare_data
+    from megadistill.megatron.gpt import build_gpt, device
+    from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
+    from megadistill.preflight import resolve_teacher_checkpoint
+    from megadistill.store import writer
+    from megadistill.train import init_distributed
+
+    if cfg.teacher.store is None:
+        raise ConfigError("teacher.store is required: the directory the precomputed logits are written to")
+    if cfg.teacher.checkpoint is None:
+        raise ConfigError("teacher.checkpoint is required to precompute logits (the teacher's weights)")
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise ConfigError(f"log-prob encoding {logprob_dtype!r} is not one of {tuple(LOGPROB_DTYPES)}")
+    if samples_per_shard < 1:
+        raise ConfigError(f"samples per shard must be >= 1, got {samples_per_shard}")
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            "precompute-logits does not support pipeline parallelism yet: set "
+            "parallel.pipeline_model_parallel_size=1 (tensor and data parallelism are supported)"
+        )
+    init_distributed(cfg)
+    tokenizer, train_ds, _, tok_path = prepare_data(cfg)
+    vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
+    ckpt = _on_rank0(lambda: resolve_teacher_checkpoint(cfg.teacher.checkpoint))
+    teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab), ckpt, CHECKPOINT_MODEL_PREFIX))
+    store = Path(cfg.teacher.store)
+    d = cfg.data
+    dataset = {
+        "data_prefix": str(Path(d.data_prefix).resolve()) if d.data_prefix else None,
+        "inputs": list(d.inputs) if d.inputs else None,
+        "num_documents": int(len(train_ds.dataset.sequence_lengths)),
+        "seed": cfg.training.seed, "seq_length": d.seq_length, "split": d.split,
+    }
+
+    def begin():
+        plan = _plan(cfg, Path(ckpt), resume.file_sha256(tok_path), dataset, vocab, samples_per_shard, logprob_dtype)
+        if writer.read_manifest(store) is not None and writer.read_manifest(store).get("identity") == plan["identity"]:
+            writer.begin(store, plan)  # checks the rest of the plan too
+            return plan, None
+        writer.begin(store, plan)
+        return plan, sorted(writer.finished_shards(store, plan))
+
+    plan, done = _on_rank0(begin)
+    if done is None:  # already complete
+        return writer.read_manifest(store)
+    done = set(done)
+
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    group = parallel_state.get_tensor_model_parallel_group()
+    writes = parallel_state.get_tensor_model_parallel_rank() == 0
+    kd = cfg.kd.loss_config()
+    dev = device()
+    ranges = writer.shard_ranges(plan["num_samples"], samples_per_shard)
+    mine = [i for i in range(len(ranges)) if i % dp == dp_rank and i not in done]
+    todo_tokens = sum(ranges[i][1] for i in range(len(ranges)) if i not in done) * d.seq_length
+    bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"precompute {store.name}",
+               disable=not progress or dist.get_rank() != 0, dynamic_ncols=True)
+    written = 0
+    with torch.no_grad():
+        for i in mine:
+            first, count = ranges[i]
+            samples = []
+            for a in range(first, first + count, d.micro_batch_size):
+                chunk = [train_ds[j] for j in range(a, min(a + d.micro_batch_size, first + count))]
+                tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in chunk]).to(dev)
+                labels = torch.stack([torch.as_tensor(s["labels"]) for s in chunk])
+                position_ids = torch.stack([torch.as_tensor(s["position_ids"]) for s in chunk]).to(dev)
+                logits = teacher(tokens, position_ids, None)  # [b, s, v/tp]
+                b, s = tokens.shape
+                ids, lp, res = select_top_p_k(logits.reshape(b * s, -1), kd, group)
+                ids, lp, res = ids.reshape(b, s, -1).cpu().numpy(), lp.reshape(b, s, -1).cpu().numpy(), res.reshape(b, s).cpu().numpy()
+                for j in range(b):
+                    valid = ids[j] >= 0
+                    samples.append(SampleTargets(sample_hash(chunk[j]["tokens"], labels[j]), valid.sum(-1),
+                                                 res[j], ids[j][valid], lp[j][valid]))
+                bar.update(b * s * dp)
+            if writes:
+                writer.write_atomic(store / shard_name(i), encode_shard(first, samples, d.seq_length, vocab, logprob_dtype))
+            written += 1
+            if _stop_after_shards is not None and written >= _stop_after_shards:
+                raise RuntimeError(f"stopped after {written} shard(s) (test hook)")
+    bar.close()
+    dist.barrier()
+    return _on_rank0(lambda: writer.finish(store, plan))

@@ -1,0 +1,200 @@
+"""Reading a store: a memory-mapped, verified reader and the ``OfflineTeacher`` teacher source.
+
+Checks, each a ``StoreError`` naming the shard and the sample:
+
+* on open: the manifest's version and keys; every shard file present with the size the manifest
+  records (a truncated or missing shard fails before the first step);
+* on a shard's first use (once per process): its sha256 against the manifest;
+* per sample: that the store holds it, and that its token hash equals the hash of the batch's own
+  ``tokens``/``labels`` (other data, seed, sequence length or tokenizer than the precompute's).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megadistill.store.format import (
+    MANIFEST, PLAN, Shard, StoreError, bytes_sha256, check_manifest, load_json, sample_hash, shard_of,
+)
+
+
+class StoreReader:
+    """Random access to a finished store by global sample index. ``verify=False`` skips the
+    per-shard sha256 (the size checks at open remain)."""
+
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
+        self.path = Path(path)
+        manifest = load_json(self.path / MANIFEST)
+        if manifest is None:
+            hint = " (a precompute is in progress or was killed: run megadistill precompute-logits again)" \
+                if (self.path / PLAN).is_file() else ""
+            what = "does not exist" if not self.path.exists() else f"has no {MANIFEST}{hint}"
+            raise StoreError(f"logits store {self.path} {what}")
+        check_manifest(manifest, f"logits store {self.path}")
+        self.manifest = manifest
+        self.num_samples = int(manifest["num_samples"])
+        self.samples_per_shard = int(manifest["samples_per_shard"])
+        self.verify = verify
+        self._shards: dict[int, Shard] = {}
+        for entry in manifest["shards"]:
+            f = self.path / entry["file"]
+            if not f.is_file():
+                raise StoreError(f"logits store {self.path}: shard {entry['file']} is missing")
+            size = f.stat().st_size
+            if size != entry["bytes"]:
+                raise StoreError(
+                    f"logits store {self.path}: shard {entry['file']} is {size} bytes, the manifest records "
+                    f"{entry['bytes']} (truncated or rewritten); samples {entry['first_sample']}.."
+                    f"{entry['first_sample'] + entry['num_samples'] - 1} cannot be read"
+                )
+
+    @property
+    def identity(self) -> dict:
+        return self.manifest["identity"]
+
+    def shard(self, index: int) -> Shard:
+        """Shard ``index`` (memory-mapped; its checksum verified on first use)."""
+        if index not in self._shards:
+            entry = self.manifest["shards"][index]
+            buf = np.memmap(self.path / entry["file"], dtype=np.uint8, mode="r")
+            if self.verify:
+                got = bytes_sha256(buf)
+                if got != entry["sha256"]:
+                    raise StoreError(
+                        f"logits store {self.path}: shard {entry['file']} fails its checksum (sha256 {got[:12]}…, "
+                        f"manifest {entry['sha256'][:12]}…): samples {entry['first_sample']}.."
+                        f"{entry['first_sample'] + entry['num_samples'] - 1} are corrupt"
+                    )
+            self._shards[index] = Shard(buf, entry["file"])
+        return self._shards[index]
+
+    def sample(self, index: int, tokens=None, labels=None):
+        """``(ids[s, k], logprobs[s, k], residual[s])`` of global sample ``index`` (see
+        ``Shard.sample``); with ``tokens``/``labels`` given, checks they are the stored sample's."""
+        if not 0 <= index < self.num_samples:
+            raise StoreError(
+                f"logits store {self.path} holds samples 0..{self.num_samples - 1}; sample {index} is not in it "
+                "(the student trains longer or on larger batches than the precompute covered)"
+            )
+        shard = self.shard(shard_of(index, self.samples_per_shard))
+        if tokens is not None:
+            want = bytes(shard.hashes[index - shard.first_sample])
+            if sample_hash(tokens, labels) != want:
+                raise StoreError(
+                    f"logits store {self.path}, shard {shard.name}: sample {index}'s tokens differ from the ones "
+                    "its targets were computed for (other data, seed, sequence length or tokenizer than the "
+                    "precompute's)"
+                )
+        return shard.sample(index)
+
+    def batch(self, indices, tokens=None, labels=None) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices[b]`` as ``(ids[b, s, k], logprobs[b, s, k])``, padded to the batch's
+        largest count with -1 / -inf; ``tokens``/``labels`` ``[b, s]`` are checked per sample."""
+        rows = [self.sample(int(i), None if tokens is None else tokens[j], None if labels is None else labels[j])
+                for j, i in enumerate(indices)]
+        k = max(r[0].shape[-1] for r in rows)
+        ids = np.full((len(rows), rows[0][0].shape[0], k), -1, dtype=np.int64)
+        lp = np.full(ids.shape, -np.inf, dtype=np.float32)
+        for j, (i, p, _) in enumerate(rows):
+            ids[j, :, : i.shape[-1]] = i
+            lp[j, :, : p.shape[-1]] = p
+        return ids, lp
+
+
+def run_mismatches(manifest: dict, cfg, vocab_size: Optional[int] = None,
+                   tokenizer_sha256: Optional[str] = None) -> list[str]:
+    """How run ``cfg`` disagrees with the store ``manifest`` was made for: one message per problem
+    (empty: the store fits). Checks what the config names; the per-sample token hashes, checked
+    while reading, catch any other difference in the data."""
+    ident, problems = manifest["identity"], []
+    ds = ident["dataset"]
+    for key, now in (("seq_length", cfg.data.seq_length), ("split", cfg.data.split), ("seed", cfg.training.seed)):
+        if ds.get(key) != now:
+            where = "training.seed" if key == "seed" else f"data.{key}"
+            problems.append(f"{where} is {now!r} but the store was made with {ds.get(key)!r}")
+    if cfg.data.data_prefix is not None and ds.get("data_prefix") not in (None, str(Path(cfg.data.data_prefix).resolve())):
+        problems.append(f"data.data_prefix {cfg.data.data_prefix} is not the store's data {ds.get('data_prefix')}")
+    trunc = manifest.get("truncation", {})
+    for key in ("top_p", "top_k"):
+        if trunc.get(key) != getattr(cfg.kd, key):
+            problems.append(
+                f"kd.{key} is {getattr(cfg.kd, key)!r} but the store keeps top_p={trunc.get('top_p')!r}, "
+                f"top_k={trunc.get('top_k')!r} (set the same kd.top_p/kd.top_k as the precompute)"
+            )
+    needed = cfg.training.train_steps * cfg.data.global_batch_size
+    if manifest["num_samples"] < needed:
+        problems.append(
+            f"the run reads samples 0..{needed - 1} (training.train_steps x data.global_batch_size) but the store "
+            f"holds only 0..{manifest['num_samples'] - 1}"
+        )
+    if vocab_size is not None and manifest["encoding"]["vocab_size"] != vocab_size:
+        problems.append(f"the student's padded vocabulary is {vocab_size}, the store's {manifest['encoding']['vocab_size']}")
+    if tokenizer_sha256 is not None and ident.get("tokenizer_sha256") != tokenizer_sha256:
+        problems.append(
+            f"the run's tokenizer (sha256 {tokenizer_sha256[:12]}…) is not the store's "
+            f"({str(ident.get('tokenizer_sha256'))[:12]}…)"
+        )
+    return problems
+
+
+class OfflineTeacher:
+    """A ``TeacherSource`` reading sparse targets from a store: no teacher model is built.
+
+    ``split(batch, output)`` looks the batch's global sample ``indices[b]`` up and returns
+    ``(output, SparseLogits(ids[b, s, k], logprobs[b, s, k]))`` on the output's device; the same
+    targets on every tensor-parallel rank. ``vocab_size`` (the student's padded vocabulary) must
+    be the store's.
+    """
+
+    def __init__(self, store: str | Path, vocab_size: Optional[int] = None, seq_length: Optional[int] = None,
+                 verify: bool = True) -> None:
+        self.reader = StoreReader(store, verify=verify)
+        enc = self.reader.manifest["encoding"]
+        if vocab_size is not None and enc["vocab_size"] != vocab_size:
+            raise StoreError(
+                f"logits store {store} was made with vocabulary size {enc['vocab_size']}, the student's is {vocab_size} "
+                "(same tokenizer and padding needed)"
+            )
+        stored_seq = self.reader.identity["dataset"]["seq_length"]
+        if seq_length is not None and stored_seq != seq_length:
+            raise StoreError(f"logits store {store} was made for data.seq_length {stored_seq}, this run has {seq_length}")
+        self.active = True
+        self._seconds = 0.0
+
+    @classmethod
+    def for_run(cls, cfg, vocab_size: int, tokenizer_sha256: Optional[str] = None) -> "OfflineTeacher":
+        """The source for run ``cfg``, after checking the store was made for it (``run_mismatches``)."""
+        source = cls(cfg.teacher.store, vocab_size, cfg.data.seq_length)
+        problems = run_mismatches(source.reader.manifest, cfg, vocab_size, tokenizer_sha256)
+        if problems:
+            raise StoreError(f"teacher.store {cfg.teacher.store} was not made for this run: " + "; ".join(problems))
+        return source
+
+    def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
+        return student
+
+    def set_active(self, active: bool) -> None:
+        self.active = active
+
+    def take_seconds(self) -> Optional[float]:
+        s, self._seconds = self._seconds, 0.0
+        return s
+
+    def split(self, batch: dict, output):
+        if not self.active:
+            return output, None
+        from megadistill.kd.teacher import SparseLogits
+
+        t0 = time.perf_counter()
+        ids, lp = self.reader.batch(
+            batch["indices"].tolist(), batch["tokens"].cpu().numpy(), batch["labels"].cpu().numpy()
+        )
+        dev = output.device
+        target = SparseLogits(torch.from_numpy(ids).to(dev), torch.from_numpy(lp).to(dev))
+        self._seconds += time.perf_counter() - t0
+        return output, target

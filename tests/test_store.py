@@ -1,0 +1,352 @@
+"""The offline logits store: encoding round trips, precompute (DP/TP layouts, kill + resume),
+training from the store against online KD, and every corruption the reader must catch."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megadistill.config import (
+    CheckpointConfig, DataConfig, KDConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig, TeacherConfig,
+    TrainingConfig,
+)
+from megadistill.schedules import AlphaSchedule
+from megadistill.store import format as fmt
+from megadistill.store.format import SampleTargets, StoreError
+from megadistill.store.reader import StoreReader
+from megadistill.testing import run_distributed
+
+STUDENT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+TEACHER = ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=4)
+SEQ, SPS = 32, 8  # sequence length, samples per shard
+
+
+# --------------------------------------------------------------------------- encoding (no ranks)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 17, 32])
+def test_ids_pack_to_the_bits_the_vocabulary_needs(bits):
+    rng = np.random.default_rng(bits)
+    ids = rng.integers(0, 2**bits, size=1001, dtype=np.uint64)
+    buf = fmt.pack_ids(ids, bits)
+    assert len(buf) == (1001 * bits + 7) // 8
+    assert np.array_equal(fmt.unpack_ids(buf, 1001, bits), ids.astype(np.int64))
+    assert fmt.id_bits(512) == 9 and fmt.id_bits(151_936) == 18 and fmt.id_bits(2**32) == 32
+
+
+def _random_samples(n, vocab, k_max, rng, first=0):
+    out = []
+    for i in range(n):
+        counts = rng.integers(1, k_max + 1, size=SEQ)
+        ids, lps, res = [], [], []
+        for c in counts:
+            ids.append(rng.choice(vocab, size=c, replace=False))
+            p = rng.dirichlet(np.ones(c + 1))
+            lps.append(np.log(np.sort(p[:c])[::-1]))
+            res.append(p[c])
+        out.append(SampleTargets(fmt.sample_hash(np.arange(SEQ) + first + i, np.arange(SEQ)), counts,
+                                 np.array(res), np.concatenate(ids), np.concatenate(lps)))
+    return out
+
+
+def _decoded(samples, i):
+    s = samples[i]
+    ids = np.full((SEQ, int(s.counts.max())), -1)
+    lp = np.full(ids.shape, -np.inf)
+    starts = np.cumsum(s.counts) - s.counts
+    for pos, (a, c) in enumerate(zip(starts, s.counts)):
+        ids[pos, :c], lp[pos, :c] = s.ids[a : a + c], s.logprobs[a : a + c]
+    return ids, lp
+
+
+def test_fp32_round_trip_is_exact_and_fp16_within_one_ulp():
+    rng = np.random.default_rng(0)
+    samples = _random_samples(5, 151_936, 40, rng)
+    for dtype in ("fp32", "fp16"):
+        shard = fmt.Shard(fmt.encode_shard(100, samples, SEQ, 151_936, dtype), "x")
+        for i in range(5):
+            ids, lp, res = shard.sample(100 + i)
+            want_ids, want_lp = _decoded(samples, i)
+            assert np.array_equal(ids, want_ids)
+            valid = ids >= 0
+            if dtype == "fp32":
+                assert np.array_equal(lp[valid], want_lp[valid].astype(np.float32))
+                assert np.allclose(res, samples[i].residual, rtol=1e-7, atol=0)
+            else:
+                # Stated precision: log-probs round down by less than one fp16 ulp (2^-10 relative),
+                # so the stored mass never exceeds the true kept mass; residual within 2^-11 relative.
+                err = want_lp[valid] - lp[valid]
+                assert (err >= 0).all() and (err <= np.abs(want_lp[valid]) * 2**-10 + 2**-24).all()
+                assert np.allclose(res, samples[i].residual, rtol=2**-11, atol=2**-24)
+    with pytest.raises(StoreError, match="sample 99 is not in shard x"):
+        shard.sample(99)
+
+
+def test_encoding_is_deterministic_and_compact():
+    rng = np.random.default_rng(1)
+    samples = _random_samples(3, 512, 20, rng)
+    a = fmt.encode_shard(0, samples, SEQ, 512, "fp16")
+    assert a == fmt.encode_shard(0, samples, SEQ, 512, "fp16")
+    entries = sum(int(s.counts.sum()) for s in samples)
+    payload = entries * (9 / 8 + 2) + 3 * SEQ * (1 + 2)  # ids + fp16 log-probs; counts + residual
+    assert len(a) < payload + 3 * 16 + 2 * 4 * 8 + 1024
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from megadistill.data import embedded_corpus_text, preprocess
+
+    root = tmp_path_factory.mktemp("store-corpus")
+    (root / "a.txt").write_text(embedded_corpus_text()[:60_000])
+    r = preprocess([str(root / "a.txt")], root / "data" / "corpus", vocab_size=512, progress=False)
+    return str(r.prefix), str(r.tokenizer_model)
+
+
+def _cfg(out, corpus, **kw) -> RunConfig:
+    prefix, tok = corpus
+    cfg = RunConfig(
+        name=Path(out).name, output_dir=str(out), model=STUDENT,
+        data=DataConfig(data_prefix=prefix, tokenizer_model=tok, seq_length=SEQ, micro_batch_size=4, global_batch_size=8),
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_fraction=0.1),
+        training=TrainingConfig(train_steps=4, eval_interval=4, eval_steps=1, log_interval=1),
+        checkpoint=CheckpointConfig(save_interval=0),
+    )
+    return replace(cfg, **kw)
+
+
+def _train(cfg):
+    from megadistill.train import run
+
+    return run(cfg, progress=False)
+
+
+def _precompute(cfg, **kw):
+    from megadistill.store.precompute import precompute
+
+    return precompute(cfg, progress=False, samples_per_shard=SPS, **kw)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("store-teacher")
+    # Trained far enough that top-p, not only top-k, decides how many ids a position keeps.
+    run_distributed(_train, 1, _cfg(out, corpus, model=TEACHER, optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_fraction=0.1),
+                                    training=TrainingConfig(train_steps=40, eval_interval=40, eval_steps=1)))
+    return str(out / "checkpoints")
+
+
+def _kd(**kw):
+    return KDConfig(top_p=0.3, top_k=24, truncation="ghost", alpha=AlphaSchedule("constant", alpha_max=0.5), **kw)
+
+
+def _offline_cfg(out, corpus, ckpt, store, **kw):
+    return _cfg(out, corpus, teacher=TeacherConfig(mode="offline", model=TEACHER, checkpoint=ckpt, store=str(store)),
+                kd=_kd(), **kw)
+
+
+@pytest.fixture(scope="module")
+def store32(tmp_path_factory, corpus, teacher_ckpt):
+    root = tmp_path_factory.mktemp("store32")
+    cfg = _offline_cfg(root / "pre", corpus, teacher_ckpt, root / "store")
+    run_distributed(_precompute, 1, cfg, logprob_dtype="fp32")
+    return root / "store"
+
+
+def _files(store):
+    return {p.name: p.read_bytes() for p in sorted(Path(store).iterdir())}
+
+
+def test_store_covers_the_run_with_a_manifest(store32):
+    reader = StoreReader(store32)
+    m = reader.manifest
+    assert m["num_samples"] == 32 and [s["file"] for s in m["shards"]] == [fmt.shard_name(i) for i in range(4)]
+    assert m["encoding"]["id_bits"] == 9 and m["truncation"] == {"top_p": 0.3, "top_k": 24, "ties": "kept"}
+    assert set(m["identity"]) == {"teacher", "tokenizer_sha256", "dataset"}
+    assert m["identity"]["dataset"]["seq_length"] == SEQ and m["identity"]["dataset"]["num_documents"] > 0
+    assert set(_files(store32)) == {"manifest.json"} | {fmt.shard_name(i) for i in range(4)}
+    ids, lp, res = reader.sample(13)
+    valid = ids >= 0
+    assert ids.shape[0] == SEQ and 1 <= valid.sum(-1).min() and valid.sum(-1).max() <= ids.shape[1]
+    mass = np.where(valid, np.exp(lp), 0).sum(-1)
+    assert np.allclose(mass + res, 1.0, atol=1e-5)
+
+
+def test_dp2_precompute_writes_the_same_bytes(tmp_path, corpus, teacher_ckpt, store32):
+    cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, tmp_path / "store")
+    run_distributed(_precompute, 2, cfg, logprob_dtype="fp32")
+    assert _files(tmp_path / "store") == _files(store32)
+
+
+def test_tp2_precompute_equals_tp1(tmp_path, corpus, teacher_ckpt, store32):
+    cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, tmp_path / "store",
+                       parallel=ParallelConfig(tensor_model_parallel_size=2))
+    run_distributed(_precompute, 2, cfg, tp=2, logprob_dtype="fp32")
+    a, b = StoreReader(store32), StoreReader(tmp_path / "store")
+    for i in range(32):
+        ia, la, ra = a.sample(i)
+        ib, lb, rb = b.sample(i)
+        assert np.array_equal(ia, ib), i
+        assert np.allclose(la, lb, atol=1e-5) and np.allclose(ra, rb, atol=1e-5)
+
+
+def test_killed_precompute_resumes_to_identical_files(tmp_path, corpus, teacher_ckpt, store32):
+    cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, tmp_path / "store")
+    with pytest.raises(Exception, match="stopped after 2 shard"):
+        run_distributed(_precompute, 1, cfg, logprob_dtype="fp32", _stop_after_shards=2)
+    left = set(_files(tmp_path / "store"))
+    assert "manifest.json" not in left and fmt.shard_name(1) in left and fmt.shard_name(2) not in left
+    run_distributed(_precompute, 1, cfg, logprob_dtype="fp32")
+    assert _files(tmp_path / "store") == _files(store32)
+    # Another truncation is another store: refused, not mixed in.
+    other = replace(cfg, kd=_kd(top_k=None) if False else KDConfig(top_p=0.9, top_k=20, truncation="ghost"))
+    with pytest.raises(Exception, match="made for another run"):
+        run_distributed(_precompute, 1, other, logprob_dtype="fp32")
+
+
+def test_training_from_the_store_equals_online_kd(tmp_path, corpus, teacher_ckpt, store32):
+    from megadistill.train import read_metrics
+
+    online = _cfg(tmp_path / "online", corpus, kd=_kd(),
+                  teacher=TeacherConfig(mode="online", model=TEACHER, checkpoint=teacher_ckpt))
+    offline = _offline_cfg(tmp_path / "offline", corpus, teacher_ckpt, store32)
+    run_distributed(_train, 1, online)
+    run_distributed(_train, 1, offline)
+    a, b = read_metrics(tmp_path / "online"), read_metrics(tmp_path / "offline")
+    assert set(a) == set(b) == {1, 2, 3, 4}
+    for step in a:
+        for key in ("total loss", "kd loss", "lm loss"):
+            assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step][key], b[step][key])
+
+
+def test_dp2_student_reads_the_dp1_targets(tmp_path, corpus, teacher_ckpt, store32):
+    from megadistill.sampler import ContiguousSampler
+    from megadistill.train import read_metrics
+
+    reader = StoreReader(store32)
+    for step in range(4):
+        one = reader.batch(ContiguousSampler(8, 1).indices(step, 0))
+        two = [reader.batch(ContiguousSampler(8, 2).indices(step, r)) for r in range(2)]
+        k = max(t[0].shape[-1] for t in two)
+        cat = np.concatenate([np.pad(t[0], ((0, 0), (0, 0), (0, k - t[0].shape[-1])), constant_values=-1) for t in two])
+        assert np.array_equal(cat[..., : one[0].shape[-1]], one[0]) and (cat[..., one[0].shape[-1]:] == -1).all()
+    run_distributed(_train, 1, _offline_cfg(tmp_path / "dp1", corpus, teacher_ckpt, store32))
+    run_distributed(_train, 2, _offline_cfg(tmp_path / "dp2", corpus, teacher_ckpt, store32))
+    a, b = read_metrics(tmp_path / "dp1"), read_metrics(tmp_path / "dp2")
+    for step in a:
+        assert abs(a[step]["total loss"] - b[step]["total loss"]) < 1e-5, (step, a[step], b[step])
+
+
+# --------------------------------------------------------------------------- corruption
+
+
+@pytest.fixture
+def damaged(tmp_path, store32):
+    copy = tmp_path / "store"
+    shutil.copytree(store32, copy)
+    return copy
+
+
+def test_checksum_mismatch_names_the_shard(damaged):
+    path = damaged / fmt.shard_name(1)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    reader = StoreReader(damaged)
+    reader.sample(3)  # other shards still read
+    with pytest.raises(StoreError, match=r"shard shard-000001.bin fails its checksum.*samples 8..15"):
+        reader.sample(9)
+
+
+def test_truncated_shard_is_caught_on_open(damaged):
+    path = damaged / fmt.shard_name(2)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(StoreError, match=r"shard shard-000002.bin is \d+ bytes.*truncated.*samples 16..23"):
+        StoreReader(damaged)
+
+
+def test_sample_not_in_the_store(store32):
+    with pytest.raises(StoreError, match="holds samples 0..31; sample 32 is not in it"):
+        StoreReader(store32).sample(32)
+
+
+def test_token_hash_mismatch_names_shard_and_sample(store32, corpus, teacher_ckpt, tmp_path):
+    from megadistill.store.reader import OfflineTeacher
+
+    teacher = OfflineTeacher(store32, 512, SEQ)
+    batch = {"indices": torch.tensor([9, 10]), "tokens": torch.zeros(2, SEQ, dtype=torch.long),
+             "labels": torch.zeros(2, SEQ, dtype=torch.long)}
+    with pytest.raises(StoreError, match=r"shard shard-000001.bin: sample 9's tokens differ"):
+        teacher.split(batch, torch.zeros(2, SEQ, 512))
+
+
+def test_missing_and_mismatched_store_fail_preflight(tmp_path, corpus, teacher_ckpt, store32):
+    from megadistill.config import ConfigError, validate
+    from megadistill.preflight import _check_store
+
+    with pytest.raises(ConfigError, match="teacher.store is required"):
+        validate(_cfg(tmp_path, corpus, teacher=TeacherConfig(mode="offline")))
+    with pytest.raises(ConfigError, match="does not exist"):
+        _check_store(_offline_cfg(tmp_path, corpus, teacher_ckpt, tmp_path / "nowhere"))
+    _check_store(_offline_cfg(tmp_path, corpus, teacher_ckpt, store32))
+    longer = _offline_cfg(tmp_path, corpus, teacher_ckpt, store32, training=TrainingConfig(train_steps=5))
+    with pytest.raises(ConfigError, match="holds only 0..31"):
+        _check_store(longer)
+    other = replace(_offline_cfg(tmp_path, corpus, teacher_ckpt, store32), data=replace(_cfg(tmp_path, corpus).data, seq_length=16))
+    with pytest.raises(ConfigError, match="data.seq_length is 16 but the store was made with 32"):
+        _check_store(other)
+
+
+# --------------------------------------------------------------------------- store info / verify / CLI
+
+
+def _verify_with_run_data(cfg, store):
+    from megadistill.datasets import prepare_data
+    from megadistill.store.inspect_store import verify
+
+    return verify(store, prepare_data(cfg)[1])
+
+
+def test_store_info_and_verify(tmp_path, corpus, teacher_ckpt, store32, capsys):
+    import argparse
+
+    from megadistill.store.cli import _add_store_commands
+    from megadistill.store.inspect_store import info, verify
+
+    text = "\n".join(info(store32))
+    assert "top_p=0.3 top_k=24" in text and "9-bit ids, fp32" in text and "bytes/token" in text and "samples 0..31" in text
+    assert "OK" in verify(store32)[0]
+    cfg = _offline_cfg(tmp_path / "v", corpus, teacher_ckpt, store32)
+    assert "against the run's dataset" in run_distributed(_verify_with_run_data, 1, cfg, store32)[0][0]
+    other = replace(cfg, training=replace(cfg.training, seed=cfg.training.seed + 1))
+    with pytest.raises(Exception, match="sample 0: the dataset's tokens differ"):
+        run_distributed(_verify_with_run_data, 1, other, store32)
+
+    parser = argparse.ArgumentParser()
+    _add_store_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["store", "info", str(store32)])
+    assert args.fn(args) == 0 and "bytes/token" in capsys.readouterr().out
+    args = parser.parse_args(["precompute-logits", "run.yaml", "teacher.store=x", "--logprob-dtype", "fp32"])
+    assert args.logprob_dtype == "fp32" and args.overrides == ["teacher.store=x"]
+
+
+def test_fp16_store_trains_close_to_fp32(tmp_path, corpus, teacher_ckpt, store32):
+    from megadistill.train import read_metrics
+
+    cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, tmp_path / "store16")
+    run_distributed(_precompute, 1, cfg)
+    size16 = sum(p.stat().st_size for p in (tmp_path / "store16").glob("shard-*"))
+    size32 = sum(p.stat().st_size for p in Path(store32).glob("shard-*"))
+    assert size16 < 0.7 * size32
+    run_distributed(_train, 1, _offline_cfg(tmp_path / "s16", corpus, teacher_ckpt, tmp_path / "store16"))
+    run_distributed(_train, 1, _offline_cfg(tmp_path / "s32", corpus, teacher_ckpt, store32))
+    a, b = read_metrics(tmp_path / "s16"), read_metrics(tmp_path / "s32")
+    for step in a:
+        assert abs(a[step]["kd loss"] - b[step]["kd loss"]) < 1e-2 * b[step]["kd loss"], (step, a[step], b[step])
