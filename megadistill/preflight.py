@@ -126,7 +126,7 @@ def _check_store(cfg: RunConfig) -> None:
         return
     if not cfg.teacher.store:
         raise ConfigError("teacher.store is required for teacher.mode=offline")
-    from megadistill.resume import file_sha256
+    from megadistill.data_integrity import file_sha256
     from megadistill.store.format import StoreError
     from megadistill.store.reader import StoreReader, run_mismatches
 

@@ -3,7 +3,6 @@ and shared, and the settings a resumed run must keep."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -13,6 +12,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megadistill.checkpoint_dir import is_complete, latest_checkpoint, read_marker
+from megadistill.data_integrity import file_sha256
 from megadistill.config import ConfigError, RunConfig, resolve_teacher_checkpoint, to_dict
 
 # Settings a resumed run must share with the run it continues: they fix the weights' shapes, the
@@ -52,15 +52,6 @@ def resume_mismatches(cfg: RunConfig, saved: Optional[dict]) -> list[str]:
         return []
     now = to_dict(cfg)
     return [leaf for k in RESUME_INVARIANTS for leaf in _leaf_differences(_lookup(now, k), _lookup(saved, k), k)]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a (small) file such as a tokenizer model, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha256: str) -> dict:

@@ -76,6 +76,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     from megadistill import resume
     from megadistill.backend import build_backend
     from megadistill.checkpoint_dir import commit
+    from megadistill.data_integrity import file_sha256
     from megadistill.datasets import prepare_data
     from megadistill.kd.knobs import KnobSchedule
     from megadistill.kd.teacher import make_teacher_source
@@ -89,7 +90,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     ckpt_root = out / "checkpoints"
     tokenizer, train_ds, valid_ds, tokenizer_path = prepare_data(cfg)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
-    tokenizer_sha256 = resume.file_sha256(tokenizer_path)
+    tokenizer_sha256 = file_sha256(tokenizer_path)
     resume_path, teacher_path = resume.decide(cfg, ckpt_root, tokenizer_sha256, overwrite)
 
     teacher = make_teacher_source(cfg, vocab, teacher_path)
