@@ -144,6 +144,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
             path = commit(ckpt_root, done, lambda directory: backend.save(directory, done), marker)
             result.checkpoint = str(path)
     bar.close()
+    teacher.close()
     if logger is not None:
         logger.close()
         # The whole run's history, including steps done before a resume.

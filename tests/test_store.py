@@ -350,3 +350,49 @@ def test_fp16_store_trains_close_to_fp32(tmp_path, corpus, teacher_ckpt, store32
     a, b = read_metrics(tmp_path / "s16"), read_metrics(tmp_path / "s32")
     for step in a:
         assert abs(a[step]["kd loss"] - b[step]["kd loss"]) < 1e-2 * b[step]["kd loss"], (step, a[step], b[step])
+
+
+# --------------------------------------------------------------------------- RS-KD stores
+
+
+@pytest.fixture(scope="module")
+def store_rskd(tmp_path_factory, corpus, teacher_ckpt):
+    root = tmp_path_factory.mktemp("store-rskd")
+    cfg = _offline_cfg(root / "pre", corpus, teacher_ckpt, root / "store")
+    run_distributed(_precompute, 1, cfg, kind="rskd", draws=12)
+    return root / "store"
+
+
+def test_rskd_tp2_precompute_writes_the_tp1_bytes(tmp_path, corpus, teacher_ckpt, store_rskd):
+    m = StoreReader(store_rskd).manifest
+    assert m["kind"] == "rskd" and m["sampling"]["draws"] == 12 and "truncation" not in m
+    assert m["encoding"]["draw_dtype"] == "|u1"
+    cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, tmp_path / "store",
+                       parallel=ParallelConfig(tensor_model_parallel_size=2))
+    run_distributed(_precompute, 2, cfg, tp=2, kind="rskd", draws=12)
+    # Draws are counts, not floats: the same draws are the same bytes (the TP=2 logits differ from
+    # TP=1's by rounding, which moves a draw only if its uniform lies that close to a CDF step).
+    assert _files(tmp_path / "store") == _files(store_rskd)
+
+
+def test_rskd_precompute_resumes_identically_and_trains(tmp_path, corpus, teacher_ckpt, store_rskd):
+    from megadistill.store.inspect_store import info, verify
+    from megadistill.train import read_metrics
+
+    cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, tmp_path / "store")
+    with pytest.raises(Exception, match="stopped after 2 shard"):
+        run_distributed(_precompute, 1, cfg, kind="rskd", draws=12, _stop_after_shards=2)
+    with pytest.raises(Exception, match="made for another run"):  # other draws: another store
+        run_distributed(_precompute, 1, cfg, kind="rskd", draws=8)
+    run_distributed(_precompute, 1, cfg, kind="rskd", draws=12)
+    assert _files(tmp_path / "store") == _files(store_rskd)
+    text = "\n".join(info(store_rskd))
+    assert "RS-KD, 12 draws" in text and "|u1 draw counts" in text and "OK" in verify(store_rskd)[0]
+    ids, lp, res = StoreReader(store_rskd).sample(5)
+    valid = ids >= 0
+    assert (valid.sum(-1) <= 12).all() and (res == 0).all()
+    assert np.allclose(np.where(valid, np.exp(lp), 0).sum(-1), 1.0, atol=1e-6)
+    # kd.top_p/top_k are not the store's business (RS-KD is not truncated): any values train.
+    run_distributed(_train, 1, _offline_cfg(tmp_path / "student", corpus, teacher_ckpt, store_rskd))
+    got = read_metrics(tmp_path / "student")
+    assert set(got) == {1, 2, 3, 4} and all(np.isfinite(got[s]["kd loss"]) for s in got)

@@ -53,6 +53,10 @@ class TeacherSource(Protocol):
         """Seconds this rank spent producing targets since the last call (None: not measured)."""
         ...
 
+    def close(self) -> None:
+        """Release what the source holds beyond the run (threads, open files)."""
+        ...
+
 
 class NoTeacher:
     """No teacher: plain next-token training (α is ignored)."""
@@ -65,6 +69,9 @@ class NoTeacher:
 
     def take_seconds(self) -> Optional[float]:
         return None
+
+    def close(self) -> None:
+        pass
 
     def split(self, batch: dict, output):
         return output, None
@@ -116,6 +123,9 @@ class OnlineTeacher(InModelTargets):
 
     def take_seconds(self) -> Optional[float]:
         return self._timer.take_seconds() if self._timer is not None else None
+
+    def close(self) -> None:
+        pass
 
     def set_active(self, active: bool) -> None:
         self.model.teacher_active = active

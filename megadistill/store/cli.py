@@ -27,7 +27,7 @@ def _precompute(args) -> int:
 
     try:
         manifest = precompute(cfg, progress=not args.no_progress, samples_per_shard=args.samples_per_shard,
-                              logprob_dtype=args.logprob_dtype)
+                              logprob_dtype=args.logprob_dtype, kind=args.format, draws=args.draws)
     except StoreError as e:
         raise ConfigError(str(e)) from e
     tokens = manifest["num_samples"] * manifest["identity"]["dataset"]["seq_length"]
@@ -71,7 +71,7 @@ def _add_store_commands(sub) -> None:
         help="run the teacher over a run's training samples once and write a logits store (teacher.store)",
         description=(
             "Build the run's training data as training does, load teacher.model from teacher.checkpoint and "
-            "write the top-p-k targets (kd.top_p, kd.top_k) of samples 0 .. train_steps x global_batch_size - 1 "
+            "write the top-p-k targets (kd.top_p, kd.top_k) or RS-KD draws (--format rskd) of samples 0 .. train_steps x global_batch_size - 1 "
             "to teacher.store. Data- and tensor-parallel under torchrun/srun; a killed run resumes where it stopped."
         ),
     )
@@ -79,6 +79,12 @@ def _add_store_commands(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.store=/data/store")
     p.add_argument("--logprob-dtype", choices=("fp16", "fp32"), default="fp16",
                    help="log-prob encoding: fp16 (default, rounds down by < 1 ulp) or fp32 (exact)")
+    p.add_argument("--format", choices=("top_p_k", "rskd"), default="top_p_k",
+                   help="top_p_k (default: kd.top_p/top_k ids, log-probs and residual) or rskd (random-sampling "
+                        "KD: --draws samples per position from the teacher, stored as distinct ids with counts; "
+                        "an unbiased target)")
+    p.add_argument("--draws", type=int, default=12, metavar="N",
+                   help="rskd: samples per position (default 12), seeded by training.seed")
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, metavar="N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=_precompute)

@@ -15,7 +15,7 @@ def info(path: str | Path) -> list[str]:
     """Lines describing a finished store: settings, size, bytes/token, ids/position, coverage."""
     reader = StoreReader(path, verify=False)
     m = reader.manifest
-    ident, enc, trunc = m["identity"], m["encoding"], m["truncation"]
+    ident, enc = m["identity"], m["encoding"]
     seq = ident["dataset"]["seq_length"]
     tokens = m["num_samples"] * seq
     entries = 0
@@ -25,8 +25,7 @@ def info(path: str | Path) -> list[str]:
     ds = ident["dataset"]
     return [
         f"store {reader.path}: format {m['format_version']}, {m['kind']}",
-        f"truncation: top_p={trunc['top_p']} top_k={trunc['top_k']} (ties with the last kept id kept)",
-        f"encoding: vocab {enc['vocab_size']} -> {enc['id_bits']}-bit ids, {enc['logprob_dtype']} log-probs and residuals",
+        *_settings(m),
         f"teacher: {ident['teacher']['path']} ({ident['teacher']['num_files']} files, sha256 {ident['teacher']['files_sha256'][:12]}…)",
         f"tokenizer sha256 {ident['tokenizer_sha256'][:12]}…",
         f"dataset: {ds.get('data_prefix') or ds.get('inputs')}, {ds['num_documents']} documents, seq_length {seq}, "
@@ -35,6 +34,18 @@ def info(path: str | Path) -> list[str]:
         f"size: {m['total_bytes']} bytes = {m['total_bytes'] / max(tokens, 1):.1f} bytes/token; "
         f"{entries / max(tokens, 1):.2f} ids/position on average",
     ]
+
+
+def _settings(m: dict) -> list[str]:
+    enc = m["encoding"]
+    if m["kind"] == "rskd":
+        smp = m["sampling"]
+        return [f"sampling: RS-KD, {smp['draws']} draws per position from the τ = 1 distribution (seed {smp['seed']}); "
+                "targets are the empirical distributions count/draws",
+                f"encoding: vocab {enc['vocab_size']} -> {enc['id_bits']}-bit ids, {enc['draw_dtype']} draw counts"]
+    trunc = m["truncation"]
+    return [f"truncation: top_p={trunc['top_p']} top_k={trunc['top_k']} (ties with the last kept id kept)",
+            f"encoding: vocab {enc['vocab_size']} -> {enc['id_bits']}-bit ids, {enc['logprob_dtype']} log-probs and residuals"]
 
 
 def verify(path: str | Path, dataset=None) -> list[str]:

@@ -1,5 +1,5 @@
 """``megadistill precompute-logits run.yaml``: run a finished teacher over a run's training
-samples once and write their top-p-k targets to ``teacher.store``.
+samples once and write their top-p-k targets (or RS-KD draws, ``kind="rskd"``) to ``teacher.store``.
 
 The samples are the ones the student's sampler asks for, by global sample index
 ``0 .. train_steps × global_batch_size - 1``, built exactly as training builds them
@@ -24,7 +24,8 @@ import torch.distributed as dist
 from megadistill.config import ConfigError
 from megadistill.losses.config import KDLossConfig
 from megadistill.store.format import (
-    DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, LOGPROB_DTYPES, SampleTargets, StoreError, encode_shard, id_bits, sample_hash, shard_name,
+    DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, KINDS, LOGPROB_DTYPES, SampleTargets, StoreError, count_dtype, encode_shard,
+    id_bits, sample_hash, shard_name,
 )
 
 def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,6 +75,83 @@ def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torc
     return gids[:, :k], lp[:, :k], residual
 
 
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a bijection whose output bits
+    all depend on every input bit, so hashing structured keys gives independent-looking streams."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def rskd_uniforms(seed: int, samples, positions, draws: int) -> np.ndarray:
+    """``u[c, draws]`` float64 in [0, 1): the uniform of draw ``d`` at ``(samples[c], positions[c])``.
+
+    A counter-based hash of (seed, global sample index, position, draw) rather than a generator
+    stream: a draw depends on nothing else (not the batch it is computed in, the rank, the TP layout
+    or where a resumed precompute restarted), which is what makes the store byte-reproducible."""
+    samples = np.asarray(samples, dtype=np.int64).astype(np.uint64)[:, None]
+    positions = np.asarray(positions, dtype=np.int64).astype(np.uint64)[:, None]
+    d = np.arange(draws, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        h = _mix64(np.full((1, 1), np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) + np.uint64(0x9E3779B97F4A7C15))
+        h = _mix64(h ^ samples)
+        h = _mix64(h ^ ((positions << np.uint64(20)) | d))
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_rskd(logits: torch.Tensor, u: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """RS-KD draws from the teacher's τ = 1 distribution by inverse CDF over the *global* vocabulary.
+
+    ``logits[c, v/tp]`` is this rank's vocab shard, ``u[c, N]`` the draws' uniforms
+    (:func:`rskd_uniforms`). The CDF is laid out rank after rank in id order: every rank learns every
+    shard's mass (one all-gather of ``[c]``), the draw's owning rank is chosen from those masses
+    (identically on all ranks), and the owner finds the id inside its shard's cumulative sum; a MAX
+    all-reduce shares it. Float64 throughout, so a TP=2 layout draws what TP=1 draws unless a
+    uniform falls within rounding (~1e-7 of the logits) of a CDF step.
+
+    Returns, identical on every rank: ``ids[c, k]`` the distinct drawn ids (by descending count,
+    ties by ascending id; -1 pads) and ``counts[c, k]`` how often each was drawn (0 pads; each row
+    sums to N). ``k`` is the chunk's largest number of distinct ids.
+    """
+    from megadistill.losses.parallel import all_gather_last_dim, all_reduce_, group_rank, group_size
+    from megadistill.losses.softmax import global_max
+
+    x = logits.double()
+    c, v_local = x.shape
+    tp, rank = group_size(group), group_rank(group)
+    m = global_max(logits.float(), group).double()
+    cdf = torch.cumsum(torch.exp(x - m.unsqueeze(-1)), dim=-1)  # [c, v/tp]
+    masses = all_gather_last_dim(cdf[:, -1:].contiguous(), group)  # [c, tp]
+    ends = torch.cumsum(masses, dim=-1)
+    starts = ends - masses
+    t = u.to(x.device, torch.float64) * ends[:, -1:]  # [c, N]
+    owner = torch.searchsorted(ends, t, right=True).clamp_(max=tp - 1)
+    local_t = t - starts.gather(-1, owner)
+    idx = torch.searchsorted(cdf, local_t, right=True).clamp_(max=v_local - 1)
+    ids = torch.where(owner == rank, idx + rank * v_local, torch.full_like(idx, -1))
+    ids = all_reduce_(ids, dist.ReduceOp.MAX, group)
+
+    # Distinct ids with their counts, in the canonical order (descending count, ascending id).
+    srt = torch.sort(ids, dim=-1).values
+    n = srt.shape[-1]
+    count = (srt.unsqueeze(-1) == srt.unsqueeze(-2)).sum(-1)  # [c, N] copies of each drawn id
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    vocab = v_local * tp
+    key = torch.where(first, (n - count) * (vocab + 1) + srt, torch.full_like(srt, (n + 1) * (vocab + 1)))
+    order = torch.argsort(key, dim=-1)
+    k = int(first.sum(-1).max())
+    order = order[:, :k]
+    keep = first.gather(-1, order)
+    out_ids = torch.where(keep, srt.gather(-1, order), torch.full_like(order, -1))
+    out_counts = torch.where(keep, count.gather(-1, order), torch.zeros_like(order))
+    return out_ids, out_counts
+
+
 def checkpoint_identity(ckpt: Path) -> dict:
     """The teacher checkpoint's identity: sha256 of every file in it (relative path + content)."""
     digest = hashlib.sha256()
@@ -88,21 +166,30 @@ def checkpoint_identity(ckpt: Path) -> dict:
 
 
 def _plan(cfg, ckpt: Path, tokenizer_sha256: str, dataset: dict, vocab: int, samples_per_shard: int,
-          logprob_dtype: str) -> dict:
+          logprob_dtype: str, kind: str = "top_p_k", draws: int = 12) -> dict:
     from megadistill.config import to_dict
 
     k = cfg.kd
+    if kind == "rskd":
+        # No truncation: the targets are samples of the full τ = 1 distribution.
+        how = {"sampling": {"draws": draws, "seed": cfg.training.seed, "temperature": 1.0,
+                            "method": "inverse CDF over the global vocabulary, u = splitmix64(seed, sample, position, draw)"}}
+        enc = {"vocab_size": vocab, "id_bits": id_bits(vocab), "draw_dtype": count_dtype(draws).str,
+               "ids_per_position": "variable (distinct ids drawn, <= draws)"}
+    else:
+        how = {"truncation": {"top_p": k.top_p, "top_k": k.top_k, "ties": "kept"}}
+        enc = {"vocab_size": vocab, "id_bits": id_bits(vocab), "logprob_dtype": logprob_dtype,
+               "residual_dtype": logprob_dtype, "ids_per_position": "variable (per-position counts)"}
     return {
         "format_version": FORMAT_VERSION,
-        "kind": "top_p_k",
+        "kind": kind,
+        **how,
+        "encoding": enc,
         "identity": {
             "teacher": {**checkpoint_identity(ckpt), "model": to_dict(cfg.teacher.model)},
             "tokenizer_sha256": tokenizer_sha256,
             "dataset": dataset,
         },
-        "truncation": {"top_p": k.top_p, "top_k": k.top_k, "ties": "kept"},
-        "encoding": {"vocab_size": vocab, "id_bits": id_bits(vocab), "logprob_dtype": logprob_dtype,
-                     "residual_dtype": logprob_dtype, "ids_per_position": "variable (per-position counts)"},
         "num_samples": cfg.training.train_steps * cfg.data.global_batch_size,
         "samples_per_shard": samples_per_shard,
     }
@@ -125,9 +212,12 @@ def _on_rank0(fn):
 
 
 def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-               logprob_dtype: str = "fp16", _stop_after_shards: Optional[int] = None) -> dict:
+               logprob_dtype: str = "fp16", kind: str = "top_p_k", draws: int = 12,
+               _stop_after_shards: Optional[int] = None) -> dict:
     """Write run ``cfg``'s teacher targets to ``cfg.teacher.store`` (collective over all ranks);
     returns the manifest. Resumes a store begun for the same plan; refuses one made for another.
+    ``kind="rskd"`` stores ``draws`` samples per position (seeded by ``training.seed``) instead of
+    the top-p-k truncation.
     ``_stop_after_shards`` (tests) raises after this rank wrote that many shards, as a kill would."""
     from megatron.core import parallel_state
     from tqdm import tqdm
@@ -147,6 +237,10 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
         raise ConfigError("teacher.checkpoint is required to precompute logits (the teacher's weights)")
     if logprob_dtype not in LOGPROB_DTYPES:
         raise ConfigError(f"log-prob encoding {logprob_dtype!r} is not one of {tuple(LOGPROB_DTYPES)}")
+    if kind not in KINDS:
+        raise ConfigError(f"store format {kind!r} is not one of {KINDS}")
+    if kind == "rskd" and not 1 <= draws < 2**20:
+        raise ConfigError(f"RS-KD draws per position must be in [1, 2**20), got {draws}")
     if samples_per_shard < 1:
         raise ConfigError(f"samples per shard must be >= 1, got {samples_per_shard}")
     if cfg.parallel.pipeline_model_parallel_size > 1:
@@ -169,7 +263,8 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
     }
 
     def begin():
-        plan = _plan(cfg, Path(ckpt), resume.file_sha256(tok_path), dataset, vocab, samples_per_shard, logprob_dtype)
+        plan = _plan(cfg, Path(ckpt), resume.file_sha256(tok_path), dataset, vocab, samples_per_shard, logprob_dtype,
+                     kind, draws)
         if writer.read_manifest(store) is not None and writer.read_manifest(store).get("identity") == plan["identity"]:
             writer.begin(store, plan)  # checks the rest of the plan too
             return plan, None
@@ -203,15 +298,25 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
                 position_ids = torch.stack([torch.as_tensor(s["position_ids"]) for s in chunk]).to(dev)
                 logits = teacher(tokens, position_ids, None)  # [b, s, v/tp]
                 b, s = tokens.shape
-                ids, lp, res = select_top_p_k(logits.reshape(b * s, -1), kd, group)
-                ids, lp, res = ids.reshape(b, s, -1).cpu().numpy(), lp.reshape(b, s, -1).cpu().numpy(), res.reshape(b, s).cpu().numpy()
-                for j in range(b):
-                    valid = ids[j] >= 0
-                    samples.append(SampleTargets(sample_hash(chunk[j]["tokens"], labels[j]), valid.sum(-1),
-                                                 res[j], ids[j][valid], lp[j][valid]))
+                if kind == "rskd":
+                    u = rskd_uniforms(cfg.training.seed, np.repeat(np.arange(a, a + b), s), np.tile(np.arange(s), b), draws)
+                    ids, cnt = sample_rskd(logits.reshape(b * s, -1), torch.from_numpy(u), group)
+                    ids, cnt = ids.reshape(b, s, -1).cpu().numpy(), cnt.reshape(b, s, -1).cpu().numpy()
+                    for j in range(b):
+                        valid = ids[j] >= 0
+                        samples.append(SampleTargets(sample_hash(chunk[j]["tokens"], labels[j]), valid.sum(-1),
+                                                     None, ids[j][valid], None, draws=cnt[j][valid]))
+                else:
+                    ids, lp, res = select_top_p_k(logits.reshape(b * s, -1), kd, group)
+                    ids, lp, res = ids.reshape(b, s, -1).cpu().numpy(), lp.reshape(b, s, -1).cpu().numpy(), res.reshape(b, s).cpu().numpy()
+                    for j in range(b):
+                        valid = ids[j] >= 0
+                        samples.append(SampleTargets(sample_hash(chunk[j]["tokens"], labels[j]), valid.sum(-1),
+                                                     res[j], ids[j][valid], lp[j][valid]))
                 bar.update(b * s * dp)
             if writes:
-                writer.write_atomic(store / shard_name(i), encode_shard(first, samples, d.seq_length, vocab, logprob_dtype))
+                writer.write_atomic(store / shard_name(i), encode_shard(first, samples, d.seq_length, vocab, logprob_dtype,
+                                                                                kind, draws if kind == "rskd" else None))
             written += 1
             if _stop_after_shards is not None and written >= _stop_after_shards:
                 raise RuntimeError(f"stopped after {written} shard(s) (test hook)")

@@ -11,7 +11,9 @@ Checks, each a ``StoreError`` naming the shard and the sample:
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +43,8 @@ class StoreReader:
         self.samples_per_shard = int(manifest["samples_per_shard"])
         self.verify = verify
         self._shards: dict[int, Shard] = {}
+        # A prefetch thread and the training thread may open a shard at once: verify it only once.
+        self._lock = threading.Lock()
         for entry in manifest["shards"]:
             f = self.path / entry["file"]
             if not f.is_file():
@@ -59,37 +63,52 @@ class StoreReader:
 
     def shard(self, index: int) -> Shard:
         """Shard ``index`` (memory-mapped; its checksum verified on first use)."""
-        if index not in self._shards:
-            entry = self.manifest["shards"][index]
-            buf = np.memmap(self.path / entry["file"], dtype=np.uint8, mode="r")
-            if self.verify:
-                got = bytes_sha256(buf)
-                if got != entry["sha256"]:
-                    raise StoreError(
-                        f"logits store {self.path}: shard {entry['file']} fails its checksum (sha256 {got[:12]}…, "
-                        f"manifest {entry['sha256'][:12]}…): samples {entry['first_sample']}.."
-                        f"{entry['first_sample'] + entry['num_samples'] - 1} are corrupt"
-                    )
-            self._shards[index] = Shard(buf, entry["file"])
-        return self._shards[index]
+        shard = self._shards.get(index)
+        if shard is not None:
+            return shard
+        with self._lock:
+            if index not in self._shards:
+                self._shards[index] = self._open(index)
+            return self._shards[index]
 
-    def sample(self, index: int, tokens=None, labels=None):
-        """``(ids[s, k], logprobs[s, k], residual[s])`` of global sample ``index`` (see
-        ``Shard.sample``); with ``tokens``/``labels`` given, checks they are the stored sample's."""
+    def _open(self, index: int) -> Shard:
+        entry = self.manifest["shards"][index]
+        buf = np.memmap(self.path / entry["file"], dtype=np.uint8, mode="r")
+        if self.verify:
+            got = bytes_sha256(buf)
+            if got != entry["sha256"]:
+                raise StoreError(
+                    f"logits store {self.path}: shard {entry['file']} fails its checksum (sha256 {got[:12]}…, "
+                    f"manifest {entry['sha256'][:12]}…): samples {entry['first_sample']}.."
+                    f"{entry['first_sample'] + entry['num_samples'] - 1} are corrupt"
+                )
+        return Shard(buf, entry["file"])
+
+    def _shard_of_sample(self, index: int) -> Shard:
         if not 0 <= index < self.num_samples:
             raise StoreError(
                 f"logits store {self.path} holds samples 0..{self.num_samples - 1}; sample {index} is not in it "
                 "(the student trains longer or on larger batches than the precompute covered)"
             )
-        shard = self.shard(shard_of(index, self.samples_per_shard))
+        return self.shard(shard_of(index, self.samples_per_shard))
+
+    def check(self, index: int, tokens, labels) -> None:
+        """Raise ``StoreError`` unless ``tokens``/``labels`` are the ones sample ``index`` was stored for."""
+        shard = self._shard_of_sample(index)
+        want = bytes(shard.hashes[index - shard.first_sample])
+        if sample_hash(tokens, labels) != want:
+            raise StoreError(
+                f"logits store {self.path}, shard {shard.name}: sample {index}'s tokens differ from the ones "
+                "its targets were computed for (other data, seed, sequence length or tokenizer than the "
+                "precompute's)"
+            )
+
+    def sample(self, index: int, tokens=None, labels=None):
+        """``(ids[s, k], logprobs[s, k], residual[s])`` of global sample ``index`` (see
+        ``Shard.sample``); with ``tokens``/``labels`` given, checks they are the stored sample's."""
+        shard = self._shard_of_sample(index)
         if tokens is not None:
-            want = bytes(shard.hashes[index - shard.first_sample])
-            if sample_hash(tokens, labels) != want:
-                raise StoreError(
-                    f"logits store {self.path}, shard {shard.name}: sample {index}'s tokens differ from the ones "
-                    "its targets were computed for (other data, seed, sequence length or tokenizer than the "
-                    "precompute's)"
-                )
+            self.check(index, tokens, labels)
         return shard.sample(index)
 
     def batch(self, indices, tokens=None, labels=None) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +138,10 @@ def run_mismatches(manifest: dict, cfg, vocab_size: Optional[int] = None,
             problems.append(f"{where} is {now!r} but the store was made with {ds.get(key)!r}")
     if cfg.data.data_prefix is not None and ds.get("data_prefix") not in (None, str(Path(cfg.data.data_prefix).resolve())):
         problems.append(f"data.data_prefix {cfg.data.data_prefix} is not the store's data {ds.get('data_prefix')}")
+    # An RS-KD store is not truncated: kd.top_p/top_k (which the sparse loss does not apply) need
+    # not match anything.
     trunc = manifest.get("truncation", {})
-    for key in ("top_p", "top_k"):
+    for key in ("top_p", "top_k") if manifest.get("kind", "top_p_k") == "top_p_k" else ():
         if trunc.get(key) != getattr(cfg.kd, key):
             problems.append(
                 f"kd.{key} is {getattr(cfg.kd, key)!r} but the store keeps top_p={trunc.get('top_p')!r}, "
@@ -149,10 +170,19 @@ class OfflineTeacher:
     ``(output, SparseLogits(ids[b, s, k], logprobs[b, s, k]))`` on the output's device; the same
     targets on every tensor-parallel rank. ``vocab_size`` (the student's padded vocabulary) must
     be the store's.
+
+    Prefetch: a step's micro-batches are built before the step and ``split`` is called on them in
+    order, after each one's forward, so decoding them there would stall the step. After serving a
+    micro-batch, ``split`` hands the next ``prefetch`` micro-batches' decoding to a background
+    thread; it predicts their indices from the ones seen so far (contiguous runs of micro-batches,
+    and the jump between steps once one has been seen, as ``ContiguousSampler`` hands them out at
+    any DP size). A mispredicted or failed prefetch is simply not used: that micro-batch is
+    decoded synchronously, so the targets (and every error) are the synchronous path's. The token
+    hashes are always checked against the actual batch. ``prefetch=0`` decodes synchronously.
     """
 
     def __init__(self, store: str | Path, vocab_size: Optional[int] = None, seq_length: Optional[int] = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, prefetch: int = 2) -> None:
         self.reader = StoreReader(store, verify=verify)
         enc = self.reader.manifest["encoding"]
         if vocab_size is not None and enc["vocab_size"] != vocab_size:
@@ -165,6 +195,14 @@ class OfflineTeacher:
             raise StoreError(f"logits store {store} was made for data.seq_length {stored_seq}, this run has {seq_length}")
         self.active = True
         self._seconds = 0.0
+        self.prefetch = prefetch
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: dict[tuple, Future] = {}
+        self._expect: Optional[int] = None  # the index a contiguous continuation would start at
+        self._run = 0  # micro-batches in the current contiguous run
+        self._run_len: Optional[int] = None  # learned: micro-batches per contiguous run (per step and rank)
+        self._jump = 0  # learned: index gap between the end of one run and the start of the next
+        self.hits = self.misses = 0
 
     @classmethod
     def for_run(cls, cfg, vocab_size: int, tokenizer_sha256: Optional[str] = None) -> "OfflineTeacher":
@@ -185,16 +223,82 @@ class OfflineTeacher:
         s, self._seconds = self._seconds, 0.0
         return s
 
+    def _decode(self, indices: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, lp = self.reader.batch(list(indices))
+        return torch.from_numpy(ids), torch.from_numpy(lp)
+
+    def _observe(self, indices: list) -> None:
+        """Learn the index pattern from the micro-batch just requested."""
+        if self._expect is not None and indices[0] != self._expect:
+            self._run_len, self._jump, self._run = self._run, indices[0] - self._expect, 1
+        else:
+            self._run += 1
+        self._expect = indices[-1] + 1
+
+    def _predict(self, n: int) -> list[tuple]:
+        """The index tuples of the next ``n`` micro-batches of size ``size`` the pattern predicts."""
+        out, start, run = [], self._expect, self._run
+        size = self._size
+        for _ in range(n):
+            if self._run_len and run % self._run_len == 0:
+                start, run = start + self._jump, 0
+            if start < 0 or start + size > self.reader.num_samples:
+                break
+            out.append(tuple(range(start, start + size)))
+            start, run = start + size, run + 1
+        return out
+
+    def _schedule(self) -> None:
+        wanted = self._predict(self.prefetch)
+        for key in list(self._pending):
+            if key not in wanted:  # a stale guess: drop it (it may still finish in the background)
+                self._pending.pop(key).cancel()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megadistill-store-prefetch")
+        for key in wanted:
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self._decode, key)
+
     def split(self, batch: dict, output):
         if not self.active:
             return output, None
         from megadistill.kd.teacher import SparseLogits
 
         t0 = time.perf_counter()
-        ids, lp = self.reader.batch(
-            batch["indices"].tolist(), batch["tokens"].cpu().numpy(), batch["labels"].cpu().numpy()
-        )
+        indices = batch["indices"].tolist()
+        tokens, labels = batch["tokens"].cpu().numpy(), batch["labels"].cpu().numpy()
+        key = tuple(indices)
+        fut = self._pending.pop(key, None)
+        contiguous = indices == list(range(indices[0], indices[0] + len(indices))) if indices else False
+        if self.prefetch > 0 and contiguous:
+            self._size = len(indices)
+            self._observe(indices)
+            self._schedule()  # queued behind nothing: the worker starts on the next batches now
+        got = None
+        if fut is not None:
+            try:
+                got = fut.result()
+            except Exception:  # noqa: BLE001 - the synchronous path below raises the real error
+                got = None
+        if got is not None:
+            self.hits += 1
+            for j, i in enumerate(indices):
+                self.reader.check(i, tokens[j], labels[j])
+            ids, lp = got
+        else:
+            self.misses += 1
+            ids, lp = self.reader.batch(indices, tokens, labels)
+            ids, lp = torch.from_numpy(ids), torch.from_numpy(lp)
         dev = output.device
-        target = SparseLogits(torch.from_numpy(ids).to(dev), torch.from_numpy(lp).to(dev))
+        target = SparseLogits(ids.to(dev), lp.to(dev))
         self._seconds += time.perf_counter() - t0
         return output, target
+
+    def close(self) -> None:
+        """Stop the prefetch thread (pending guesses are dropped)."""
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

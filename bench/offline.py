@@ -1,0 +1,173 @@
+"""Benchmark: the offline logits store end to end, side by side in one run.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/offline.py [--steps 12] [--format top_p_k|rskd]
+
+1. **Precompute vs the teacher's forward alone**: ``megadistill.store.precompute.precompute`` over
+   ``steps × 16`` samples, against a loop of only the teacher's forwards over the same micro-batches
+   (same model, same loaded checkpoint). Reported both for the whole call (data, model and
+   checkpoint loading, hashing, writing, manifest) and for its forward+select+encode loop alone
+   (the whole call minus its one-time setup, measured as the precompute of a store that already
+   exists up to its manifest check).
+2. **Offline-KD student step vs a plain LM step**: ``megadistill.train.run`` of the same student
+   (3 layers × 192, vocab 2048, seq 128, global batch 16, micro-batch 8) with ``teacher.mode: none``
+   and with ``teacher.mode: offline`` on the store just written; median of the per-step wall time
+   (``tokens_per_s`` in metrics.jsonl) after the first step, alternated (none, offline, none,
+   offline) to spread machine noise over both.
+
+CPU, one process, fp32. The teacher (4 layers × 256) is trained for 2 steps, only so that a
+checkpoint exists; its distributions' sharpness does not matter for timing except through the
+number of kept ids (reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from megadistill.config import (
+    CheckpointConfig, DataConfig, KDConfig, ModelConfig, OptimizerConfig, RunConfig, TeacherConfig, TrainingConfig,
+)
+from megadistill.schedules import AlphaSchedule
+from megadistill.testing import run_distributed
+
+STUDENT = ModelConfig(num_layers=3, hidden_size=192, num_attention_heads=4)
+TEACHER = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=4)
+VOCAB, SEQ, GBS, MBS = 2048, 128, 16, 8
+
+
+def _corpus(root: Path):
+    from megadistill.data import embedded_corpus_text, preprocess
+
+    (root / "a.txt").write_text(embedded_corpus_text())
+    r = preprocess([str(root / "a.txt")], root / "data" / "corpus", vocab_size=VOCAB, progress=False)
+    return str(r.prefix), str(r.tokenizer_model)
+
+
+def _cfg(out: Path, corpus, steps: int, **kw) -> RunConfig:
+    prefix, tok = corpus
+    cfg = RunConfig(
+        name=out.name, output_dir=str(out), model=STUDENT,
+        data=DataConfig(data_prefix=prefix, tokenizer_model=tok, seq_length=SEQ, micro_batch_size=MBS,
+                        global_batch_size=GBS),
+        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_fraction=0.1),
+        training=TrainingConfig(train_steps=steps, eval_interval=steps, eval_steps=1, log_interval=1),
+        checkpoint=CheckpointConfig(save_interval=0),
+    )
+    return replace(cfg, **kw)
+
+
+def _kd() -> KDConfig:
+    return KDConfig(top_p=0.95, top_k=50, truncation="ghost", alpha=AlphaSchedule("constant", alpha_max=0.5))
+
+
+def _train(cfg, threads):
+    from megadistill.train import run
+
+    torch.set_num_threads(threads)
+    return run(cfg, progress=False)
+
+
+def _teacher_forward_seconds(cfg, threads) -> float:
+    """Only the teacher's forwards over the precompute's micro-batches (model built and loaded first)."""
+    from megadistill.config import CHECKPOINT_MODEL_PREFIX, padded_vocab_size
+    from megadistill.datasets import prepare_data
+    from megadistill.megatron.gpt import build_gpt
+    from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
+    from megadistill.preflight import resolve_teacher_checkpoint
+    from megadistill.train import init_distributed
+
+    torch.set_num_threads(threads)
+    init_distributed(cfg)
+    tokenizer, train_ds, _, _ = prepare_data(cfg)
+    vocab = padded_vocab_size(tokenizer.vocab_size, 1)
+    teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab),
+                                             resolve_teacher_checkpoint(cfg.teacher.checkpoint), CHECKPOINT_MODEL_PREFIX))
+    n = cfg.training.train_steps * cfg.data.global_batch_size
+    batches = []
+    for a in range(0, n, MBS):
+        chunk = [train_ds[j] for j in range(a, a + MBS)]
+        batches.append((torch.stack([torch.as_tensor(s["tokens"]) for s in chunk]),
+                        torch.stack([torch.as_tensor(s["position_ids"]) for s in chunk])))
+    with torch.no_grad():
+        teacher(*batches[0], None)  # warm-up
+        t0 = time.perf_counter()
+        for tokens, pos in batches:
+            teacher(tokens, pos, None)
+    return time.perf_counter() - t0
+
+
+def _precompute_seconds(cfg, threads, kind, draws) -> tuple[float, float]:
+    """(whole precompute call, its setup alone): the setup is timed as a second call on the finished
+    store, which builds data, model and checkpoint, checks the plan and returns."""
+    from megadistill.store.precompute import precompute
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    precompute(cfg, progress=False, kind=kind, draws=draws)
+    whole = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    precompute(cfg, progress=False, kind=kind, draws=draws)
+    return whole, time.perf_counter() - t0
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "tokens_per_s" in r][1:]
+
+
+def _step_seconds(out: Path) -> list[float]:
+    return [GBS * SEQ / r["tokens_per_s"] for r in _rows(out)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--format", choices=("top_p_k", "rskd"), default="top_p_k")
+    p.add_argument("--draws", type=int, default=12)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
+        root = Path(tmp)
+        corpus = _corpus(root)
+        teacher_run = _cfg(root / "teacher", corpus, 2, model=TEACHER)
+        run_distributed(_train, 1, teacher_run, args.threads)
+        ckpt = str(root / "teacher" / "checkpoints")
+        store = root / "store"
+        off = lambda out: _cfg(out, corpus, args.steps, kd=_kd(),  # noqa: E731
+                               teacher=TeacherConfig(mode="offline", model=TEACHER, checkpoint=ckpt, store=str(store)))
+        pre = off(root / "pre")
+        fwd = run_distributed(_teacher_forward_seconds, 1, pre, args.threads)[0]
+        whole, setup = run_distributed(_precompute_seconds, 1, pre, args.threads, args.format, args.draws)[0]
+        from megadistill.store.inspect_store import info
+
+        size_line = [line for line in info(store) if line.startswith("size")][0]
+        plain, kd, stall = [], [], []
+        for rep in range(2):
+            run_distributed(_train, 1, _cfg(root / f"plain{rep}", corpus, args.steps), args.threads)
+            run_distributed(_train, 1, off(root / f"offline{rep}"), args.threads)
+            plain += _step_seconds(root / f"plain{rep}")
+            kd += _step_seconds(root / f"offline{rep}")
+            # The time split() spent on this rank (waiting for or decoding targets), per step.
+            stall += [r.get("teacher_time_fraction", float("nan")) * GBS * SEQ / r["tokens_per_s"]
+                      for r in _rows(root / f"offline{rep}")]
+    tokens = args.steps * GBS * SEQ
+    loop = whole - setup
+    print(f"store: {args.format}{f' ({args.draws} draws)' if args.format == 'rskd' else ' top-0.95-50'}; {size_line}")
+    print(f"teacher forwards alone over {tokens} tokens: {fwd:.2f} s")
+    print(f"precompute: whole call {whole:.2f} s ({whole / fwd:.2f}x), of which setup {setup:.2f} s; "
+          f"forward+select+encode+write loop {loop:.2f} s ({loop / fwd:.2f}x the forwards; target <= 1.3x)")
+    mp, mk = statistics.median(plain), statistics.median(kd)
+    print(f"student step (median of {len(plain)}): plain LM {mp * 1e3:.0f} ms, offline KD {mk * 1e3:.0f} ms "
+          f"({mk / mp:.3f}x; target <= 1.10x); of the offline step, {statistics.median(stall) * 1e3:.1f} ms "
+          "in the store reader (split)")
+
+
+if __name__ == "__main__":
+    main()
