@@ -244,6 +244,23 @@ def test_dp2_student_reads_the_dp1_targets(tmp_path, corpus, teacher_ckpt, store
         assert abs(a[step]["total loss"] - b[step]["total loss"]) < 1e-5, (step, a[step], b[step])
 
 
+def test_deepspeed_student_trains_from_the_store_as_megatron_does(tmp_path, corpus, teacher_ckpt, store32):
+    """The store is a teacher source like any other: ZeRO-2 at DP=2 reads the same targets."""
+    from megadistill.config import DeepSpeedConfig
+    from megadistill.train import read_metrics
+
+    ds = _offline_cfg(tmp_path / "ds", corpus, teacher_ckpt, store32,
+                      optimizer=replace(_cfg(tmp_path, corpus).optimizer, backend="deepspeed"),
+                      deepspeed=DeepSpeedConfig(zero_stage=2))
+    run_distributed(_train, 2, ds)
+    run_distributed(_train, 1, _offline_cfg(tmp_path / "mg", corpus, teacher_ckpt, store32))
+    a, b = read_metrics(tmp_path / "mg"), read_metrics(tmp_path / "ds")
+    assert set(a) == set(b) == {1, 2, 3, 4}
+    for step in a:
+        for key in ("total loss", "kd loss", "lm loss"):
+            assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step][key], b[step][key])
+
+
 # --------------------------------------------------------------------------- corruption
 
 
