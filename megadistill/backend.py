@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 if TYPE_CHECKING:
     from megadistill.config import RunConfig
@@ -30,8 +30,9 @@ class StepResult:
     metrics: dict[str, float]
     """Means over the global batch of each reported loss (``lm loss``, ``kd loss``, ``total loss``,
     ``top1 agreement``); filled on the logging rank (last pipeline stage), may be empty elsewhere."""
-    grad_norm: float
-    """Global gradient norm before clipping (identical on every rank)."""
+    grad_norm: Optional[float]
+    """Global gradient norm before clipping (identical on every rank); None when the backend did
+    not compute one."""
     update_successful: bool
     """False when the optimizer skipped the update (fp16 overflow)."""
 

@@ -103,7 +103,7 @@ def stop_if_not_finite(step: int, r, device) -> None:
     """Stop on every rank, before anything is logged or checkpointed, when the step's loss (known on
     the logging ranks) or gradient norm is not finite: NaN weights must never reach a checkpoint."""
     bad = [k for k, v in r.metrics.items() if not math.isfinite(v)]
-    if not math.isfinite(r.grad_norm):
+    if r.grad_norm is not None and not math.isfinite(r.grad_norm):
         bad.append("grad_norm")
     flag = torch.tensor([1.0 if bad else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)

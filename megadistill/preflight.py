@@ -90,13 +90,7 @@ def _check_teacher(cfg: RunConfig) -> None:
     from megadistill.checkpoint_dir import is_complete, read_marker
     from megadistill.megatron.teacher import checkpoint_vocab_size
 
-    if is_complete(ckpt):
-        from megadistill.checkpoint_dir import CorruptCheckpointError, verify
-
-        try:
-            verify(ckpt)  # a corrupt teacher would distil wrong targets from step 1
-        except CorruptCheckpointError as e:
-            raise ConfigError(f"teacher.checkpoint: {e}") from e
+    # Its files are verified by checksum once the ranks exist (resume.decide), shared among them.
     backend = read_marker(ckpt).get("backend", "megatron") if is_complete(ckpt) else "megatron"
     if backend != "megatron":
         raise ConfigError(

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megadistill.checkpoint_dir import is_complete, latest_checkpoint, read_marker
+from megadistill.checkpoint_dir import _shareable, is_complete, latest_checkpoint, read_marker
 from megadistill.data_integrity import file_sha256
 from megadistill.config import ConfigError, RunConfig, resolve_teacher_checkpoint, to_dict
 
@@ -63,7 +63,23 @@ def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha2
         "tokenizer_sha256": tokenizer_sha256,
         "teacher_checkpoint": teacher_checkpoint,
         "teacher_store_sha256": _store_identity(cfg),
+        "corpus_sha256": corpus_identity(cfg),
     }
+
+
+def corpus_identity(cfg: RunConfig) -> Optional[str]:
+    """The training corpus's identity: the sha256 of its .bin/.idx/.model as its manifest records
+    them (content only, not paths), for data this project wrote (None for data without one)."""
+    import hashlib
+    import json
+
+    from megadistill.data_integrity import read_manifest
+
+    prefix = cfg.data.data_prefix or str(Path(cfg.output_dir) / "data" / "corpus")
+    manifest = read_manifest(prefix)
+    if manifest is None:
+        return None
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
 def _store_identity(cfg: RunConfig) -> Optional[str]:
@@ -145,7 +161,8 @@ def decide(
 
     # Collective: every rank checksums its share of the files and all agree, so a corrupt latest
     # checkpoint is skipped (auto) or refused (a path) on every rank alike.
-    chosen = checkpoint_to_resume(ckpt_root, cfg.checkpoint.resume)
+    # --overwrite starts afresh: nothing is resumed (the earlier run is moved aside below).
+    chosen = None if overwrite else checkpoint_to_resume(ckpt_root, cfg.checkpoint.resume)
     if dist.get_rank() == 0:
         try:
             path = chosen
@@ -161,11 +178,20 @@ def decide(
                 check_teacher_record(cfg, teacher, tokenizer_sha256)
             decision = [str(path) if path else None, teacher, None]
         except Exception as e:  # raised on every rank below, instead of leaving them waiting
-            decision = [None, None, e]
+            decision = [None, None, _shareable(e)]
     dist.broadcast_object_list(decision, src=0)
     if decision[2] is not None:
         raise decision[2]
-    return decision[0], decision[1]
+    teacher = decision[1]
+    if teacher is not None and is_complete(teacher):
+        # Collective (each rank hashes a share): a corrupt teacher would distil wrong targets.
+        from megadistill.checkpoint_dir import CorruptCheckpointError, verify
+
+        try:
+            verify(teacher)
+        except CorruptCheckpointError as e:
+            raise ConfigError(f"teacher.checkpoint: {e}") from e
+    return decision[0], teacher
 
 
 _NEW_RUN = "use a new output_dir, or pass --overwrite to move the earlier run aside"
@@ -222,4 +248,10 @@ def _check_resume(cfg: RunConfig, path: Path, marker: dict, tokenizer_sha256: st
             f"cannot resume from {path}: the tokenizer differs from the checkpointed run's (sha256 "
             f"{recorded[:12]}… vs {tokenizer_sha256[:12]}… now, data.tokenizer_model={cfg.data.tokenizer_model}); "
             f"{_NEW_RUN}"
+        )
+    corpus, recorded_corpus = corpus_identity(cfg), marker.get("corpus_sha256")
+    if recorded_corpus is not None and corpus != recorded_corpus:
+        raise ConfigError(
+            f"cannot resume from {path}: the training corpus differs from the checkpointed run's (an input "
+            f"or the tokenizer changed in content, so it was tokenised again); {_NEW_RUN}"
         )

@@ -126,8 +126,10 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
         stop_if_not_finite(step + 1, r, dev)
         elapsed = time.perf_counter() - t0
         metrics = dict(r.metrics)
-        metrics.update(alpha=k.alpha, temperature=k.temperature, lr=lr, grad_norm=r.grad_norm,
+        metrics.update(alpha=k.alpha, temperature=k.temperature, lr=lr,
                        tokens_per_s=d.global_batch_size * d.seq_length / elapsed)
+        if r.grad_norm is not None:
+            metrics["grad_norm"] = r.grad_norm
         teacher_seconds = teacher.take_seconds()
         if teacher_seconds is not None:
             # Measured on this rank: the teacher's share of its step time.

@@ -308,3 +308,24 @@ def test_a_diverging_run_stops_before_checkpointing_nan_weights(tmp_path, corpus
     saved = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
     assert saved == [f"step_{s:08d}" for s in range(1, bad)], (bad, saved)  # nothing of the diverged step
     assert max(_losses(tmp_path / "nan"), default=0) == bad - 1
+
+
+def test_overwrite_starts_afresh_even_with_resume_auto(tmp_path, corpus):
+    out = tmp_path / "r"
+    cfg = _cfg(out, corpus, training=TrainingConfig(train_steps=2, eval_interval=2, eval_steps=1))
+    assert run_distributed(_run_or_error, 1, cfg)[0] == 2
+    changed = replace(cfg, kd=replace(cfg.kd, temperature=2.0))  # resume=auto would refuse this
+    assert "cannot resume from" in run_distributed(_run_or_error, 1, changed)[0]
+    assert run_distributed(_run_overwriting, 1, changed)[0] == 2
+    assert len([p for p in out.iterdir() if p.name.startswith("superseded-")]) == 1
+
+
+def test_resume_refuses_a_corpus_retokenised_from_edited_inputs(tmp_path, corpus):
+    text = tmp_path / "in.txt"
+    text.write_text(Path(corpus[0][0]).read_text())
+    cfg = _cfg(tmp_path / "r", corpus, training=TrainingConfig(train_steps=2, eval_interval=2, eval_steps=1))
+    cfg = replace(cfg, data=replace(cfg.data, data_prefix=None, inputs=[str(text)], tokenizer_model=corpus[2]))
+    assert run_distributed(_run_or_error, 1, cfg)[0] == 2
+    text.write_text(text.read_text().replace("the", "a"))  # same path, same tokenizer, other ids
+    msg = run_distributed(_run_or_error, 1, cfg)[0]
+    assert "cannot resume from" in msg and "the training corpus differs" in msg, msg

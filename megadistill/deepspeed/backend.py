@@ -122,7 +122,7 @@ class DeepSpeedBackend:
         self._steps_done += 1
         return StepResult(
             metrics=reduce_reports(reports, self.dp_group),
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
             update_successful=bool(ok),
         )
 

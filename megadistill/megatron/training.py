@@ -51,4 +51,4 @@ def train_step(
         # Without clipping, megatron's optimizers skip the norm (None or 0): compute it for logging.
         grad_norm = optimizer.get_grad_norm()
     metrics = reduce_reports(reports) if parallel_state.is_pipeline_last_stage() else {}
-    return StepResult(metrics, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok))
+    return StepResult(metrics, float(grad_norm) if grad_norm is not None else None, bool(ok))
