@@ -153,6 +153,30 @@ def latest_verified_checkpoint(root: str | Path) -> Optional[Path]:
     return None
 
 
+def _finish_interrupted_swaps(root: Path) -> None:
+    """Complete or undo a re-save of a step that was killed between its two renames
+    (``step_N`` -> ``step_N.old``, ``step_N.tmp`` -> ``step_N``), which leaves no ``step_N``: the
+    new copy wins if its marker was written (it was complete before the swap began), else the old
+    copy is put back. A leftover ``.old`` next to a ``step_N`` is the replaced copy: removed."""
+    if not root.is_dir():
+        return
+    for old in sorted(root.glob("step_*.old")):
+        final = old.with_name(old.name[: -len(".old")])
+        if not _STEP_DIR.match(final.name) or not old.is_dir():
+            continue
+        if not final.exists():
+            tmp = final.with_name(final.name + ".tmp")
+            if (tmp / COMPLETE_MARKER).is_file():
+                os.replace(tmp, final)
+            else:
+                os.replace(old, final)
+                logger.warning("restored %s from an interrupted re-save (%s)", final, old.name)
+                continue
+            logger.warning("completed an interrupted re-save of %s", final)
+        shutil.rmtree(old)
+    _fsync_dir(root)
+
+
 def checkpoint_to_resume(root: str | Path, resume: str) -> Optional[Path]:
     """The checkpoint ``checkpoint.resume`` names, verified. Collective.
 
@@ -164,6 +188,7 @@ def checkpoint_to_resume(root: str | Path, resume: str) -> Optional[Path]:
     if resume == "none":
         return None
     if resume == "auto":
+        _on_rank0(lambda: _finish_interrupted_swaps(Path(root)))
         return latest_verified_checkpoint(root)
     path = Path(resume)
     if _on_rank0(lambda: is_complete(path)):

@@ -182,3 +182,32 @@ def test_resume_from_a_corrupt_checkpoint_path_is_refused_naming_the_file(tmp_pa
         assert message.startswith(f"NoIntactCheckpointError: every complete checkpoint under {root} is corrupt")
         assert "step_00000006/engine/state.pt: missing" in message and "step_00000003/shard0.bin: content differs" in message
         assert "checkpoint.resume: none" in message
+
+
+def _commit_then_resume_choice(root: str, kill_after_first_rename: bool, new_copy_marked: bool):
+    """A checkpoint of step 2, then the state a kill in the middle of re-saving step 2 leaves."""
+    import os
+    import shutil
+
+    import torch.distributed as dist
+
+    from megadistill.checkpoint_dir import checkpoint_to_resume
+
+    final = commit(root, 2, lambda d: (d / f"weights{dist.get_rank()}").write_text("old copy"), {"run": "x"})
+    if kill_after_first_rename and dist.get_rank() == 0:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.copytree(final, tmp)
+        if not new_copy_marked:
+            (tmp / COMPLETE_MARKER).unlink()  # killed before the new copy's marker was written
+        os.replace(final, final.with_name(final.name + ".old"))
+    dist.barrier()
+    chosen = checkpoint_to_resume(root, "auto")
+    return str(chosen), sorted(p.name for p in Path(root).iterdir())
+
+
+@pytest.mark.parametrize("new_copy_marked", [True, False])
+def test_a_re_save_killed_between_its_renames_is_completed_or_undone(tmp_path, new_copy_marked):
+    chosen, left = run_distributed(_commit_then_resume_choice, 2, str(tmp_path), True, new_copy_marked)[0]
+    # Before: no step_00000002 at all, so the run fell back (or started afresh) silently.
+    assert chosen == str(tmp_path / "step_00000002")
+    assert left == ["step_00000002"] + ([] if new_copy_marked else ["step_00000002.tmp"])
