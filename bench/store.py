@@ -39,14 +39,18 @@ def measure(vocab: int, tokens: int, top_p: float, top_k, dtype: str, seq: int =
         valid = ids[sl] >= 0
         samples.append(SampleTargets(sample_hash(np.zeros(seq), np.zeros(seq)), valid.sum(-1), res[sl],
                                      ids[sl][valid], lp[sl][valid]))
-    buf = encode_shard(0, samples, seq, vocab, dtype)
+    return _size_and_read_speed(encode_shard(0, samples, seq, vocab, dtype), len(samples), seq, ids)
+
+
+def _size_and_read_speed(buf: bytes, num_samples: int, seq: int, ids: np.ndarray) -> dict:
+    """Bytes/token of an encoded shard, ids kept per position, and how fast its samples decode."""
     shard = Shard(buf, "bench")
     t0 = time.perf_counter()
-    for s in range(len(samples)):
+    for s in range(num_samples):
         shard.sample(s)
     read = time.perf_counter() - t0
-    n = len(samples) * seq
-    return {"bytes_per_token": len(buf) / n, "ids_per_position": float((ids >= 0).sum()) / tokens,
+    n = num_samples * seq
+    return {"bytes_per_token": len(buf) / n, "ids_per_position": float((ids >= 0).sum()) / ids.shape[0],
             "read_tokens_per_s": n / read}
 
 
@@ -62,15 +66,8 @@ def measure_rskd(vocab: int, tokens: int, draws: int, seq: int = 1024) -> dict:
         valid = ids[sl] >= 0
         samples.append(SampleTargets(sample_hash(np.zeros(seq), np.zeros(seq)), valid.sum(-1), None,
                                      ids[sl][valid], None, draws=cnt[sl][valid]))
-    buf = encode_shard(0, samples, seq, vocab, None, kind="rskd", num_draws=draws)
-    shard = Shard(buf, "bench")
-    t0 = time.perf_counter()
-    for s in range(len(samples)):
-        shard.sample(s)
-    read = time.perf_counter() - t0
-    n = len(samples) * seq
-    return {"bytes_per_token": len(buf) / n, "ids_per_position": float((ids >= 0).sum()) / tokens,
-            "read_tokens_per_s": n / read}
+    return _size_and_read_speed(encode_shard(0, samples, seq, vocab, None, kind="rskd", num_draws=draws),
+                                len(samples), seq, ids)
 
 
 def main() -> None:

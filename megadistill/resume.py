@@ -114,13 +114,16 @@ def check_teacher_record(cfg: RunConfig, teacher: str, tokenizer_sha256: str) ->
                 raise ConfigError(
                     f"teacher.model.{k} is {want[k]} but teacher.checkpoint {teacher} was trained with {have[k]}"
                 )
+    _check_same_tokenizer(marker, tokenizer_sha256, f"teacher.checkpoint {teacher} was trained with another "
+                          "tokenizer than this run's; distillation needs the teacher's tokenizer (data.tokenizer_model)")
+
+
+def _check_same_tokenizer(marker: dict, tokenizer_sha256: str, problem: str) -> None:
+    """Raise ``problem`` (with both hashes) if ``marker`` records another tokenizer than this run's;
+    checkpoints that record none cannot be checked."""
     recorded = marker.get("tokenizer_sha256")
     if recorded is not None and recorded != tokenizer_sha256:
-        raise ConfigError(
-            f"teacher.checkpoint {teacher} was trained with another tokenizer (sha256 {recorded[:12]}…) than "
-            f"this run's (sha256 {tokenizer_sha256[:12]}…): distillation needs the teacher's tokenizer "
-            "(data.tokenizer_model)"
-        )
+        raise ConfigError(f"{problem} [tokenizer sha256 {recorded[:12]}… recorded, {tokenizer_sha256[:12]}… now]")
 
 
 def _earlier_run(out: Path, ckpt_root: Path) -> list[str]:
@@ -242,13 +245,8 @@ def _check_resume(cfg: RunConfig, path: Path, marker: dict, tokenizer_sha256: st
             f"cannot resume from {path}: the logits store teacher.store={cfg.teacher.store} is not the one the "
             f"checkpointed run read (its manifest changed: rebuilt or replaced); {_NEW_RUN}"
         )
-    recorded = marker.get("tokenizer_sha256")
-    if recorded is not None and recorded != tokenizer_sha256:
-        raise ConfigError(
-            f"cannot resume from {path}: the tokenizer differs from the checkpointed run's (sha256 "
-            f"{recorded[:12]}… vs {tokenizer_sha256[:12]}… now, data.tokenizer_model={cfg.data.tokenizer_model}); "
-            f"{_NEW_RUN}"
-        )
+    _check_same_tokenizer(marker, tokenizer_sha256, f"cannot resume from {path}: the tokenizer differs from the "
+                          f"checkpointed run's (data.tokenizer_model={cfg.data.tokenizer_model}); {_NEW_RUN}")
     corpus, recorded_corpus = corpus_identity(cfg), marker.get("corpus_sha256")
     if recorded_corpus is not None and corpus != recorded_corpus:
         raise ConfigError(
