@@ -31,7 +31,7 @@ from typing import Any, Optional
 import yaml
 
 from megadistill.losses.config import KDLossConfig
-from megadistill.schedules import AlphaSchedule
+from megadistill.schedules import AlphaSchedule, TemperatureSchedule
 
 
 class ConfigError(ValueError):
@@ -93,7 +93,10 @@ class KDConfig(KDLossConfig):
     """Distillation: the KD loss and teacher-logits processing (``KDLossConfig``), and the α schedule."""
 
     alpha: AlphaSchedule = field(default_factory=AlphaSchedule)
-    """Schedule of the KD weight α in (1-α)·LM + α·KD."""
+    """Schedule of the KD weight α in (1-α)·LM + α·KD (kind salt: SALT's KD phase, then plain LM training with the teacher released)."""
+
+    temperature_schedule: TemperatureSchedule = field(default_factory=TemperatureSchedule)
+    """Schedule of τ per step, starting from kd.temperature (constant, linear or cosine to final)."""
 
     def loss_config(self) -> KDLossConfig:
         """The loss part alone, as ``megadistill.losses`` takes it."""
@@ -507,6 +510,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
     try:
         cfg.kd.alpha.validate("kd.alpha")
+        cfg.kd.temperature_schedule.validate("kd.temperature_schedule")
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -15,8 +15,24 @@ TAGS = {
     "total loss": "loss/total", "lm loss": "loss/lm", "kd loss": "loss/kd", "val_loss": "loss/val",
     "top1 agreement": "kd/top1_agreement", "alpha": "kd/alpha", "temperature": "kd/temperature",
     "teacher_time_fraction": "perf/teacher_time_fraction", "tokens_per_s": "perf/tokens_per_s",
-    "lr": "optim/lr", "grad_norm": "optim/grad_norm",
+    "lr": "optim/lr", "grad_norm": "optim/grad_norm", "memory_mib": "perf/memory_mib",
 }
+
+
+def memory_mib() -> float:
+    """This process's memory in MiB: CUDA memory allocated by tensors on a GPU, the resident set
+    size elsewhere (what a released teacher gives back)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak, not the current size
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def read_metrics(output_dir: str | Path) -> dict[int, dict]:

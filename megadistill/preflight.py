@@ -78,9 +78,26 @@ def _check_data_files(cfg: RunConfig) -> None:
             raise ConfigError(f"data.tokenizer_model: file {d.tokenizer_model} does not exist")
 
 
+def _resumes_after_kd(cfg: RunConfig) -> bool:
+    """Whether the run resumes at or after the step its KD phase ends (SALT), so that it needs no
+    teacher checkpoint (a guess from the newest complete checkpoint; ``resume.decide`` settles it)."""
+    from megadistill.checkpoint_dir import latest_checkpoint, read_marker
+    from megadistill.schedules import kd_ends_at
+
+    end = kd_ends_at(cfg.kd.alpha, cfg.training.train_steps)
+    resume = cfg.checkpoint.resume
+    if end is None or resume == "none":
+        return False
+    path = latest_checkpoint(Path(cfg.output_dir) / "checkpoints") if resume == "auto" else Path(resume)
+    try:
+        return path is not None and int(read_marker(path).get("step", 0)) >= end
+    except (OSError, ValueError):
+        return False
+
+
 def _check_teacher(cfg: RunConfig) -> None:
     t = cfg.teacher
-    if t.mode != "online":
+    if t.mode != "online" or _resumes_after_kd(cfg):
         return
     if t.checkpoint is None:
         raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")

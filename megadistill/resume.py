@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -152,14 +153,32 @@ def _inside(path: Path, root: Path) -> bool:
     return Path(path).resolve().parent == Path(root).resolve()
 
 
+@dataclass(frozen=True)
+class Decision:
+    """Where a run starts: what :func:`decide` chose on rank 0 for every rank."""
+
+    checkpoint: Optional[str]
+    """The checkpoint to resume from (None: start afresh)."""
+    start_step: int
+    """The step the run continues at (the checkpoint's step, 0 afresh)."""
+    teacher_checkpoint: Optional[str]
+    """The online teacher's checkpoint to load, verified; None without an online teacher, or when
+    the run resumes after its KD phase ended (SALT): no teacher is built then."""
+    teacher_record: Optional[str]
+    """The teacher checkpoint this run distils from, for its checkpoints' run record (kept after
+    the KD phase, when it is no longer loaded or needed on disk)."""
+
+
 def decide(
-    cfg: RunConfig, ckpt_root: Path, tokenizer_sha256: str, overwrite: bool = False
-) -> tuple[Optional[str], Optional[str]]:
-    """(checkpoint to resume, teacher checkpoint), chosen on rank 0 and shared, so that ranks which
-    list a shared file system at different moments still agree. A resumed run keeps the teacher
-    checkpoint it started with, even if a newer one has appeared since. A run that would start
-    afresh over an earlier run's files is refused, unless ``overwrite`` moves them aside first."""
-    decision: list = [None, None, None]
+    cfg: RunConfig, ckpt_root: Path, tokenizer_sha256: str, overwrite: bool = False,
+    needs_teacher: Callable[[int], bool] = lambda start: True,
+) -> Decision:
+    """Where the run starts, chosen on rank 0 and shared, so that ranks which list a shared file
+    system at different moments still agree. A resumed run keeps the teacher checkpoint it started
+    with, even if a newer one has appeared since; one resumed at a step where
+    ``needs_teacher(step)`` is False neither loads nor checks it. A run that would start afresh
+    over an earlier run's files is refused, unless ``overwrite`` moves them aside first."""
+    decision: list = [None, None]
     from megadistill.checkpoint_dir import checkpoint_to_resume
 
     # Collective: every rank checksums its share of the files and all agree, so a corrupt latest
@@ -175,17 +194,23 @@ def decide(
             marker = read_marker(path) if path else {}
             if path:
                 _check_resume(cfg, path, marker, tokenizer_sha256)
-            teacher = None
+            start = int(marker.get("step", 0))
+            teacher = record = None
             if cfg.teacher.mode == "online":
-                teacher = marker.get("teacher_checkpoint") or str(resolve_teacher_checkpoint(cfg.teacher.checkpoint))
-                check_teacher_record(cfg, teacher, tokenizer_sha256)
-            decision = [str(path) if path else None, teacher, None]
+                record = marker.get("teacher_checkpoint")
+                if needs_teacher(start):
+                    teacher = record = record or str(resolve_teacher_checkpoint(cfg.teacher.checkpoint))
+                    check_teacher_record(cfg, teacher, tokenizer_sha256)
+                else:
+                    record = record or cfg.teacher.checkpoint
+            decision = [Decision(str(path) if path else None, start, teacher, record), None]
         except Exception as e:  # raised on every rank below, instead of leaving them waiting
-            decision = [None, None, _shareable(e)]
+            decision = [None, _shareable(e)]
     dist.broadcast_object_list(decision, src=0)
-    if decision[2] is not None:
-        raise decision[2]
-    teacher = decision[1]
+    if decision[1] is not None:
+        raise decision[1]
+    result = decision[0]
+    teacher = result.teacher_checkpoint
     if teacher is not None and is_complete(teacher):
         # Collective (each rank hashes a share): a corrupt teacher would distil wrong targets.
         from megadistill.checkpoint_dir import CorruptCheckpointError, verify
@@ -194,7 +219,7 @@ def decide(
             verify(teacher)
         except CorruptCheckpointError as e:
             raise ConfigError(f"teacher.checkpoint: {e}") from e
-    return decision[0], teacher
+    return result
 
 
 _NEW_RUN = "use a new output_dir, or pass --overwrite to move the earlier run aside"

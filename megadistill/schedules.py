@@ -1,4 +1,4 @@
-"""Per-step schedules for the KD weight α (τ is constant per run; the learning rate uses Megatron's
+"""Per-step schedules for the KD weight α and the temperature τ (the learning rate uses Megatron's
 own ``OptimizerParamScheduler``, WSD included).
 
 α schedules (PD paper, SALT):
@@ -10,6 +10,9 @@ own ``OptimizerParamScheduler``, WSD included).
 * ``wsd``: warmup 0 → α_max, stable, then decay → α_min over the last ``decay_fraction`` (PD*);
 * ``salt``: α_max for the first ``n_kd`` steps, then 0 (abruptly, or linearly over
   ``transition_steps``): SALT's two phases.
+
+τ schedules: ``constant`` (``kd.temperature`` throughout), ``linear`` and ``cosine`` (from
+``kd.temperature`` at step 0 to ``final`` at the last step).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 ALPHA_SCHEDULES = ("constant", "linear", "cosine", "periodic", "wsd", "salt")
+TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -99,3 +103,48 @@ class AlphaSchedule:
         if self.transition_steps and step < self.n_kd + self.transition_steps:
             return self.alpha_max * (1 - (step - self.n_kd + 1) / (self.transition_steps + 1))
         return 0.0
+
+
+def kd_ends_at(alpha: AlphaSchedule, total_steps: int) -> int | None:
+    """The first step from which α stays 0 to the end of a ``total_steps`` run (a teacher is not
+    needed from there on), or None if α is positive at the last step."""
+    if alpha.kind == "salt":
+        end = alpha.n_kd + alpha.transition_steps if alpha.alpha_max > 0 else 0
+        return end if end < total_steps else None
+    step = total_steps
+    while step > 0 and alpha(step - 1, total_steps) == 0.0:
+        step -= 1
+    return step if step < total_steps else None
+
+
+@dataclass
+class TemperatureSchedule:
+    """The KD temperature τ per step: kd.temperature at step 0, then linear or cosine to final."""
+
+    kind: str = "constant"
+    """One of constant (kd.temperature throughout), linear, cosine."""
+
+    final: float | None = None
+    """τ at the last step for linear and cosine (required for them; unused by constant)."""
+
+    def validate(self, prefix: str = "kd.temperature_schedule") -> None:
+        if self.kind not in TEMPERATURE_SCHEDULES:
+            raise ValueError(f"{prefix}.kind: unknown schedule {self.kind!r}; choose one of {TEMPERATURE_SCHEDULES}")
+        if self.kind == "constant":
+            if self.final is not None:
+                raise ValueError(f"{prefix}.final is set but kind is constant: set kind linear or cosine, or unset final")
+            return
+        if self.final is None:
+            raise ValueError(f"{prefix}.final is required for kind {self.kind} (τ at the last step)")
+        if isinstance(self.final, bool) or not isinstance(self.final, (int, float)) or not math.isfinite(self.final) \
+                or self.final <= 0:
+            raise ValueError(f"{prefix}.final must be a positive finite number, got {self.final!r}")
+
+    def __call__(self, start: float, step: int, total_steps: int) -> float:
+        """τ at ``step`` (0-based) of a ``total_steps`` run starting from ``start``."""
+        if self.kind == "constant":
+            return start
+        frac = step / max(total_steps - 1, 1)
+        if self.kind == "linear":
+            return start + (self.final - start) * frac
+        return self.final + (start - self.final) * 0.5 * (1 + math.cos(math.pi * frac))

@@ -82,7 +82,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     from megadistill.kd.teacher import make_teacher_source
     from megadistill.megatron.gpt import device
     from megadistill.megatron.schedule import reduce_reports
-    from megadistill.metrics import MetricsLogger, stop_if_not_finite
+    from megadistill.metrics import MetricsLogger, memory_mib, stop_if_not_finite
     from megadistill.sampler import ContiguousSampler, micro_batches
 
     init_distributed(cfg)
@@ -91,21 +91,24 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     tokenizer, train_ds, valid_ds, tokenizer_path = prepare_data(cfg)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     tokenizer_sha256 = file_sha256(tokenizer_path)
-    resume_path, teacher_path = resume.decide(cfg, ckpt_root, tokenizer_sha256, overwrite)
+    knobs = KnobSchedule(cfg)
+    where = resume.decide(cfg, ckpt_root, tokenizer_sha256, overwrite, needs_teacher=knobs.needs_teacher)
 
-    teacher = make_teacher_source(cfg, vocab, teacher_path)
+    # A run resumed after its KD phase (SALT) builds no teacher at all.
+    teacher = make_teacher_source(cfg, vocab, where.teacher_checkpoint, needed=knobs.needs_teacher(where.start_step))
     backend = build_backend(cfg, vocab, teacher)
     steps = cfg.training.train_steps
-    start = backend.load(Path(resume_path)) if resume_path is not None else 0
+    start = backend.load(Path(where.checkpoint)) if where.checkpoint is not None else 0
+    if start != where.start_step:
+        raise ConfigError(f"checkpoint {where.checkpoint} holds step {start}, its marker says {where.start_step}")
     if start > steps:
-        raise ConfigError(f"checkpoint {resume_path} is at step {start}, beyond training.train_steps {steps}")
+        raise ConfigError(f"checkpoint {where.checkpoint} is at step {start}, beyond training.train_steps {steps}")
 
     d = cfg.data
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     sampler = ContiguousSampler(d.global_batch_size, dp)
-    knobs = KnobSchedule(cfg)
     dev = device()
-    marker = resume.run_marker(cfg, teacher_path, tokenizer_sha256)
+    marker = resume.run_marker(cfg, where.teacher_record, tokenizer_sha256)
     logger = MetricsLogger(out, start, cfg.training.log_interval) if dist.get_rank() == dist.get_world_size() - 1 else None
     bar = tqdm(total=steps, initial=start, desc=cfg.name, disable=logger is None or not progress, dynamic_ncols=True)
     result = RunResult(steps=start)
@@ -118,6 +121,12 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
         return reduce_reports(reports).get("lm loss", float("nan")) if backend.is_logging_rank() else float("nan")
 
     for step in range(start, steps):
+        if step == knobs.teacher_released_at:
+            before = memory_mib()
+            teacher.release()
+            if logger is not None:
+                tqdm.write(f"{cfg.name}: KD ended at step {step}; teacher released "
+                           f"(process memory {before:.0f} -> {memory_mib():.0f} MiB on this rank)")
         k = knobs.at(step)
         lr = backend.learning_rate()  # the rate this step uses
         t0 = time.perf_counter()
@@ -127,7 +136,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
         elapsed = time.perf_counter() - t0
         metrics = dict(r.metrics)
         metrics.update(alpha=k.alpha, temperature=k.temperature, lr=lr,
-                       tokens_per_s=d.global_batch_size * d.seq_length / elapsed)
+                       tokens_per_s=d.global_batch_size * d.seq_length / elapsed, memory_mib=memory_mib())
         if r.grad_norm is not None:
             metrics["grad_norm"] = r.grad_norm
         teacher_seconds = teacher.take_seconds()

@@ -52,7 +52,8 @@ def _decide(cfg: RunConfig, root: str):
     from megadistill import resume
 
     try:
-        return resume.decide(cfg, Path(root), "0" * 64)
+        d = resume.decide(cfg, Path(root), "0" * 64, needs_teacher=lambda start: start < 4)
+        return d.checkpoint, d.teacher_checkpoint, d.teacher_record, d.start_step
     except ConfigError as e:
         return f"ConfigError: {e}"
 
@@ -77,7 +78,19 @@ def test_a_resumed_run_keeps_the_teacher_checkpoint_it_recorded(tmp_path):
     cfg = RunConfig(output_dir=str(tmp_path), teacher=TeacherConfig(mode="online", checkpoint=str(tmp_path / "newer")))
     root = tmp_path / "checkpoints"
     _fake_checkpoint(root, 2, {"backend": "megatron", "config": to_dict(cfg), "teacher_checkpoint": "/teachers/t1"})
-    assert run_distributed(_decide, 1, cfg, str(root))[0] == (str(root / "step_00000002"), "/teachers/t1")
+    assert run_distributed(_decide, 1, cfg, str(root))[0] == (str(root / "step_00000002"), "/teachers/t1", "/teachers/t1", 2)
+
+
+def test_a_run_resumed_after_its_kd_phase_needs_no_teacher_checkpoint(tmp_path):
+    # SALT: from step 4 on the run needs no teacher; the recorded one has been deleted since.
+    cfg = RunConfig(output_dir=str(tmp_path), teacher=TeacherConfig(mode="online", checkpoint=str(tmp_path / "gone")))
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 4, {"backend": "megatron", "config": to_dict(cfg), "teacher_checkpoint": "/teachers/t1"})
+    assert run_distributed(_decide, 1, cfg, str(root))[0] == (str(root / "step_00000004"), None, "/teachers/t1", 4)
+    _fake_checkpoint(root, 3, {"backend": "megatron", "config": to_dict(cfg), "teacher_checkpoint": None})
+    (root / "step_00000004" / COMPLETE_MARKER).unlink()  # back before the switch: the teacher is needed
+    msg = run_distributed(_decide, 1, cfg, str(root))[0]
+    assert msg == f"ConfigError: teacher.checkpoint: {tmp_path / 'gone'} does not exist"
 
 
 def test_a_deepspeed_run_is_not_accepted_as_a_teacher(tmp_path):
@@ -138,7 +151,8 @@ def _decide_logged(cfg: RunConfig, root: str):
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger("megadistill.checkpoint_dir").addHandler(handler)
     try:
-        result = resume.decide(cfg, Path(root), TOKENIZER_SHA)
+        d = resume.decide(cfg, Path(root), TOKENIZER_SHA)
+        result = d.checkpoint, d.teacher_checkpoint
     except Exception as e:
         result = f"{type(e).__name__}: {e}"
     return dist.get_rank(), result, records
@@ -157,7 +171,7 @@ def test_resume_auto_falls_back_past_a_corrupt_latest_checkpoint(tmp_path):
     _corrupt(root / "step_00000009", "shard1.bin")
     (root / "step_00000006" / COMPLETE_MARKER).write_text('{"step": 6, "integ')  # a torn marker
     results = run_distributed(_decide_logged, 2, cfg, str(root))
-    for rank, (path, _), records in results:  # every rank agrees on the fallback
+    for rank, (path, *_), records in results:  # every rank agrees on the fallback
         assert path == str(root / "step_00000003"), (rank, path)
     warnings = "\n".join(results[0][2])
     assert f"checkpoint {root / 'step_00000009'} is corrupt" in warnings

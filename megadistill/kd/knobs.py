@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megadistill.megatron.loss import KDStep
+from megadistill.schedules import kd_ends_at
 
 
 class KnobSchedule:
     """``at(step)`` → the ``KDStep`` of optimizer step ``step`` (0-based): α from ``kd.alpha`` (0
-    without a teacher), τ from ``kd.temperature``."""
+    without a teacher), τ from ``kd.temperature`` and ``kd.temperature_schedule``."""
 
     def __init__(self, cfg) -> None:
         self.alpha = cfg.kd.alpha
         self.temperature = cfg.kd.temperature
+        self.temperature_schedule = cfg.kd.temperature_schedule
         self.steps = cfg.training.train_steps
         self.has_teacher = cfg.teacher.mode != "none"
 
     def at(self, step: int) -> KDStep:
         alpha = self.alpha(step, self.steps) if self.has_teacher else 0.0
-        return KDStep(alpha=alpha, temperature=self.temperature)
+        return KDStep(alpha=alpha, temperature=self.temperature_schedule(self.temperature, step, self.steps))
+
+    @property
+    def teacher_released_at(self) -> Optional[int]:
+        """The step from which α is 0 for the rest of the run (SALT's switch to plain LM training):
+        the teacher is released before it, and a run resumed at or after it builds none. None when
+        the run has no teacher or needs it to the end."""
+        return kd_ends_at(self.alpha, self.steps) if self.has_teacher else None
+
+    def needs_teacher(self, start: int) -> bool:
+        """Whether a run starting (or resuming) at step ``start`` needs its teacher."""
+        end = self.teacher_released_at
+        return self.has_teacher and (end is None or start < end)

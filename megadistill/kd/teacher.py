@@ -57,6 +57,11 @@ class TeacherSource(Protocol):
         """Release what the source holds beyond the run (threads, open files)."""
         ...
 
+    def release(self) -> None:
+        """Free the teacher for the rest of the run (KD is over: every later step has α = 0): its
+        weights, buffers, reader threads. ``set_active(True)`` is an error afterwards."""
+        ...
+
 
 class NoTeacher:
     """No teacher: plain next-token training (α is ignored)."""
@@ -71,6 +76,9 @@ class NoTeacher:
         return None
 
     def close(self) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
     def split(self, batch: dict, output):
@@ -127,12 +135,29 @@ class OnlineTeacher(InModelTargets):
     def close(self) -> None:
         pass
 
+    def release(self) -> None:
+        import gc
+
+        if self.model is not None:
+            self.model.release_teacher()
+        self._teacher = self._timer = None
+        # Parameters held in reference cycles (hooks, closures) would otherwise wait for the
+        # collector; the caching allocator keeps freed CUDA blocks until emptied.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def set_active(self, active: bool) -> None:
+        if active and self.model.teacher is None:
+            raise RuntimeError("the teacher was released (KD has ended for this run): it cannot be activated again")
         self.model.teacher_active = active
 
 
-def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str]) -> TeacherSource:
-    """The teacher source ``cfg.teacher.mode`` names (the one place that chooses it)."""
+def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str], needed: bool = True) -> TeacherSource:
+    """The teacher source ``cfg.teacher.mode`` names (the one place that chooses it); none when the
+    run no longer ``needed`` one (resumed after SALT's switch to plain LM training)."""
+    if not needed:
+        return NoTeacher()
     if cfg.teacher.mode == "online":
         from megadistill.config import CHECKPOINT_MODEL_PREFIX
         from megadistill.megatron.gpt import build_gpt

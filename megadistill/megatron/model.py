@@ -49,8 +49,16 @@ class DistillationModel(MegatronModule):
         return self.module
 
     @property
-    def teacher(self) -> GPTModel:
-        return self._teacher[0]
+    def teacher(self) -> Optional[GPTModel]:
+        """The teacher, or None once :meth:`release_teacher` dropped it."""
+        return self._teacher[0] if self._teacher else None
+
+    def release_teacher(self) -> None:
+        """Drop the teacher for good (SALT's switch to plain LM training): this wrapper then holds no
+        reference to its parameters or buffers, and stage tensors keep the student's width."""
+        self._teacher.clear()
+        self.teacher_hidden = 0
+        self.teacher_active = False
 
     def set_input_tensor(self, input_tensor) -> None:
         """Split the tensor received from the previous stage between student and teacher."""
@@ -59,7 +67,8 @@ class DistillationModel(MegatronModule):
             input_tensor = input_tensor[0]
         if input_tensor is None or not self.teacher_active:
             self.student.set_input_tensor(input_tensor)
-            self.teacher.set_input_tensor(None)
+            if self.teacher is not None:
+                self.teacher.set_input_tensor(None)
             return
         expected = self.student_hidden + self.teacher_hidden
         if input_tensor.shape[-1] != expected:
@@ -76,6 +85,8 @@ class DistillationModel(MegatronModule):
         other stages: the student's (and teacher's) hidden states for the next stage."""
         teacher_out = None
         if self.teacher_active:
+            if self.teacher is None:
+                raise RuntimeError("the teacher was released (KD has ended for this run): teacher_active must stay False")
             with torch.no_grad():
                 teacher_out = self.teacher(input_ids, position_ids, attention_mask)
         student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
