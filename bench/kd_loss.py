@@ -1,5 +1,7 @@
 """Benchmark: vocab-parallel forward-KL fwd+bwd vs Megatron's vocab-parallel cross entropy vs a naive
-all-gather + ``F.kl_div`` version, side by side on the same logits, TP=2 on gloo (CPU).
+all-gather + ``F.kl_div`` version, and the distillation objective (1-α)·LM + α·KD as the training
+step computes it (fused, and the former path: KD + Megatron CE + two argmaxes), side by side on the
+same logits, TP=2 on gloo (CPU).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/kd_loss.py [--seq 512 --batch 4 --vocab 32000 --reps 5]
 
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss
+from megadistill.losses import KDLossConfig, vocab_parallel_distillation_loss, vocab_parallel_kd_loss
+from megadistill.losses.parallel import vocab_parallel_argmax
 from megadistill.testing import run_distributed
 
 
@@ -79,6 +82,39 @@ def _worker(seq: int, batch: int, vocab: int, reps: int):
     def naive():
         return _naive
 
+    def unfused_objective(tau, alpha=0.5):
+        # The training step before the fused objective (megadistill.megatron.loss until issue 11):
+        # KD with its own gradient buffer, then Megatron's CE in place, then the two argmaxes.
+        cfg = KDLossConfig(loss="forward_kl", temperature=tau)
+
+        def setup():
+            leaf = student.detach().requires_grad_(True)
+            x = leaf.clone()  # the output layer's fresh logits
+
+            def run():
+                kd = vocab_parallel_kd_loss(x, teacher, cfg, group)
+                with torch.no_grad():
+                    agree = vocab_parallel_argmax(x, group) == vocab_parallel_argmax(teacher, group)
+                lm = vocab_parallel_cross_entropy(x, target)
+                (alpha * kd.sum() + (1 - alpha) * lm.sum()).backward()
+                return agree
+
+            return run
+
+        return setup
+
+    def fused_objective(tau, alpha=0.5):
+        cfg = KDLossConfig(loss="forward_kl", temperature=tau)
+
+        def setup():
+            leaf = student.detach().requires_grad_(True)
+            x = leaf.clone()
+            return lambda: vocab_parallel_distillation_loss(
+                x, target, teacher, cfg, alpha, group, inplace=True
+            ).total.sum().backward()
+
+        return setup
+
     def _naive():
         x = student.detach().requires_grad_(True)
         full_s = torch.cat(torch.distributed.nn.functional.all_gather(x, group=group), dim=-1)
@@ -93,6 +129,10 @@ def _worker(seq: int, batch: int, vocab: int, reps: int):
         "megadistill forward KL, in place (as Megatron CE)": ours(None, inplace=True),
         "megadistill forward KL, separate gradient buffer": ours(None),
         "megadistill forward KL, in place, one chunk": ours(seq * batch, inplace=True),
+        "objective α=0.5 τ=1, former path (KD separate buffer + Megatron CE + argmaxes)": unfused_objective(1.0),
+        "objective α=0.5 τ=1, fused (in place)": fused_objective(1.0),
+        "objective α=0.5 τ=2, former path (KD separate buffer + Megatron CE + argmaxes)": unfused_objective(2.0),
+        "objective α=0.5 τ=2, fused (in place)": fused_objective(2.0),
         "naive all-gather + F.kl_div": naive,
     }
     for fn in variants.values():  # warm-up
@@ -133,6 +173,13 @@ def main() -> None:
     sep_t, sep_m = res[names[2]]
     print(f"naive vs ours: {naive_t / ours_t:.1f}x slower, {naive_m / ours_m:.1f}x more peak memory (in place); "
           f"{naive_t / sep_t:.1f}x and {naive_m / sep_m:.1f}x with a separate gradient buffer (targets >= 2x)")
+    ce_m = res[names[0]][1]
+    for tau, target_x in (("1", 1.5), ("2", 1.8)):
+        f_t, f_m = next(v for k, v in res.items() if k.startswith(f"objective α=0.5 τ={tau}, fused"))
+        u_t, u_m = next(v for k, v in res.items() if k.startswith(f"objective α=0.5 τ={tau}, former"))
+        print(f"fused objective τ={tau}: {f_t / ce_t:.2f}x Megatron CE (target <= {target_x}x), {u_t / f_t:.2f}x faster "
+              f"than the former path; peak extra memory {f_m:.0f} MB vs Megatron CE's {ce_m:.0f} MB (target <=) "
+              f"and the former path's {u_m:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Benchmark: the offline logits store end to end, side by side in one run.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/offline.py [--steps 12] [--format top_p_k|rskd]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/offline.py [--steps 12] [--format top_p_k|rskd] [--repeats 3]
 
 1. **Precompute vs the teacher's forward alone**: ``megadistill.store.precompute.precompute`` over
    ``steps × 16`` samples, against a loop of only the teacher's forwards over the same micro-batches
    (same model, same loaded checkpoint). Reported both for the whole call (data, model and
    checkpoint loading, hashing, writing, manifest) and for its forward+select+encode loop alone
    (the whole call minus its one-time setup, measured as the precompute of a store that already
-   exists up to its manifest check).
+   exists up to its manifest check). The target selection (``select_top_p_k`` / ``sample_rskd``)
+   is also timed alone on the same forwards' logits, so the loop's cost splits into its parts.
 2. **Offline-KD student step vs a plain LM step**: ``megadistill.train.run`` of the same student
    (3 layers × 192, vocab 2048, seq 128, global batch 16, micro-batch 8) with ``teacher.mode: none``
    and with ``teacher.mode: offline`` on the store just written; median of the per-step wall time
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megadistill.config import (
@@ -67,6 +70,12 @@ def _kd() -> KDConfig:
     return KDConfig(top_p=0.95, top_k=50, truncation="ghost", alpha=AlphaSchedule("constant", alpha_max=0.5))
 
 
+def _clock() -> np.ndarray:
+    """(wall, this process's CPU) seconds. CPU time (all threads) is the steadier figure on a
+    machine shared with other jobs: it does not count the time other processes hold the cores."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
 def _train(cfg, threads):
     from megadistill.train import run
 
@@ -74,13 +83,17 @@ def _train(cfg, threads):
     return run(cfg, progress=False)
 
 
-def _teacher_forward_seconds(cfg, threads) -> float:
-    """Only the teacher's forwards over the precompute's micro-batches (model built and loaded first)."""
+def _teacher_forward_seconds(cfg, threads, kind="top_p_k", draws=12) -> tuple[np.ndarray, np.ndarray]:
+    """(only the teacher's forwards over the precompute's micro-batches, model built and loaded
+    first; only the target selection on those forwards' logits, ``select_top_p_k`` or
+    ``sample_rskd`` with its uniforms): the two costs the precompute loop adds up, apart. Each
+    as (wall, CPU) seconds."""
     from megadistill.config import CHECKPOINT_MODEL_PREFIX, padded_vocab_size
     from megadistill.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
     from megadistill.preflight import resolve_teacher_checkpoint
+    from megadistill.store.precompute import rskd_uniforms, sample_rskd, select_top_p_k
     from megadistill.train import init_distributed
 
     torch.set_num_threads(threads)
@@ -97,24 +110,36 @@ def _teacher_forward_seconds(cfg, threads) -> float:
                         torch.stack([torch.as_tensor(s["position_ids"]) for s in chunk])))
     with torch.no_grad():
         teacher(*batches[0], None)  # warm-up
-        t0 = time.perf_counter()
+        t0 = _clock()
         for tokens, pos in batches:
             teacher(tokens, pos, None)
-    return time.perf_counter() - t0
+        fwd = _clock() - t0
+        select = np.zeros(2)
+        for i, (tokens, pos) in enumerate(batches):
+            logits = teacher(tokens, pos, None).reshape(tokens.numel(), -1)
+            t0 = _clock()
+            if kind == "rskd":
+                u = rskd_uniforms(cfg.training.seed, np.repeat(np.arange(i * MBS, (i + 1) * MBS), SEQ), np.tile(np.arange(SEQ), MBS), draws)
+                sample_rskd(logits, torch.from_numpy(u), None)
+            else:
+                select_top_p_k(logits, cfg.kd.loss_config(), None)
+            select += _clock() - t0
+    return fwd, select
 
 
-def _precompute_seconds(cfg, threads, kind, draws) -> tuple[float, float]:
+def _precompute_seconds(cfg, threads, kind, draws) -> tuple[np.ndarray, np.ndarray]:
     """(whole precompute call, its setup alone): the setup is timed as a second call on the finished
-    store, which builds data, model and checkpoint, checks the plan and returns."""
+    store, which builds data, model and checkpoint, checks the plan and returns. Each as (wall,
+    CPU) seconds."""
     from megadistill.store.precompute import precompute
 
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
+    t0 = _clock()
     precompute(cfg, progress=False, kind=kind, draws=draws)
-    whole = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    whole = _clock() - t0
+    t0 = _clock()
     precompute(cfg, progress=False, kind=kind, draws=draws)
-    return whole, time.perf_counter() - t0
+    return whole, _clock() - t0
 
 
 def _rows(out: Path) -> list[dict]:
@@ -132,6 +157,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--format", choices=("top_p_k", "rskd"), default="top_p_k")
     p.add_argument("--draws", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternate the forwards-alone and precompute measurements this many times; report the fastest "
+                        "of each and the median of the per-repeat ratios (on a shared machine, the least disturbed)")
+    p.add_argument("--precompute-only", action="store_true", help="skip the student step comparison")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
         root = Path(tmp)
@@ -143,13 +172,17 @@ def main() -> None:
         off = lambda out: _cfg(out, corpus, args.steps, kd=_kd(),  # noqa: E731
                                teacher=TeacherConfig(mode="offline", model=TEACHER, checkpoint=ckpt, store=str(store)))
         pre = off(root / "pre")
-        fwd = run_distributed(_teacher_forward_seconds, 1, pre, args.threads)[0]
-        whole, setup = run_distributed(_precompute_seconds, 1, pre, args.threads, args.format, args.draws)[0]
+        fwds, selects, wholes, setups = [], [], [], []
+        for _ in range(args.repeats):
+            fwd, select = run_distributed(_teacher_forward_seconds, 1, pre, args.threads, args.format, args.draws)[0]
+            shutil.rmtree(store, ignore_errors=True)
+            whole, setup = run_distributed(_precompute_seconds, 1, pre, args.threads, args.format, args.draws)[0]
+            fwds.append(fwd), selects.append(select), wholes.append(whole), setups.append(setup)
         from megadistill.store.inspect_store import info
 
         size_line = [line for line in info(store) if line.startswith("size")][0]
         plain, kd, stall = [], [], []
-        for rep in range(2):
+        for rep in range(0 if args.precompute_only else 2):
             run_distributed(_train, 1, _cfg(root / f"plain{rep}", corpus, args.steps), args.threads)
             run_distributed(_train, 1, off(root / f"offline{rep}"), args.threads)
             plain += _step_seconds(root / f"plain{rep}")
@@ -158,15 +191,27 @@ def main() -> None:
             stall += [r.get("teacher_time_fraction", float("nan")) * GBS * SEQ / r["tokens_per_s"]
                       for r in _rows(root / f"offline{rep}")]
     tokens = args.steps * GBS * SEQ
-    loop = whole - setup
+    loops = [w - s for w, s in zip(wholes, setups)]
     print(f"store: {args.format}{f' ({args.draws} draws)' if args.format == 'rskd' else ' top-0.95-50'}; {size_line}")
-    print(f"teacher forwards alone over {tokens} tokens: {fwd:.2f} s")
-    print(f"precompute: whole call {whole:.2f} s ({whole / fwd:.2f}x), of which setup {setup:.2f} s; "
-          f"forward+select+encode+write loop {loop:.2f} s ({loop / fwd:.2f}x the forwards; target <= 1.3x)")
-    mp, mk = statistics.median(plain), statistics.median(kd)
-    print(f"student step (median of {len(plain)}): plain LM {mp * 1e3:.0f} ms, offline KD {mk * 1e3:.0f} ms "
-          f"({mk / mp:.3f}x; target <= 1.10x); of the offline step, {statistics.median(stall) * 1e3:.1f} ms "
-          "in the store reader (split)")
+    print(f"{args.repeats} alternating repeats, wall s: forwards {', '.join(f'{t[0]:.2f}' for t in fwds)}; "
+          f"precompute loop {', '.join(f'{t[0]:.2f}' for t in loops)}")
+    for i, clock in enumerate(("wall", "CPU")):
+        fwd, select, whole, setup, loop = (min(t[i] for t in ts) for ts in (fwds, selects, wholes, setups, loops))
+        # Each repeat's ratios pair measurements taken minutes apart at most: their median is
+        # steadier on a shared machine than a ratio of minima taken at different moments.
+        r_sel = statistics.median(s[i] / f[i] for s, f in zip(selects, fwds))
+        r_loop = statistics.median(lo[i] / f[i] for lo, f in zip(loops, fwds))
+        r_whole = statistics.median(w[i] / f[i] for w, f in zip(wholes, fwds))
+        print(f"[{clock}] fastest: teacher forwards alone over {tokens} tokens {fwd:.2f} s, target selection alone on "
+              f"their logits {select:.2f} s, precompute whole call {whole:.2f} s (setup {setup:.2f} s), "
+              f"forward+select+encode+write loop {loop:.2f} s")
+        print(f"[{clock}] median ratio to the forwards: selection alone {r_sel:.2f}x, precompute whole call "
+              f"{r_whole:.2f}x, loop {r_loop:.2f}x (target <= 1.3x)")
+    if plain:
+        mp, mk = statistics.median(plain), statistics.median(kd)
+        print(f"student step (median of {len(plain)}): plain LM {mp * 1e3:.0f} ms, offline KD {mk * 1e3:.0f} ms "
+              f"({mk / mp:.3f}x; target <= 1.10x); of the offline step, {statistics.median(stall) * 1e3:.1f} ms "
+              "in the store reader (split)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""Bytes/token and read throughput of the logits store on synthetic teacher distributions.
+"""Bytes/token, precision and read throughput of the logits store's encodings on synthetic teacher distributions.
 
-``python bench/store.py [--vocab 32000 151936] [--tokens 4096] [--draws 12]``. The teacher logits are Zipf-like
-(``-a·log(rank)`` with a random permutation of the vocabulary and Gaussian noise, a drawn per
-position so that some positions are confident and some flat), which sets how often top-p binds
-before top-k; real teachers differ, so the ids/position column matters as much as bytes/token.
+``python bench/store.py [--vocab 32000 151936] [--tokens 4096] [--draws 12] [--student-tokens-per-s 7000]``.
+The teacher logits are Zipf-like (``-a·log(rank)`` with a random permutation of the vocabulary and
+Gaussian noise, a drawn per position so that some positions are confident and some flat), which
+sets how often top-p binds before top-k; real teachers differ, so the ids/position column matters
+as much as bytes/token.
+
+Per row: bytes/token of one shard (``--tokens`` tokens in samples of 1024), the precision of the
+decoded targets against the float64 ones (max |Δp| over kept ids, mean and max per-position
+KL(stored ‖ exact) on the kept ids plus the ghost bucket; ``megadistill.store.inspect_store.encoding_error``),
+and decode throughput (``Shard.sample`` of every sample, best of 3 passes, one thread) with its
+ratio to ``--student-tokens-per-s`` (the issue's target: ≥ 20×).
 """
 
 from __future__ import annotations
@@ -16,7 +23,13 @@ import torch
 
 from megadistill.losses.config import KDLossConfig
 from megadistill.store.format import SampleTargets, Shard, encode_shard, sample_hash
+from megadistill.store.inspect_store import encoding_error
 from megadistill.store.precompute import rskd_uniforms, sample_rskd, select_top_p_k
+
+SEQ = 1024
+# (log-prob encoding, compression) rows of each top-p-k truncation.
+ENCODINGS = (("fp32", None), ("fp16", None), ("fp16", "zstd"), ("qlog64", None), ("qlog64", "zstd"),
+             ("qlog16", "zstd"))
 
 
 def synthetic_logits(tokens: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -28,46 +41,56 @@ def synthetic_logits(tokens: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return z[:, perm]
 
 
-def measure(vocab: int, tokens: int, top_p: float, top_k, dtype: str, seq: int = 1024) -> dict:
+def top_p_k_samples(vocab: int, tokens: int, top_p: float, top_k) -> list[SampleTargets]:
+    """Float64 top-p-k targets of ``tokens`` synthetic positions, as samples of ``SEQ``."""
     cfg = KDLossConfig(top_p=top_p, top_k=top_k)
-    logits = synthetic_logits(tokens, vocab)
-    ids, lp, res = select_top_p_k(logits, cfg, None)
-    ids, lp, res = ids.numpy(), lp.numpy(), res.numpy()
     samples = []
-    for s in range(tokens // seq):
-        sl = slice(s * seq, (s + 1) * seq)
-        valid = ids[sl] >= 0
-        samples.append(SampleTargets(sample_hash(np.zeros(seq), np.zeros(seq)), valid.sum(-1), res[sl],
-                                     ids[sl][valid], lp[sl][valid]))
-    return _size_and_read_speed(encode_shard(0, samples, seq, vocab, dtype), len(samples), seq, ids)
+    for s in range(tokens // SEQ):
+        logits = synthetic_logits(SEQ, vocab, seed=s)
+        # 256 positions at a time: the [c, vocab] float64 normaliser of a whole sample is 1.2 GB at 152 k.
+        counts, ids, lps, res = [], [], [], []
+        for a in range(0, SEQ, 256):
+            i, lp, r = (t.numpy() for t in select_top_p_k(logits[a : a + 256], cfg, None))
+            valid = i >= 0
+            counts.append(valid.sum(-1)), ids.append(i[valid]), lps.append(lp[valid]), res.append(r)
+        cat = np.concatenate
+        samples.append(SampleTargets(sample_hash(np.zeros(SEQ), np.zeros(SEQ)), cat(counts), cat(res), cat(ids), cat(lps)))
+    return samples
 
 
-def _size_and_read_speed(buf: bytes, num_samples: int, seq: int, ids: np.ndarray) -> dict:
+def measure(vocab: int, samples: list[SampleTargets], encoding: str, compression) -> dict:
+    shard = Shard(encode_shard(0, samples, SEQ, vocab, encoding, compression=compression), "bench")
+    row = _size_and_read_speed(shard, len(samples))
+    got = [shard.sample_flat(j) for j in range(len(samples))]
+    cat = np.concatenate
+    row.update(encoding_error(cat([s.counts for s in samples]), cat([s.logprobs for s in samples]),
+                              cat([s.residual for s in samples]), cat([g[2] for g in got]), cat([g[3] for g in got])))
+    return row
+
+
+def _size_and_read_speed(shard: Shard, num_samples: int) -> dict:
     """Bytes/token of an encoded shard, ids kept per position, and how fast its samples decode."""
-    shard = Shard(buf, "bench")
-    t0 = time.perf_counter()
-    for s in range(num_samples):
-        shard.sample(s)
-    read = time.perf_counter() - t0
-    n = num_samples * seq
-    return {"bytes_per_token": len(buf) / n, "ids_per_position": float((ids >= 0).sum()) / ids.shape[0],
-            "read_tokens_per_s": n / read}
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for s in range(num_samples):
+            shard.sample(s)
+        best = min(best, time.perf_counter() - t0)
+    n = num_samples * SEQ
+    return {"bytes_per_token": shard.nbytes / n, "ids_per_position": shard.entries / n, "read_tokens_per_s": n / best}
 
 
-def measure_rskd(vocab: int, tokens: int, draws: int, seq: int = 1024) -> dict:
-    """Bytes/token and read throughput of RS-KD targets (``draws`` samples per position)."""
-    logits = synthetic_logits(tokens, vocab)
-    u = torch.from_numpy(rskd_uniforms(0, np.arange(tokens) // seq, np.arange(tokens) % seq, draws))
-    ids, cnt = sample_rskd(logits, u, None)
-    ids, cnt = ids.numpy(), cnt.numpy()
+def rskd_samples(vocab: int, tokens: int, draws: int) -> list[SampleTargets]:
+    """RS-KD targets (``draws`` samples per position) of ``tokens`` synthetic positions."""
     samples = []
-    for s in range(tokens // seq):
-        sl = slice(s * seq, (s + 1) * seq)
-        valid = ids[sl] >= 0
-        samples.append(SampleTargets(sample_hash(np.zeros(seq), np.zeros(seq)), valid.sum(-1), None,
-                                     ids[sl][valid], None, draws=cnt[sl][valid]))
-    return _size_and_read_speed(encode_shard(0, samples, seq, vocab, None, kind="rskd", num_draws=draws),
-                                len(samples), seq, ids)
+    for s in range(tokens // SEQ):
+        u = torch.from_numpy(rskd_uniforms(0, np.full(SEQ, s), np.arange(SEQ), draws))
+        ids, cnt = sample_rskd(synthetic_logits(SEQ, vocab, seed=s), u, None)
+        ids, cnt = ids.numpy(), cnt.numpy()
+        valid = ids >= 0
+        samples.append(SampleTargets(sample_hash(np.zeros(SEQ), np.zeros(SEQ)), valid.sum(-1), None,
+                                     ids[valid], None, draws=cnt[valid]))
+    return samples
 
 
 def main() -> None:
@@ -75,19 +98,29 @@ def main() -> None:
     p.add_argument("--vocab", type=int, nargs="*", default=[32000, 151936])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--draws", type=int, nargs="*", default=[12], help="RS-KD draws per position (rows RS-KD-N)")
+    p.add_argument("--student-tokens-per-s", type=float, default=7000.0,
+                   help="tokens/s a student step consumes (default: the demo's plain LM step on this CPU)")
     args = p.parse_args()
-    print("| vocab | truncation | encoding | ids/position | bytes/token | read tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| vocab | truncation | encoding | ids/position | bytes/token | max abs dp | mean KL | max KL | "
+          "read tokens/s | read / student |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def line(vocab, what, enc, r, precise=True):
+        prec = f"{r['max_abs_dp']:.2g} | {r['mean_kl']:.2g} | {r['max_kl']:.2g}" if precise else "exact | 0 | 0"
+        print(f"| {vocab} | {what} | {enc} | {r['ids_per_position']:.1f} | {r['bytes_per_token']:.1f} | {prec} | "
+              f"{r['read_tokens_per_s']:.3g} | {r['read_tokens_per_s'] / args.student_tokens_per_s:.0f}× |", flush=True)
+
     for vocab in args.vocab:
         for top_p, top_k in ((0.95, 100), (0.95, 50)):
-            for dtype in ("fp16", "fp32"):
-                r = measure(vocab, args.tokens, top_p, top_k, dtype)
-                print(f"| {vocab} | top-{top_p}-{top_k} | {dtype} | {r['ids_per_position']:.1f} | "
-                      f"{r['bytes_per_token']:.1f} | {r['read_tokens_per_s']:.3g} |")
+            samples = top_p_k_samples(vocab, args.tokens, top_p, top_k)
+            for enc, comp in ENCODINGS:
+                line(vocab, f"top-{top_p}-{top_k}", enc + ("+zstd" if comp else ""), measure(vocab, samples, enc, comp))
         for draws in args.draws:
-            r = measure_rskd(vocab, args.tokens, draws)
-            print(f"| {vocab} | RS-KD-{draws} | uint8 counts | {r['ids_per_position']:.1f} | "
-                  f"{r['bytes_per_token']:.1f} | {r['read_tokens_per_s']:.3g} |")
+            samples = rskd_samples(vocab, args.tokens, draws)
+            for comp in (None, "zstd"):
+                shard = Shard(encode_shard(0, samples, SEQ, vocab, None, kind="rskd", num_draws=draws, compression=comp), "b")
+                line(vocab, f"RS-KD-{draws}", "uint8 counts" + ("+zstd" if comp else ""),
+                     _size_and_read_speed(shard, len(samples)), precise=False)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megadistill.store.cli import _add_store_commands  # precompute-logits, store info|verify
 
     _add_store_commands(sub)
+    from megadistill.salt.cli import _add_salt_commands  # score-data (SALT_DS)
+
+    _add_salt_commands(sub)
     return p
 
 
@@ -213,6 +216,10 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    # Deprecated collectives megatron-core calls (reduce_scatter_tensor, all_gather_into_tensor).
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+    # megatron-core's optimizer probes .grad of non-leaf tensors while it collects main grads.
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf", category=UserWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

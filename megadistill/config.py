@@ -193,6 +193,48 @@ class CheckpointConfig:
 
 
 @dataclass
+class RecordLogitsConfig:
+    """Online logits: record this run's own targets into a logits store while it pre-trains (teacher.mode none)."""
+
+    store: Optional[str] = None
+    """Directory of the logits store to record into (None = do not record); a student reads it with teacher.mode=offline."""
+    kind: str = "top_p_k"
+    """top_p_k (kept ids, log-probs and residual mass) or rskd (ids sampled from the full distribution, with counts)."""
+    top_p: float = 0.95
+    """top_p_k: keep the smallest set of most likely ids whose mass reaches top_p (a student sets the same kd.top_p)."""
+    top_k: Optional[int] = 50
+    """top_p_k: then keep at most top_k of them (None = off; a student sets the same kd.top_k)."""
+    draws: int = 12
+    """rskd: samples drawn per position (seeded by training.seed)."""
+    logprob_dtype: str = "fp16"
+    """top_p_k: encoding of the stored log-probs and residuals (as precompute-logits --logprob-dtype)."""
+    compression: Optional[str] = None
+    """Shard compression: null or zstd (as precompute-logits)."""
+    samples_per_shard: int = 1024
+    """Global samples per shard file (a shard is written once all its samples are recorded and checkpointed)."""
+
+
+@dataclass
+class DataSelectionConfig:
+    """SALT_DS: phase 1 trains only on sequences the small teacher scored challenging yet learnable (megadistill score-data)."""
+
+    scores: Optional[str] = None
+    """Score directory written by megadistill score-data (None = no data selection)."""
+    top_k: int = 10
+    """A token is learnable if its target is among the teacher's top_k next-token ids (ties kept)."""
+    min_learnable_tokens: int = 8
+    """Sequences with fewer learnable tokens than this are not selectable (applied at selection: no rescoring)."""
+    select: str = "top_fraction"
+    """top_fraction (the highest-scoring fraction of the selectable sequences) or band (score ranks between two quantiles)."""
+    fraction: float = 0.5
+    """select=top_fraction: fraction of the selectable sequences kept, in (0, 1]."""
+    low_quantile: float = 0.25
+    """select=band: lower score quantile of the band, in [0, 1)."""
+    high_quantile: float = 0.75
+    """select=band: upper score quantile of the band, in (low_quantile, 1]."""
+
+
+@dataclass
 class RunConfig:
     """One megadistill run."""
 
@@ -218,6 +260,10 @@ class RunConfig:
     """Training loop."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
+    """SALT_DS data selection for SALT's first phase."""
+    record_logits: RecordLogitsConfig = field(default_factory=RecordLogitsConfig)
+    """Recording this run's own logits for later students (online logits)."""
 
 
 CHOICES = {
@@ -226,6 +272,8 @@ CHOICES = {
     "optimizer.backend": ("megatron", "deepspeed"),
     "deepspeed.zero_stage": (1, 2, 3),
     "checkpoint.optimizer_sharding": ("dp_reshardable", "fully_reshardable"),
+    "data_selection.select": ("top_fraction", "band"),
+    "record_logits.kind": ("top_p_k", "rskd"),
 }
 
 
@@ -507,6 +555,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"training.seed must be in [0, 2**31 - 1000), got {cfg.training.seed}")
     _check_finite(cfg)
     _positive(cfg, "checkpoint", "save_interval", allow_zero=True)
+    _validate_data_selection(cfg)
 
     try:
         cfg.kd.alpha.validate("kd.alpha")
@@ -523,8 +572,60 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if t.mode == "online" and t.checkpoint is None:
         raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
 
+    _validate_record_logits(cfg)
+
     if o.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
+
+
+def _validate_record_logits(cfg: RunConfig) -> None:
+    """record_logits: a plain LM run (its own logits are the targets)."""
+    r = cfg.record_logits
+    if r.store is None:
+        return
+    if cfg.teacher.mode != "none":
+        raise ConfigError(
+            f"record_logits.store needs teacher.mode=none (a run recording its own logits trains without KD), "
+            f"got teacher.mode={cfg.teacher.mode}"
+        )
+    selection = getattr(cfg, "data_selection", None)
+    if selection is not None and selection.scores is not None:
+        raise ConfigError(
+            "record_logits.store records every training sample in order (sample i at step i // "
+            "data.global_batch_size) and cannot be combined with data_selection.scores"
+        )
+    if not 0.0 < r.top_p <= 1.0:
+        raise ConfigError(f"record_logits.top_p must be in (0, 1], got {r.top_p}")
+    if r.top_k is not None and r.top_k < 1:
+        raise ConfigError(f"record_logits.top_k must be a positive integer or null, got {r.top_k}")
+    if not 1 <= r.draws < 2**20:
+        raise ConfigError(f"record_logits.draws must be in [1, 2**20), got {r.draws}")
+    _positive(cfg, "record_logits", "samples_per_shard")
+    from megadistill.store.format import COMPRESSIONS, LOGPROB_DTYPES  # pure: numpy only
+
+    if r.logprob_dtype not in LOGPROB_DTYPES:
+        raise ConfigError(f"record_logits.logprob_dtype: {r.logprob_dtype!r} is not one of {tuple(LOGPROB_DTYPES)}")
+    if r.compression not in COMPRESSIONS:
+        raise ConfigError(f"record_logits.compression: {r.compression!r} is not one of {COMPRESSIONS}")
+
+
+def _validate_data_selection(cfg: RunConfig) -> None:
+    """data_selection (SALT_DS): the scoring and selection settings (the score file itself is
+    preflight's)."""
+    s = cfg.data_selection
+    _positive(cfg, "data_selection", "top_k", "min_learnable_tokens")
+    if s.min_learnable_tokens > cfg.data.seq_length:
+        raise ConfigError(f"data_selection.min_learnable_tokens {s.min_learnable_tokens} exceeds data.seq_length "
+                          f"{cfg.data.seq_length}: no sequence could be selected")
+    if not 0.0 < s.fraction <= 1.0:
+        raise ConfigError(f"data_selection.fraction must be in (0, 1], got {s.fraction}")
+    if not 0.0 <= s.low_quantile < 1.0:
+        raise ConfigError(f"data_selection.low_quantile must be in [0, 1), got {s.low_quantile}")
+    if not s.low_quantile < s.high_quantile <= 1.0:
+        raise ConfigError(f"data_selection.high_quantile must be in (data_selection.low_quantile={s.low_quantile}, 1], "
+                          f"got {s.high_quantile}")
+    if s.scores is not None and not s.scores.strip():
+        raise ConfigError("data_selection.scores must be a directory path (or null for no data selection), got ''")
 
 
 def _validate_deepspeed(cfg: RunConfig, world_size: int | None) -> None:

@@ -49,6 +49,28 @@ def read_metrics(output_dir: str | Path) -> dict[int, dict]:
     return by_step
 
 
+def log_line(step: int, total: int, m: dict) -> str:
+    """One console line for step ``step`` of ``total`` (Megatron-LM style, for job logs without a
+    TTY): losses, α, τ, lr, grad norm, throughput, the teacher's share of the step, memory."""
+    parts = [f"step {step}/{total}"]
+    for key, name in (("total loss", "loss"), ("lm loss", "lm"), ("kd loss", "kd"), ("val_loss", "val")):
+        if key in m:
+            parts.append(f"{name} {m[key]:.4f}")
+    parts.append(f"α {m.get('alpha', 0.0):.3g}")
+    if m.get("alpha", 0.0) > 0:
+        parts.append(f"τ {m.get('temperature', 1.0):.3g}")
+    parts.append(f"lr {m.get('lr', float('nan')):.3g}")
+    if "grad_norm" in m:
+        parts.append(f"grad {m['grad_norm']:.3g}")
+    if "tokens_per_s" in m:
+        parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    if "teacher_time_fraction" in m:
+        parts.append(f"teacher {m['teacher_time_fraction']:.0%}")
+    if "memory_mib" in m:
+        parts.append(f"mem {m['memory_mib'] / 1024:.2f} GiB")
+    return " | ".join(parts)
+
+
 class MetricsLogger:
     """TensorBoard scalars every ``log_interval`` steps (and at evaluations) and every step in
     ``metrics.jsonl``, in ``out``; ``start`` is the step a resumed run continues from."""

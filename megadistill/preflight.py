@@ -20,6 +20,7 @@ def preflight(cfg: RunConfig) -> None:
     _check_data_files(cfg)
     _check_teacher(cfg)
     _check_store(cfg)
+    _check_scores(cfg)
 
 
 def _transformer_engine_available() -> bool:
@@ -150,6 +151,21 @@ def _check_store(cfg: RunConfig) -> None:
     problems = run_mismatches(manifest, cfg, vocab, file_sha256(tok) if tok else None)
     if problems:
         raise ConfigError(f"teacher.store {cfg.teacher.store} was not made for this run: " + "; ".join(problems))
+
+
+def _check_scores(cfg: RunConfig) -> None:
+    """data_selection.scores: the score directory exists and is complete (its checksums and its
+    match with the run are checked by ``megadistill.salt.sampler_for_run``). Not needed by a run
+    resuming after its KD phase, which trains on the full data."""
+    scores = cfg.data_selection.scores
+    if not scores or _resumes_after_kd(cfg):
+        return
+    p = Path(scores)
+    if not p.is_dir():
+        raise ConfigError(f"data_selection.scores: {p} does not exist (write it with megadistill score-data run.yaml)")
+    if not (p / "manifest.json").is_file():
+        hint = " (a scoring is in progress or was killed: run megadistill score-data again)" if (p / "plan.json").is_file() else ""
+        raise ConfigError(f"data_selection.scores: {p} holds no finished scores (no manifest.json){hint}")
 
 
 def resolve_teacher_checkpoint(path: str) -> Path:

@@ -82,10 +82,17 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     from megadistill.kd.teacher import make_teacher_source
     from megadistill.megatron.gpt import device
     from megadistill.megatron.schedule import reduce_reports
-    from megadistill.metrics import MetricsLogger, memory_mib, stop_if_not_finite
+    from megadistill.metrics import MetricsLogger, log_line, memory_mib, stop_if_not_finite
+    from megadistill.salt.selection import sampler_for_run
     from megadistill.sampler import ContiguousSampler, micro_batches
 
     init_distributed(cfg)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        p = cfg.parallel
+        tqdm.write(f"{cfg.name}: {dist.get_world_size()} ranks = TP {p.tensor_model_parallel_size} x PP "
+                   f"{p.pipeline_model_parallel_size} x DP {parallel_state.get_data_parallel_world_size()} "
+                   f"({dist.get_backend()}), backend {cfg.optimizer.backend}, teacher {cfg.teacher.mode}, "
+                   f"{cfg.training.train_steps} steps")
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     tokenizer, train_ds, valid_ds, tokenizer_path = prepare_data(cfg)
@@ -99,6 +106,8 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     backend = build_backend(cfg, vocab, teacher)
     steps = cfg.training.train_steps
     start = backend.load(Path(where.checkpoint)) if where.checkpoint is not None else 0
+    if where.checkpoint is not None and dist.get_rank() == dist.get_world_size() - 1:
+        tqdm.write(f"{cfg.name}: resuming from step {start} (checkpoint {where.checkpoint})")
     if start != where.start_step:
         raise ConfigError(f"checkpoint {where.checkpoint} holds step {start}, its marker says {where.start_step}")
     if start > steps:
@@ -106,7 +115,10 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
 
     d = cfg.data
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    sampler = ContiguousSampler(d.global_batch_size, dp)
+    # SALT_DS: the KD phase draws the selected samples (data_selection.scores), then the full data.
+    kd_end = knobs.teacher_released_at
+    sampler = sampler_for_run(cfg, dp, steps if kd_end is None else kd_end, train_ds, start)
+    eval_sampler = ContiguousSampler(d.global_batch_size, dp)
     dev = device()
     marker = resume.run_marker(cfg, where.teacher_record, tokenizer_sha256)
     logger = MetricsLogger(out, start, cfg.training.log_interval) if dist.get_rank() == dist.get_world_size() - 1 else None
@@ -114,10 +126,10 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     result = RunResult(steps=start)
 
     def validate() -> float:
-        # Validation reads the first eval_steps global batches of its own dataset.
+        # Validation reads the first eval_steps global batches of its own dataset, whatever the selection.
         reports = []
         for e in range(cfg.training.eval_steps):
-            reports += backend.eval_step(micro_batches(valid_ds, sampler.indices(e, dp_rank), d.micro_batch_size, dev))
+            reports += backend.eval_step(micro_batches(valid_ds, eval_sampler.indices(e, dp_rank), d.micro_batch_size, dev))
         return reduce_reports(reports).get("lm loss", float("nan")) if backend.is_logging_rank() else float("nan")
 
     for step in range(start, steps):
@@ -148,6 +160,8 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
             metrics["val_loss"] = result.val_losses[done] = validate()
         if logger is not None:
             logger.log(done, metrics)
+            if done % cfg.training.log_interval == 0 or done == steps or "val_loss" in metrics:
+                tqdm.write(log_line(done, steps, metrics))
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('total loss', float('nan')):.3f}", refresh=False)
         result.last_metrics, result.steps = metrics, done

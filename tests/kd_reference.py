@@ -51,8 +51,8 @@ def _row_loss(P: torch.Tensor, Q: torch.Tensor, cfg: KDLossConfig) -> torch.Tens
         return (xl(Q, Q) - xl(Q, P)).sum()
     if b == 1.0:
         return (xl(P, P) - xl(P, Q)).sum()
-    M = b * Q + (1 - b) * P
-    return ((1 - b) * (xl(Q, Q) - xl(Q, M)) + b * (xl(P, P) - xl(P, M))).sum()
+    M = b * Q + (1 - b) * P  # GKD's generalized JSD, as TRL
+    return (b * (xl(Q, Q) - xl(Q, M)) + (1 - b) * (xl(P, P) - xl(P, M))).sum()
 
 
 def reference_loss(student: torch.Tensor, q: torch.Tensor, q_ghost, kept, cfg: KDLossConfig) -> torch.Tensor:

@@ -188,3 +188,17 @@ def test_a_resume_refuses_another_temperature_schedule():
     a = RunConfig(kd=KDConfig(temperature_schedule=TemperatureSchedule("linear", final=1.0)))
     b = replace(a, kd=replace(a.kd, temperature_schedule=TemperatureSchedule("cosine", final=1.0)))
     assert resume_mismatches(b, to_dict(a)) == ["kd.temperature_schedule.kind"]
+
+
+def test_a_deepspeed_student_releases_its_teacher_too(tmp_path, corpus, teacher_run):  # noqa: F811
+    from megadistill.config import DeepSpeedConfig, OptimizerConfig
+
+    cfg = _salt_cfg(tmp_path / "ds", corpus, teacher_run[0] / "checkpoints",
+                    optimizer=OptimizerConfig(backend="deepspeed", lr=3e-3, min_lr=3e-4, warmup_fraction=0.1),
+                    deepspeed=DeepSpeedConfig(zero_stage=2))
+    seen = run_distributed(_observed_run, 1, cfg)[0]
+    micro = cfg.data.global_batch_size // cfg.data.micro_batch_size
+    assert seen["teacher_calls"] == [s for s in range(N_KD) for _ in range(micro)]
+    assert seen["alive_after_release"] == 0
+    m = _losses(tmp_path / "ds")
+    assert "kd loss" in m[N_KD] and "kd loss" not in m[N_KD + 1]

@@ -222,6 +222,9 @@ def test_prefetched_targets_equal_synchronous_ones(tmp_path, kind):
     for indices in order:
         a, b = sync.split(_batch(indices), out)[1], pre.split(_batch(indices), out)[1]
         assert torch.equal(a.ids, b.ids) and torch.equal(a.logprobs, b.logprobs), indices
+        # The stored residual travels with the targets (none for RS-KD: nothing was truncated).
+        assert (a.residual is None) == (b.residual is None) == (kind == "rskd")
+        assert kind == "rskd" or torch.equal(a.residual, b.residual)
     # After the first step the pattern (2 micro-batches, then a jump of 4) is known: all hits there.
     assert pre.hits >= 3 and sync.hits == 0
     # Prefetched targets are still checked against the batch's own tokens.

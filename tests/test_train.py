@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from megadistill.config import (
 from megadistill.schedules import AlphaSchedule
 from megadistill.testing import run_distributed
 from megadistill.testing.distributed import free_port
+from megadistill.testing.processes import kill_9_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
@@ -184,8 +184,7 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, te
             if metrics.is_file() and max(_losses(tmp_path / "killed"), default=0) >= 7:
                 break
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_9_tree(proc)  # the launcher and every rank (torchrun gives each worker a session of its own)
     assert max(_losses(tmp_path / "killed")) < steps, "the run finished before it could be killed"
     with open(tmp_path / "resumed.log", "w") as log:
         assert _launch(cfgs["killed"], log, nproc).wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()

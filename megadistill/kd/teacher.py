@@ -27,6 +27,9 @@ class SparseLogits:
 
     ids: torch.Tensor
     logprobs: torch.Tensor
+    residual: Optional[torch.Tensor] = None
+    """``[b, s]`` the truncated mass ``1 - Σp`` as stored (the ghost bucket), or None: derived from
+    ``logprobs`` (exact only when they are)."""
 
 
 Target = Union[torch.Tensor, SparseLogits]
@@ -156,6 +159,11 @@ class OnlineTeacher(InModelTargets):
 def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str], needed: bool = True) -> TeacherSource:
     """The teacher source ``cfg.teacher.mode`` names (the one place that chooses it); none when the
     run no longer ``needed`` one (resumed after SALT's switch to plain LM training)."""
+    if getattr(cfg, "record_logits", None) is not None and cfg.record_logits.store is not None:
+        # Plain LM training (teacher.mode none, checked by validate) that records its own logits.
+        from megadistill.store.recorder import LogitsRecorder
+
+        return LogitsRecorder.for_run(cfg, vocab_size)
     if not needed:
         return NoTeacher()
     if cfg.teacher.mode == "online":

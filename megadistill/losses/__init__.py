@@ -1,13 +1,21 @@
 """Vocab-parallel KD losses (dense and sparse teacher targets) and teacher-logits processing."""
 
 from megadistill.losses.config import KDLossConfig
-from megadistill.losses.kd import KDLoss, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
+from megadistill.losses.kd import (
+    DistillationTerms,
+    KDLoss,
+    vocab_parallel_distillation_loss,
+    vocab_parallel_kd_loss,
+    vocab_parallel_sparse_kd_loss,
+)
 from megadistill.losses.parallel import check_vocab_partition
 
 __all__ = [
+    "DistillationTerms",
     "KDLoss",
     "KDLossConfig",
     "check_vocab_partition",
+    "vocab_parallel_distillation_loss",
     "vocab_parallel_kd_loss",
     "vocab_parallel_sparse_kd_loss",
 ]

@@ -9,7 +9,7 @@ from typing import Optional
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "soft_ce", "mse")
 # The PD paper calls soft cross-entropy on teacher probabilities "NLL".
 LOSS_ALIASES = {"kl": "forward_kl", "nll": "soft_ce", "rkl": "reverse_kl"}
-TRUNCATIONS = ("renormalize", "ghost")
+TRUNCATIONS = ("renormalize", "ghost", "renormalize_both")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class KDLossConfig:
     """Then keep at most top_k of them (None = off). The PD paper's default is top-0.95-100."""
 
     truncation: str = "renormalize"
-    """What happens to the truncated-away mass: renormalize (PD paper) or ghost (one residual bucket)."""
+    """What happens to the truncated-away mass: renormalize (PD paper), ghost (one residual bucket) or renormalize_both (ModelOpt's top-K: the student too is renormalised on the teacher's kept ids)."""
 
     chunk_tokens: Optional[int] = None
     """Process this many tokens at a time to bound temporary memory (None = automatic: work buffers

@@ -90,14 +90,22 @@ def forward_kl_cross(
     return scratch.sum(-1) * t.scale - t.log_s * t.mass_local - q_x
 
 
-def forward_kl(t: TeacherChunk, s: StudentChunk, out: torch.Tensor, cross: torch.Tensor, soft_ce: bool = False) -> ChunkResult:
+def forward_kl(
+    t: TeacherChunk, s: StudentChunk, out: torch.Tensor, cross: torch.Tensor, soft_ce: bool = False,
+    target_weight: "float | torch.Tensor" = 1.0,
+) -> ChunkResult:
     """KL(q ‖ P) = Σ q (log q - log P), or soft cross-entropy -Σ q log P; both have gradient p - q.
 
     ``out`` must already hold ``s.p`` (the caller computes the student softmax in place there);
-    ``cross`` is :func:`forward_kl_cross` of the same chunk.
+    ``cross`` is :func:`forward_kl_cross` of the same chunk. ``target_weight`` w (a number or per
+    token ``[c]``) makes the gradient written ``p - w·q`` instead: the caller's scale on the student
+    softmax, or the fused objective's ``α(p - q) + (1-α)p`` at τ = 1, in the same pass.
     """
     loss_local = cross + s.log_s * t.mass_local
-    out.sub_(t.q)
+    if isinstance(target_weight, torch.Tensor):
+        out.addcmul_(t.q, target_weight.unsqueeze(-1), value=-1.0)
+    else:
+        out.sub_(t.q, alpha=target_weight)
     loss_ghost = None
     if t.kept is not None:
         q_g, lp_g = torch.exp(t.logq_ghost), s.logp_ghost
@@ -106,7 +114,7 @@ def forward_kl(t: TeacherChunk, s: StudentChunk, out: torch.Tensor, cross: torch
         if s.ghost_w is not None:
             # Truncated ids share the ghost target q_g in proportion to the student's own mass
             # there: gradient p_j - q_g·w_j, w_j = p_j / P_g computed in log space.
-            out.addcmul_(s.ghost_w, q_g.unsqueeze(-1), value=-1.0)
+            out.addcmul_(s.ghost_w, (q_g * target_weight).unsqueeze(-1), value=-1.0)
     return ChunkResult(loss_local, loss_ghost)
 
 
@@ -126,33 +134,33 @@ def reverse_kl(t: TeacherChunk, s: StudentChunk, out: torch.Tensor) -> ChunkResu
 
 
 def jsd(t: TeacherChunk, s: StudentChunk, out: torch.Tensor, beta: float) -> ChunkResult:
-    """Generalized JSD: (1-β)·KL(q ‖ m) + β·KL(P ‖ m) with m = β·q + (1-β)·P.
+    """Generalized JSD of GKD (Agarwal et al. 2024), as TRL computes it:
+    β·KL(q ‖ m) + (1-β)·KL(P ‖ m) with the mixture m = β·q + (1-β)·P.
 
-    β = 0 is forward KL and β = 1 reverse KL (the caller dispatches those to their own functions).
-    ``g = β (log P - log m) - (1-β) ((1-β) q + β P) / m`` up to a constant.
+    β = 0 and β = 1 are forward and reverse KL (the caller dispatches those to their own functions,
+    as TRL special-cases them; the formula itself tends to 0 there). Because the weights match the
+    mixture's, ``∂L/∂P_c = (1-β)(log P_c - log m_c) + const``: the teacher term's gradient cancels
+    the student term's ratio ``P/m``.
     """
     lb, l1b = math.log(beta), math.log1p(-beta)
     logp, logq = s.logp(), t.logq()
     logm = torch.logaddexp(logq + lb, logp + l1b)
     tq = t.q * (logq - logm)
-    ratio = torch.exp(logp - logm)  # p / m <= 1 / (1-β)
-    tp = logp.sub_(logm).mul_(s.p)  # reuses logp's storage
-    torch.mul(t.q, (1.0 - beta) ** 2, out=out).add_(s.p, alpha=beta * (1.0 - beta)).mul_(ratio)
-    out.mul_(-1.0).add_(tp, alpha=beta)
+    tp = logp.sub_(logm).mul_(s.p)  # P·(log P - log m), in logp's storage
+    torch.mul(tp, 1.0 - beta, out=out)
     if t.kept is not None:
         # The ghost category is handled as one coarse category below; drop its ids' fine terms.
         tq.masked_fill_(~t.kept, 0.0)
         tp.masked_fill_(~t.kept, 0.0)
-    loss_local = (1.0 - beta) * tq.sum(-1) + beta * tp.sum(-1)
+    loss_local = beta * tq.sum(-1) + (1.0 - beta) * tp.sum(-1)
     loss_ghost = None
     if t.kept is not None:
         lq_g, lp_g = t.logq_ghost, s.logp_ghost
         q_g, p_g = torch.exp(lq_g), torch.exp(lp_g)
         logm_g = torch.logaddexp(lq_g + lb, lp_g + l1b)
-        loss_ghost = (1.0 - beta) * _zero_where(q_g == 0, q_g * (lq_g - logm_g)) + beta * _zero_where(
+        loss_ghost = beta * _zero_where(q_g == 0, q_g * (lq_g - logm_g)) + (1.0 - beta) * _zero_where(
             p_g == 0, p_g * (lp_g - logm_g)
         )
-        r_g = ((1.0 - beta) * q_g + beta * p_g) * torch.exp(-logm_g)
-        g_g = beta * (lp_g - logm_g) - (1.0 - beta) * r_g
+        g_g = (1.0 - beta) * (lp_g - logm_g)
         _set_off_kept(out, t.kept, s.p, _zero_where(p_g == 0, g_g))
     return ChunkResult(loss_local, loss_ghost, e_local=out.sum(-1), e_ghost=None)

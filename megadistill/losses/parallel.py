@@ -12,14 +12,25 @@ ProcessGroup = "torch.distributed.ProcessGroup | None"
 
 
 def default_tp_group():
-    """Megatron's tensor-parallel group if ``parallel_state`` is initialised, else ``None`` (no TP)."""
+    """What ``group="default"`` means: Megatron's tensor-parallel group if ``parallel_state`` is
+    initialised; ``None`` (no TP) in a single process. Raises ``ValueError`` when torch.distributed
+    runs several ranks but ``parallel_state`` is not initialised: each rank's logits may be a vocab
+    shard, and treating them as whole would give a wrong loss and gradient without any error."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
     try:
         from megatron.core import parallel_state
     except ImportError:  # megatron-core is a dependency, but the losses do not need it
-        return None
-    if dist.is_available() and dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        parallel_state = None
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         return parallel_state.get_tensor_model_parallel_group()
-    return None
+    if dist.get_world_size() == 1:
+        return None
+    raise ValueError(
+        f"group='default' needs Megatron's parallel_state (torch.distributed runs {dist.get_world_size()} ranks "
+        "but megatron.core.parallel_state is not initialised, so the tensor-parallel group is unknown): pass "
+        "group=<the process group sharing the vocabulary>, or group=None if every rank holds the whole vocabulary"
+    )
 
 
 def group_size(group) -> int:

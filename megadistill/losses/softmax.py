@@ -8,13 +8,14 @@ full-vocabulary temporary. The row max ``m`` and ``log s`` are kept apart (``log
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megadistill.losses.parallel import all_reduce_
+from megadistill.losses.parallel import all_reduce_, group_rank
 
 
 @dataclass
@@ -34,22 +35,72 @@ def global_max(x: torch.Tensor, group) -> torch.Tensor:
     return all_reduce_(x.amax(-1), dist.ReduceOp.MAX, group)
 
 
+# Width of the blocks in which :func:`local_max_argmax` looks for the maximum first.
+_ARGMAX_BLOCK = 128
+
+
+def local_max_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.max(-1)`` of ``x[c, v]`` (values and the first index holding them), about 4x faster on CPU.
+
+    ``max`` with indices is not vectorised on CPU (measured: 13x the time of ``amax``). Block maxima
+    ``[c, v/128]`` are an ``amax``; the first block holding the row maximum is then searched alone.
+    """
+    c, v = x.shape
+    w = _ARGMAX_BLOCK
+    nb = v // w
+    if nb < 2:
+        return x.max(-1)
+    block_max = x[:, : nb * w].view(c, nb, w).amax(-1)
+    head_max = block_max.amax(-1)
+    m, tail = head_max, x[:, nb * w :]
+    if tail.shape[-1]:
+        tail_max, tail_idx = tail.max(-1)
+        m = torch.maximum(head_max, tail_max)
+    block = (block_max == m.unsqueeze(-1)).to(torch.uint8).argmax(-1)  # first block holding it
+    cols = block.unsqueeze(-1) * w + torch.arange(w, device=x.device)
+    idx = block * w + x.gather(-1, cols).argmax(-1)
+    if tail.shape[-1]:
+        idx = torch.where(head_max == m, idx, tail_idx + nb * w)
+    return m, idx
+
+
+def global_max_argmax(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[c]`` global row maximum of ``x[c, v/tp]`` and ``[c]`` the global vocab id holding it (ties
+    to the smallest id, as ``parallel.vocab_parallel_argmax``), from one read of ``x`` and two
+    ``[c]``-sized all-reduces. The maximum is the one :func:`global_max` returns."""
+    local_max, local_idx = local_max_argmax(x)
+    m = all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
+    ids = local_idx + group_rank(group) * x.shape[-1]
+    # Ranks without the maximum offer an id larger than any real one.
+    ids = torch.where(local_max == m, ids, torch.full_like(ids, torch.iinfo(ids.dtype).max))
+    return m, all_reduce_(ids, dist.ReduceOp.MIN, group)
+
+
 def exp_shifted_into(x: torch.Tensor, m: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
     """``out[c, v/tp] = exp((x - m)·scale)`` (``out`` may be ``x``)."""
-    torch.sub(x, m.unsqueeze(-1), out=out)
-    if scale != 1.0:
-        out.mul_(scale)
+    if scale != 1.0 and math.frexp(scale)[0] == 0.5:
+        # A power-of-two scale (τ = 2, 1/2, ...) is exact: x·s - m·s rounds as (x - m)·s does, in
+        # one pass instead of two.
+        torch.add((m * -scale).unsqueeze(-1), x, alpha=scale, out=out)
+    else:
+        torch.sub(x, m.unsqueeze(-1), out=out)
+        if scale != 1.0:
+            out.mul_(scale)
     return out.exp_()
 
 
-def normalize_(e: torch.Tensor, m: torch.Tensor, group, kept: Optional[torch.Tensor] = None) -> ShardSoftmax:
+def normalize_(
+    e: torch.Tensor, m: torch.Tensor, group, kept: Optional[torch.Tensor] = None, scale_rows: bool = True
+) -> ShardSoftmax:
     """Turn ``e = exp((x - m)·scale)`` into the global softmax in place (over ``kept`` ids only,
-    zero elsewhere, if given)."""
+    zero elsewhere, if given). ``scale_rows=False`` leaves ``e`` unnormalised (masked only), for a
+    caller that folds the ``1/Σ e`` row factor into a later per-row scaling."""
     if kept is not None:
         e.masked_fill_(~kept, 0.0)
     s_local = e.sum(-1)
     s = all_reduce_(s_local.clone(), dist.ReduceOp.SUM, group)
-    e.mul_(s.reciprocal().unsqueeze(-1))
+    if scale_rows:
+        e.mul_(s.reciprocal().unsqueeze(-1))
     return ShardSoftmax(m=m, log_s=torch.log(s), mass_local=s_local / s)
 
 
@@ -60,14 +111,15 @@ def softmax_into(
     out: torch.Tensor,
     kept: Optional[torch.Tensor] = None,
     m: Optional[torch.Tensor] = None,
+    scale_rows: bool = True,
 ) -> ShardSoftmax:
     """Write ``softmax(x·scale)`` over the global vocabulary into ``out[c, v/tp]`` (``out`` may be
     ``x`` itself).
 
     With ``kept`` (bool ``[c, v/tp]``), the softmax is over the kept ids only and ``out`` is zero
     elsewhere; the row maximum must be kept (true for top-p/top-k truncation). ``m`` is the global
-    row max if already known. ``scale`` > 0.
+    row max if already known. ``scale`` > 0. ``scale_rows`` as in :func:`normalize_`.
     """
     if m is None:
         m = global_max(x, group)
-    return normalize_(exp_shifted_into(x, m, scale, out), m, group, kept)
+    return normalize_(exp_shifted_into(x, m, scale, out), m, group, kept, scale_rows)

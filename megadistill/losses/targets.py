@@ -6,7 +6,8 @@ A target yields, per chunk of ``c`` tokens on a rank holding vocab ids ``[start,
   id was truncated away;
 * ``kept[c, v]`` (bool) or ``None`` when nothing is truncated;
 * ``logq_ghost[c]`` or ``None``: the log-mass of the "ghost" bucket that stands for every truncated id
-  (``-inf`` when truncation renormalises). The student is compared on the same partition: its ghost
+  (``-inf`` when truncation renormalises, ``renormalize`` or ``renormalize_both``: the teacher is the
+  same in both; ``renormalize_both`` renormalises the student too, in the loss). The student is compared on the same partition: its ghost
   mass is the sum of its probabilities over the truncated ids.
 
 Truncation (top-p, then top-k) is decided on the teacher's own distribution (τ = 1), as an offline
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megadistill.losses.config import KDLossConfig
-from megadistill.losses.softmax import exp_shifted_into, global_max, normalize_, softmax_into
+from megadistill.losses.softmax import exp_shifted_into, global_max, global_max_argmax, normalize_, softmax_into
 from megadistill.losses.parallel import all_gather_last_dim, all_reduce_, group_rank, group_size
 
 NEG_INF = float("-inf")
@@ -55,6 +56,8 @@ class TeacherChunk:
     """``[c, v/tp]`` bool mask of kept ids, or None if nothing is truncated."""
     logq_ghost: Optional[torch.Tensor]
     """``[c]`` log-mass of the truncated ids' bucket (``-inf`` when renormalised), or None."""
+    top1: Optional[torch.Tensor] = None
+    """``[c]`` the teacher's most likely global vocab id (for the top-1 agreement metric), if asked for."""
 
     def logq(self) -> torch.Tensor:
         """``[c, v/tp]`` log-probabilities, ``-inf`` where truncated (allocates)."""
@@ -141,19 +144,22 @@ class DenseTarget:
         """Unprocessed teacher logits ``[c, v/tp]`` of tokens ``a:b`` in ``dtype``."""
         return self.logits[a:b].to(dtype)
 
-    def chunk(self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None) -> TeacherChunk:
-        """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q."""
+    def chunk(
+        self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None, top1: bool = False
+    ) -> TeacherChunk:
+        """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q.
+        ``top1`` also finds the teacher's argmax, from the read that finds its row maximum."""
         cfg, group = self.cfg, self.group
         x = self.logits[a:b].to(dtype)
         inv_t = 1.0 / cfg.temperature
         q = torch.empty_like(x) if q_out is None else q_out
+        m, ids = global_max_argmax(x, group) if top1 else (global_max(x, group), None)
         if not cfg.truncates:
-            sm = softmax_into(x, inv_t, group, q)
-            return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, None, None)
+            sm = softmax_into(x, inv_t, group, q, m=m)
+            return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, None, None, ids)
 
         # exp(x - m) once serves the τ = 1 normaliser (for top-p), the truncated mass, and at
         # τ = 1 the target itself.
-        m = global_max(x, group)
         e1 = exp_shifted_into(x, m, 1.0, q)
         log_s1 = torch.log(all_reduce_(e1.sum(-1), dist.ReduceOp.SUM, group))
         lse1 = m + log_s1
@@ -168,7 +174,7 @@ class DenseTarget:
         sm = normalize_(q, m, group, kept)
         if log_r is None:
             ghost = torch.full_like(lse1, NEG_INF)
-            return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, kept, ghost)
+            return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, kept, ghost, ids)
 
         # Tempered as one more category: q_i ∝ p_i^(1/τ) for kept i, q_ghost ∝ r^(1/τ).
         a_ghost = log_r * inv_t
@@ -177,7 +183,7 @@ class DenseTarget:
         shrink = torch.exp(log_kept - log_z)
         q.mul_(shrink.unsqueeze(-1))
         log_s = sm.log_s - log_kept + log_z
-        return TeacherChunk(q, x, inv_t, sm.m, log_s, sm.mass_local * shrink, kept, a_ghost - log_z)
+        return TeacherChunk(q, x, inv_t, sm.m, log_s, sm.mass_local * shrink, kept, a_ghost - log_z, ids)
 
     def raise_if_corrupt(self, a: int, b: int) -> None:
         """Raise (on every rank) if tokens ``a:b`` of the teacher logits hold NaN or Inf."""
@@ -188,9 +194,13 @@ class SparseTarget:
     """Offline teacher targets: ``ids[s, b, k]`` (global vocab ids, -1 = padding) and their
     τ = 1 log-probabilities ``logprobs[s, b, k]``, replicated on every tensor-parallel rank.
 
-    Each rank scatters only the ids inside its own vocab range; the residual mass ``1 - Σ p`` is the
-    ghost bucket (``truncation='ghost'``) or dropped by renormalising. The ``[c, k]`` arithmetic runs
-    in float64: a confident teacher leaves a residual far below fp32's resolution of 1.
+    Each rank scatters only the ids inside its own vocab range; the residual mass is the ghost
+    bucket (``truncation='ghost'``) or dropped by renormalising. ``residual[s, b]``, when given, is
+    that mass as the store recorded it (summed over the truncated ids by the teacher); otherwise it
+    is ``1 - Σ p`` of the given log-probs, which is exact only if they are: fp16 or quantised
+    log-probs shift their rounding error into it, and a small residual is then off by a large
+    factor. Renormalising does not use it. The ``[c, k]`` arithmetic runs in float64: a confident
+    teacher leaves a residual far below fp32's resolution of 1.
     """
 
     def __init__(
@@ -202,9 +212,13 @@ class SparseTarget:
         v_local: int,
         device: torch.device,
         validate: bool = True,
+        residual: Optional[torch.Tensor] = None,
     ) -> None:
         if ids.shape != logprobs.shape:
             raise ValueError(f"sparse ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} differ in shape")
+        if residual is not None and (residual.shape != ids.shape[:-1] or residual.device != device):
+            raise ValueError(f"sparse residual {tuple(residual.shape)} on {residual.device} must be "
+                             f"{tuple(ids.shape[:-1])} (the ids' tokens) on {device}")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"sparse ids must be an integer tensor, got {ids.dtype}")
         if ids.device != device or logprobs.device != device:
@@ -221,6 +235,7 @@ class SparseTarget:
             )
         self.ids = ids.reshape(-1, ids.shape[-1]).long()
         self.logprobs = logprobs.detach().reshape(-1, logprobs.shape[-1]).double()
+        self.residual = None if residual is None else residual.detach().reshape(-1).double()
         self.cfg = cfg
         self.group = group
         self.v_local = v_local
@@ -253,18 +268,34 @@ class SparseTarget:
             return f"sparse teacher probabilities sum to {float(mass[tok]):.6f} > 1 at token {tok}"
         if bool((~valid).all(-1).any()):
             return f"sparse teacher target for token {int((~valid).all(-1).nonzero()[0, 0])} holds no ids (all padding)"
+        if self.residual is not None:
+            r = self.residual
+            # fp16 residuals round to nearest (2^-11 relative), so kept mass + residual may pass 1
+            # by that much; more is corruption.
+            bad = ~torch.isfinite(r) | (r < 0) | (r > 1) | (mass + r > 1.0 + 1e-3)
+            if bool(bad.any()):
+                tok = int(bad.nonzero()[0, 0])
+                return (f"sparse teacher residual {float(r[tok]):.6g} at token {tok} is not a mass in [0, 1] "
+                        f"leaving room for the stored probabilities (sum {float(mass[tok]):.6f})")
         return None
 
-    def chunk(self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None) -> TeacherChunk:
-        """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q."""
+    def chunk(
+        self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None, top1: bool = False
+    ) -> TeacherChunk:
+        """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q.
+        ``top1``: also the most likely stored id (the first slot among equals)."""
         ids, lp = self.ids[a:b], self.logprobs[a:b]
         valid = ids >= 0
         inv_t = 1.0 / self.cfg.temperature
         a_ids = (lp * inv_t).masked_fill(~valid, NEG_INF)
         if self.cfg.truncation == "ghost":
-            # log r = log(1 - Σ p) = log(-expm1(log Σ p)), exact for a residual near 0.
-            log_mass = torch.logsumexp(lp.masked_fill(~valid, NEG_INF), dim=-1).clamp_max(0.0)
-            a_ghost = torch.log(-torch.expm1(log_mass)) * inv_t
+            if self.residual is not None:
+                log_r = torch.log(self.residual[a:b])
+            else:
+                # log r = log(1 - Σ p) = log(-expm1(log Σ p)), exact for a residual near 0.
+                log_mass = torch.logsumexp(lp.masked_fill(~valid, NEG_INF), dim=-1).clamp_max(0.0)
+                log_r = torch.log(-torch.expm1(log_mass))
+            a_ghost = log_r * inv_t
             # Ids covering the whole vocabulary leave no bucket, whatever rounding left in 1 - Σ p.
             a_ghost = a_ghost.masked_fill(valid.sum(-1) == self.vocab, NEG_INF)
             log_z = torch.logaddexp(torch.logsumexp(a_ids, dim=-1), a_ghost)
@@ -283,7 +314,8 @@ class SparseTarget:
         q = torch.exp(x, out=q_out) if q_out is not None else torch.exp(x)
         q.masked_fill_(~kept, 0.0)
         zero = torch.zeros(ids.shape[0], dtype=dtype, device=lp.device)
-        return TeacherChunk(q, x, 1.0, zero, zero, q.sum(-1), kept, (a_ghost - log_z).to(dtype))
+        best = ids.gather(-1, lp.masked_fill(~valid, NEG_INF).argmax(-1, keepdim=True)).squeeze(-1) if top1 else None
+        return TeacherChunk(q, x, 1.0, zero, zero, q.sum(-1), kept, (a_ghost - log_z).to(dtype), best)
 
     def raise_if_corrupt(self, a: int, b: int) -> None:
         """Sparse targets are validated on construction; nothing more to scan."""

@@ -15,17 +15,9 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megadistill.kd.teacher import SparseLogits, Target
-from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
-from megadistill.losses.parallel import vocab_parallel_argmax
-
-
-def _sparse_top1(target: SparseLogits) -> torch.Tensor:
-    """The teacher's most likely id ``[b, s]`` among its stored ids (pads ignored)."""
-    logprobs = target.logprobs.masked_fill(target.ids < 0, float("-inf"))
-    return target.ids.gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+from megadistill.kd.teacher import Target
+from megadistill.losses import KDLossConfig, vocab_parallel_distillation_loss
 
 
 @dataclasses.dataclass
@@ -73,30 +65,34 @@ class DistillationLoss:
         mask = loss_mask.reshape(student_logits.shape[:-1]).float()
         num_tokens = mask.sum().to(torch.int)
         count = mask.sum().detach()
+        if alpha > 0.0 and target is None:
+            raise RuntimeError("KD weight alpha > 0 but there is no KD target (the teacher did not run)")
+        # One pass over the logits for the LM loss, the KD loss, their gradients and the agreement.
+        # In place: the logits come from the output layer (GPTModel returns a fresh
+        # ``logits.transpose(0, 1).contiguous()``; ColumnParallelLinear saves its input and weight,
+        # not its output), and on the last stage Megatron's ``forward_step_calc_loss`` replaces the
+        # output tensor by this loss, so nothing reads the logits afterwards (megatron-core 0.16.1;
+        # the DeepSpeed backend likewise only backpropagates the loss). Megatron's own cross entropy,
+        # which this replaces, overwrote fp32 logits in place as well.
+        terms = vocab_parallel_distillation_loss(
+            student_logits,
+            labels if alpha < 1.0 else None,
+            target if alpha > 0.0 else None,
+            self._kd_config(),
+            alpha,
+            parallel_state.get_tensor_model_parallel_group(),
+            inplace=True,
+        )
         report = {}
-        total = torch.zeros((), device=student_logits.device)
+        reported = torch.zeros((), device=student_logits.device)
         if alpha > 0.0:
-            if target is None:
-                raise RuntimeError("KD weight alpha > 0 but there is no KD target (the teacher did not run)")
-            group = parallel_state.get_tensor_model_parallel_group()
-            # KD first: Megatron's cross entropy below overwrites fp32 logits in place.
-            if isinstance(target, SparseLogits):
-                kd = vocab_parallel_sparse_kd_loss(student_logits, target.ids, target.logprobs, self._kd_config(), group)
-                teacher_top1 = _sparse_top1(target)
-            else:
-                kd = vocab_parallel_kd_loss(student_logits, target, self._kd_config(), group)
-                teacher_top1 = None
-            kd = (kd * mask).sum()
-            with torch.no_grad():
-                if teacher_top1 is None:
-                    teacher_top1 = vocab_parallel_argmax(target, group)
-                agree = vocab_parallel_argmax(student_logits, group) == teacher_top1
-                report["top1 agreement"] = torch.stack([(agree.float() * mask).sum(), count])
-            report["kd loss"] = torch.stack([kd.detach().clone(), count])
-            total = total + alpha * kd
+            kd = (terms.kd * mask).sum().detach()
+            report["top1 agreement"] = torch.stack([(terms.agree.float() * mask).sum(), count])
+            report["kd loss"] = torch.stack([kd.clone(), count])
+            reported = reported + alpha * kd
         if alpha < 1.0:
-            lm = (vocab_parallel_cross_entropy(student_logits, labels) * mask).sum()
-            report["lm loss"] = torch.stack([lm.detach().clone(), count])
-            total = total + (1.0 - alpha) * lm
-        report["total loss"] = torch.stack([total.detach().clone(), count])
-        return total, num_tokens, report
+            lm = (terms.lm * mask).sum().detach()
+            report["lm loss"] = torch.stack([lm.clone(), count])
+            reported = reported + (1.0 - alpha) * lm
+        report["total loss"] = torch.stack([reported, count])
+        return (terms.total * mask).sum(), num_tokens, report

@@ -27,7 +27,8 @@ def _precompute(args) -> int:
 
     try:
         manifest = precompute(cfg, progress=not args.no_progress, samples_per_shard=args.samples_per_shard,
-                              logprob_dtype=args.logprob_dtype, kind=args.format, draws=args.draws)
+                              logprob_dtype=args.logprob_dtype, kind=args.format, draws=args.draws,
+                              compression="zstd" if args.zstd else None)
     except StoreError as e:
         raise ConfigError(str(e)) from e
     tokens = manifest["num_samples"] * manifest["identity"]["dataset"]["seq_length"]
@@ -77,8 +78,13 @@ def _add_store_commands(sub) -> None:
     )
     p.add_argument("config", help="run YAML file (the student's run: teacher.*, kd.top_p/top_k, data, training)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.store=/data/store")
-    p.add_argument("--logprob-dtype", choices=("fp16", "fp32"), default="fp16",
-                   help="log-prob encoding: fp16 (default, rounds down by < 1 ulp) or fp32 (exact)")
+    p.add_argument("--logprob-dtype", choices=("fp16", "fp32", "qlog64", "qlog16"), default="fp16",
+                   help="log-prob encoding: fp16 (default, rounds down by < 1 ulp), fp32 (exact), or qlog64/qlog16 "
+                        "(a log grid of 1/64 or 1/16 nat, one byte per entry before --zstd; |error| <= the step; "
+                        "fp32 residuals)")
+    p.add_argument("--zstd", action="store_true",
+                   help="zstd-compress every section but the ids, per sample (lossless; with qlog64 the "
+                        "smallest top-p-k store)")
     p.add_argument("--format", choices=("top_p_k", "rskd"), default="top_p_k",
                    help="top_p_k (default: kd.top_p/top_k ids, log-probs and residual) or rskd (random-sampling "
                         "KD: --draws samples per position from the teacher, stored as distinct ids with counts; "

@@ -8,12 +8,16 @@ data-parallel rank ``i mod DP``, each teacher forward over ``data.micro_batch_si
 shard, so a shard's bytes do not depend on the number of ranks (and a resumed run, which skips the
 finished shards, writes the same files as an uninterrupted one). Under tensor parallelism the
 truncation is decided on the *global* vocabulary (``megadistill.losses.targets._truncation_threshold``)
-and the kept ids are gathered from every vocab shard; pipeline parallelism is not supported.
+and the kept ids are gathered from every vocab shard. Under pipeline parallelism the teacher's
+stages run megatron-core's forward-only schedule over each shard's micro-batches; the last stage
+selects the targets and its TP rank 0 writes, so the writer set is one rank per data-parallel
+replica whatever the layout.
 """
 
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +32,59 @@ from megadistill.store.format import (
     id_bits, sample_hash, shard_name,
 )
 
+def _candidate_block(v_local: int, k: int) -> Optional[int]:
+    """Ids per block ``B`` for :func:`_kept_positions`, or None when no ``B`` dividing ``v_local``
+    leaves at least ``2k`` blocks (then blocks would not narrow the search). Chosen to minimise
+    the two top-k searches' widths, ``v_local/B`` and ``(k+1)·B``."""
+    sizes = [(v_local // b + (k + 1) * b, b) for b in (2, 4, 8, 16, 32, 64, 128) if v_local % b == 0 and v_local // b >= 2 * k]
+    return min(sizes)[1] if sizes else None
+
+
+def _kept_positions(x: torch.Tensor, lse1: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``x[c, v/tp] >= threshold`` for the online loss's truncation threshold
+    (``megadistill.losses.targets._truncation_threshold``): ``(rows, cols)``, row-major, so
+    ascending column within a row.
+
+    With ``top_k`` set, the threshold only needs each rank's top-k logits, and so do the kept ids
+    (barring ties, below). The shard's ids are split into ``nb = v/tp / B ≥ 2k`` blocks of ``B``
+    (block ``j`` = ids ``j, j + nb, j + 2·nb, …``: strided, so the block maxima are a reduction
+    over contiguous rows); the top-k logits all lie in the ``k + 1`` blocks with the largest
+    maxima, since each of those holds a logit at least as large as anything outside them. So the
+    threshold is computed from those ``[c, (k+1)·B]`` candidates instead of the vocabulary: the
+    same top-k values, hence the same threshold, at a fraction of the cost of a top-k over
+    ``v/tp``. A kept id can lie outside the candidates only if the threshold ties the smallest
+    chosen block maximum (which bounds every logit outside): such a row (bf16 logits tie often,
+    fp32 ones rarely) is compared with the threshold over the whole vocabulary instead. Which rows
+    a rank compares in full is its own business: no collective depends on it."""
+    from megadistill.losses.targets import _truncation_threshold
+
+    c, v_local = x.shape
+    k = cfg.top_k
+    width = _candidate_block(v_local, k) if k is not None else None
+    if width is None:
+        return (x >= _truncation_threshold(x, lse1, cfg, group).unsqueeze(-1)).nonzero(as_tuple=True)
+    nb = v_local // width
+    blocks = x.reshape(c, width, nb)  # blocks[r, t, j] = x[r, t·nb + j]: block j along dim 1
+    top = torch.topk(blocks.amax(1), k + 1, dim=-1, sorted=False)
+    chosen = top.indices.sort(dim=-1).values  # [c, k+1] block ids, ascending
+    cand = blocks.gather(2, chosen.unsqueeze(1).expand(c, width, k + 1)).reshape(c, width * (k + 1))
+    threshold = _truncation_threshold(cand, lse1, cfg, group)
+    tied = threshold <= top.values.amin(-1)
+    keep = cand >= threshold.unsqueeze(-1)
+    if bool(tied.any()):
+        keep &= ~tied.unsqueeze(-1)
+    rows, pos = keep.nonzero(as_tuple=True)
+    # Candidate (t, i) is id t·nb + chosen[i]: in row-major candidate order the ids ascend.
+    cols = (pos // (k + 1)) * nb + chosen[rows, pos % (k + 1)]
+    if not bool(tied.any()):
+        return rows, cols
+    tied_rows = tied.nonzero().flatten()
+    r2, cols2 = (x[tied_rows] >= threshold[tied_rows].unsqueeze(-1)).nonzero(as_tuple=True)
+    rows, cols = torch.cat([rows, tied_rows[r2]]), torch.cat([cols, cols2])
+    order = torch.argsort(rows * v_local + cols)  # back to row-major
+    return rows[order], cols[order]
+
+
 def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's kept ids of each token, as the online KD loss keeps them.
 
@@ -39,40 +96,47 @@ def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torc
     """
     from megadistill.losses.parallel import all_gather_last_dim, all_reduce_, group_rank
     from megadistill.losses.softmax import global_max
-    from megadistill.losses.targets import _truncation_threshold
 
     x = logits.float()
-    v_local = x.shape[-1]
+    c, v_local = x.shape
     m = global_max(x, group)
     # The threshold is decided exactly as DenseTarget decides it (fp32), so the stored ids are the
     # online loss's; the stored log-probs come from a float64 normaliser.
-    e1 = torch.exp(x - m.unsqueeze(-1))
-    lse1 = m + torch.log(all_reduce_(e1.sum(-1), dist.ReduceOp.SUM, group))
-    if cfg.truncates:
-        kept = x >= _truncation_threshold(x, lse1, cfg, group).unsqueeze(-1)
-    else:
-        kept = torch.ones_like(x, dtype=torch.bool)
-    xd = x.double()
-    e1d = torch.exp(xd - m.double().unsqueeze(-1))
+    lse1 = m + torch.log(all_reduce_(torch.sub(x, m.unsqueeze(-1)).exp_().sum(-1), dist.ReduceOp.SUM, group))
+    md = m.double()
+    e1d = x.double().sub_(md.unsqueeze(-1)).exp_()
     s1d = all_reduce_(e1d.sum(-1), dist.ReduceOp.SUM, group)
-    lse1d = m.double() + torch.log(s1d)
-    residual = all_reduce_(e1d.masked_fill(kept, 0.0).sum(-1), dist.ReduceOp.SUM, group) / s1d
-
-    k_local = all_reduce_(kept.sum(-1).max().reshape(1), dist.ReduceOp.MAX, group)
-    k_local = max(1, int(k_local))
-    # This shard's kept ids are its top-k_local logits (every kept logit exceeds every dropped one).
-    values, idx = torch.topk(x, min(k_local, v_local), dim=-1, sorted=True)
-    valid = kept.gather(-1, idx)
-    gids = torch.where(valid, idx + group_rank(group) * v_local, torch.full_like(idx, -1))
-    lp = torch.where(valid, xd.gather(-1, idx) - lse1d.unsqueeze(-1), torch.full_like(values, -np.inf, dtype=torch.float64))
+    lse1d = md + torch.log(s1d)
+    rank_offset = group_rank(group) * v_local
+    if cfg.truncates:
+        rows, cols = _kept_positions(x, lse1, cfg, group)
+        # Flat indices: 1-D index ops cost half of 2-D advanced indexing here.
+        flat = rows * v_local + cols
+        e1d.view(-1).index_fill_(0, flat, 0.0)  # what remains is the truncated ids' mass
+        residual = all_reduce_(e1d.sum(-1), dist.ReduceOp.SUM, group) / s1d
+        del e1d
+        counts = torch.bincount(rows, minlength=c)  # [c]
+        k_local = max(1, int(all_reduce_(counts.max().reshape(1), dist.ReduceOp.MAX, group)))
+        # slot = rank of the id among its row's kept ids (rows are sorted, ids ascending in a row).
+        slot = torch.arange(rows.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+        dst = rows * k_local + slot
+        gids = torch.full((c, k_local), -1, dtype=torch.long, device=x.device)
+        lp = torch.full((c, k_local), -np.inf, dtype=torch.float64, device=x.device)
+        gids.view(-1).index_copy_(0, dst, cols + rank_offset)
+        lp.view(-1).index_copy_(0, dst, x.take(flat).double() - lse1d[rows])
+    else:
+        residual = torch.zeros_like(s1d)
+        del e1d
+        gids = (torch.arange(v_local, device=x.device) + rank_offset).expand(c, v_local)
+        lp = x.double() - lse1d.unsqueeze(-1)
     gids, lp = all_gather_last_dim(gids, group), all_gather_last_dim(lp, group)
-    # Canonical order, independent of the TP layout: ascending id, then (stable) descending log-prob.
-    order = torch.argsort(torch.where(gids < 0, torch.full_like(gids, torch.iinfo(gids.dtype).max), gids), dim=-1, stable=True)
-    gids, lp = gids.gather(-1, order), lp.gather(-1, order)
-    order = torch.argsort(-lp, dim=-1, stable=True)
-    gids, lp = gids.gather(-1, order), lp.gather(-1, order)
+    # Canonical order, independent of the TP layout: descending log-prob, ties by ascending id.
+    # Every rank's valid entries are already in ascending id order and ranks are concatenated in
+    # id order, so one stable sort on -log-prob (pads: +inf, last) gives it.
+    neg_lp, order = torch.sort(lp.neg_(), dim=-1, stable=True)
+    gids = gids.gather(-1, order)
     k = int((gids >= 0).sum(-1).max())
-    return gids[:, :k], lp[:, :k], residual
+    return gids[:, :k], neg_lp[:, :k].neg_(), residual
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -166,8 +230,9 @@ def checkpoint_identity(ckpt: Path) -> dict:
 
 
 def _plan(cfg, ckpt: Path, tokenizer_sha256: str, dataset: dict, vocab: int, samples_per_shard: int,
-          logprob_dtype: str, kind: str = "top_p_k", draws: int = 12) -> dict:
+          logprob_dtype: str, kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None) -> dict:
     from megadistill.config import to_dict
+    from megadistill.store.format import RESIDUAL_DTYPES
 
     k = cfg.kd
     if kind == "rskd":
@@ -175,11 +240,12 @@ def _plan(cfg, ckpt: Path, tokenizer_sha256: str, dataset: dict, vocab: int, sam
         how = {"sampling": {"draws": draws, "seed": cfg.training.seed, "temperature": 1.0,
                             "method": "inverse CDF over the global vocabulary, u = splitmix64(seed, sample, position, draw)"}}
         enc = {"vocab_size": vocab, "id_bits": id_bits(vocab), "draw_dtype": count_dtype(draws).str,
-               "ids_per_position": "variable (distinct ids drawn, <= draws)"}
+               "ids_per_position": "variable (distinct ids drawn, <= draws)", "compression": compression}
     else:
         how = {"truncation": {"top_p": k.top_p, "top_k": k.top_k, "ties": "kept"}}
         enc = {"vocab_size": vocab, "id_bits": id_bits(vocab), "logprob_dtype": logprob_dtype,
-               "residual_dtype": logprob_dtype, "ids_per_position": "variable (per-position counts)"}
+               "residual_dtype": RESIDUAL_DTYPES[logprob_dtype], "ids_per_position": "variable (per-position counts)",
+               "compression": compression}
     return {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -211,8 +277,58 @@ def _on_rank0(fn):
     return value
 
 
+def _micro_batches(train_ds, first: int, count: int, micro_batch_size: int, dev) -> list[list[dict]]:
+    """Samples ``[first, first + count)`` of one shard as micro-batches of ``micro_batch_size``
+    (the last may be shorter), grouped into runs of equal size: one forward-only schedule call per
+    run, since a pipeline's send/receive shapes are fixed for a call. Each micro-batch holds
+    ``first`` (its first global sample), ``tokens[b, s]`` and ``position_ids[b, s]`` on ``dev``,
+    and the samples' ``hashes`` (:func:`sample_hash` of tokens and labels)."""
+    runs: list[list[dict]] = []
+    for a in range(first, first + count, micro_batch_size):
+        chunk = [train_ds[j] for j in range(a, min(a + micro_batch_size, first + count))]
+        mb = {
+            "first": a,
+            "tokens": torch.stack([torch.as_tensor(s["tokens"]) for s in chunk]).to(dev),
+            "position_ids": torch.stack([torch.as_tensor(s["position_ids"]) for s in chunk]).to(dev),
+            "hashes": [sample_hash(s["tokens"], s["labels"]) for s in chunk],
+        }
+        if runs and len(runs[-1][0]["hashes"]) == len(chunk):
+            runs[-1].append(mb)
+        else:
+            runs.append([mb])
+    return runs
+
+
+def teacher_forwards(teacher, micro_batches: list[dict], seq_length: int, on_logits) -> None:
+    """Run the frozen ``teacher`` (this rank's pipeline stage) over ``micro_batches`` (each with
+    ``tokens[b, s]`` and ``position_ids[b, s]``, the same ``b`` for all) through megatron-core's
+    forward-only schedule (:func:`megadistill.megatron.schedule.forward_backward`): without
+    pipeline parallelism one forward per micro-batch; with it, stage-to-stage activations
+    ``[s, b, h]`` travel by p2p and the stages overlap across micro-batches.
+
+    On the last pipeline stage only, ``on_logits(mb, logits[b, s, v/tp])`` is called for each
+    micro-batch in order, right after its forward, so only one micro-batch's logits are alive at a
+    time. Collective over the pipeline (and tensor-parallel) group: every stage must call it with
+    the same micro-batch count and shapes."""
+    from megadistill.megatron.schedule import forward_backward
+
+    def consume(mb, logits):
+        on_logits(mb, logits)
+        # The schedule treats this as a loss (scales it in place): a fresh scalar, nothing else.
+        return torch.zeros((), device=logits.device), {}
+
+    def step(data_iterator, model):
+        mb = next(data_iterator)
+        # On a non-first stage the tokens are ignored (the input is the received activation).
+        return model(mb["tokens"], mb["position_ids"], None), partial(consume, mb)
+
+    forward_backward(forward_step_func=step, data_iterator=iter(micro_batches), model=teacher,
+                     num_microbatches=len(micro_batches), seq_length=seq_length,
+                     micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=True)
+
+
 def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-               logprob_dtype: str = "fp16", kind: str = "top_p_k", draws: int = 12,
+               logprob_dtype: str = "fp16", kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None,
                _stop_after_shards: Optional[int] = None) -> dict:
     """Write run ``cfg``'s teacher targets to ``cfg.teacher.store`` (collective over all ranks);
     returns the manifest. Resumes a store begun for the same plan; refuses one made for another.
@@ -237,17 +353,18 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
         raise ConfigError("teacher.checkpoint is required to precompute logits (the teacher's weights)")
     if logprob_dtype not in LOGPROB_DTYPES:
         raise ConfigError(f"log-prob encoding {logprob_dtype!r} is not one of {tuple(LOGPROB_DTYPES)}")
+    if compression not in (None, "zstd"):
+        raise ConfigError(f"store compression {compression!r} is not one of None, 'zstd'")
     if kind not in KINDS:
         raise ConfigError(f"store format {kind!r} is not one of {KINDS}")
     if kind == "rskd" and not 1 <= draws < 2**20:
         raise ConfigError(f"RS-KD draws per position must be in [1, 2**20), got {draws}")
     if samples_per_shard < 1:
         raise ConfigError(f"samples per shard must be >= 1, got {samples_per_shard}")
-    if cfg.parallel.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            "precompute-logits does not support pipeline parallelism yet: set "
-            "parallel.pipeline_model_parallel_size=1 (tensor and data parallelism are supported)"
-        )
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if cfg.teacher.model.num_layers % pp:
+        raise ConfigError(f"teacher.model.num_layers {cfg.teacher.model.num_layers} is not divisible by "
+                          f"parallel.pipeline_model_parallel_size {pp}: each pipeline stage holds an equal share of the teacher's layers")
     init_distributed(cfg)
     tokenizer, train_ds, _, tok_path = prepare_data(cfg)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
@@ -264,7 +381,7 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
 
     def begin():
         plan = _plan(cfg, Path(ckpt), resume.file_sha256(tok_path), dataset, vocab, samples_per_shard, logprob_dtype,
-                     kind, draws)
+                     kind, draws, compression)
         if writer.read_manifest(store) is not None and writer.read_manifest(store).get("identity") == plan["identity"]:
             writer.begin(store, plan)  # checks the rest of the plan too
             return plan, None
@@ -278,7 +395,10 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
 
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     group = parallel_state.get_tensor_model_parallel_group()
-    writes = parallel_state.get_tensor_model_parallel_rank() == 0
+    # One writer per data-parallel replica: the last pipeline stage (it has the logits), TP rank 0
+    # (the selection is replicated over the TP group). Which ranks exist does not change the bytes.
+    last_stage = parallel_state.is_pipeline_last_stage()
+    writes = last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
     kd = cfg.kd.loss_config()
     dev = device()
     ranges = writer.shard_ranges(plan["num_samples"], samples_per_shard)
@@ -286,37 +406,40 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
     todo_tokens = sum(ranges[i][1] for i in range(len(ranges)) if i not in done) * d.seq_length
     bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"precompute {store.name}",
                disable=not progress or dist.get_rank() != 0, dynamic_ncols=True)
+
+    def select(mb, logits, samples):
+        """Last stage: the targets of one micro-batch's ``logits[b, s, v/tp]`` into ``samples``."""
+        b, s = mb["tokens"].shape
+        flat = logits.reshape(b * s, -1)
+        if kind == "rskd":
+            u = rskd_uniforms(cfg.training.seed, np.repeat(np.arange(mb["first"], mb["first"] + b), s), np.tile(np.arange(s), b), draws)
+            ids, vals = sample_rskd(flat, torch.from_numpy(u), group)
+            res = None
+        else:
+            ids, vals, res = select_top_p_k(flat, kd, group)
+        if not writes:  # the TP peers only took part in the collectives
+            return
+        ids, vals = ids.reshape(b, s, -1).cpu().numpy(), vals.reshape(b, s, -1).cpu().numpy()
+        res = None if res is None else res.reshape(b, s).cpu().numpy()
+        for j in range(b):
+            valid = ids[j] >= 0
+            if kind == "rskd":
+                samples.append(SampleTargets(mb["hashes"][j], valid.sum(-1), None, ids[j][valid], None, draws=vals[j][valid]))
+            else:
+                samples.append(SampleTargets(mb["hashes"][j], valid.sum(-1), res[j], ids[j][valid], vals[j][valid]))
+
     written = 0
     with torch.no_grad():
         for i in mine:
             first, count = ranges[i]
-            samples = []
-            for a in range(first, first + count, d.micro_batch_size):
-                chunk = [train_ds[j] for j in range(a, min(a + d.micro_batch_size, first + count))]
-                tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in chunk]).to(dev)
-                labels = torch.stack([torch.as_tensor(s["labels"]) for s in chunk])
-                position_ids = torch.stack([torch.as_tensor(s["position_ids"]) for s in chunk]).to(dev)
-                logits = teacher(tokens, position_ids, None)  # [b, s, v/tp]
-                b, s = tokens.shape
-                if kind == "rskd":
-                    u = rskd_uniforms(cfg.training.seed, np.repeat(np.arange(a, a + b), s), np.tile(np.arange(s), b), draws)
-                    ids, cnt = sample_rskd(logits.reshape(b * s, -1), torch.from_numpy(u), group)
-                    ids, cnt = ids.reshape(b, s, -1).cpu().numpy(), cnt.reshape(b, s, -1).cpu().numpy()
-                    for j in range(b):
-                        valid = ids[j] >= 0
-                        samples.append(SampleTargets(sample_hash(chunk[j]["tokens"], labels[j]), valid.sum(-1),
-                                                     None, ids[j][valid], None, draws=cnt[j][valid]))
-                else:
-                    ids, lp, res = select_top_p_k(logits.reshape(b * s, -1), kd, group)
-                    ids, lp, res = ids.reshape(b, s, -1).cpu().numpy(), lp.reshape(b, s, -1).cpu().numpy(), res.reshape(b, s).cpu().numpy()
-                    for j in range(b):
-                        valid = ids[j] >= 0
-                        samples.append(SampleTargets(sample_hash(chunk[j]["tokens"], labels[j]), valid.sum(-1),
-                                                     res[j], ids[j][valid], lp[j][valid]))
-                bar.update(b * s * dp)
+            samples: list[SampleTargets] = []
+            for run in _micro_batches(train_ds, first, count, d.micro_batch_size, dev):
+                teacher_forwards(teacher, run, d.seq_length, partial(select, samples=samples))
+                bar.update(sum(mb["tokens"].numel() for mb in run) * dp)
             if writes:
                 writer.write_atomic(store / shard_name(i), encode_shard(first, samples, d.seq_length, vocab, logprob_dtype,
-                                                                                kind, draws if kind == "rskd" else None))
+                                                                        kind, draws if kind == "rskd" else None,
+                                                                        compression=compression))
             written += 1
             if _stop_after_shards is not None and written >= _stop_after_shards:
                 raise RuntimeError(f"stopped after {written} shard(s) (test hook)")

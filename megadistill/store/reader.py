@@ -33,8 +33,12 @@ class StoreReader:
         self.path = Path(path)
         manifest = load_json(self.path / MANIFEST)
         if manifest is None:
-            hint = " (a precompute is in progress or was killed: run megadistill precompute-logits again)" \
-                if (self.path / PLAN).is_file() else ""
+            hint = ""
+            if (self.path / PLAN).is_file():
+                hint = " (a precompute is in progress or was killed: run megadistill precompute-logits again)"
+            elif (self.path / "pending").is_dir():  # megadistill.store.recorder's staging directory
+                hint = (" (a run recording its own logits (record_logits.store) is in progress or was killed: "
+                        "resume that training run to finish the store)")
             what = "does not exist" if not self.path.exists() else f"has no {MANIFEST}{hint}"
             raise StoreError(f"logits store {self.path} {what}")
         check_manifest(manifest, f"logits store {self.path}")
@@ -111,9 +115,11 @@ class StoreReader:
             self.check(index, tokens, labels)
         return shard.sample(index)
 
-    def batch(self, indices, tokens=None, labels=None) -> tuple[np.ndarray, np.ndarray]:
-        """Samples ``indices[b]`` as ``(ids[b, s, k], logprobs[b, s, k])``, padded to the batch's
-        largest count with -1 / -inf; ``tokens``/``labels`` ``[b, s]`` are checked per sample."""
+    def batch(self, indices, tokens=None, labels=None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Samples ``indices[b]`` as ``(ids[b, s, k], logprobs[b, s, k], residual[b, s])``, padded to
+        the batch's largest count with -1 / -inf; ``tokens``/``labels`` ``[b, s]`` are checked per
+        sample. ``residual`` is the stored truncated mass (float32), None for an RS-KD store (an
+        empirical distribution has no truncated mass: the loss then treats it as renormalised)."""
         rows = [self.sample(int(i), None if tokens is None else tokens[j], None if labels is None else labels[j])
                 for j, i in enumerate(indices)]
         k = max(r[0].shape[-1] for r in rows)
@@ -122,7 +128,8 @@ class StoreReader:
         for j, (i, p, _) in enumerate(rows):
             ids[j, :, : i.shape[-1]] = i
             lp[j, :, : p.shape[-1]] = p
-        return ids, lp
+        residual = None if self.manifest["kind"] == "rskd" else np.stack([r[2] for r in rows])
+        return ids, lp, residual
 
 
 def run_mismatches(manifest: dict, cfg, vocab_size: Optional[int] = None,
@@ -167,8 +174,9 @@ class OfflineTeacher:
     """A ``TeacherSource`` reading sparse targets from a store: no teacher model is built.
 
     ``split(batch, output)`` looks the batch's global sample ``indices[b]`` up and returns
-    ``(output, SparseLogits(ids[b, s, k], logprobs[b, s, k]))`` on the output's device; the same
-    targets on every tensor-parallel rank. ``vocab_size`` (the student's padded vocabulary) must
+    ``(output, SparseLogits(ids[b, s, k], logprobs[b, s, k], residual[b, s]))`` on the output's
+    device, the same targets on every tensor-parallel rank; ``residual`` is the stored truncated
+    mass (the loss's ghost bucket), None for an RS-KD store. ``vocab_size`` (the student's padded vocabulary) must
     be the store's.
 
     Prefetch: a step's micro-batches are built before the step and ``split`` is called on them in
@@ -223,9 +231,10 @@ class OfflineTeacher:
         s, self._seconds = self._seconds, 0.0
         return s
 
-    def _decode(self, indices: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, lp = self.reader.batch(list(indices))
-        return torch.from_numpy(ids), torch.from_numpy(lp)
+    def _decode(self, indices: tuple, tokens=None, labels=None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(ids[b, s, k], logprobs[b, s, k], residual[b, s] or None)`` tensors of samples ``indices[b]``."""
+        ids, lp, res = self.reader.batch(list(indices), tokens, labels)
+        return torch.from_numpy(ids), torch.from_numpy(lp), None if res is None else torch.from_numpy(res)
 
     def _observe(self, indices: list) -> None:
         """Learn the index pattern from the micro-batch just requested."""
@@ -284,13 +293,12 @@ class OfflineTeacher:
             self.hits += 1
             for j, i in enumerate(indices):
                 self.reader.check(i, tokens[j], labels[j])
-            ids, lp = got
+            ids, lp, res = got
         else:
             self.misses += 1
-            ids, lp = self.reader.batch(indices, tokens, labels)
-            ids, lp = torch.from_numpy(ids), torch.from_numpy(lp)
+            ids, lp, res = self._decode(tuple(indices), tokens, labels)
         dev = output.device
-        target = SparseLogits(ids.to(dev), lp.to(dev))
+        target = SparseLogits(ids.to(dev), lp.to(dev), None if res is None else res.to(dev))
         self._seconds += time.perf_counter() - t0
         return output, target
 
@@ -302,3 +310,8 @@ class OfflineTeacher:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+    def release(self) -> None:
+        """KD is over for this run (SALT): stop prefetching; later micro-batches get no target."""
+        self.close()
+        self.active = False

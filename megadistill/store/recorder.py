@@ -1,0 +1,496 @@
+"""Online logits (``record_logits:``): a plain pre-training run records its own targets into a
+logits store while it trains, so a model family's largest run leaves targets for its smaller
+members (the PD paper's "online logits").
+
+The recorder is a ``TeacherSource`` (``megadistill.kd.teacher``) that never supplies a target:
+its ``split(batch, output)`` sees every training micro-batch's student logits ``[b, s, v/tp]``
+on the last pipeline stage, runs the same TP-aware selection as ``precompute-logits``
+(``select_top_p_k``, or ``sample_rskd`` with ``rskd_uniforms``) on the detached logits, and
+writes the result in the store format (``FORMAT.md``). Validation forwards are not recorded:
+both backends put the model in eval mode for them (``module.eval()``), so a forward whose model
+is not in training mode is skipped.
+
+What a recorded sample is: global sample ``i`` is seen once, in the forward of step
+``i // global_batch_size`` (the ``ContiguousSampler`` order), with the weights after that many
+optimizer steps; its targets are those logits (τ = 1, dropout as configured: this is the training
+forward). The store covers samples ``0 .. train_steps × global_batch_size − 1`` in shards of
+global sample ranges, so neither its bytes nor its layout depend on the DP size.
+
+Files, beside the store's own (``manifest.json``, ``precompute.json``: the plan, ``shard-*.bin``):
+
+* ``pending/piece-FFFFFFFFFFFF-NNNNNN-gGGGGGG.bin`` — the targets of ``N`` consecutive samples
+  from ``F`` on, recorded by process generation ``G``: a staging file (numpy ``.npz``, float64
+  log-probs and residuals as the selection computed them), so that a shard is encoded once, from
+  the exact values, as ``precompute-logits`` encodes it (any ``logprob_dtype``, quantised or
+  compressed). Each DP rank's tensor-parallel rank 0 writes one per micro-batch (and shard),
+  atomically; pieces cost ~16 B per kept id (int64 id, float64 log-prob) and are deleted once
+  their shard is written.
+* A shard is assembled from its pieces (for each sample, the piece of the latest generation) by
+  its owner rank (DP rank ``shard mod DP``) once every one of its samples was seen before the run's
+  latest complete checkpoint: no resume (which starts from that checkpoint or a later one) will see
+  them again. Then its pieces are deleted. ``manifest.json`` is written at the end of the run.
+
+Resume after a kill: the generation is one more than any piece's on disk, so a resumed process's
+pieces supersede those a killed process wrote after its last checkpoint (they are re-recorded,
+from the same weights when the resume is exact); a piece or shard is complete or absent (atomic
+writes), and a shard is written once, from complete data. Samples of a shard that was already
+finished (a resume from an older checkpoint than the latest) are not recorded again.
+
+"Teacher checkpoint identity" for a recorded store (``identity.teacher``): the recording run
+itself — ``recorded_by`` (run name, resolved output directory, sha256 of its config's
+resume-invariant settings plus ``record_logits``, backend) and ``steps`` (the step range and the
+rule above), ``model`` (its architecture) and ``path`` (its checkpoint directory). The
+manifest's ``recording`` key adds the final checkpoint and the sha256 of its completion marker
+(which holds every file's sha256): the weights after the last step, which saw no recorded sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megadistill.store.format import (
+    FORMAT_VERSION, SampleTargets, StoreError, count_dtype, encode_shard, id_bits, sample_hash, shard_name, shard_of,
+)
+
+logger = logging.getLogger(__name__)
+
+PENDING = "pending"
+_PIECE = re.compile(r"^piece-(\d{12})-(\d{6})-g(\d{6})\.bin$")
+# ``writer.write_atomic``'s temporary names for pieces and shards (``.NAME.tmp-PID``).
+_STALE_TMP = re.compile(r"^\.(piece-\d{12}-\d{6}-g\d{6}|shard-\d{6})\.bin\.tmp-\d+$")
+SAMPLING_METHOD = "inverse CDF over the global vocabulary, u = splitmix64(seed, sample, position, draw)"
+
+
+def piece_name(first: int, count: int, generation: int) -> str:
+    """File name of a piece: ``count`` samples from global index ``first``, by ``generation``."""
+    return f"piece-{first:012d}-{count:06d}-g{generation:06d}.bin"
+
+
+def list_pieces(pending: Path) -> list[tuple[int, int, int, Path]]:
+    """``[(first, count, generation, path)]`` of the complete pieces in ``pending`` (a writer's
+    temporary files do not match the name pattern)."""
+    out = []
+    if pending.is_dir():
+        for p in pending.iterdir():
+            m = _PIECE.match(p.name)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), p))
+    return sorted(out)
+
+
+def encode_piece(first: int, samples: list[SampleTargets]) -> bytes:
+    """A piece's bytes: ``samples`` (global indices ``first`` on) without any lossy encoding.
+    Arrays: ``hashes[n, 16]`` uint8, ``counts[n, s]``, ``ids[E]`` (E = Σ counts over the piece, flat,
+    position-major as in ``SampleTargets``), ``entry_offsets[n + 1]``; top-p-k: ``residual[n, s]``,
+    ``logprobs[E]`` float64; RS-KD: ``draws[E]``."""
+    import io
+
+    rskd = samples[0].draws is not None
+    entries = [len(t.ids) for t in samples]
+    arrays = {
+        "first": np.asarray([first], dtype=np.int64),
+        "hashes": np.frombuffer(b"".join(t.hash for t in samples), dtype=np.uint8).reshape(len(samples), -1),
+        "counts": np.stack([np.asarray(t.counts, dtype=np.int64) for t in samples]),
+        "ids": np.concatenate([np.asarray(t.ids, dtype=np.int64) for t in samples]),
+        "entry_offsets": np.concatenate([[0], np.cumsum(entries)]).astype(np.int64),
+    }
+    if rskd:
+        arrays["draws"] = np.concatenate([np.asarray(t.draws, dtype=np.int64) for t in samples])
+    else:
+        arrays["residual"] = np.stack([np.asarray(t.residual, dtype=np.float64) for t in samples])
+        arrays["logprobs"] = np.concatenate([np.asarray(t.logprobs, dtype=np.float64) for t in samples])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_piece(data: bytes, name: str) -> tuple[int, list[SampleTargets]]:
+    """Inverse of :func:`encode_piece`: ``(first, samples)``. A ``StoreError`` names an unreadable piece."""
+    import io
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+        first, off = int(a["first"][0]), a["entry_offsets"]
+        samples = []
+        for j in range(len(a["counts"])):
+            e = slice(int(off[j]), int(off[j + 1]))
+            if "draws" in a:
+                samples.append(SampleTargets(a["hashes"][j].tobytes(), a["counts"][j], None, a["ids"][e], None,
+                                             draws=a["draws"][e]))
+            else:
+                samples.append(SampleTargets(a["hashes"][j].tobytes(), a["counts"][j], a["residual"][j], a["ids"][e],
+                                             a["logprobs"][e]))
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise StoreError(f"piece {name} is unreadable ({e})") from e
+    return first, samples
+
+
+def _config_sha256(cfg) -> str:
+    """sha256 of the settings that fix the run's trajectory (the resume invariants) and of the
+    recording's own but its ``store``: a resumed run with the same ones continues the same recording."""
+    from megadistill.config import to_dict
+    from megadistill.resume import RESUME_INVARIANTS
+
+    tree = to_dict(cfg)
+    picked = {}
+    for key in tuple(RESUME_INVARIANTS) + ("record_logits",):
+        node = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        picked[key] = node
+    # Where the store lives is not a setting of the recording (a store may be moved).
+    picked["record_logits"] = {k: v for k, v in picked["record_logits"].items() if k != "store"}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_files(cfg) -> tuple[str, str]:
+    """``(data prefix, tokenizer model)`` the run trains on (where ``prepare_data`` puts them)."""
+    prefix = cfg.data.data_prefix or str(Path(cfg.output_dir) / "data" / "corpus")
+    return prefix, cfg.data.tokenizer_model or prefix + ".model"
+
+
+def dataset_identity(cfg) -> dict:
+    """The store's ``identity.dataset`` for run ``cfg`` (the keys ``precompute-logits`` writes)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    d = cfg.data
+    prefix, _ = data_files(cfg)
+    return {
+        "data_prefix": str(Path(d.data_prefix).resolve()) if d.data_prefix else None,
+        "inputs": list(d.inputs) if d.inputs else None,
+        "num_documents": int(len(IndexedDataset(prefix).sequence_lengths)),
+        "seed": cfg.training.seed, "seq_length": d.seq_length, "split": d.split,
+    }
+
+
+def recording_plan(cfg, vocab_size: int, tokenizer_sha256: str, dataset: dict) -> dict:
+    """The store's plan (its manifest without ``shards``/``recording``) for recording run ``cfg``."""
+    from megadistill.config import to_dict
+    from megadistill.store.format import RESIDUAL_DTYPES
+
+    # The same settings, in the same keys, as precompute-logits records (tests compare the two).
+    r = cfg.record_logits
+    if r.kind == "rskd":
+        how = {"sampling": {"draws": r.draws, "seed": cfg.training.seed, "temperature": 1.0, "method": SAMPLING_METHOD}}
+        enc = {"vocab_size": vocab_size, "id_bits": id_bits(vocab_size), "draw_dtype": count_dtype(r.draws).str,
+               "ids_per_position": "variable (distinct ids drawn, <= draws)", "compression": r.compression}
+    else:
+        how = {"truncation": {"top_p": r.top_p, "top_k": r.top_k, "ties": "kept"}}
+        enc = {"vocab_size": vocab_size, "id_bits": id_bits(vocab_size), "logprob_dtype": r.logprob_dtype,
+               "residual_dtype": RESIDUAL_DTYPES[r.logprob_dtype], "ids_per_position": "variable (per-position counts)",
+               "compression": r.compression}
+    out = Path(cfg.output_dir).resolve()
+    g, steps = cfg.data.global_batch_size, cfg.training.train_steps
+    teacher = {
+        "path": str(out / "checkpoints"),
+        "model": to_dict(cfg.model),
+        "recorded_by": {"name": cfg.name, "output_dir": str(out), "config_sha256": _config_sha256(cfg),
+                        "backend": cfg.optimizer.backend},
+        "steps": {"first": 0, "last": steps - 1, "global_batch_size": g,
+                  "seen_at": "sample i: the training forward of step i // global_batch_size, with the weights "
+                             "after that many optimizer steps"},
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": r.kind,
+        **how,
+        "encoding": enc,
+        "identity": {"teacher": teacher, "tokenizer_sha256": tokenizer_sha256, "dataset": dataset},
+        "num_samples": steps * g,
+        "samples_per_shard": r.samples_per_shard,
+    }
+
+
+def _on_rank0(fn):
+    """``fn()`` on global rank 0, its result on every rank; its error raised on every rank as a
+    ``StoreError`` (rather than leaving the other ranks waiting in the broadcast)."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            box = [("err", e if isinstance(e, StoreError) else f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "err":
+        raise value if isinstance(value, StoreError) else StoreError(value)
+    return value
+
+
+def _checkpoint_step(path: Optional[Path]) -> int:
+    """The step of a ``step_XXXXXXXX`` checkpoint directory (0 without one)."""
+    return int(path.name.split("_", 1)[1]) if path is not None else 0
+
+
+class LogitsRecorder:
+    """The ``record_logits`` teacher source (see the module doc): plain LM training (no target),
+    recording each training micro-batch's targets into ``cfg.record_logits.store``.
+
+    Built on every rank after ``torch.distributed`` and Megatron's parallel state (collective:
+    rank 0 checks or begins the store and picks this process's generation)."""
+
+    def __init__(self, cfg, vocab_size: int) -> None:
+        from megatron.core import parallel_state
+
+        from megadistill.data_integrity import file_sha256
+        from megadistill.losses.config import KDLossConfig
+        from megadistill.store import writer
+
+        r = cfg.record_logits
+        self.cfg = cfg
+        self.store = Path(r.store)
+        self.pending = self.store / PENDING
+        self.kind = r.kind
+        self.vocab_size = vocab_size
+        self.seq_length = cfg.data.seq_length
+        self.global_batch = cfg.data.global_batch_size
+        self.samples_per_shard = r.samples_per_shard
+        self.logprob_dtype = None if r.kind == "rskd" else r.logprob_dtype
+        self.draws = r.draws if r.kind == "rskd" else None
+        self.compression = r.compression
+        self.seed = cfg.training.seed
+        # The selection precompute-logits applies (only top_p/top_k matter to select_top_p_k).
+        self.truncation = KDLossConfig(top_p=r.top_p, top_k=r.top_k)
+        self.ckpt_root = Path(cfg.output_dir) / "checkpoints"
+        self.num_samples = cfg.training.train_steps * cfg.data.global_batch_size
+        self.ranges = writer.shard_ranges(self.num_samples, self.samples_per_shard)
+
+        def begin():
+            _, tok_path = data_files(cfg)
+            plan = recording_plan(cfg, vocab_size, file_sha256(tok_path), dataset_identity(cfg))
+            self.pending.mkdir(parents=True, exist_ok=True)
+            try:
+                writer.begin(self.store, plan)
+            except StoreError as e:
+                differs = re.search(r"\(differs in: [^)]*\)", str(e))
+                raise StoreError(
+                    f"record_logits.store {self.store} holds a store recorded or precomputed for another run or "
+                    f"other settings {differs.group(0) if differs else ''}; give another record_logits.store "
+                    "or remove that directory"
+                ) from e
+            finished = [i for i in range(len(self.ranges)) if (self.store / shard_name(i)).is_file()]
+            generation = 1 + max((g for _, _, g, _ in list_pieces(self.pending)), default=-1)
+            return plan, finished, generation
+
+        self.plan, finished, self.generation = _on_rank0(begin)
+        # Fixed for the process, identical on every rank: TP ranks must take the same samples
+        # through select_top_p_k's collectives. Shards finished later are never recorded again.
+        self.finished_at_start = frozenset(finished)
+        self.finished = set(finished)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        # Only the last pipeline stage holds logits (the others' outputs are hidden states).
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.writes = parallel_state.get_tensor_model_parallel_rank() == 0 and self.last_stage
+        self._owned = [i for i in range(len(self.ranges)) if i % self.dp == self.dp_rank]
+        self._student: Optional[torch.nn.Module] = None
+        self._step: Optional[int] = None
+        self._seconds = 0.0
+        self._warned = False
+        self.pieces_written = 0
+
+    @classmethod
+    def for_run(cls, cfg, vocab_size: int) -> "LogitsRecorder":
+        return cls(cfg, vocab_size)
+
+    # ------------------------------------------------------------------ TeacherSource
+
+    def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
+        self._student = student
+        return student
+
+    def set_active(self, active: bool) -> None:
+        pass  # the recording does not depend on the KD weight (there is no KD)
+
+    def release(self) -> None:
+        pass
+
+    def take_seconds(self) -> Optional[float]:
+        s, self._seconds = self._seconds, 0.0
+        return s
+
+    def split(self, batch: dict, output):
+        """``(output, None)``; records ``output``'s targets when the model is training."""
+        if not self.last_stage or (self._student is not None and not self._student.training):
+            return output, None  # hidden states, or a validation forward
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self._record(batch, output.detach())
+        self._seconds += time.perf_counter() - t0
+        return output, None
+
+    def close(self) -> None:
+        """At the end of the run (collective): assemble the remaining shards, write the manifest."""
+        from megadistill.checkpoint_dir import COMPLETE_MARKER, latest_checkpoint
+        from megadistill.data_integrity import file_sha256
+        from megadistill.store import writer
+
+        dist.barrier()  # every rank's last pieces are on disk
+        problem = None
+        if self.writes:
+            try:
+                self._assemble_upto(self.cfg.training.train_steps, strict=True)
+            except (StoreError, OSError) as e:
+                problem = f"{type(e).__name__}: {e}"
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problems = [p for p in problems if p]
+        if problems:
+            raise StoreError("; ".join(dict.fromkeys(problems)))
+
+        def finish():
+            final = latest_checkpoint(self.ckpt_root)
+            recording = {"final_checkpoint": str(final.resolve()) if final else None,
+                         "final_checkpoint_marker_sha256": file_sha256(final / COMPLETE_MARKER) if final else None}
+            manifest = writer.finish(self.store, {**self.plan, "recording": recording})
+            for _, _, _, p in list_pieces(self.pending):
+                p.unlink(missing_ok=True)  # left over from a shard finished before a kill
+            for folder in (self.pending, self.store):
+                # Every writer is done: a temporary file is a killed process's unfinished write.
+                for p in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+                    if _STALE_TMP.match(p.name):
+                        p.unlink(missing_ok=True)
+            try:
+                self.pending.rmdir()
+            except OSError:
+                pass  # a foreign file in it: leave it to the user
+            return manifest["total_bytes"]
+
+        _on_rank0(finish)
+
+    # ------------------------------------------------------------------ recording
+
+    def _record(self, batch: dict, logits: torch.Tensor) -> None:
+        """Select the targets of one training micro-batch (``batch``: ``[b, s]`` tensors and the
+        ``[b]`` global sample ``indices``; ``logits[b, s, v/tp]`` detached, this rank's vocab
+        shard) on every TP rank, and write them as pieces on TP rank 0."""
+        from megadistill.store.precompute import rskd_uniforms, sample_rskd, select_top_p_k
+
+        indices = [int(i) for i in batch["indices"].tolist()]
+        if not indices:
+            return
+        if max(indices) >= self.num_samples or min(indices) < 0:
+            raise StoreError(f"record_logits: sample {max(indices)} is outside the recorded range "
+                             f"0..{self.num_samples - 1} (training.train_steps x data.global_batch_size)")
+        step = indices[0] // self.global_batch
+        if step != self._step:
+            self._step = step
+            if self.writes:
+                # Every rank finished the earlier steps' forwards (and wrote their pieces) before
+                # the gradient reduction of the step before this one.
+                from megadistill.checkpoint_dir import latest_checkpoint
+
+                self._assemble_upto(min(step, _checkpoint_step(latest_checkpoint(self.ckpt_root))))
+        keep = [j for j, i in enumerate(indices) if shard_of(i, self.samples_per_shard) not in self.finished_at_start]
+        if len(keep) < len(indices) and not self._warned:
+            self._warned = True
+            logger.warning("record_logits.store %s already holds finished shards for samples this run sees again "
+                           "(it started before the step they were recorded in: a resume from an earlier checkpoint "
+                           "than the latest, or --overwrite): they are kept, not re-recorded", self.store)
+        if not keep:
+            return
+        if len(keep) < len(indices):
+            logits = logits[torch.as_tensor(keep, device=logits.device)]
+        b, s = logits.shape[0], logits.shape[1]
+        x = logits.reshape(b * s, logits.shape[-1])
+        kept_indices = [indices[j] for j in keep]
+        if self.kind == "rskd":
+            u = rskd_uniforms(self.seed, np.repeat(np.asarray(kept_indices), s), np.tile(np.arange(s), b), self.draws)
+            ids, counts = sample_rskd(x, torch.from_numpy(u), self.tp_group)
+            ids, counts = ids.reshape(b, s, -1).cpu().numpy(), counts.reshape(b, s, -1).cpu().numpy()
+        else:
+            ids, lp, res = select_top_p_k(x, self.truncation, self.tp_group)
+            ids, lp = ids.reshape(b, s, -1).cpu().numpy(), lp.reshape(b, s, -1).cpu().numpy()
+            res = res.reshape(b, s).cpu().numpy()
+        if not self.writes:
+            return
+        tokens, labels = batch["tokens"].cpu().numpy(), batch["labels"].cpu().numpy()
+        samples = []
+        for j, row in enumerate(keep):
+            valid = ids[j] >= 0
+            h = sample_hash(tokens[row], labels[row])
+            if self.kind == "rskd":
+                samples.append(SampleTargets(h, valid.sum(-1), None, ids[j][valid], None, draws=counts[j][valid]))
+            else:
+                samples.append(SampleTargets(h, valid.sum(-1), res[j], ids[j][valid], lp[j][valid]))
+        self._write_pieces(kept_indices, samples)
+
+    def _write_pieces(self, indices: list[int], samples: list[SampleTargets]) -> None:
+        """One piece per run of consecutive indices inside one shard."""
+        from megadistill.store import writer
+
+        start = 0
+        for k in range(1, len(indices) + 1):
+            if k == len(indices) or indices[k] != indices[k - 1] + 1 or \
+                    shard_of(indices[k], self.samples_per_shard) != shard_of(indices[start], self.samples_per_shard):
+                first, run = indices[start], samples[start:k]
+                name = piece_name(first, len(run), self.generation)
+                writer.write_atomic(self.pending / name, encode_piece(first, run))
+                self.pieces_written += 1
+                start = k
+
+    def _assemble_upto(self, bound: int, strict: bool = False) -> None:
+        """Assemble this rank's unfinished shards whose samples all belong to steps before
+        ``bound``. ``strict``: a shard lacking samples is an error (else it waits)."""
+        ready = [i for i in self._owned if i not in self.finished
+                 and (self.ranges[i][0] + self.ranges[i][1] - 1) // self.global_batch < bound]
+        if not ready:
+            return
+        pieces: dict[int, list] = {}
+        for first, count, gen, path in list_pieces(self.pending):
+            pieces.setdefault(shard_of(first, self.samples_per_shard), []).append((gen, first, count, path))
+        missing = []
+        for i in ready:
+            if self._assemble(i, pieces.get(i, [])):
+                self.finished.add(i)
+            else:
+                missing.append(i)
+        if strict and missing:
+            lo, hi = self.ranges[missing[0]][0], self.ranges[missing[-1]][0] + self.ranges[missing[-1]][1] - 1
+            raise StoreError(
+                f"record_logits.store {self.store}: shards {', '.join(shard_name(i) for i in missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''} lack recorded samples (between {lo} and {hi}): this run "
+                "did not record from its first step (record_logits was added on a resume, or pieces were "
+                f"removed from {self.pending}); record again with a new record_logits.store"
+            )
+
+    def _assemble(self, index: int, pieces: list) -> bool:
+        """Write shard ``index`` from ``pieces`` (``(gen, first, count, path)``; per sample the
+        latest generation's), then delete them. False if a sample has no piece."""
+        from megadistill.store import writer
+
+        target = self.store / shard_name(index)
+        if not target.is_file():
+            first, count = self.ranges[index]
+            chosen: dict[int, SampleTargets] = {}
+            for gen, a, n, path in sorted(pieces):
+                got, samples = decode_piece(path.read_bytes(), f"{self.pending}/{path.name}")
+                if (got, len(samples)) != (a, n):
+                    raise StoreError(f"record_logits.store {self.store}: piece {path.name} holds samples "
+                                     f"{got}..+{len(samples)}, its name says {a}..+{n}")
+                for k, sample in enumerate(samples):
+                    chosen[a + k] = sample
+            if any(i not in chosen for i in range(first, first + count)):
+                return False
+            data = encode_shard(first, [chosen[i] for i in range(first, first + count)], self.seq_length,
+                                self.vocab_size, self.logprob_dtype, self.kind, self.draws, compression=self.compression)
+            writer.write_atomic(target, data)
+        for _, _, _, path in pieces:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return True
