@@ -31,10 +31,8 @@ from pathlib import Path
 
 import torch
 
-from megadistill.config import (
-    CheckpointConfig, DataConfig, DataSelectionConfig, ModelConfig, OptimizerConfig, RunConfig, TeacherConfig,
-    TrainingConfig,
-)
+from common import embedded_corpus, short_run
+from megadistill.config import DataSelectionConfig, ModelConfig, RunConfig, TeacherConfig
 from megadistill.testing import run_distributed
 
 SMALL_LM = ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=2)
@@ -42,23 +40,11 @@ VOCAB, SEQ, MBS = 2048, 128, 16
 
 
 def _corpus(root: Path):
-    from megadistill.data import embedded_corpus_text, preprocess
-
-    (root / "a.txt").write_text(embedded_corpus_text())
-    r = preprocess([str(root / "a.txt")], root / "data" / "corpus", vocab_size=VOCAB, progress=False)
-    return str(r.prefix), str(r.tokenizer_model)
+    return embedded_corpus(root, VOCAB)
 
 
 def _cfg(out: Path, corpus, steps: int, **kw) -> RunConfig:
-    prefix, tok = corpus
-    cfg = RunConfig(
-        name=out.name, output_dir=str(out), model=SMALL_LM,
-        data=DataConfig(data_prefix=prefix, tokenizer_model=tok, seq_length=SEQ, micro_batch_size=MBS, global_batch_size=MBS),
-        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_fraction=0.1),
-        training=TrainingConfig(train_steps=steps, eval_interval=steps, eval_steps=1, log_interval=1),
-        checkpoint=CheckpointConfig(save_interval=0),
-    )
-    return replace(cfg, **kw)
+    return short_run(out, corpus, steps, SMALL_LM, SEQ, MBS, MBS, **kw)
 
 
 def _train(cfg, threads):

@@ -18,6 +18,11 @@ def _train(args) -> int:
     from megadistill.train import run
 
     result = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    if result.stopped_by is not None:
+        from megadistill.preemption import EXIT_STOPPED
+
+        # Saved and unfinished: a distinct status, so a job script can requeue (slurm/train.sbatch).
+        return EXIT_STOPPED
     return 0 if result.steps == cfg.training.train_steps else 1
 
 
@@ -204,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megadistill.salt.cli import _add_salt_commands  # score-data (SALT_DS)
 
     _add_salt_commands(sub)
+    from megadistill.slurm import add_commands as _add_slurm_commands  # slurm render
+
+    _add_slurm_commands(sub)
     return p
 
 

@@ -56,6 +56,32 @@ class ModelConfig:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    precision: Optional[str] = None
+    """fp32, bf16 or fp16 weights and activations (a trained student keeps fp32 main weights and gradients in its optimizer; fp16 uses optimizer.loss_scale); null = fp32 for the student, for a teacher (teacher.model) bf16 on a GPU and fp32 on CPU."""
+    normalization: str = "LayerNorm"
+    """LayerNorm or RMSNorm."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of every normalization layer."""
+    activation: str = "gelu"
+    """MLP activation: gelu, or swiglu (gated: linear_fc1 holds the gate and up projections, 2 x ffn_hidden_size rows)."""
+    num_query_groups: Optional[int] = None
+    """Grouped-query attention: key/value heads, dividing num_attention_heads and divisible by TP (null = num_attention_heads: multi-head attention)."""
+    untie_embeddings_and_output_weights: bool = False
+    """Give the output layer its own weight instead of reusing the input embedding."""
+    rotary_base: int = 10000
+    """RoPE base (theta)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions RoPE rotates, in (0, 1]."""
+    add_bias_linear: bool = True
+    """Biases in every linear layer (attention and MLP); false as in Llama."""
+    add_qkv_bias: bool = False
+    """Biases in the query/key/value projection even when add_bias_linear is false (as in Qwen2)."""
+    make_vocab_size_divisible_by: int = 128
+    """The student's vocabulary is padded to a multiple of this x TP; a teacher's must divide the student's."""
+    max_position_embeddings: Optional[int] = None
+    """Longest sequence the model is built for (null = data.seq_length; RoPE has no position weights, so it fixes no shape)."""
+    transformer_impl: str = "auto"
+    """Layer implementation: auto (Transformer Engine when importable and a GPU is present, else local), local (megatron-core's own modules) or transformer_engine."""
 
 
 @dataclass
@@ -128,6 +154,16 @@ class OptimizerConfig:
     """AdamW β2."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping (0 = off)."""
+    loss_scale: Optional[float] = None
+    """model.precision fp16: a constant loss scale, or null for dynamic loss scaling (the settings below)."""
+    initial_loss_scale: float = 65536.0
+    """fp16, dynamic: the first loss scale (a power of two)."""
+    min_loss_scale: float = 1.0
+    """fp16, dynamic: the scale never drops below this."""
+    loss_scale_window: int = 1000
+    """fp16, dynamic: steps without overflow before the scale doubles."""
+    hysteresis: int = 2
+    """fp16, dynamic: overflowing steps tolerated before the scale halves."""
 
 
 @dataclass
@@ -186,6 +222,10 @@ class CheckpointConfig:
 
     save_interval: int = 0
     """Save every this many steps (0 = only at the end)."""
+    save_interval_minutes: float = 30.0
+    """Also save once this many minutes have passed since the start or the last save (0 = off); the ranks agree on when, so a long run killed without warning loses at most this much."""
+    stop_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that stop the run gracefully: every rank finishes its step, a checkpoint is saved, and the process exits with status 75 ([] = the signals' default action)."""
     resume: str = "auto"
     """auto (latest complete checkpoint in the run's directory), none, or a checkpoint path."""
     optimizer_sharding: str = "dp_reshardable"
@@ -501,6 +541,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         for d in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(m, d) < 1.0:
                 raise ConfigError(f"{key}.{d} must be in [0, 1), got {getattr(m, d)}")
+        _validate_architecture(cfg, key, m)
+    if cfg.teacher.mode == "online":
+        s, t = cfg.model.make_vocab_size_divisible_by, cfg.teacher.model.make_vocab_size_divisible_by
+        if s % t:
+            raise ConfigError(f"teacher.model.make_vocab_size_divisible_by {t} does not divide model.make_vocab_size_divisible_by "
+                              f"{s}: the teacher shares the student's padded vocabulary")
     if world_size is not None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
@@ -540,6 +586,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     o = cfg.optimizer
     _positive(cfg, "optimizer", "lr")
     _positive(cfg, "optimizer", "min_lr", "weight_decay", "clip_grad", allow_zero=True)
+    _positive(cfg, "optimizer", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+    if o.min_loss_scale > o.initial_loss_scale:
+        raise ConfigError(f"optimizer.min_loss_scale {o.min_loss_scale} exceeds optimizer.initial_loss_scale {o.initial_loss_scale}")
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr {o.min_lr} exceeds optimizer.lr {o.lr}")
     for n in ("warmup_fraction", "wsd_decay_fraction"):
@@ -554,7 +603,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if not 0 <= cfg.training.seed < 2**31 - 1000:  # each pipeline stage adds 100 x its rank
         raise ConfigError(f"training.seed must be in [0, 2**31 - 1000), got {cfg.training.seed}")
     _check_finite(cfg)
-    _positive(cfg, "checkpoint", "save_interval", allow_zero=True)
+    _positive(cfg, "checkpoint", "save_interval", "save_interval_minutes", allow_zero=True)
+    from megadistill.preemption import parse_signals
+
+    parse_signals(cfg.checkpoint.stop_signals, "checkpoint.stop_signals")
     _validate_data_selection(cfg)
 
     try:
@@ -576,6 +628,44 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
     if o.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
+
+
+MODEL_CHOICES = {
+    "precision": (None, "fp32", "bf16", "fp16"),
+    "normalization": ("LayerNorm", "RMSNorm"),
+    "activation": ("gelu", "swiglu"),
+    "transformer_impl": ("auto", "local", "transformer_engine"),
+}
+"""Allowed values of ModelConfig keys (``model.*`` and ``teacher.model.*`` alike)."""
+
+
+def _validate_architecture(cfg: RunConfig, key: str, m: ModelConfig) -> None:
+    """``key`` (model or teacher.model): the precision and architecture options, for the run's TP."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    for name, choices in MODEL_CHOICES.items():
+        if getattr(m, name) not in choices:
+            raise ConfigError(f"{key}.{name}: {getattr(m, name)!r} is not one of {choices}")
+    _positive(cfg, key, "layernorm_epsilon", "rotary_base", "make_vocab_size_divisible_by", "max_position_embeddings")
+    g = m.num_query_groups
+    if g is not None:
+        if g <= 0:
+            raise ConfigError(f"{key}.num_query_groups must be > 0, got {g}")
+        if m.num_attention_heads % g:
+            raise ConfigError(f"{key}.num_query_groups {g} does not divide num_attention_heads {m.num_attention_heads}")
+        if g % tp:
+            raise ConfigError(f"{key}.num_query_groups {g} is not divisible by parallel.tensor_model_parallel_size {tp} "
+                              "(each tensor-parallel rank holds whole key/value heads)")
+    if not 0.0 < m.rotary_percent <= 1.0:
+        raise ConfigError(f"{key}.rotary_percent must be in (0, 1], got {m.rotary_percent}")
+    head_dim = m.hidden_size // m.num_attention_heads
+    if int(head_dim * m.rotary_percent) % 2:
+        raise ConfigError(f"{key}.rotary_percent {m.rotary_percent} rotates {int(head_dim * m.rotary_percent)} of the "
+                          f"{head_dim} dimensions of a head: RoPE needs an even number")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < cfg.data.seq_length:
+        raise ConfigError(f"{key}.max_position_embeddings {m.max_position_embeddings} is shorter than data.seq_length "
+                          f"{cfg.data.seq_length}")
+    if cfg.parallel.sequence_parallel and m.transformer_impl == "local":
+        raise ConfigError(f"parallel.sequence_parallel needs Transformer Engine layers, but {key}.transformer_impl is local")
 
 
 def _validate_record_logits(cfg: RunConfig) -> None:
@@ -657,6 +747,13 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron's padding: a multiple of ``divisible_by x tp``."""
     multiple = divisible_by * tp
     return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def run_vocab_size(cfg: RunConfig, tokenizer_vocab_size: int) -> int:
+    """The run's padded vocabulary (student and teacher): a multiple of
+    ``model.make_vocab_size_divisible_by`` x TP."""
+    return padded_vocab_size(tokenizer_vocab_size, cfg.parallel.tensor_model_parallel_size,
+                             cfg.model.make_vocab_size_divisible_by)
 
 
 def resolve_teacher_checkpoint(path: str) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megadistill.config import CHECKPOINT_MODEL_PREFIX, ConfigError, ModelConfig, RunConfig, padded_vocab_size
+from megadistill.config import CHECKPOINT_MODEL_PREFIX, ConfigError, ModelConfig, RunConfig, padded_vocab_size, run_vocab_size  # noqa: F401
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -23,6 +23,22 @@ def preflight(cfg: RunConfig) -> None:
     _check_scores(cfg)
 
 
+def check_teacher_job(cfg: RunConfig, output_key: str, output_what: str) -> None:
+    """The checks of a job that runs the teacher alone over the training data and writes
+    ``output_key`` (``megadistill precompute-logits``, ``megadistill score-data``): the full
+    :func:`preflight` would demand the very output the job is about to write."""
+    from dataclasses import replace
+
+    section, name = output_key.split(".")
+    if not getattr(getattr(cfg, section), name):
+        raise ConfigError(f"{output_key} is required: the directory to write {output_what} to")
+    if not cfg.teacher.checkpoint:
+        raise ConfigError("teacher.checkpoint is required: the teacher this job runs")
+    _check_transformer_engine(cfg)
+    _check_data_files(cfg)
+    _check_teacher(replace(cfg, teacher=replace(cfg.teacher, mode="online")))
+
+
 def _transformer_engine_available() -> bool:
     try:
         import transformer_engine  # noqa: F401
@@ -32,6 +48,15 @@ def _transformer_engine_available() -> bool:
 
 
 def _check_transformer_engine(cfg: RunConfig) -> None:
+    models = [("model", cfg.model)] + ([("teacher.model", cfg.teacher.model)] if cfg.teacher.mode == "online" else [])
+    for key, m in models:
+        if m.transformer_impl == "transformer_engine":
+            from megadistill.megatron.gpt import use_transformer_engine
+
+            try:
+                use_transformer_engine(m, key)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
     if cfg.parallel.sequence_parallel and not _transformer_engine_available():
         raise ConfigError(
             "parallel.sequence_parallel needs Transformer Engine (its LayerNorm); it is not installed "
@@ -119,11 +144,11 @@ def _check_teacher(cfg: RunConfig) -> None:
         teacher_vocab = checkpoint_vocab_size(ckpt, prefix=CHECKPOINT_MODEL_PREFIX)
     except (ValueError, CheckpointingException) as e:  # no GPT embedding in it, or not a dist checkpoint
         raise ConfigError(f"teacher.checkpoint {ckpt}: {e}") from e
-    student_vocab = padded_vocab_size(tokenizer_vocab_size(cfg), cfg.parallel.tensor_model_parallel_size)
+    student_vocab = run_vocab_size(cfg, tokenizer_vocab_size(cfg))
     if teacher_vocab != student_vocab:
         raise ConfigError(
             f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the "
-            f"student's {student_vocab} (padded to a multiple of 128 x TP); use the teacher's "
+            f"student's {student_vocab} (padded to a multiple of model.make_vocab_size_divisible_by x TP); use the teacher's "
             "tokenizer (data.tokenizer_model)"
         )
     check_teacher_shape(t.model, ckpt)
@@ -147,7 +172,7 @@ def _check_store(cfg: RunConfig) -> None:
     except StoreError as e:
         raise ConfigError(f"teacher.store: {e}") from e
     tok = cfg.data.tokenizer_model
-    vocab = padded_vocab_size(tokenizer_vocab_size(cfg), cfg.parallel.tensor_model_parallel_size) if tok else None
+    vocab = run_vocab_size(cfg, tokenizer_vocab_size(cfg)) if tok else None
     problems = run_mismatches(manifest, cfg, vocab, file_sha256(tok) if tok else None)
     if problems:
         raise ConfigError(f"teacher.store {cfg.teacher.store} was not made for this run: " + "; ".join(problems))
@@ -195,7 +220,9 @@ def tokenizer_vocab_size(cfg: RunConfig) -> int:
 
 
 def check_teacher_shape(model: ModelConfig, ckpt: Path) -> None:
-    """teacher.model must describe the checkpoint's architecture (hidden size, layers, FFN)."""
+    """teacher.model must describe the checkpoint's architecture: hidden size, layers, FFN, MLP
+    activation (gated or not), query groups, tied or untied output layer, biases, LayerNorm or
+    RMSNorm (what its tensor shapes and names show)."""
     from megatron.core import dist_checkpointing
 
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
@@ -206,11 +233,54 @@ def check_teacher_shape(model: ModelConfig, ckpt: Path) -> None:
     fc1 = meta.get(p + "decoder.layers.mlp.linear_fc1.weight")
     if fc1 is not None:
         found["num_layers"], found["ffn_hidden_size"] = fc1.global_shape[0], fc1.global_shape[1]
+    ffn = model.ffn_hidden_size or 4 * model.hidden_size
     wanted = {
         "hidden_size": model.hidden_size,
         "num_layers": model.num_layers,
-        "ffn_hidden_size": model.ffn_hidden_size or 4 * model.hidden_size,
+        "ffn_hidden_size": ffn,
     }
+    if fc1 is not None:
+        # SwiGLU's linear_fc1 stacks the gate and up projections: 2 x ffn_hidden_size rows.
+        gated = model.activation == "swiglu"
+        rows = fc1.global_shape[1]
+        if rows in (ffn, 2 * ffn) and rows != (2 * ffn if gated else ffn):
+            raise ConfigError(
+                f"teacher.model.activation is {model.activation} but teacher.checkpoint {ckpt} has "
+                f"{'a gated (swiglu)' if rows == 2 * ffn else 'an ungated (gelu)'} MLP (linear_fc1 has {rows} rows for "
+                f"ffn_hidden_size {ffn})"
+            )
+        found["ffn_hidden_size"] = rows // 2 if gated else rows
+    found.update(_checkpoint_architecture(meta, p, model))
+    wanted.update(
+        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        untie_embeddings_and_output_weights=model.untie_embeddings_and_output_weights,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias or model.add_bias_linear,
+        normalization=model.normalization,
+    )
     for k, v in found.items():
         if wanted[k] != v:
-            raise ConfigError(f"teacher.model.{k} is {wanted[k]} but teacher.checkpoint {ckpt} has {v}")
+            what = "teacher.model.add_qkv_bias (or add_bias_linear)" if k == "add_qkv_bias" else f"teacher.model.{k}"
+            raise ConfigError(f"{what} is {wanted[k]} but teacher.checkpoint {ckpt} has {v}")
+
+
+def _checkpoint_architecture(meta: dict, p: str, model: ModelConfig) -> dict:
+    """The architecture keys a GPT checkpoint's tensor metadata shows (shapes and which tensors exist)."""
+    found = {}
+    layers = p + "decoder.layers."
+    qkv = meta.get(layers + "self_attention.linear_qkv.weight")
+    if qkv is not None and model.hidden_size % model.num_attention_heads == 0:
+        # [layers, (heads + 2 x query groups) x head_dim, hidden]: the key/value heads per layer.
+        head_dim = model.hidden_size // model.num_attention_heads
+        extra = qkv.global_shape[1] - model.num_attention_heads * head_dim
+        if extra > 0 and extra % (2 * head_dim) == 0:
+            found["num_query_groups"] = extra // (2 * head_dim)
+    if any(k.startswith(layers) for k in meta):
+        found["untie_embeddings_and_output_weights"] = p + "output_layer.weight" in meta
+        found["add_bias_linear"] = layers + "self_attention.linear_proj.bias" in meta
+        found["add_qkv_bias"] = layers + "self_attention.linear_qkv.bias" in meta
+        # torch's LayerNorm has a bias, RMSNorm none (the local spec's norms; TE fuses them into linear_qkv).
+        norm = layers + "input_layernorm."
+        if norm + "weight" in meta:
+            found["normalization"] = "LayerNorm" if norm + "bias" in meta else "RMSNorm"
+    return found

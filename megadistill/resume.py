@@ -28,8 +28,14 @@ RESUME_INVARIANTS = (
 logger = logging.getLogger(__name__)
 
 
-ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
-"""What a teacher's ``teacher.model`` must share with the run that trained its checkpoint."""
+ARCHITECTURE_KEYS = (
+    "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups", "activation",
+    "normalization", "layernorm_epsilon", "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias",
+    "rotary_base", "rotary_percent",
+)
+"""What a teacher's ``teacher.model`` must share with the run that trained its checkpoint (the
+shapes, and what changes the function the weights compute: norm, activation, RoPE). A record
+written before a key existed holds its default (which builds the model of that time)."""
 
 
 def _lookup(tree: dict, dotted: str):
@@ -53,7 +59,19 @@ def resume_mismatches(cfg: RunConfig, saved: Optional[dict]) -> list[str]:
     if not saved:
         return []
     now = to_dict(cfg)
+    saved = _with_defaults(saved, to_dict(type(cfg)()))
     return [leaf for k in RESUME_INVARIANTS for leaf in _leaf_differences(_lookup(now, k), _lookup(saved, k), k)]
+
+
+def _with_defaults(saved, defaults):
+    """``saved`` (a checkpoint's recorded config) with the keys it lacks -- added to megadistill
+    after it was written -- at their defaults, which keep the behaviour of that time."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    out = dict(saved)
+    for k, v in defaults.items():
+        out[k] = _with_defaults(saved[k], v) if k in saved else v
+    return out
 
 
 def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha256: str) -> dict:
@@ -95,9 +113,14 @@ def _store_identity(cfg: RunConfig) -> Optional[str]:
 
 
 def _architecture(model: dict) -> dict:
-    arch = {k: model.get(k) for k in ARCHITECTURE_KEYS}
+    from megadistill.config import ModelConfig
+
+    defaults = to_dict(ModelConfig())
+    arch = {k: model.get(k, defaults[k]) for k in ARCHITECTURE_KEYS}
     if arch["ffn_hidden_size"] is None and arch["hidden_size"] is not None:
         arch["ffn_hidden_size"] = 4 * arch["hidden_size"]
+    if arch["num_query_groups"] is None:
+        arch["num_query_groups"] = arch["num_attention_heads"]  # multi-head attention
     return arch
 
 

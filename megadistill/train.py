@@ -32,6 +32,8 @@ class RunResult:
     """Training metrics of the last step."""
     checkpoint: Optional[str] = None
     """The final checkpoint directory."""
+    stopped_by: Optional[str] = None
+    """The signal that stopped the run before train_steps (checkpoint saved), or None."""
 
 
 def init_distributed(cfg: RunConfig) -> None:
@@ -124,6 +126,9 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     logger = MetricsLogger(out, start, cfg.training.log_interval) if dist.get_rank() == dist.get_world_size() - 1 else None
     bar = tqdm(total=steps, initial=start, desc=cfg.name, disable=logger is None or not progress, dynamic_ncols=True)
     result = RunResult(steps=start)
+    from megadistill import preemption
+
+    stops = preemption.install(cfg.checkpoint, dev)  # handlers only record; poll() below decides
 
     def validate() -> float:
         # Validation reads the first eval_steps global batches of its own dataset, whatever the selection.
@@ -165,9 +170,17 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('total loss', float('nan')):.3f}", refresh=False)
         result.last_metrics, result.steps = metrics, done
-        if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == steps:
+        stop = stops.poll()  # collective: every rank saves and stops at the same step
+        if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == steps or stop.save:
             path = commit(ckpt_root, done, lambda directory: backend.save(directory, done), marker)
             result.checkpoint = str(path)
+            stops.saved()
+        if stop.signal is not None and done < steps:
+            result.stopped_by = stop.signal
+            if logger is not None:
+                tqdm.write(f"{cfg.name}: stopped by {stop.signal} at step {done}, checkpoint {result.checkpoint}")
+            break
+    stops.uninstall()
     bar.close()
     teacher.close()
     if logger is not None:

@@ -15,7 +15,10 @@ Numerics follow the Megatron backend (DDP + distributed optimizer, ``calculate_p
   back-propagated without DeepSpeed's ``1/gradient_accumulation_steps``; DeepSpeed's gradient
   averaging over the data-parallel group divides by ``dp`` again, leaving ``sum / N``;
 * gradient clipping by the global norm (DeepSpeed's ``gradient_clipping``), reported before
-  clipping.
+  clipping;
+* ``model.precision`` bf16/fp16: the student is built in that dtype and DeepSpeed's ``bf16`` /
+  ``fp16`` engine keeps fp32 master weights, Adam state and gradient accumulation (fp16 with
+  DeepSpeed's loss scaler); the loss reads the half-precision logits in fp32.
 """
 
 from __future__ import annotations
@@ -118,7 +121,9 @@ class DeepSpeedBackend:
             reports.append(report)
         grad_norm = self.engine.get_global_grad_norm()
         ok = self.engine.was_step_applied()
-        self.scheduler.step(increment=1)
+        if ok:
+            # As the Megatron backend: a step skipped for an fp16 overflow does not advance the schedule.
+            self.scheduler.step(increment=1)
         self._steps_done += 1
         return StepResult(
             metrics=reduce_reports(reports, self.dp_group),

@@ -1,6 +1,8 @@
 """The DeepSpeed JSON config of a run, generated from its ``RunConfig`` (pure: no deepspeed import).
 
-What the YAML already says (batch sizes, clipping, ZeRO stage, fp32) is generated from it and
+What the YAML already says (batch sizes, clipping, ZeRO stage, the student's precision
+``model.precision`` -- DeepSpeed's ``bf16``/``fp16`` blocks, fp16 loss scaling from the
+``optimizer.*loss_scale*`` keys --) is generated from it and
 must not be contradicted by the ``deepspeed.config`` pass-through block; anything else (bucket
 sizes, ZeRO-3 thresholds, offload, logging) passes through unchanged. The optimizer is AdamW with
 Megatron's hyper-parameters; the learning-rate schedule is megadistill's own (Megatron's
@@ -15,6 +17,7 @@ takes.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Optional
 
 from megadistill.config import ConfigError, RunConfig
@@ -28,8 +31,8 @@ _REJECTED_BLOCKS = {
     "scheduler": "the learning-rate schedule is megadistill's (optimizer.lr_schedule, warmup_fraction, min_lr)",
     "datastates": "an asynchronous checkpoint writer would still be writing after the checkpoint is committed",
 }
-# Precision blocks: the DeepSpeed backend trains in fp32 only.
-_PRECISION_BLOCKS = ("fp16", "bf16", "amp", "torch_autocast")
+# Mixed-precision modes other than the student's own bf16/fp16 weights (model.precision).
+_PRECISION_BLOCKS = ("amp", "torch_autocast")
 
 # Settings megadistill picks but the user may change freely (quieter logs; nothing numerical).
 _DEFAULTS = {
@@ -51,7 +54,7 @@ def _dp_size(cfg: RunConfig, world_size: Optional[int]) -> Optional[int]:
 _PINNED = {
     ("gradient_allreduce_op",): ("mean", "gradients averaged over data-parallel ranks, as its loss scaling assumes"),
     ("managed_gradient_accumulation",): (True, "one optimizer update per global batch"),
-    ("data_types", "grad_accum_dtype"): ("fp32", "it trains in fp32 only"),
+    ("data_types", "grad_accum_dtype"): ("fp32", "gradients accumulate in fp32 whatever model.precision"),
 }
 
 
@@ -64,6 +67,7 @@ def _from_yaml(cfg: RunConfig, dp_size: Optional[int]) -> dict[tuple[str, ...], 
         ("gradient_clipping",): (o.clip_grad, "optimizer.clip_grad"),
         ("zero_optimization", "stage"): (cfg.deepspeed.zero_stage, "deepspeed.zero_stage"),
         **_PINNED,
+        **_precision(cfg),
     }
     if dp_size is not None:
         out[("train_batch_size",)] = (d.global_batch_size, "data.global_batch_size")
@@ -111,6 +115,10 @@ def check(cfg: RunConfig, world_size: Optional[int] = None) -> None:
             "optimizer.backend=deepspeed does not support parallel.sequence_parallel (its layer-norm "
             "gradients need Megatron's tensor-parallel all-reduce): set parallel.sequence_parallel=false"
         )
+    o = cfg.optimizer
+    if cfg.model.precision == "fp16" and not o.loss_scale and not math.log2(o.initial_loss_scale).is_integer():
+        raise ConfigError(f"optimizer.initial_loss_scale {o.initial_loss_scale} must be a power of two on "
+                          "optimizer.backend=deepspeed (DeepSpeed's fp16.initial_scale_power)")
     if cfg.deepspeed.zero_stage not in (1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage!r} is not one of (1, 2, 3)")
     passed = cfg.deepspeed.config
@@ -124,8 +132,17 @@ def check(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         enabled = value.get("enabled", False) if isinstance(value, dict) else value
         if enabled not in (False, None, "auto"):
             raise ConfigError(
-                f"deepspeed.config.{block}.enabled={enabled!r}: the DeepSpeed backend trains in fp32 only "
-                f"(remove deepspeed.config.{block})"
+                f"deepspeed.config.{block}.enabled={enabled!r}: the DeepSpeed backend trains the student in "
+                f"model.precision (fp32, bf16 or fp16) without autocast (remove deepspeed.config.{block})"
+            )
+    precision = cfg.model.precision or "fp32"
+    for block in ("bf16", "fp16"):
+        value = passed.get(block)
+        enabled = value.get("enabled", False) if isinstance(value, dict) else value
+        if enabled not in (None, "auto") and bool(enabled) != (precision == block):
+            raise ConfigError(
+                f"deepspeed.config.{block}.enabled={enabled!r} contradicts model.precision={precision!r}: set "
+                f"model.precision instead (remove deepspeed.config.{block}.enabled)"
             )
     if isinstance(passed.get("checkpoint"), dict) and "writer" in passed["checkpoint"]:
         raise ConfigError(
@@ -178,8 +195,27 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
             "torch_adam": True,
         },
     }
-    for block in ("fp16", "bf16"):
-        out.setdefault(block, {})["enabled"] = False
+    return out
+
+
+def _precision(cfg: RunConfig) -> dict[tuple[str, ...], tuple[Any, str]]:
+    """DeepSpeed's ``bf16`` / ``fp16`` blocks for ``model.precision`` (null = fp32): the engine keeps
+    fp32 master weights and optimizer state for a half-precision student."""
+    p = cfg.model.precision or "fp32"
+    out = {
+        ("bf16", "enabled"): (p == "bf16", "model.precision"),
+        ("fp16", "enabled"): (p == "fp16", "model.precision"),
+    }
+    if p == "fp16":
+        o = cfg.optimizer
+        # DeepSpeed: loss_scale 0 = dynamic, starting at 2**initial_scale_power.
+        out[("fp16", "loss_scale")] = (o.loss_scale or 0, "optimizer.loss_scale")
+        if not o.loss_scale:
+            power = math.log2(o.initial_loss_scale)
+            out[("fp16", "initial_scale_power")] = (int(power), "optimizer.initial_loss_scale (a power of two)")
+            out[("fp16", "loss_scale_window")] = (o.loss_scale_window, "optimizer.loss_scale_window")
+            out[("fp16", "hysteresis")] = (o.hysteresis, "optimizer.hysteresis")
+            out[("fp16", "min_loss_scale")] = (o.min_loss_scale, "optimizer.min_loss_scale")
     return out
 
 

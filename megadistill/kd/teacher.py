@@ -149,11 +149,29 @@ class OnlineTeacher(InModelTargets):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        _return_freed_host_memory()
 
     def set_active(self, active: bool) -> None:
         if active and self.model.teacher is None:
             raise RuntimeError("the teacher was released (KD has ended for this run): it cannot be activated again")
         self.model.teacher_active = active
+
+
+def _return_freed_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``): CPU tensors of the teacher's
+    size often live in the heap rather than in their own mappings, and freeing them alone leaves
+    the process's resident size unchanged. A no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str], needed: bool = True) -> TeacherSource:

@@ -25,12 +25,12 @@ from megadistill.losses.softmax import global_max, global_max_argmax, normalize_
 from megadistill.losses.targets import NEG_INF, DenseTarget, SparseTarget
 
 Target = Union[DenseTarget, SparseTarget]
-# Default chunk size, in logits per work buffer. On CPU, 1 M (4 MB fp32) buffers stay under
-# glibc's mmap threshold and are reused without page faults (measured: ~20 % faster than 64 MB),
-# and the chunk's several buffers stay in a server's L3 cache (measured at v/tp = 16,000: the KD
-# loss ~15 % faster than with 4 M); on GPUs larger chunks amortise kernel launches and all-reduce
+# Default chunk size, in logits per work buffer. On CPU, 4 M (16 MB fp32) buffers stay under
+# glibc's mmap threshold and are reused without page faults (measured: ~20 % faster than 64 MB);
+# 1 M buffers were ~15 % faster in one process but 1.5x slower at TP = 2 on gloo, where each chunk's
+# few collectives cost latency. On GPUs larger chunks amortise kernel launches and all-reduce
 # latency.
-AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22}
 AUTO_CHUNK_ELEMENTS_DEFAULT = 1 << 25
 
 
@@ -87,8 +87,10 @@ def _kd_part(
     ``m[c]`` is the global row max of ``x``. ``lm_weight`` > 0 adds ``lm_weight·softmax(z)`` to
     ``out`` in the same passes; only where the KD's own student softmax is ``softmax(z)`` (τ = 1,
     not ``mse``, not ``renormalize_both``). ``d[c, v/tp] = x - m`` or, at τ = 2, ``e1 = exp(x - m)``,
-    if the caller has it, serves the student's ``softmax(z/τ)`` without reading ``x`` again. Returns ``(loss[c], log_s[c] or None,
-    teacher_top1[c] or None, row_scale[c] or None)``: ``log_s`` is the student softmax's
+    if the caller has it, serves the student's ``softmax(z/τ)`` without reading ``x`` again.
+
+    Returns ``(loss[c], log_s[c] or None, teacher_top1[c] or None, row_scale[c] or None)``:
+    ``log_s`` is the student softmax's
     log-normaliser relative to ``m``; ``top1`` asks for the teacher's argmax id; with a
     ``row_scale`` r, ``out`` holds the gradient divided by r, row by row (see
     :class:`_VocabParallelObjective`).
@@ -203,9 +205,9 @@ def _objective_chunk(
     """
     x = x.to(out.dtype)
     c, v = b - a, x.shape[-1]
-    m, s_top1 = global_max_argmax(x, group) if agreement else (global_max(x, group), None)
     kd = lm = t_top1 = r = None
     if labels is None:  # KD alone (α = 1)
+        m, s_top1 = global_max_argmax(x, group)[:2] if agreement else (global_max(x, group), None)
         kd, _, t_top1, r = _kd_part(x, target, a, b, m, cfg, group, out, bufs, top1=agreement)
         total = kd
     else:
@@ -213,10 +215,10 @@ def _objective_chunk(
         start = group_rank(group) * v
         local = (lab >= start) & (lab < start + v)
         col = torch.where(local, lab - start, torch.zeros_like(lab))
-        # The label's logit (relative to the max, as in Megatron), read before the gradient may
-        # overwrite x.
-        z_lab = torch.where(local, x.gather(-1, col.unsqueeze(-1)).squeeze(-1) - m, 0.0)
-        pred = all_reduce_(z_lab, dist.ReduceOp.SUM, group)
+        # The label's logit, read before the gradient may overwrite x, travels with the max.
+        z_lab = torch.where(local, x.gather(-1, col.unsqueeze(-1)).squeeze(-1), 0.0)
+        m, s_top1, z_lab = global_max_argmax(x, group, extra=z_lab)
+        pred = z_lab - m  # relative to the max, as in Megatron
         lm_w = 1.0 - alpha
         if target is None:  # plain LM: Megatron's cross entropy, e - Σe·onehot times the row factor 1/Σe
             log_s1 = softmax_into(x, 1.0, group, out, m=m, scale_rows=False).log_s

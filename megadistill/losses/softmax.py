@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megadistill.losses.parallel import all_reduce_, group_rank
+from megadistill.losses.parallel import all_gather_last_dim, all_reduce_, group_rank, group_size
 
 
 @dataclass
@@ -64,16 +64,28 @@ def local_max_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m, idx
 
 
-def global_max_argmax(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[c]`` global row maximum of ``x[c, v/tp]`` and ``[c]`` the global vocab id holding it (ties
-    to the smallest id, as ``parallel.vocab_parallel_argmax``), from one read of ``x`` and two
-    ``[c]``-sized all-reduces. The maximum is the one :func:`global_max` returns."""
+def global_max_argmax(x: torch.Tensor, group, extra: Optional[torch.Tensor] = None):
+    """``(m, ids, extra_sum)``: ``[c]`` global row maximum of ``x[c, v/tp]`` (the one
+    :func:`global_max` returns), ``[c]`` the global vocab id holding it (ties to the smallest id, as
+    ``parallel.vocab_parallel_argmax``) and, if ``extra[c]`` is given, its sum over ranks.
+
+    One ``[c, 3·tp]`` all-gather does what three all-reduces would: on gloo (and NCCL at these
+    sizes) collectives cost latency, not bandwidth. Values travel as float64, exact for fp32/bf16
+    logits and for vocab ids; ``extra`` is meant to be nonzero on one rank (a label's logit), so
+    its sum is exact too.
+    """
     local_max, local_idx = local_max_argmax(x)
-    m = all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
     ids = local_idx + group_rank(group) * x.shape[-1]
+    if group_size(group) == 1:
+        return local_max, ids, extra
+    cols = [local_max.double(), ids.double()] + ([] if extra is None else [extra.double()])
+    k = len(cols)
+    parts = all_gather_last_dim(torch.stack(cols, -1), group).view(*ids.shape, -1, k)
+    m = parts[..., 0].amax(-1)
     # Ranks without the maximum offer an id larger than any real one.
-    ids = torch.where(local_max == m, ids, torch.full_like(ids, torch.iinfo(ids.dtype).max))
-    return m, all_reduce_(ids, dist.ReduceOp.MIN, group)
+    best = torch.where(parts[..., 0] == m.unsqueeze(-1), parts[..., 1], float("inf")).amin(-1)
+    total = None if extra is None else parts[..., 2].sum(-1).to(extra.dtype)
+    return m.to(x.dtype), best.to(ids.dtype), total
 
 
 def exp_shifted_into(x: torch.Tensor, m: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:

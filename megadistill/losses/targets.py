@@ -7,8 +7,9 @@ A target yields, per chunk of ``c`` tokens on a rank holding vocab ids ``[start,
 * ``kept[c, v]`` (bool) or ``None`` when nothing is truncated;
 * ``logq_ghost[c]`` or ``None``: the log-mass of the "ghost" bucket that stands for every truncated id
   (``-inf`` when truncation renormalises, ``renormalize`` or ``renormalize_both``: the teacher is the
-  same in both; ``renormalize_both`` renormalises the student too, in the loss). The student is compared on the same partition: its ghost
-  mass is the sum of its probabilities over the truncated ids.
+  same in both; ``renormalize_both`` renormalises the student too, in the loss). The student is
+  compared on the same partition: its ghost mass is the sum of its probabilities over the
+  truncated ids.
 
 Truncation (top-p, then top-k) is decided on the teacher's own distribution (τ = 1), as an offline
 store would record it; temperature is applied afterwards to the kept log-probabilities and, with a
@@ -153,7 +154,7 @@ class DenseTarget:
         x = self.logits[a:b].to(dtype)
         inv_t = 1.0 / cfg.temperature
         q = torch.empty_like(x) if q_out is None else q_out
-        m, ids = global_max_argmax(x, group) if top1 else (global_max(x, group), None)
+        m, ids = global_max_argmax(x, group)[:2] if top1 else (global_max(x, group), None)
         if not cfg.truncates:
             sm = softmax_into(x, inv_t, group, q, m=m)
             return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, None, None, ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -12,10 +13,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megadistill.backend import StepResult
 from megadistill.lr_schedule import lr_scheduler
 from megadistill.megatron.checkpoint import load_checkpoint, write_checkpoint
-from megadistill.megatron.gpt import build_gpt
+from megadistill.megatron.gpt import DTYPES, build_gpt, precision
 from megadistill.megatron.loss import DistillationLoss, KDStep
 from megadistill.megatron.schedule import forward_backward, make_forward_step
-from megadistill.megatron.training import train_step, wrap_ddp
+from megadistill.megatron.training import train_step, wrap_ddp, wrap_half
 
 
 def _next(data_iterator):
@@ -23,9 +24,10 @@ def _next(data_iterator):
 
 
 class MegatronBackend:
-    """The student (this rank's stage, wrapped with the teacher by ``teacher.wrap``) in Megatron's
-    DDP, stepped by Megatron's optimizer (``parallel.use_distributed_optimizer``: ZeRO-1 sharded
-    Adam state) and LR scheduler."""
+    """The student (this rank's stage, wrapped with the teacher by ``teacher.wrap``; for
+    ``model.precision`` bf16/fp16 in Megatron's ``Float16Module``) in Megatron's DDP, stepped by
+    Megatron's optimizer (``parallel.use_distributed_optimizer``: ZeRO-1 sharded Adam state; fp32
+    main parameters for a half-precision student; fp16 with loss scaling) and LR scheduler."""
 
     name = "megatron"
 
@@ -33,16 +35,29 @@ class MegatronBackend:
         self.cfg = cfg
         self.teacher = teacher
         use_dist_opt = cfg.parallel.use_distributed_optimizer
-        model = teacher.wrap(build_gpt(cfg.model, cfg, vocab_size))
+        self.precision = precision(cfg.model, cfg)
+        model = wrap_half(teacher.wrap(build_gpt(cfg.model, cfg, vocab_size)), self.precision)
+        # Gradients accumulate and reduce in fp32 (DDP's main_grad) whatever the precision.
         self.model = wrap_ddp(model, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt))
         o = cfg.optimizer
+        half = self.precision != "fp32"
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
                 adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, use_distributed_optimizer=use_dist_opt,
+                # bf16/fp16: fp32 main parameters (and Adam state) stepped from the fp32 gradients,
+                # copied back to the half-precision model after each step.
+                bf16=self.precision == "bf16", fp16=self.precision == "fp16",
+                params_dtype=DTYPES[self.precision], main_params_dtype=torch.float32, main_grads_dtype=torch.float32,
+                loss_scale=o.loss_scale, initial_loss_scale=o.initial_loss_scale, min_loss_scale=o.min_loss_scale,
+                loss_scale_window=o.loss_scale_window, hysteresis=o.hysteresis,
             ),
             [self.model],
         )
+        if half:
+            # Megatron's schedules multiply each micro-batch loss by the optimizer's loss scale
+            # before backward (1 for bf16); the optimizer unscales and checks for overflow.
+            self.model.config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.loss = DistillationLoss(cfg.kd.loss_config())
         self.forward_step = make_forward_step(_next, self.loss, teacher)
@@ -57,7 +72,9 @@ class MegatronBackend:
             self.forward_step, iter(micro_batches), self.model, self.optimizer, len(micro_batches),
             self._shape["seq_length"], mbs,
         )
-        self.scheduler.step(increment=1)
+        if result.update_successful:
+            # As Megatron-LM: a step skipped for an fp16 overflow does not advance the schedule.
+            self.scheduler.step(increment=1)
         return result
 
     def eval_step(self, micro_batches: list[dict]) -> list[dict]:

@@ -100,14 +100,19 @@ type error):
    The legacy ``dp_zero_gather_scatter`` format and the memory-efficient (gloo) variant of
    ``fully_reshardable`` run through the same code but are untested.
 
+8. Half-precision students (``model.precision`` bf16/fp16): ``Float16OptimizerWithFloat16Params``
+   and ``DistributedOptimizer`` sort parameters by ``param.type()`` in ``__init__`` (wrapped like
+   site 5); ``optimizer/grad_scaler.py`` keeps fp16's loss scale and its factors on
+   ``device='cuda'`` (module ``torch`` -> proxy) and reloads the scale with ``.cuda(...)``
+   (``DynamicGradScaler.load_state_dict`` wrapped like site 4). Reached by tests/test_precision.py.
+
 With sites 1 and 5, ``DistributedDataParallel`` (``overlap_grad_reduce=False``, grads
 all-reduced or reduce-scattered on gloo) and ``get_megatron_optimizer`` (``FP32Optimizer`` or
 ``DistributedOptimizer`` over torch ``AdamW``, grad-norm clipping, ``log_num_zeros_in_grad``)
 train fp32 models on CPU/gloo: DP=2 and TP=2 match one rank and plain torch to ~1e-6.
 
-Not patched (not reached by a dense fp32 GPTModel with the local spec under TP/PP, DDP and the
-(distributed) optimizer): fp16/bf16 optimizers (``grad_scaler.py`` ``device='cuda'``,
-``Float16OptimizerWithFloat16Params``'s type checks), optimizer offload (``optimizer.py``
+Not patched (not reached by a dense GPTModel with the local spec under TP/PP, DDP and the
+(distributed) optimizer): optimizer offload (``optimizer.py``
 ``offload_to_cpu`` / ``.cuda()``, ``HybridDeviceOptimizer``), several distributed-optimizer
 instances (CUDA streams in ``param_and_grad_buffer.py`` and ``distributed_data_parallel.py``),
 ``nccl_ub``, ``tensor_parallel/utils.py`` 1-D split/gather buffers (recompute with
@@ -288,6 +293,8 @@ _PROXIED_MODULES = {
     "megatron.core.dist_checkpointing.exchange_utils": "exchange buffers on current_device()",
     # The distributed optimizer's checkpoint paths (site 7 of the module docstring).
     "megatron.core.optimizer.distrib_optimizer": "state gather / dummy load buffers on current_device()",
+    # Half-precision students (site 8 of the module docstring).
+    "megatron.core.optimizer.grad_scaler": "fp16 loss scale, growth/backoff factors on device='cuda'",
 }
 
 
@@ -438,5 +445,21 @@ def apply() -> None:
     method = DistributedOptimizer.get_parameter_state_dp_zero
     if not getattr(method, "_megadistill_cpu_patch", False):
         DistributedOptimizer.get_parameter_state_dp_zero = _with_tensor_cuda_as_identity(method)
+
+    # Site 8: half-precision (bf16/fp16) students. The optimizers sort parameters into 16-bit and
+    # fp32 ones by ``param.type()`` in their constructors (a CPU bf16 tensor is a
+    # "torch.BFloat16Tensor": Float16OptimizerWithFloat16Params raises TypeError, and the
+    # distributed optimizer would give its 16-bit parameters no ``main_param``); the fp16 grad
+    # scaler reloads its scale with ``.cuda(current_device())``.
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for klass in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        init = klass.__dict__["__init__"]
+        if not getattr(init, "_megadistill_cpu_patch", False):
+            klass.__init__ = _with_tensor_type_as_cuda(init)
+    method = DynamicGradScaler.load_state_dict
+    if not getattr(method, "_megadistill_cpu_patch", False):
+        DynamicGradScaler.load_state_dict = _with_tensor_cuda_as_identity(method)
 
     _applied = True

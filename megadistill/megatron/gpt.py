@@ -1,12 +1,22 @@
-"""The GPT builder: this rank's pipeline stage of a megatron-core ``GPTModel`` from a ``ModelConfig``."""
+"""The GPT builder: this rank's pipeline stage of a megatron-core ``GPTModel`` from a ``ModelConfig``.
+
+A ``ModelConfig``'s architecture keys map onto ``TransformerConfig`` / ``GPTModel`` arguments; the
+defaults build exactly the model of earlier megadistill versions (LayerNorm, GeLU, multi-head
+attention, tied embeddings, RoPE base 10000, biases, local spec on CPU), under the same parameter
+names and with the same initialisation, so their checkpoints still load.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``ModelConfig.precision`` -> the dtype of the model's weights and activations."""
 
 
 def device() -> torch.device:
@@ -14,32 +24,109 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_gpt(model_cfg, cfg, vocab_size: int) -> GPTModel:
-    """This rank's stage of a GPTModel (local spec, RoPE, tied embeddings) for ``model_cfg`` (a
-    ``ModelConfig``) in run ``cfg`` (its parallel layout and sequence length), on :func:`device`."""
-    config = TransformerConfig(
+def precision(model_cfg, cfg, cuda: bool | None = None) -> str:
+    """``model_cfg.precision``, or its role's default when null: fp32 for the student; for the
+    teacher (``model_cfg is cfg.teacher.model``) bf16 on a GPU and fp32 on CPU (a frozen teacher
+    needs no fp32 master weights; CPU bf16 matmuls are slow)."""
+    if model_cfg.precision is not None:
+        return model_cfg.precision
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    teacher = getattr(getattr(cfg, "teacher", None), "model", None)
+    return "bf16" if cuda and model_cfg is teacher else "fp32"
+
+
+def _transformer_engine_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_transformer_engine(model_cfg, key: str = "model") -> bool:
+    """Whether ``model_cfg.transformer_impl`` picks Transformer Engine's layer spec here: auto does
+    when TE is importable and a GPU is present; transformer_engine demands it (ValueError naming
+    ``key`` without it)."""
+    impl = model_cfg.transformer_impl
+    if impl == "local":
+        return False
+    available = _transformer_engine_importable() and torch.cuda.is_available()
+    if impl == "transformer_engine" and not available:
+        missing = "Transformer Engine is not installed" if not _transformer_engine_importable() else "no GPU is present"
+        raise ValueError(f"{key}.transformer_impl is transformer_engine but {missing}: set {key}.transformer_impl to auto or local")
+    return available
+
+
+def layer_spec(model_cfg, key: str = "model"):
+    """The transformer layer spec: Transformer Engine's (fused norms, flash attention) or the local one."""
+    if use_transformer_engine(model_cfg, key):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        # TE's fused layer-norm-linear modules read config.normalization themselves.
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+
+
+def transformer_config(model_cfg, cfg, dtype: torch.dtype) -> TransformerConfig:
+    """The megatron-core ``TransformerConfig`` of ``model_cfg`` in run ``cfg`` (parallel layout), in ``dtype``."""
+    swiglu = model_cfg.activation == "swiglu"
+    return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
         ffn_hidden_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
+        normalization=model_cfg.normalization,
+        layernorm_epsilon=model_cfg.layernorm_epsilon,
+        # SwiGLU = silu(gate) * up: megatron-core's gated linear unit over F.silu.
+        activation_func=F.silu if swiglu else F.gelu,
+        gated_linear_unit=swiglu,
+        add_bias_linear=model_cfg.add_bias_linear,
+        add_qkv_bias=model_cfg.add_qkv_bias,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         sequence_parallel=cfg.parallel.sequence_parallel,
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
+        # The dtype of stage-to-stage tensors and of the weights; fp16/bf16 flags make attention's
+        # softmax run in fp32 and tell megatron-core which half type the model holds.
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         hidden_dropout=model_cfg.hidden_dropout,
         attention_dropout=model_cfg.attention_dropout,
         init_method_std=model_cfg.init_method_std,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
+
+
+def build_gpt(model_cfg, cfg, vocab_size: int) -> GPTModel:
+    """This rank's stage of a GPTModel for ``model_cfg`` (a ``ModelConfig``: the student's
+    ``cfg.model`` or the teacher's ``cfg.teacher.model``) in run ``cfg`` (its parallel layout and
+    sequence length), in the model's :func:`precision`, on :func:`device`. ``vocab_size`` is the
+    padded vocabulary; its logits are ``[b, s, vocab_size / tp]`` on the last stage."""
+    key = "teacher.model" if model_cfg is getattr(getattr(cfg, "teacher", None), "model", None) else "model"
+    tp = cfg.parallel.tensor_model_parallel_size
+    multiple = model_cfg.make_vocab_size_divisible_by * tp
+    if vocab_size % multiple:
+        raise ValueError(
+            f"vocabulary size {vocab_size} is not a multiple of {key}.make_vocab_size_divisible_by x "
+            f"tensor-parallel size = {multiple}"
+        )
+    dtype = DTYPES[precision(model_cfg, cfg)]
+    config = transformer_config(model_cfg, cfg, dtype)
     model = GPTModel(
         config,
-        get_gpt_layer_local_spec(),
+        layer_spec(model_cfg, key),
         vocab_size=vocab_size,
-        max_sequence_length=cfg.data.seq_length,
+        max_sequence_length=model_cfg.max_position_embeddings or cfg.data.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=True,
+        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
+        rotary_percent=model_cfg.rotary_percent,
+        rotary_base=model_cfg.rotary_base,
     )
-    return model.to(device())
+    # Megatron-core allocates a few modules (the local spec's torch norms) in fp32 whatever
+    # params_dtype says; Float16Module would cast a student anyway, a teacher has no such wrapper.
+    return model.to(device=device(), dtype=dtype)

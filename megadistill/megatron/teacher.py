@@ -1,7 +1,9 @@
 """The frozen teacher: a megatron-core ``GPTModel`` on the student's TP/PP groups.
 
-The teacher has its own ``TransformerConfig`` (layers, hidden size, heads, FFN) but the student's
-vocabulary and parallel layout. It is frozen (``eval()``, no ``requires_grad``), runs under
+The teacher has its own ``TransformerConfig`` (layers, hidden size, heads, FFN, architecture
+options, precision) but the student's vocabulary and parallel layout. Its precision
+(``teacher.model.precision``) is its own: frozen, it needs no fp32 master weights, so it is built
+in bf16/fp16 directly and a checkpoint saved in another dtype is cast as it loads. It is frozen (``eval()``, no ``requires_grad``), runs under
 ``torch.no_grad()``, and is kept outside the student's module tree so that no optimizer, DDP
 wrapper or student checkpoint ever sees it. Its weights load from a megatron-core distributed
 checkpoint, resharded to the run's TP/PP by ``dist_checkpointing``.
@@ -91,4 +93,28 @@ def prepare_teacher(
         raise ValueError("teacher and student must use the same tensor-parallel size")
     if checkpoint_dir is not None:
         load_teacher_checkpoint(teacher, checkpoint_dir, prefix)
+    speak_stage_dtype(teacher, student.config.pipeline_dtype)
     return freeze(teacher)
+
+
+def speak_stage_dtype(teacher: GPTModel, stage_dtype: torch.dtype) -> None:
+    """Let a teacher whose precision differs from the student's share the student's stage tensors.
+
+    Between pipeline stages the teacher's hidden states ``[s, b, h_teacher]`` travel inside the
+    student's tensor, whose dtype is the student's ``pipeline_dtype`` (the schedule allocates its
+    receive buffers in it): the teacher's output is cast to it on a non-last stage, and what the
+    next stage receives is cast back to the teacher's own dtype before its first layer. No-op when
+    both dtypes agree or without pipeline parallelism.
+    """
+    own = teacher.config.params_dtype
+    if own == stage_dtype:
+        return
+    if not teacher.post_process:
+        teacher.register_forward_hook(lambda module, args, out: out.to(stage_dtype))
+    if not teacher.pre_process:
+
+        def to_own_dtype(block, args):
+            if block.input_tensor is not None:
+                block.input_tensor = block.input_tensor.to(own)
+
+        teacher.decoder.register_forward_pre_hook(to_own_dtype)

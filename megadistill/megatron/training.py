@@ -6,10 +6,32 @@ from typing import Callable, Iterator
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.module import Float16Module
 
 from megadistill.backend import StepResult
 from megadistill.megatron.model import DistillationModel
 from megadistill.megatron.schedule import forward_backward, reduce_reports
+
+
+class HalfPrecisionStudent(Float16Module):
+    """Megatron's ``Float16Module`` around a bf16/fp16 student (and its riding-along teacher).
+
+    It casts the registered modules -- the student alone: a ``DistillationModel`` hides its
+    teacher, which keeps its own precision -- and the first stage's float inputs to the half type.
+    Unlike Megatron's default it hands the last stage's logits on in that type: the
+    distillation loss reads them chunk by chunk in fp32 (``megadistill.losses``), so an fp32 copy
+    of the full ``[b, s, v/tp]`` student and teacher logits would only cost memory.
+    """
+
+    def forward(self, *inputs, fp32_output: bool = False, **kwargs):
+        return super().forward(*inputs, fp32_output=fp32_output, **kwargs)
+
+
+def wrap_half(model, precision: str):
+    """``model`` in a :class:`HalfPrecisionStudent` for precision bf16/fp16; unchanged for fp32."""
+    if precision == "fp32":
+        return model
+    return HalfPrecisionStudent(model.config, model)
 
 
 def wrap_ddp(model: DistillationModel, ddp_config: DistributedDataParallelConfig) -> DistributedDataParallel:
@@ -35,7 +57,8 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
 ) -> StepResult:
-    """Zero the gradients, run the 1F1B (or no-pipelining) schedule, step the optimizer."""
+    """Zero the gradients, run the 1F1B (or no-pipelining) schedule, step the optimizer (which
+    may skip the update on an fp16 overflow: ``update_successful`` False, no grad norm)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = forward_backward(
@@ -47,8 +70,9 @@ def train_step(
         micro_batch_size=micro_batch_size,
     )
     ok, grad_norm, _ = optimizer.step()
-    if not grad_norm:
+    if ok and not grad_norm:
         # Without clipping, megatron's optimizers skip the norm (None or 0): compute it for logging.
+        # A step skipped for an fp16 overflow has none (its gradients are not finite).
         grad_norm = optimizer.get_grad_norm()
     metrics = reduce_reports(reports) if parallel_state.is_pipeline_last_stage() else {}
     return StepResult(metrics, float(grad_norm) if grad_norm is not None else None, bool(ok))

@@ -3,23 +3,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 
 def _score(args) -> int:
     from megadistill import launch, preflight
-    from megadistill.config import ConfigError, load_config
+    from megadistill.config import load_config
 
     where = launch.resolve()
     # The full preflight would demand the score file this command is about to write.
     cfg = load_config(args.config, args.overrides, world_size=where.world_size, preflight=False)
-    if not cfg.data_selection.scores:
-        raise ConfigError("data_selection.scores is required: the directory to write the sequence scores to")
-    if not cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint is required: the small teacher that scores the data")
-    preflight._check_transformer_engine(cfg)
-    preflight._check_data_files(cfg)
-    preflight._check_teacher(replace(cfg, teacher=replace(cfg.teacher, mode="online")))
+    preflight.check_teacher_job(cfg, "data_selection.scores", "the sequence scores")
     launch.choose_backend()
     from megadistill.salt.score import score_data
 

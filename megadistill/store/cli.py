@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 
 def _precompute(args) -> int:
@@ -15,13 +14,7 @@ def _precompute(args) -> int:
     where = launch.resolve()
     # The full preflight would demand the store this command is about to write.
     cfg = load_config(args.config, args.overrides, world_size=where.world_size, preflight=False)
-    if not cfg.teacher.store:
-        raise ConfigError("teacher.store is required: the directory to write the logits store to")
-    if not cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint is required: the teacher whose logits are precomputed")
-    preflight._check_transformer_engine(cfg)
-    preflight._check_data_files(cfg)
-    preflight._check_teacher(replace(cfg, teacher=replace(cfg.teacher, mode="online")))
+    preflight.check_teacher_job(cfg, "teacher.store", "the logits store")
     launch.choose_backend()
     from megadistill.store.precompute import precompute
 

@@ -59,7 +59,7 @@ def test_agreeing_pass_through_keys_are_accepted():
         ({"zero_optimization": {"stage": 3}}, "deepspeed.config.zero_optimization.stage=3 contradicts deepspeed.zero_stage=2"),
         ({"optimizer": {"type": "Adam"}}, "deepspeed.config.optimizer is not allowed"),
         ({"scheduler": {"type": "WarmupLR"}}, "deepspeed.config.scheduler is not allowed: the learning-rate schedule is megadistill's"),
-        ({"bf16": {"enabled": True}}, "deepspeed.config.bf16.enabled=True: the DeepSpeed backend trains in fp32 only"),
+        ({"bf16": {"enabled": True}}, "deepspeed.config.bf16.enabled=True contradicts model.precision='fp32'"),
         ({"fp16": {"enabled": True}}, "deepspeed.config.fp16.enabled=True"),
         ({"zero_optimization": 2}, "deepspeed.config.zero_optimization must be a mapping"),
         # Keys that would silently change the backend's arithmetic.

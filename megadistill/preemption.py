@@ -1,0 +1,134 @@
+"""Graceful stops: a signal (SLURM's pre-timeout ``--signal``, ``scancel``, a preemption, torchrun
+passing on a SIGTERM) or a timer turns into "finish this step, save, stop" on every rank at once.
+
+The training loop calls :meth:`StopRequests.poll` once per step. A signal handler only records that
+a signal came (Python runs it between bytecodes, so a step in progress is never interrupted); the
+poll then all-reduces one small tensor, ``[signal number, save due]`` with MAX, so every rank takes
+the same decision at the same step even when the signal reached only some of them (``kill`` of one
+process, a launcher that forwards to its own children only). Ranks' clocks for
+``checkpoint.save_interval_minutes`` are merged the same way: a save is due when any rank says so.
+
+A second signal while the checkpoint is written is recorded and ignored: the save finishes (and
+were the process killed outright, the atomic commit keeps the previous complete checkpoint
+loadable). A run stopped this way exits with :data:`EXIT_STOPPED` (75, ``EX_TEMPFAIL``: "try again
+later"), which ``slurm/train.sbatch`` uses to requeue the job.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+EXIT_STOPPED = 75
+"""Exit status of ``megadistill train`` after a graceful stop (checkpoint saved, run unfinished)."""
+
+# Their default action cannot be replaced, or replacing it would break the terminal/debuggers.
+_UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
+_NOT_A_STOP = {"SIGINT", "SIGCHLD", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGPIPE", "SIGTRAP"}
+
+
+def parse_signals(names: Sequence[str], key: str = "checkpoint.stop_signals") -> list[signal.Signals]:
+    """Signal names (``SIGTERM``, ``TERM``, ``usr1``) as :class:`signal.Signals`; raises
+    ``ConfigError`` naming ``key`` for an unknown signal or one that cannot mean "stop"."""
+    from megadistill.config import ConfigError
+
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list of signal names, got {names!r}")
+    found = []
+    for raw in names:
+        name = str(raw).strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
+        if sig is None:
+            raise ConfigError(f"{key}: {raw!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+        if name in _UNCATCHABLE or name in _NOT_A_STOP:
+            raise ConfigError(f"{key}: {name} cannot be used to stop a run (it cannot be caught, or means a crash "
+                              "or an interactive interrupt); use e.g. SIGTERM, SIGUSR1, SIGUSR2")
+        if sig not in found:
+            found.append(sig)
+    return found
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What every rank does after a step (the same on all ranks)."""
+
+    signal: Optional[str] = None
+    """Name of the signal that asks to stop (the highest-numbered one any rank received), or None."""
+    timed: bool = False
+    """``save_interval_minutes`` have passed since the last save on some rank."""
+
+    @property
+    def save(self) -> bool:
+        """Save a checkpoint after this step."""
+        return self.signal is not None or self.timed
+
+
+class StopRequests:
+    """Signal handlers and the save timer of one run; see the module docstring.
+
+    ``install()`` replaces the handlers of ``signals`` (only possible in the main thread; elsewhere
+    the signals keep their default action, with a warning), ``uninstall()`` puts the previous ones
+    back. ``device`` is where the poll's tensor lives (the GPU under nccl). ``clock`` is injectable
+    for tests."""
+
+    def __init__(self, signals: Sequence[str], save_interval_minutes: float, device=None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.signals = parse_signals(signals)
+        self.interval_s = 60.0 * float(save_interval_minutes)
+        self.device = device
+        self.clock = clock
+        self.received: Optional[int] = None
+        """Number of the first stop signal this process received."""
+        self.ignored = 0
+        """Further signals received after the first (during the last steps or the save)."""
+        self._last_save = clock()
+        self._previous: dict = {}
+
+    def install(self) -> "StopRequests":
+        if threading.current_thread() is not threading.main_thread():
+            if self.signals:
+                print("megadistill: warning: not in the main thread, so checkpoint.stop_signals are not "
+                      "handled (a signal stops the run without a checkpoint)", file=sys.stderr)
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        # No I/O and no exception here: the handler may run inside the save, between any two bytecodes.
+        if self.received is None:
+            self.received = signum
+        else:
+            self.ignored += 1
+
+    def poll(self) -> Decision:
+        """Collective (every rank, once per step): whether to save and whether to stop."""
+        import torch
+        import torch.distributed as dist
+
+        timed = self.interval_s > 0 and self.clock() - self._last_save >= self.interval_s
+        flags = [self.received or 0, int(timed)]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor(flags, dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = [int(v) for v in t.tolist()]
+        return Decision(signal=signal.Signals(flags[0]).name if flags[0] else None, timed=bool(flags[1]))
+
+    def saved(self) -> None:
+        """A checkpoint was just committed: the timer starts again."""
+        self._last_save = self.clock()
+
+
+def install(checkpoint_cfg, device=None) -> StopRequests:
+    """:class:`StopRequests` for a run's ``checkpoint`` section, its handlers installed."""
+    return StopRequests(checkpoint_cfg.stop_signals, checkpoint_cfg.save_interval_minutes, device).install()

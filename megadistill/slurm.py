@@ -1,0 +1,283 @@
+"""``megadistill slurm render``: an ``sbatch`` script for one run, with the job geometry, signals,
+logs and rendezvous derived from the run file and the command line rather than edited by hand.
+
+What every rendered script does, and why:
+
+- one task per GPU (``--ntasks-per-node`` = ``--gpus-per-node``); with ``--gpus-per-node 0`` the
+  tasks are CPU processes and no GPU gres is asked for (a node without gres refuses any);
+- ``--signal=B:USR1@<seconds>``: SLURM signals the batch shell that long before the time limit;
+  the shell passes it to the tasks through srun, the driver finishes its step, saves and exits
+  with :data:`megadistill.preemption.EXIT_STOPPED`, and the shell requeues the job
+  (``--requeue``), which resumes from that checkpoint. ``scancel`` sends SIGTERM to the tasks:
+  the same graceful stop, without the requeue;
+- ``--open-mode=append`` and ``--output=<output_dir>/slurm/%x-%j.out``: a requeued job appends to
+  its own log, next to the run's checkpoints instead of the submit directory;
+- the launcher variables a submitting shell may have exported (``RANK``, ``WORLD_SIZE``,
+  ``MASTER_*``, torchrun's) are cleared; ``MASTER_ADDR`` is the job's first node, ``MASTER_PORT``
+  ``20000 + job id mod 10000``, so jobs sharing a node do not collide;
+- ``OMP_NUM_THREADS`` from ``--cpus-per-task``, NCCL's asynchronous error handling on.
+
+Relative paths (the run file, ``output_dir``) are taken relative to the directory ``sbatch`` is run
+from, as the driver takes them. The templates are ``train`` (``megadistill train``),
+``precompute`` (``megadistill precompute-logits``) and ``score`` (``megadistill score-data``); the
+latter two resume where they were killed, so their shell simply requeues the job on the signal.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megadistill.preemption import EXIT_STOPPED
+
+KINDS = {
+    "train": ("train", "train.sbatch"),
+    "precompute": ("precompute-logits", "precompute.sbatch"),
+    "score": ("score-data", "score.sbatch"),
+}
+"""Template name -> (megadistill subcommand, the checked-in example's file name)."""
+
+PORT_BASE, PORT_SPAN = 20000, 10000
+
+
+@dataclass(frozen=True)
+class Job:
+    """The job geometry and scheduling options of a rendered script."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: Optional[int] = None
+    """Tasks (ranks) per node; None = one per GPU (1 without GPUs)."""
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None
+    time: Optional[str] = None
+    account: Optional[str] = None
+    signal_seconds: int = 300
+    """Seconds before the time limit the USR1 comes: enough to finish a step and save."""
+    python: str = "python"
+    """The interpreter the tasks run (one with megadistill installed, on every node)."""
+
+    @property
+    def ntasks_per_node(self) -> int:
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+
+def check_job(job: Job) -> None:
+    """Raise ``ConfigError`` naming the option for an impossible geometry."""
+    from megadistill.config import ConfigError
+
+    for name in ("nodes", "signal_seconds"):
+        if getattr(job, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(job, name)}")
+    if job.gpus_per_node < 0:
+        raise ConfigError(f"--gpus-per-node must be >= 0, got {job.gpus_per_node}")
+    if job.tasks_per_node is not None and job.tasks_per_node < 1:
+        raise ConfigError(f"--tasks-per-node must be >= 1, got {job.tasks_per_node}")
+    if job.gpus_per_node and job.ntasks_per_node != job.gpus_per_node:
+        raise ConfigError(f"--tasks-per-node {job.ntasks_per_node} with --gpus-per-node {job.gpus_per_node}: "
+                          "the driver runs one task per GPU")
+    if job.cpus_per_task is not None and job.cpus_per_task < 1:
+        raise ConfigError(f"--cpus-per-task must be >= 1, got {job.cpus_per_task}")
+
+
+def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = (), command_line: str = "") -> str:
+    """The sbatch script (text) running ``megadistill <subcommand> config_path overrides`` as ``job``.
+
+    The run file is loaded and its layout checked against the job's world size first (``ConfigError``
+    naming the key otherwise), without the data preflight: the files may live on the cluster only.
+    ``command_line`` is quoted in the script's header (how to render it again)."""
+    from megadistill.config import ConfigError, load_config
+
+    if kind not in KINDS:
+        raise ConfigError(f"unknown template {kind!r}: one of {', '.join(KINDS)}")
+    check_job(job)
+    cfg = load_config(config_path, list(overrides), world_size=job.world_size, preflight=False)
+    sub = KINDS[kind][0]
+    log_dir = Path(cfg.output_dir) / "slurm"
+    q = shlex.quote
+    tasks, world = job.ntasks_per_node, job.world_size
+    lines = [
+        "#!/bin/bash",
+        f"# megadistill {sub} of run {cfg.name!r} ({config_path}) on SLURM: {job.nodes} node(s) x {tasks} task(s)"
+        f" = {world} rank(s), {'one GPU per task' if job.gpus_per_node else 'CPU tasks, no GPU'}.",
+        f"# Rendered by: {command_line or f'megadistill slurm render {config_path}'}",
+        "# Re-render after changing the run file or the job's size rather than editing the #SBATCH lines.",
+        "# Submit from the directory the run file's relative paths start from:",
+        f"#   sbatch {KINDS[kind][1]} [section.key=value ...]",
+        f"# Log: {log_dir}/<job name>-<job id>.out (appended to across requeues; the directory must exist:",
+        "# `megadistill slurm render` creates it).",
+        f"#SBATCH --job-name={cfg.name}-{kind}" if kind != "train" else f"#SBATCH --job-name={cfg.name}",
+        f"#SBATCH --nodes={job.nodes}",
+        f"#SBATCH --ntasks-per-node={tasks}",
+    ]
+    if job.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
+    if job.cpus_per_task is not None:
+        lines.append(f"#SBATCH --cpus-per-task={job.cpus_per_task}")
+    for name in ("partition", "time", "account"):
+        if getattr(job, name):
+            lines.append(f"#SBATCH --{name}={getattr(job, name)}")
+    lines += [
+        f"# USR1 to this shell {job.signal_seconds} s before the time limit (see the trap below).",
+        f"#SBATCH --signal=B:USR1@{job.signal_seconds}",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={log_dir}/%x-%j.out",
+        "set -uo pipefail",
+        "",
+        "# A RANK/WORLD_SIZE/MASTER_* exported in the submitting shell would reach every task: the job's",
+        "# own values come from SLURM (the driver reads SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID).",
+        "unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK TORCHELASTIC_RUN_ID MASTER_ADDR MASTER_PORT",
+        "# Rendezvous on the first node; the port from the job id, so that jobs sharing a node differ.",
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"export MASTER_PORT=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))",
+        'export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}',
+        "# A hung or failed collective raises instead of blocking until the time limit.",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}",
+        "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
+        "# On hosts with several network interfaces, name the one the nodes share, e.g.:",
+        "#   export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0",
+        'echo "megadistill: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
+        ' rendezvous $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
+        "",
+        f"srun --kill-on-bad-exit=1 {q(job.python)} -m megadistill {sub} {q(config_path)} "
+        + "".join(f"{q(o)} " for o in overrides) + '--no-progress "$@" &',
+        "pid=$!",
+    ]
+    if kind == "train":
+        lines += [
+            "# The time limit is near: the tasks finish their step, save and exit with "
+            f"{EXIT_STOPPED}; then the job is requeued.",
+            "# (scancel sends SIGTERM to the tasks themselves: the same stop, and no requeue.)",
+            "stop=",
+            'trap \'stop=USR1; echo "megadistill: SIGUSR1 (time limit near): stopping at the end of this step"; '
+            'kill -USR1 "$pid"\' USR1',
+            "trap 'kill -TERM \"$pid\"' TERM",
+        ]
+    else:
+        lines += [
+            f"# {sub} resumes where it was stopped: near the time limit, the job is simply requeued.",
+            "stop=",
+            "trap 'stop=USR1; kill -TERM \"$pid\"' USR1",
+            "trap 'kill -TERM \"$pid\"' TERM",
+        ]
+    lines += [
+        "# wait returns early when a trapped signal arrives; srun may still be running then.",
+        'while :; do wait "$pid"; status=$?; kill -0 "$pid" 2>/dev/null || break; done',
+        'echo "megadistill: srun exited with status $status, $(date -u +%FT%TZ)"',
+    ]
+    if kind == "train":
+        lines.append(f'if [ "$stop" = USR1 ] && [ "$status" -eq {EXIT_STOPPED} ]; then')
+    else:
+        lines.append('if [ "$stop" = USR1 ]; then')
+    lines += [
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(kind: str, config_path: str, job: Job, out: Optional[str] = None, *, overrides: Sequence[str] = (),
+          command_line: str = "", create_log_dir: bool = True) -> tuple[str, Path]:
+    """Render and write the script (default file: ``<output_dir>/slurm/<kind>.sbatch``); creates the
+    log directory (SLURM does not, and a job whose log cannot be opened fails without a trace).
+    Refuses to overwrite a file that is not a rendered script. Returns (text, path)."""
+    from megadistill.config import ConfigError, load_config
+
+    text = render(kind, config_path, job, overrides=overrides, command_line=command_line)
+    cfg = load_config(config_path, list(overrides), world_size=job.world_size, preflight=False)
+    log_dir = Path(cfg.output_dir) / "slurm"
+    path = Path(out) if out else log_dir / KINDS[kind][1]
+    if path.exists() and "megadistill slurm render" not in path.read_text(errors="replace"):
+        raise ConfigError(f"{path} exists and was not rendered by megadistill slurm render: not overwriting it")
+    if create_log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return text, path
+
+
+EXAMPLES = {
+    # file in slurm/ -> (template, run file, overrides, job): the checked-in examples, kept in sync by a
+    # test. The example run files are toy-sized: a smaller micro-batch gives every GPU a share.
+    "train.sbatch": ("train", "examples/pd_online.yaml", ("data.micro_batch_size=1",),
+                     Job(nodes=2, gpus_per_node=8, cpus_per_task=8, time="24:00:00")),
+    "precompute.sbatch": ("precompute", "examples/pd_offline.yaml", ("data.micro_batch_size=2",),
+                          Job(nodes=1, gpus_per_node=8, cpus_per_task=8, time="12:00:00")),
+    "score.sbatch": ("score", "examples/salt_ds.yaml", ("data.micro_batch_size=2",),
+                     Job(nodes=1, gpus_per_node=8, cpus_per_task=8, time="4:00:00")),
+}
+
+
+def example_command(name: str) -> str:
+    """The command line that renders the checked-in example ``slurm/<name>``."""
+    kind, config, overrides, job = EXAMPLES[name]
+    parts = ["megadistill", "slurm", "render", config, *overrides, "--kind", kind, "--nodes", str(job.nodes),
+             "--gpus-per-node", str(job.gpus_per_node)]
+    if job.cpus_per_task is not None:
+        parts += ["--cpus-per-task", str(job.cpus_per_task)]
+    if job.time:
+        parts += ["--time", job.time]
+    return " ".join(parts + ["-o", f"slurm/{name}"])
+
+
+def render_example(name: str) -> str:
+    """The text of the checked-in example ``slurm/<name>`` as the current code renders it (run from
+    the repository's root: the run files are given relative to it)."""
+    kind, config, overrides, job = EXAMPLES[name]
+    return render(kind, config, job, overrides=overrides, command_line=example_command(name))
+
+
+def add_commands(sub) -> None:
+    """Add ``slurm render`` to the ``megadistill`` subparsers ``sub``."""
+    s = sub.add_parser("slurm", help="SLURM job scripts for a run (slurm render RUN_YAML ...)")
+    ssub = s.add_subparsers(dest="slurm_command", required=True, metavar="render")
+    r = ssub.add_parser(
+        "render",
+        help="write an sbatch script for a run: one task per GPU, graceful stop before the time limit, requeue",
+        description=(
+            "Write an sbatch script for RUN_YAML (default file <output_dir>/slurm/<kind>.sbatch): one task per GPU, "
+            "SIGUSR1 before the time limit turned into a checkpoint and a requeue, the log appended to under "
+            "<output_dir>/slurm/, the rendezvous on the first node with a port from the job id, and inherited "
+            "RANK/WORLD_SIZE/MASTER_* cleared. The layout is checked against nodes x tasks per node first."
+        ),
+    )
+    r.add_argument("config", help="run YAML file (as the job will see it: relative to the submit directory)")
+    r.add_argument("overrides", nargs="*", help="dotted overrides baked into the script, e.g. parallel.tensor_model_parallel_size=8")
+    r.add_argument("--kind", choices=tuple(KINDS), default="train",
+                   help="train (default), precompute (precompute-logits) or score (score-data)")
+    r.add_argument("--nodes", type=int, required=True)
+    r.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node, one task each (0: CPU tasks, no gres)")
+    r.add_argument("--tasks-per-node", type=int, default=None, help="with --gpus-per-node 0: CPU tasks per node (default 1)")
+    r.add_argument("--cpus-per-task", type=int, default=None)
+    r.add_argument("--partition", default=None)
+    r.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    r.add_argument("--account", default=None)
+    r.add_argument("--signal-seconds", type=int, default=Job.signal_seconds,
+                   help=f"USR1 this long before the time limit (default {Job.signal_seconds})")
+    r.add_argument("--python", default="python", help="interpreter on the nodes (default: python on PATH)")
+    r.add_argument("-o", "--output", default=None, help="script file (default <output_dir>/slurm/<kind>.sbatch)")
+    r.set_defaults(fn=_render_command)
+
+
+def _render_command(args) -> int:
+    import sys
+
+    job = Job(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+              cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time, account=args.account,
+              signal_seconds=args.signal_seconds, python=args.python)
+    command = " ".join(["megadistill"] + [shlex.quote(a) for a in sys.argv[2:]]) if sys.argv[1:2] == ["slurm"] else ""
+    _, path = write(args.kind, args.config, job, args.output, overrides=args.overrides, command_line=command)
+    print(f"wrote {path}: {job.nodes} node(s) x {job.ntasks_per_node} task(s); submit with: sbatch {path}")
+    return 0

@@ -1,0 +1,279 @@
+"""``megadistill slurm render`` (the scripts, the checked-in examples in sync) and a real
+single-node SLURM cluster (Debian's slurmctld/slurmd/munge, private directories and ports):
+rendered jobs train on 2 ranks, two jobs share the node, ``scancel --signal=TERM`` stops a run
+with a checkpoint and a resubmission reproduces the uninterrupted run's losses exactly."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from megadistill.config import ConfigError
+from megadistill.preemption import EXIT_STOPPED
+from megadistill.slurm import EXAMPLES, Job, render, render_example, write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_preemption import STEPS, _checkpoints, _losses, assert_same_losses, corpus, tiny_run_yaml  # noqa: E402,F401
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _sbatch_options(text: str) -> dict:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", text, flags=re.M))
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_checked_in_examples_are_what_render_writes(name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the examples name their run files relative to the repository
+    assert (ROOT / "slurm" / name).read_text() == render_example(name), (
+        f"slurm/{name} is out of date: regenerate it with `{__import__('megadistill.slurm').slurm.example_command(name)}`"
+    )
+
+
+def test_render_derives_the_job_from_the_run(tmp_path, corpus):
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus)
+    text = render("train", str(cfg), Job(nodes=2, gpus_per_node=4, partition="gpu", time="1:00:00", account="kd",
+                                         cpus_per_task=6, signal_seconds=120), overrides=["data.micro_batch_size=1"])
+    assert f"-m megadistill train {cfg} data.micro_batch_size=1 --no-progress" in text
+    opts = _sbatch_options(text)
+    assert opts["nodes"] == "2" and opts["ntasks-per-node"] == "4" and opts["gpus-per-node"] == "4"
+    assert opts["cpus-per-task"] == "6" and opts["partition"] == "gpu" and opts["account"] == "kd"
+    assert opts["signal"] == "B:USR1@120" and "#SBATCH --requeue" in text and opts["open-mode"] == "append"
+    assert opts["output"] == f"{tmp_path / 'out'}/slurm/%x-%j.out"
+    assert "unset RANK WORLD_SIZE" in text and "SLURM_JOB_ID % 10000" in text
+    assert f'"$stop" = USR1 ] && [ "$status" -eq {EXIT_STOPPED} ]' in text
+    cpu = _sbatch_options(render("train", str(cfg), Job(nodes=1, gpus_per_node=0, tasks_per_node=2)))
+    assert "gpus-per-node" not in cpu and cpu["ntasks-per-node"] == "2"
+    for kind, sub in (("precompute", "precompute-logits"), ("score", "score-data")):
+        assert f"-m megadistill {sub} " in render(kind, str(cfg), Job(nodes=1, gpus_per_node=1))
+
+
+def test_render_refuses_a_layout_the_job_cannot_hold(tmp_path, corpus):
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus)
+    # global batch 8 / micro-batch 4: at most DP 2.
+    with pytest.raises(ConfigError, match="data.global_batch_size 8 is not divisible"):
+        render("train", str(cfg), Job(nodes=1, gpus_per_node=4))
+    with pytest.raises(ConfigError, match="--tasks-per-node 3 with --gpus-per-node 2"):
+        render("train", str(cfg), Job(nodes=1, gpus_per_node=2, tasks_per_node=3))
+
+
+def test_write_creates_the_log_directory_and_keeps_foreign_files(tmp_path, corpus):
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus)
+    _, path = write("train", str(cfg), Job(nodes=1, gpus_per_node=0, tasks_per_node=2))
+    assert path == tmp_path / "out" / "slurm" / "train.sbatch" and os.access(path, os.X_OK)
+    write("train", str(cfg), Job(nodes=1, gpus_per_node=0, tasks_per_node=2))  # its own file: re-rendered
+    mine = tmp_path / "mine.sbatch"
+    mine.write_text("#!/bin/bash\necho mine\n")
+    with pytest.raises(ConfigError, match="not overwriting"):
+        write("train", str(cfg), Job(nodes=1, gpus_per_node=0), out=str(mine))
+    assert mine.read_text() == "#!/bin/bash\necho mine\n"
+
+
+def test_the_cli_renders(tmp_path, corpus):
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus)
+    out = subprocess.run([sys.executable, "-m", "megadistill", "slurm", "render", str(cfg), "--nodes", "1",
+                          "--gpus-per-node", "0", "--tasks-per-node", "2", "-o", str(tmp_path / "j.sbatch")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "megadistill slurm render" in (tmp_path / "j.sbatch").read_text()
+
+
+# --------------------------------------------------------------------------- a real cluster
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stop_by_pid_file(pid_file: Path) -> None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + 15
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+class Cluster:
+    """A single-node SLURM cluster in ``root`` (see DESIGN.md, "SLURM, for real, on one machine")."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def start(self) -> None:
+        r = self.root
+        (r / "spool").mkdir()
+        (r / "state").mkdir()
+        key = r / "munge.key"
+        self._run(["mungekey", "--create", f"--keyfile={key}"])
+        key.chmod(0o600)
+        self._run(["munged", "--force", f"--socket={r / 'munge.sock'}", f"--key-file={key}",
+                   f"--pid-file={r / 'munged.pid'}", f"--log-file={r / 'munged.log'}", f"--seed-file={r / 'munge.seed'}"])
+        host = socket.gethostname()
+        node = self._run(["slurmd", "-C"]).stdout.splitlines()[0]
+        memory = int(re.search(r"RealMemory=(\d+)", node).group(1)) * 9 // 10
+        # The node's own topology line, less memory than it reports (more would drain the node).
+        node = re.sub(r"RealMemory=\d+", f"RealMemory={memory}", node)
+        node = re.sub(r"^NodeName=\S+", f"NodeName={host}", node)
+        ctld_port, slurmd_port = _free_ports(2)
+        self.conf.write_text("\n".join([
+            "ClusterName=megadistilltest", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
+            f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={r / 'munge.sock'}",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none", "MpiDefault=none", "ReturnToService=2",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory", "DefMemPerCPU=2000",
+            "MinJobAge=4", "KillWait=30", "SchedulerType=sched/builtin",
+            f"{node} NodeAddr=127.0.0.1 State=UNKNOWN",
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2",  # two 2-task jobs share the 2 cores
+            "",
+        ]))
+        self._run(["slurmctld", "-c", "-i", "-f", str(self.conf)])
+        self._run(["slurmd", "-f", str(self.conf), "-N", host])
+        deadline = time.time() + 40
+        while time.time() < deadline:
+            for daemon in ("slurmctld", "slurmd"):
+                if not self._running(daemon):
+                    raise RuntimeError(f"{daemon} exited: {self._tail(daemon + '.log')}")
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env).stdout.strip()
+            if state == "idle":
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the node did not become idle (sinfo: {state!r}); slurmd.log: {self._tail('slurmd.log')}; "
+                           f"slurmctld.log: {self._tail('slurmctld.log')}")
+
+    def stop(self) -> None:
+        for name in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
+            _stop_by_pid_file(self.root / name)
+
+    def _running(self, daemon: str) -> bool:
+        try:
+            return _alive(int((self.root / f"{daemon}.pid").read_text().strip()))
+        except (OSError, ValueError):
+            return True  # not yet written: still starting
+
+    def _tail(self, name: str) -> str:
+        try:
+            return " | ".join((self.root / name).read_text().splitlines()[-5:])
+        except OSError:
+            return "(none)"
+
+    def _run(self, cmd: list[str]) -> subprocess.CompletedProcess:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()}")
+        return out
+
+    def submit(self, script: Path, cwd: Path, env: dict) -> tuple[subprocess.Popen, int]:
+        """``sbatch --wait --parsable script``: the waiting process and the job id."""
+        proc = subprocess.Popen(["sbatch", "--wait", "--parsable", str(script)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=cwd, env={**self.env, **env})
+        line = proc.stdout.readline().strip()
+        if not line.split(";")[0].isdigit():
+            proc.wait()
+            raise AssertionError(f"sbatch failed: {line} {proc.stderr.read()}")
+        return proc, int(line.split(";")[0])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"SLURM/munge not installed ({', '.join(missing)} missing; apt-get install slurmctld slurmd slurm-client munge)")
+    if os.geteuid() != 0:
+        pytest.skip("a private SLURM cluster needs root (slurmd starts jobs as their user)")
+    # Short: munge's socket path must fit in a sockaddr_un.
+    root = Path(tempfile.mkdtemp(prefix="mdslurm-"))
+    c = Cluster(root)
+    try:
+        try:
+            c.start()
+        except (RuntimeError, subprocess.TimeoutExpired, AttributeError) as e:
+            pytest.skip(f"the SLURM daemons did not start here: {e}")
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _job_log(out: Path, job: int) -> str:
+    logs = list((out / "slurm").glob(f"*-{job}.out"))
+    return logs[0].read_text() if logs else "(no job log)"
+
+
+def test_rendered_jobs_train_share_the_node_and_resume_after_scancel(tmp_path, corpus, cluster):
+    job = Job(nodes=1, gpus_per_node=0, tasks_per_node=2, python=sys.executable)
+    runs = {}
+    for name in ("full", "stopped"):
+        cfg = tiny_run_yaml(tmp_path / f"{name}.yaml", tmp_path / name, corpus)
+        runs[name] = write("train", str(cfg), job)[1]
+    # Leftovers of a submitting shell that used to make both tasks rank 0 of 1 on port 29500.
+    env = {"OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    full, full_id = cluster.submit(runs["full"], tmp_path, env)
+    stopped, stopped_id = cluster.submit(runs["stopped"], tmp_path, env)  # both on the node at once
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and stopped.poll() is None and max(_losses(tmp_path / "stopped"), default=0) < 3:
+            time.sleep(0.05)
+        # As scancel --signal=TERM (or a preemption) does: SIGTERM to every task of the job's steps.
+        subprocess.run(["scancel", "--signal=TERM", str(stopped_id)], check=True, env=cluster.env)
+        assert stopped.wait(timeout=120) == EXIT_STOPPED, _job_log(tmp_path / "stopped", stopped_id)
+        assert full.wait(timeout=180) == 0, _job_log(tmp_path / "full", full_id)
+    finally:
+        for p, j in ((full, full_id), (stopped, stopped_id)):
+            if p.poll() is None:
+                subprocess.run(["scancel", str(j)], env=cluster.env)
+                p.wait(timeout=60)
+    full_log, stopped_log = _job_log(tmp_path / "full", full_id), _job_log(tmp_path / "stopped", stopped_id)
+    # Each job its own rendezvous port, and SLURM's ranks, not the inherited RANK/WORLD_SIZE.
+    ports = [re.search(r"rendezvous \S+:(\d+)", log).group(1) for log in (full_log, stopped_log)]
+    assert ports[0] != ports[1] and "29500" not in ports, ports
+    assert "full: 2 ranks = TP 1 x PP 1 x DP 2" in full_log, full_log
+    stopped_at = max(_losses(tmp_path / "stopped"))
+    assert 3 <= stopped_at < STEPS and _checkpoints(tmp_path / "stopped") == [stopped_at], stopped_log
+    assert f"stopped by SIGTERM at step {stopped_at}" in stopped_log, stopped_log
+
+    resumed, resumed_id = cluster.submit(runs["stopped"], tmp_path, env)
+    assert resumed.wait(timeout=180) == 0, _job_log(tmp_path / "stopped", resumed_id)
+    resumed_log = _job_log(tmp_path / "stopped", resumed_id)
+    assert f"stopped: resuming from step {stopped_at}" in resumed_log, resumed_log
+    assert_same_losses(_losses(tmp_path / "stopped"), _losses(tmp_path / "full"))
