@@ -73,7 +73,7 @@ def _teacher_forward_seconds(cfg, threads, kind="top_p_k", draws=12) -> tuple[np
     first; only the target selection on those forwards' logits, ``select_top_p_k`` or
     ``sample_rskd`` with its uniforms): the two costs the precompute loop adds up, apart. Each
     as (wall, CPU) seconds."""
-    from megadistill.config import CHECKPOINT_MODEL_PREFIX, padded_vocab_size
+    from megadistill.config import CHECKPOINT_MODEL_PREFIX, run_vocab_size
     from megadistill.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
@@ -84,7 +84,7 @@ def _teacher_forward_seconds(cfg, threads, kind="top_p_k", draws=12) -> tuple[np
     torch.set_num_threads(threads)
     init_distributed(cfg)
     tokenizer, train_ds, _, _ = prepare_data(cfg)
-    vocab = padded_vocab_size(tokenizer.vocab_size, 1)
+    vocab = run_vocab_size(cfg, tokenizer.vocab_size)
     teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab),
                                              resolve_teacher_checkpoint(cfg.teacher.checkpoint), CHECKPOINT_MODEL_PREFIX))
     n = cfg.training.train_steps * cfg.data.global_batch_size

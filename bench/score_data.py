@@ -60,7 +60,7 @@ def _loops(cfg, threads, repeats) -> dict:
     figure), the fastest of ``repeats`` alternations."""
     from megatron.core import parallel_state
 
-    from megadistill.config import CHECKPOINT_MODEL_PREFIX, padded_vocab_size
+    from megadistill.config import CHECKPOINT_MODEL_PREFIX, run_vocab_size
     from megadistill.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
@@ -71,7 +71,7 @@ def _loops(cfg, threads, repeats) -> dict:
     torch.set_num_threads(threads)
     init_distributed(cfg)
     tokenizer, train_ds, _, _ = prepare_data(cfg)
-    teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, padded_vocab_size(tokenizer.vocab_size, 1)),
+    teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, run_vocab_size(cfg, tokenizer.vocab_size)),
                                              resolve_teacher_checkpoint(cfg.teacher.checkpoint), CHECKPOINT_MODEL_PREFIX))
     group = parallel_state.get_tensor_model_parallel_group()
     n = cfg.training.train_steps * cfg.data.global_batch_size

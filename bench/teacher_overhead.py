@@ -5,7 +5,9 @@ teacher (KD) steps, side by side in one run, against the FLOP ideal ``1 + F_teac
 
 Both variants use the same DistillationModel, Megatron DDP and Adam; the student-only step sets the
 KD weight to 0, which skips the teacher entirely. Timing: median step time over ``--steps``
-interleaved steps after one warm-up step each. CPU, one process (TP=PP=DP=1), fp32.
+interleaved steps after one warm-up step each. CPU, one process (TP=PP=DP=1); one table in fp32
+and one in bf16 (``--precision``): the bf16 student in Megatron's Float16Module with fp32 main
+parameters in Megatron's optimizer, the frozen teacher cast to bf16.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megadistill.losses import KDLossConfig
 from megadistill.megatron import DistillationLoss, DistillationModel, KDStep, make_forward_step
-from megadistill.megatron.training import train_step, wrap_ddp
+from megadistill.megatron.training import train_step, wrap_ddp, wrap_half
 from megadistill.testing import run_distributed
 from megadistill.testing.models import tiny_gpt
 
@@ -37,14 +39,21 @@ def forward_flops_per_token(layers: int, hidden: int, heads: int, ffn: int | Non
     return layers * per_layer + 2 * hidden * VOCAB
 
 
-def _worker(steps: int, threads: int):
+def _worker(steps: int, threads: int, precision: str = "fp32"):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    student = tiny_gpt(**STUDENT, vocab=VOCAB, seq=SEQ, init_std=0.02)
-    teacher = tiny_gpt(**TEACHER, vocab=VOCAB, seq=SEQ, init_std=0.02)
-    model = DistillationModel(student, teacher)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    student = tiny_gpt(**STUDENT, vocab=VOCAB, seq=SEQ, init_std=0.02, dtype=dtype)
+    # tiny_gpt leaves the local spec's norms in fp32: cast the whole teacher, as build_gpt does.
+    teacher = tiny_gpt(**TEACHER, vocab=VOCAB, seq=SEQ, init_std=0.02, dtype=dtype).to(dtype)
+    half = precision != "fp32"
+    for m in (student, teacher):
+        m.config.bf16 = half  # Float16Module reads it (attention softmax flags stay as tiny_gpt built them)
+    model = wrap_half(DistillationModel(student, teacher), precision)
     ddp = wrap_ddp(model, DistributedDataParallelConfig(grad_reduce_in_fp32=True))
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0), [ddp])
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0, bf16=half, params_dtype=dtype), [ddp]
+    )
     loss = DistillationLoss(KDLossConfig(top_p=0.95, top_k=50, truncation="ghost"))
     forward_step = make_forward_step(lambda it: next(it), loss)
     g = torch.Generator().manual_seed(1)
@@ -85,15 +94,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     args = ap.parse_args()
-    times, params = run_distributed(_worker, 1, args.steps, args.threads)[0]
+    for precision in ("fp32", "bf16") if args.precision == "both" else (args.precision,):
+        report(args, precision, *run_distributed(_worker, 1, args.steps, args.threads, precision)[0])
+
+
+def report(args, precision: str, times: dict, params: dict) -> None:
     f_s = forward_flops_per_token(**STUDENT)
     f_t = forward_flops_per_token(**TEACHER)
     ideal = 1 + f_t / (3 * f_s)
     measured = times["student + teacher"] / times["student only"]
     tokens = MBS * SEQ * MICRO_BATCHES
     print(
-        f"CPU, {args.threads} threads, 1 process, fp32; {tokens} tokens/step (micro-batch {MBS} x seq {SEQ} x "
+        f"\n## {precision}\n\nCPU, {args.threads} threads, 1 process, {precision} (student and teacher); {tokens} tokens/step (micro-batch {MBS} x seq {SEQ} x "
         f"{MICRO_BATCHES}), vocab {VOCAB}; torch {torch.__version__}; median of {args.steps}\n"
     )
     print(f"student {STUDENT}: {params['student'] / 1e6:.2f} M params, {f_s / 1e6:.1f} MFLOP/token forward")

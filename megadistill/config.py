@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A GPT model (megatron-core ``GPTModel``, local spec, RoPE, tied embeddings)."""
+    """A GPT model (megatron-core ``GPTModel`` with RoPE): shape, architecture options and precision."""
 
     num_layers: int = 3
     """Transformer layers (divisible by the pipeline-parallel size)."""

@@ -27,7 +27,8 @@ srun step, the first host of ``SLURM_STEP_NODELIST`` (``SLURM_JOB_NODELIST`` as 
 expanded with ``scontrol show hostnames`` (injectable for tests), else ``127.0.0.1``. A loopback
 MASTER_ADDR inherited by a multi-node step cannot work and is replaced the same way.
 
-MASTER_PORT: the environment's if set. Otherwise a single-rank run takes a free port when it
+MASTER_PORT: the environment's if set (scripts from ``megadistill slurm render`` export
+``20000 + SLURM_JOB_ID mod 10000``). Otherwise a single-rank run takes a free port when it
 starts (:func:`apply`), so concurrent single-process runs on one machine do not clash; an srun step
 derives one from its job and step ids, ``20000 + (10 x SLURM_JOB_ID + SLURM_STEP_ID) mod 10000``,
 so that jobs sharing a node (and up to ten concurrent steps of one job) use different ports while

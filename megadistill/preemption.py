@@ -73,7 +73,7 @@ class StopRequests:
 
     ``install()`` replaces the handlers of ``signals`` (only possible in the main thread; elsewhere
     the signals keep their default action, with a warning), ``uninstall()`` puts the previous ones
-    back. ``device`` is where the poll's tensor lives (the GPU under nccl). ``clock`` is injectable
+    back, ``finish()`` ends the run (see there). ``device`` is where the poll's tensor lives (the GPU under nccl). ``clock`` is injectable
     for tests."""
 
     def __init__(self, signals: Sequence[str], save_interval_minutes: float, device=None,
@@ -103,6 +103,17 @@ class StopRequests:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def finish(self, stopped: bool) -> None:
+        """The loop is over: put the previous handlers back, or after a stop ignore the stop signals
+        from now on. srun ends a step's other tasks with SIGTERM as soon as one task exits, and a
+        Python handler would not protect them (the interpreter resets its handlers while it shuts
+        down, SIG_IGN it keeps): the checkpoint is saved, so the process exits with its own status."""
+        if not stopped:
+            self.uninstall()
+            return
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
         # No I/O and no exception here: the handler may run inside the save, between any two bytecodes.

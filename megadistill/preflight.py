@@ -279,8 +279,10 @@ def _checkpoint_architecture(meta: dict, p: str, model: ModelConfig) -> dict:
         found["untie_embeddings_and_output_weights"] = p + "output_layer.weight" in meta
         found["add_bias_linear"] = layers + "self_attention.linear_proj.bias" in meta
         found["add_qkv_bias"] = layers + "self_attention.linear_qkv.bias" in meta
-        # torch's LayerNorm has a bias, RMSNorm none (the local spec's norms; TE fuses them into linear_qkv).
-        norm = layers + "input_layernorm."
-        if norm + "weight" in meta:
-            found["normalization"] = "LayerNorm" if norm + "bias" in meta else "RMSNorm"
+        # LayerNorm has a bias, RMSNorm none. megatron-core saves the input norm under TE's fused
+        # name (linear_qkv.layer_norm_*) for the local spec too.
+        for norm in (layers + "self_attention.linear_qkv.layer_norm_", layers + "input_layernorm."):
+            if norm + "weight" in meta:
+                found["normalization"] = "LayerNorm" if norm + "bias" in meta else "RMSNorm"
+                break
     return found

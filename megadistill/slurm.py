@@ -277,7 +277,7 @@ def _render_command(args) -> int:
     job = Job(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
               cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time, account=args.account,
               signal_seconds=args.signal_seconds, python=args.python)
-    command = " ".join(["megadistill"] + [shlex.quote(a) for a in sys.argv[2:]]) if sys.argv[1:2] == ["slurm"] else ""
+    command = " ".join(["megadistill"] + [shlex.quote(a) for a in sys.argv[1:]]) if sys.argv[1:2] == ["slurm"] else ""
     _, path = write(args.kind, args.config, job, args.output, overrides=args.overrides, command_line=command)
     print(f"wrote {path}: {job.nodes} node(s) x {job.ntasks_per_node} task(s); submit with: sbatch {path}")
     return 0

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megadistill.config import ConfigError, RunConfig, padded_vocab_size
+from megadistill.config import ConfigError, RunConfig, run_vocab_size
 from megadistill.metrics import read_metrics  # noqa: F401  (part of the driver's API)
 
 
@@ -98,7 +98,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     tokenizer, train_ds, valid_ds, tokenizer_path = prepare_data(cfg)
-    vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
+    vocab = run_vocab_size(cfg, tokenizer.vocab_size)
     tokenizer_sha256 = file_sha256(tokenizer_path)
     knobs = KnobSchedule(cfg)
     where = resume.decide(cfg, ckpt_root, tokenizer_sha256, overwrite, needs_teacher=knobs.needs_teacher)
@@ -180,7 +180,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
             if logger is not None:
                 tqdm.write(f"{cfg.name}: stopped by {stop.signal} at step {done}, checkpoint {result.checkpoint}")
             break
-    stops.uninstall()
+    stops.finish(stopped=result.stopped_by is not None)
     bar.close()
     teacher.close()
     if logger is not None:

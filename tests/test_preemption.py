@@ -224,3 +224,17 @@ def test_save_interval_minutes_saves_on_a_timer(tmp_path, corpus):
     with open(tmp_path / "run.log", "w") as log:
         assert _launch(cfg, log).wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
     assert _checkpoints(out) == [1, 2, 3, 4]
+
+
+def test_after_a_stop_further_stop_signals_are_ignored_until_exit():
+    stops = StopRequests(["SIGUSR2"], save_interval_minutes=0).install()
+    try:
+        stops.finish(stopped=True)
+        # SIG_IGN, not a Python handler: the interpreter keeps it through its shutdown.
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR2)  # would end this process with the default action
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    finished = StopRequests(["SIGUSR2"], save_interval_minutes=0).install()
+    finished.finish(stopped=False)
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL

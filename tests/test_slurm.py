@@ -277,3 +277,30 @@ def test_rendered_jobs_train_share_the_node_and_resume_after_scancel(tmp_path, c
     resumed_log = _job_log(tmp_path / "stopped", resumed_id)
     assert f"stopped: resuming from step {stopped_at}" in resumed_log, resumed_log
     assert_same_losses(_losses(tmp_path / "stopped"), _losses(tmp_path / "full"))
+
+
+def test_the_time_limit_signal_stops_the_run_and_requeues_the_job(tmp_path, corpus, cluster):
+    # What --signal=B:USR1@<s> does before the time limit, sent now: USR1 to the batch shell only.
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "run", corpus)
+    script = write("train", str(cfg), Job(nodes=1, gpus_per_node=0, tasks_per_node=2, python=sys.executable))[1]
+    proc, job_id = cluster.submit(script, tmp_path, {"OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and max(_losses(tmp_path / "run"), default=0) < 3:
+            time.sleep(0.05)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], check=True, env=cluster.env)
+        deadline, shown = time.time() + 90, ""
+        while time.time() < deadline:
+            shown = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True,
+                                   env=cluster.env).stdout
+            if re.search(r"Restarts=[1-9]", shown):
+                break
+            time.sleep(0.3)
+        log = _job_log(tmp_path / "run", job_id)
+        assert re.search(r"Restarts=[1-9]", shown), (shown, log)  # requeued (it would start again after BeginTime)
+    finally:
+        subprocess.run(["scancel", str(job_id)], env=cluster.env)
+        proc.wait(timeout=60)
+    stopped_at = max(_losses(tmp_path / "run"))
+    assert 3 <= stopped_at < STEPS and _checkpoints(tmp_path / "run") == [stopped_at], log
+    assert f"stopped by SIGUSR1 at step {stopped_at}" in log and "srun exited with status 75" in log, log

@@ -149,7 +149,7 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
     from megatron.core import parallel_state
     from tqdm import tqdm
 
-    from megadistill.config import CHECKPOINT_MODEL_PREFIX, padded_vocab_size
+    from megadistill.config import CHECKPOINT_MODEL_PREFIX, run_vocab_size
     from megadistill.data_integrity import file_sha256
     from megadistill.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt, device
@@ -178,7 +178,7 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
     parts_size = -(-parts_size // mbs) * mbs
     init_distributed(cfg)
     tokenizer, train_ds, _, tok_path = prepare_data(cfg)
-    vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
+    vocab = run_vocab_size(cfg, tokenizer.vocab_size)
     ckpt = _on_rank0(lambda: resolve_teacher_checkpoint(cfg.teacher.checkpoint))
     out = Path(sel.scores)
     d = cfg.data

@@ -339,7 +339,7 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
     from tqdm import tqdm
 
     from megadistill import resume
-    from megadistill.config import CHECKPOINT_MODEL_PREFIX, padded_vocab_size
+    from megadistill.config import CHECKPOINT_MODEL_PREFIX, run_vocab_size
     from megadistill.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt, device
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
@@ -367,7 +367,7 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
                           f"parallel.pipeline_model_parallel_size {pp}: each pipeline stage holds an equal share of the teacher's layers")
     init_distributed(cfg)
     tokenizer, train_ds, _, tok_path = prepare_data(cfg)
-    vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
+    vocab = run_vocab_size(cfg, tokenizer.vocab_size)
     ckpt = _on_rank0(lambda: resolve_teacher_checkpoint(cfg.teacher.checkpoint))
     teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab), ckpt, CHECKPOINT_MODEL_PREFIX))
     store = Path(cfg.teacher.store)
