@@ -137,49 +137,53 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
             reports += backend.eval_step(micro_batches(valid_ds, eval_sampler.indices(e, dp_rank), d.micro_batch_size, dev))
         return reduce_reports(reports).get("lm loss", float("nan")) if backend.is_logging_rank() else float("nan")
 
-    for step in range(start, steps):
-        if step == knobs.teacher_released_at:
-            before = memory_mib()
-            teacher.release()
+    try:
+        for step in range(start, steps):
+            if step == knobs.teacher_released_at:
+                before = memory_mib()
+                teacher.release()
+                if logger is not None:
+                    tqdm.write(f"{cfg.name}: KD ended at step {step}; teacher released "
+                               f"(process memory {before:.0f} -> {memory_mib():.0f} MiB on this rank)")
+            k = knobs.at(step)
+            lr = backend.learning_rate()  # the rate this step uses
+            t0 = time.perf_counter()
+            batches = micro_batches(train_ds, sampler.indices(step, dp_rank), d.micro_batch_size, dev)
+            r = backend.train_step(batches, k)
+            stop_if_not_finite(step + 1, r, dev)
+            elapsed = time.perf_counter() - t0
+            metrics = dict(r.metrics)
+            metrics.update(alpha=k.alpha, temperature=k.temperature, lr=lr,
+                           tokens_per_s=d.global_batch_size * d.seq_length / elapsed, memory_mib=memory_mib())
+            if r.grad_norm is not None:
+                metrics["grad_norm"] = r.grad_norm
+            teacher_seconds = teacher.take_seconds()
+            if teacher_seconds is not None:
+                # Measured on this rank: the teacher's share of its step time.
+                metrics["teacher_time_fraction"] = teacher_seconds / elapsed
+            done = step + 1
+            if done % cfg.training.eval_interval == 0 or done == steps:
+                metrics["val_loss"] = result.val_losses[done] = validate()
             if logger is not None:
-                tqdm.write(f"{cfg.name}: KD ended at step {step}; teacher released "
-                           f"(process memory {before:.0f} -> {memory_mib():.0f} MiB on this rank)")
-        k = knobs.at(step)
-        lr = backend.learning_rate()  # the rate this step uses
-        t0 = time.perf_counter()
-        batches = micro_batches(train_ds, sampler.indices(step, dp_rank), d.micro_batch_size, dev)
-        r = backend.train_step(batches, k)
-        stop_if_not_finite(step + 1, r, dev)
-        elapsed = time.perf_counter() - t0
-        metrics = dict(r.metrics)
-        metrics.update(alpha=k.alpha, temperature=k.temperature, lr=lr,
-                       tokens_per_s=d.global_batch_size * d.seq_length / elapsed, memory_mib=memory_mib())
-        if r.grad_norm is not None:
-            metrics["grad_norm"] = r.grad_norm
-        teacher_seconds = teacher.take_seconds()
-        if teacher_seconds is not None:
-            # Measured on this rank: the teacher's share of its step time.
-            metrics["teacher_time_fraction"] = teacher_seconds / elapsed
-        done = step + 1
-        if done % cfg.training.eval_interval == 0 or done == steps:
-            metrics["val_loss"] = result.val_losses[done] = validate()
-        if logger is not None:
-            logger.log(done, metrics)
-            if done % cfg.training.log_interval == 0 or done == steps or "val_loss" in metrics:
-                tqdm.write(log_line(done, steps, metrics))
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics.get('total loss', float('nan')):.3f}", refresh=False)
-        result.last_metrics, result.steps = metrics, done
-        stop = stops.poll()  # collective: every rank saves and stops at the same step
-        if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == steps or stop.save:
-            path = commit(ckpt_root, done, lambda directory: backend.save(directory, done), marker)
-            result.checkpoint = str(path)
-            stops.saved()
-        if stop.signal is not None and done < steps:
-            result.stopped_by = stop.signal
-            if logger is not None:
-                tqdm.write(f"{cfg.name}: stopped by {stop.signal} at step {done}, checkpoint {result.checkpoint}")
-            break
+                logger.log(done, metrics)
+                if done % cfg.training.log_interval == 0 or done == steps or "val_loss" in metrics:
+                    tqdm.write(log_line(done, steps, metrics))
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics.get('total loss', float('nan')):.3f}", refresh=False)
+            result.last_metrics, result.steps = metrics, done
+            stop = stops.poll()  # collective: every rank saves and stops at the same step
+            if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == steps or stop.save:
+                path = commit(ckpt_root, done, lambda directory: backend.save(directory, done), marker)
+                result.checkpoint = str(path)
+                stops.saved()
+            if stop.signal is not None and done < steps:
+                result.stopped_by = stop.signal
+                if logger is not None:
+                    tqdm.write(f"{cfg.name}: stopped by {stop.signal} at step {done}, checkpoint {result.checkpoint}")
+                break
+    except BaseException:
+        stops.uninstall()  # a caller that goes on in this process gets its own handlers back
+        raise
     stops.finish(stopped=result.stopped_by is not None)
     bar.close()
     teacher.close()

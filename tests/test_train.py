@@ -300,11 +300,21 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, corpus):
     assert set(_losses(aside)) == {1, 2} and set(_losses(out)) == {1, 2, 3}
 
 
+def _run_or_error_keeping_handlers(cfg):
+    import signal
+
+    mine = lambda *_: None  # noqa: E731
+    signal.signal(signal.SIGTERM, mine)
+    msg = _run_or_error(cfg)
+    return msg, signal.getsignal(signal.SIGTERM) is mine
+
+
 def test_a_diverging_run_stops_before_checkpointing_nan_weights(tmp_path, corpus):
     cfg = _cfg(tmp_path / "nan", corpus, optimizer=OptimizerConfig(lr=1e30, min_lr=0.0, warmup_fraction=0.0, clip_grad=0.0),
                training=TrainingConfig(train_steps=6, eval_interval=6, eval_steps=1), checkpoint=CheckpointConfig(save_interval=1))
-    msg = run_distributed(_run_or_error, 1, cfg)[0]
+    msg, handlers = run_distributed(_run_or_error_keeping_handlers, 1, cfg)[0]
     assert msg.startswith("FloatingPointError: step") and "non-finite loss or gradient norm" in msg, msg
+    assert handlers  # the run's stop handlers did not outlive it: the caller's own are back
     bad = int(msg.split()[2].rstrip(":"))
     saved = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
     assert saved == [f"step_{s:08d}" for s in range(1, bad)], (bad, saved)  # nothing of the diverged step
