@@ -97,3 +97,18 @@ def reference_sparse(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.T
         kept[i, ids[i][valid[i]]] = True
     q, q_g = teacher_categories(p1, kept, cfg)
     return reference_loss(student, q, q_g, kept, cfg)
+
+
+def random_sparse_targets(seed: int, s: int, b: int, k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids[s, b, k], logprobs[s, b, k])``: the top-k ids of a random float64 teacher with their
+    log-probs, shuffled, about a fifth of the slots padded (id -1, log-prob 0; never the first)."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(s * b, vocab, generator=g, dtype=torch.float64) * 3.0
+    top = torch.topk(torch.log_softmax(teacher, -1), k, dim=-1)
+    perm = torch.argsort(torch.rand(s * b, k, generator=g), dim=-1)
+    ids, lp = top.indices.gather(-1, perm), top.values.gather(-1, perm)
+    pad = torch.rand(s * b, k, generator=g) < 0.2
+    pad[:, 0] = False
+    ids = torch.where(pad, torch.full_like(ids, -1), ids)
+    lp = torch.where(pad, torch.zeros_like(lp), lp)
+    return ids.reshape(s, b, k), lp.reshape(s, b, k)

@@ -14,6 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from kd_reference import random_sparse_targets
 from megadistill.kd.teacher import SparseLogits
 from megadistill.losses import (
     KDLossConfig,
@@ -94,20 +95,10 @@ def _inputs(seed: int, dtype=torch.float64):
 
 
 def _sparse(seed: int):
-    """Top-K ids of a random teacher with their τ = 1 log-probs, shuffled, some slots padded."""
-    g = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(S * B, V, generator=g, dtype=torch.float64) * 3.0
-    logp = torch.log_softmax(teacher, -1)
-    top = torch.topk(logp, K, dim=-1)
-    perm = torch.argsort(torch.rand(S * B, K, generator=g), dim=-1)
-    ids, lp = top.indices.gather(-1, perm), top.values.gather(-1, perm)
-    pad = torch.rand(S * B, K, generator=g) < 0.2
-    pad[:, 0] = False
-    ids = torch.where(pad, torch.full_like(ids, -1), ids)
-    lp = torch.where(pad, torch.zeros_like(lp), lp)
-    # A stored residual slightly off 1 - Σ p, as an fp16 store would give.
-    residual = (1.0 - lp.exp().masked_fill(pad, 0.0).sum(-1)) * 0.999
-    return SparseLogits(ids.reshape(S, B, K), lp.reshape(S, B, K), residual.reshape(S, B))
+    """Random top-K sparse targets with a stored residual slightly off 1 - Σ p, as an fp16 store gives."""
+    ids, lp = random_sparse_targets(seed, S, B, K, V)
+    residual = (1.0 - lp.exp().masked_fill(ids < 0, 0.0).sum(-1)) * 0.999
+    return SparseLogits(ids, lp, residual)
 
 
 def _lm_reference(student: torch.Tensor, labels: torch.Tensor):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from kd_reference import reference_dense, reference_sparse
+from kd_reference import random_sparse_targets, reference_dense, reference_sparse
 from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 from megadistill.testing import run_distributed
 
@@ -99,26 +99,11 @@ def _dense_worker(vocab: int = V, configs=None):
     return errors
 
 
-def _sparse_ids(seed: int, k: int, vocab: int = V):
-    """Top-k ids of a random teacher with their log-probs, shuffled, some slots padded with -1."""
-    g = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(S * B, vocab, generator=g, dtype=torch.float64) * 3.0
-    logp = torch.log_softmax(teacher, -1)
-    top = torch.topk(logp, k, dim=-1)
-    perm = torch.argsort(torch.rand(S * B, k, generator=g), dim=-1)
-    ids, lp = top.indices.gather(-1, perm), top.values.gather(-1, perm)
-    pad = torch.rand(S * B, k, generator=g) < 0.2
-    pad[:, 0] = False
-    ids = torch.where(pad, torch.full_like(ids, -1), ids)
-    lp = torch.where(pad, torch.zeros_like(lp), lp)
-    return ids.reshape(S, B, k), lp.reshape(S, B, k)
-
-
 def _sparse_worker():
     errors = []
     for i, cfg in enumerate(sparse_configs()):
         student, _, grad_out = _inputs(300 + i)
-        ids, lp = _sparse_ids(500 + i, k=7)
+        ids, lp = random_sparse_targets(500 + i, S, B, 7, V)
         le, ge, scale = _ours_vs_reference(
             lambda s: vocab_parallel_sparse_kd_loss(s, ids, lp, cfg),
             lambda s: reference_sparse(s, ids.reshape(-1, 7), lp.reshape(-1, 7), cfg),
