@@ -30,7 +30,7 @@ def _preprocess(args) -> int:
     from megadistill.data import preprocess
 
     r = preprocess(args.input or None, args.output_prefix, vocab_size=args.vocab_size,
-                   tokenizer_model=args.tokenizer_model, json_key=args.json_key)
+                   tokenizer_model=args.tokenizer_model, json_key=args.json_key, tokenizer_type=args.tokenizer_type)
     print(f"wrote {r.prefix}.bin/.idx: {r.num_documents} documents, {r.num_tokens} tokens; tokenizer {r.tokenizer_model}")
     return 0
 
@@ -119,7 +119,8 @@ def _config(args) -> int:
 def _demo(args) -> int:
     from megadistill.demo import run_demo
 
-    run_demo(args.output_dir, teacher_steps=args.teacher_steps, student_steps=args.student_steps)
+    out = args.output_dir or ("runs/demo-fast" if args.fast else "runs/demo")
+    run_demo(out, scale=args.scale, seeds=args.seeds, inputs=args.inputs, fast=args.fast, progress=not args.no_progress)
     return 0
 
 
@@ -156,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", nargs="*", help="text (.txt) or JSON-lines (.jsonl) files (default: the embedded corpus)")
     pr.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx and the tokenizer beside it")
     pr.add_argument("--vocab-size", type=int, default=2048)
-    pr.add_argument("--tokenizer-model", default=None, help="use this sentencepiece model instead of training one")
+    pr.add_argument("--tokenizer-model", default=None, help="use this sentencepiece model instead of training one "
+                    "(or with --tokenizer-type huggingface a tokenizer.json or Hugging Face tokenizer directory)")
+    pr.add_argument("--tokenizer-type", choices=("sentencepiece", "huggingface"), default="sentencepiece",
+                    help="how to read --tokenizer-model (default sentencepiece)")
     pr.add_argument("--json-key", default="text")
     pr.set_defaults(fn=_preprocess)
     dt = sub.add_parser("data", help="check preprocessed data (data verify PREFIX)")
@@ -172,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     v.add_argument("prefix", help="dataset prefix (the .bin/.idx file names without their suffix)")
-    v.add_argument("--tokenizer-model", default=None, help="check token ids against this sentencepiece model")
+    v.add_argument("--tokenizer-model", default=None,
+                   help="check token ids against this tokenizer (a sentencepiece .model; a .json file or a directory "
+                        "is read as a Hugging Face tokenizer)")
     v.set_defaults(fn=_data_verify)
     c = sub.add_parser(
         "config",
@@ -198,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--explain", action="store_true", help="describe every config key")
     c.add_argument("--markdown", action="store_true", help="with --explain: a markdown reference")
     c.set_defaults(fn=_config)
-    d = sub.add_parser("demo", help="teacher, KD student and baseline on the embedded corpus (CPU, minutes)")
-    d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--teacher-steps", type=int, default=320)
-    d.add_argument("--student-steps", type=int, default=300)
+    d = sub.add_parser("demo", help="both papers' comparisons on the embedded corpus, with a report (2 CPU cores, <= 20 min)")
+    d.add_argument("--output-dir", default=None, help="default runs/demo (runs/demo-fast with --fast)")
+    d.add_argument("--fast", action="store_true", help="a smoke version in a few minutes (tiny models, no meaningful numbers)")
+    d.add_argument("--seeds", type=_positive_int, default=1, metavar="N", help="repeat every main student run with N seeds")
+    d.add_argument("--inputs", nargs="+", default=None, metavar="FILE", help="your own .txt/.jsonl files instead of the embedded corpus")
+    d.add_argument("--scale", type=float, default=1.0, metavar="S", help="steps x S and hidden sizes x sqrt(S)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars (job logs)")
     d.set_defaults(fn=_demo)
     from megadistill.store.cli import _add_store_commands  # precompute-logits, store info|verify
 
@@ -212,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     from megadistill.slurm import add_commands as _add_slurm_commands  # slurm render
 
     _add_slurm_commands(sub)
+    from megadistill.hf.cli import add_commands as _add_hf_commands  # convert-hf
+
+    _add_hf_commands(sub)
+    from megadistill.plan import add_commands as _add_plan_commands  # plan (memory, FLOPs, store size)
+
+    _add_plan_commands(sub)
     return p
 
 
@@ -228,6 +243,8 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     # megatron-core's optimizer probes .grad of non-leaf tensors while it collects main grads.
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf", category=UserWarning)
+    # megatron-core's TransformerConfig re-validates its own default cuda_graph_scope when copied.
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,7 +187,9 @@ class DataConfig:
     data_prefix: Optional[str] = None
     """An existing Megatron indexed dataset (<prefix>.bin/.idx); skips preprocessing."""
     tokenizer_model: Optional[str] = None
-    """A sentencepiece .model (None = train one on the inputs)."""
+    """The tokenizer: a sentencepiece .model, or for tokenizer_type huggingface a tokenizer.json or a Hugging Face tokenizer directory holding one (None = train a sentencepiece model on the inputs)."""
+    tokenizer_type: str = "sentencepiece"
+    """How to read data.tokenizer_model: a sentencepiece model, or a Hugging Face fast tokenizer (tokenizer.json; e.g. a Hugging Face teacher's own, as megadistill convert-hf writes in teacher.yaml), whose eos_token ends every document."""
     vocab_size: int = 2048
     """Vocabulary size of a newly trained tokenizer."""
     seq_length: int = 128
@@ -198,6 +200,10 @@ class DataConfig:
     """Sequences per optimizer step over all ranks (a multiple of micro_batch_size x DP)."""
     split: str = "90,10,0"
     """Train/valid/test split of the documents, Megatron style."""
+    seed: Optional[int] = None
+    """Seed of the sample order (None = training.seed). Set it to vary the weights' seed (training.seed) while keeping the data order, e.g. seeds of students that read one logits store."""
+    train_samples: Optional[int] = None
+    """Build the training sample order for this many samples (None = train_steps x global_batch_size; Megatron shuffles over all epochs, so the order depends on it). Runs that set the same value read the same samples in the same order, e.g. a shorter student reading a longer run's logits store."""
 
 
 @dataclass
@@ -314,6 +320,7 @@ CHOICES = {
     "checkpoint.optimizer_sharding": ("dp_reshardable", "fully_reshardable"),
     "data_selection.select": ("top_fraction", "band"),
     "record_logits.kind": ("top_p_k", "rskd"),
+    "data.tokenizer_type": ("sentencepiece", "huggingface"),
 }
 
 
@@ -578,10 +585,19 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     parts = [float(x) for x in d.split.split(",")]
     if len(parts) != 3 or parts[0] <= 0 or parts[1] <= 0:
         raise ConfigError(f"data.split must be three weights 'train,valid,test' with train and valid > 0, got {d.split!r}")
+    if d.tokenizer_type == "huggingface" and d.tokenizer_model is None:
+        raise ConfigError("data.tokenizer_type huggingface needs data.tokenizer_model (a tokenizer.json or a Hugging Face "
+                          "tokenizer directory): only sentencepiece tokenizers are trained on the fly")
     if d.tokenizer_model is None and d.vocab_size < data_checks.MIN_VOCAB_SIZE:
         raise ConfigError(f"data.vocab_size must be >= {data_checks.MIN_VOCAB_SIZE} for a new tokenizer, got {d.vocab_size}")
     if d.data_prefix is not None and d.tokenizer_model is None:
         raise ConfigError("data.data_prefix needs data.tokenizer_model (the tokenizer the data was made with)")
+    if d.seed is not None and not 0 <= d.seed < 2**31:
+        raise ConfigError(f"data.seed must be in [0, 2**31), got {d.seed}")
+    if d.train_samples is not None and d.train_samples < cfg.training.train_steps * d.global_batch_size:
+        raise ConfigError(
+            f"data.train_samples {d.train_samples} is less than the {cfg.training.train_steps * d.global_batch_size} "
+            "samples the run trains on (training.train_steps x data.global_batch_size)")
 
     o = cfg.optimizer
     _positive(cfg, "optimizer", "lr")
@@ -747,6 +763,16 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron's padding: a multiple of ``divisible_by x tp``."""
     multiple = divisible_by * tp
     return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def data_seed(cfg: RunConfig) -> int:
+    """The seed of the run's sample order."""
+    return cfg.training.seed if cfg.data.seed is None else cfg.data.seed
+
+
+def train_dataset_samples(cfg: RunConfig) -> int:
+    """How many samples the training dataset (and so its sample order) is built for."""
+    return cfg.data.train_samples or cfg.training.train_steps * cfg.data.global_batch_size
 
 
 def run_vocab_size(cfg: RunConfig, tokenizer_vocab_size: int) -> int:

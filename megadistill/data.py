@@ -1,4 +1,4 @@
-"""Training data: a sentencepiece tokenizer and Megatron's indexed dataset (``.bin/.idx``).
+"""Training data: a sentencepiece (or Hugging Face) tokenizer and Megatron's indexed dataset (``.bin/.idx``).
 
     text files ──read_documents──► documents ──train_tokenizer──► <prefix>.model
                                        └────────preprocess────────► <prefix>.bin + <prefix>.idx
@@ -24,6 +24,11 @@ document of ``len(tokenize(text)) + 1`` tokens: its tokens, then the end-of-docu
 Beside the data, ``preprocess`` writes ``<prefix>.manifest.json``: the size and SHA-256 of the
 ``.bin``, ``.idx`` and ``.model``, and the recipe (the inputs' sizes and SHA-256, the tokenizer's
 SHA-256 or the vocabulary size to train). ``megadistill.data_integrity`` checks data against it.
+
+A given Hugging Face tokenizer (``tokenizer_type="huggingface"``, ``megadistill.hf.tokenizer``)
+works the same way: its ``tokenizer.json`` is copied to ``<prefix>.tokenizer.json`` instead of the
+``.model``, and the recipe also records the type and the end-of-document id. Such a tokenizer is
+lossless only if its own normaliser and pre-tokeniser are (byte-level BPE is).
 
 Every problem with the inputs, the settings or the data files is a ``DataError`` (a
 ``ValueError``) naming the file, and the line where there is one.
@@ -359,7 +364,7 @@ class PreprocessResult:
     prefix: Path
     """The dataset prefix: ``<prefix>.bin`` (tokens) and ``<prefix>.idx`` (Megatron's index)."""
     tokenizer_model: Path
-    """``<prefix>.model``, the tokenizer the data was written with."""
+    """``<prefix>.model`` (or ``<prefix>.tokenizer.json``), the tokenizer the data was written with."""
     num_documents: int
     num_tokens: int
     """All tokens in ``.bin``, one ``eod`` per document included."""
@@ -395,12 +400,15 @@ def _check_output_prefix(output_prefix: PathLike) -> Path:
 
 
 def corpus_recipe(
-    inputs: Optional[Sequence[PathLike]], json_key: str, vocab_size: int, tokenizer_sha256: Optional[str]
+    inputs: Optional[Sequence[PathLike]], json_key: str, vocab_size: int, tokenizer_sha256: Optional[str],
+    hf_eod: Optional[int] = None,
 ) -> dict:
     """What a corpus is made from, by content: preprocessing is deterministic, so equal recipes
     give equal files. The inputs' sizes and SHA-256, in order, streamed (for the embedded corpus
     the SHA-256 of its documents, which change with the Python version); the given tokenizer's
-    SHA-256, or else the vocabulary size and trainer settings; and the sentencepiece version."""
+    SHA-256, or else the vocabulary size and trainer settings; and the sentencepiece version.
+    ``hf_eod`` (a Hugging Face tokenizer's end-of-document id) adds the tokenizer type, that id and
+    the ``tokenizers`` version; sentencepiece recipes are unchanged by it."""
     if inputs is None:
         source = {"embedded_sha256": hashlib.sha256(json.dumps(_embedded_documents()).encode("utf-8")).hexdigest()}
     else:
@@ -408,6 +416,10 @@ def corpus_recipe(
     recipe = {"inputs": source, "json_key": None if inputs is None else json_key, "sentencepiece": spm.__version__}
     if tokenizer_sha256 is not None:
         recipe["tokenizer_sha256"] = tokenizer_sha256
+        if hf_eod is not None:
+            import tokenizers
+
+            recipe.update(tokenizer_type="huggingface", eod=hf_eod, tokenizers=tokenizers.__version__)
     else:
         trainer = json.dumps([_SP_TRAINER_OPTIONS, TOKENIZER_TRAINING_CHARS], sort_keys=True).encode("utf-8")
         recipe.update(vocab_size=vocab_size, trainer_sha256=hashlib.sha256(trainer).hexdigest())
@@ -421,12 +433,14 @@ def preprocess(
     tokenizer_model: Optional[PathLike] = None,
     json_key: str = "text",
     progress: bool = True,
+    tokenizer_type: str = "sentencepiece",
 ) -> PreprocessResult:
     """Tokenize documents into ``<output_prefix>.bin/.idx`` and put the tokenizer at ``<prefix>.model``.
 
     ``inputs`` are ``.txt``/``.jsonl`` files, or None for the embedded corpus. A new tokenizer of
     ``vocab_size`` pieces is trained on them unless ``tokenizer_model`` is given (then
-    ``vocab_size`` is unused and the model is copied to ``<prefix>.model``). Each document becomes one
+    ``vocab_size`` is unused and the model is copied to ``<prefix>.model``; a ``tokenizer_type``
+    ``"huggingface"`` tokenizer's ``tokenizer.json`` to ``<prefix>.tokenizer.json``). Each document becomes one
     Megatron document: its tokens followed by ``eod``. Deterministic. ``<prefix>.manifest.json``
     records the files' sizes and SHA-256 and the :func:`corpus_recipe` (the inputs are hashed
     before they are read, so an input edited meanwhile reads as changed next time).
@@ -447,16 +461,25 @@ def preprocess(
             return _iter_documents(files, json_key)
 
         total_bytes = sum(f.stat().st_size for f in files)
-    given = SentencePieceTokenizer(tokenizer_model) if tokenizer_model is not None else None
+    from megadistill.hf.tokenizer import HuggingFaceTokenizer, load_tokenizer
+
+    given = load_tokenizer(tokenizer_model, tokenizer_type) if tokenizer_model is not None else None
+    hf = isinstance(given, HuggingFaceTokenizer)
     if given is None:
         _check_vocab_size(vocab_size)  # before hashing the inputs, which may take minutes
     sources = None if inputs is None else [str(f) for f in files]
-    recipe = corpus_recipe(sources, json_key, vocab_size, None if given is None else given.sha256)
-    proto = given._proto if given is not None else _train_sentencepiece(documents(), vocab_size)
+    recipe = corpus_recipe(sources, json_key, vocab_size, None if given is None else given.sha256,
+                           hf_eod=given.eod if hf else None)
+    model_ext = HuggingFaceTokenizer.DATA_SUFFIX if hf else ".model"
     model_path, bin_path, idx_path, manifest_path = (
-        Path(f"{prefix}{ext}") for ext in (".model", ".bin", ".idx", data_integrity.MANIFEST_SUFFIX)
+        Path(f"{prefix}{ext}") for ext in (model_ext, ".bin", ".idx", data_integrity.MANIFEST_SUFFIX)
     )
-    tokenizer = SentencePieceTokenizer._from_proto(proto, model_path)
+    if hf:
+        proto = given._raw  # the tokenizer.json bytes
+        tokenizer = HuggingFaceTokenizer._from_bytes(proto, model_path, given.eod_token)
+    else:
+        proto = given._proto if given is not None else _train_sentencepiece(documents(), vocab_size)
+        tokenizer = SentencePieceTokenizer._from_proto(proto, model_path)
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with _staged(model_path, bin_path, idx_path, manifest_path) as (tmp_model, tmp_bin, tmp_idx, tmp_manifest):
@@ -478,7 +501,7 @@ def preprocess(
             builder.data_file.close()
         builder.finalize(str(tmp_idx))
         record = data_integrity.manifest(
-            {".bin": tmp_bin, ".idx": tmp_idx, ".model": tmp_model},
+            {".bin": tmp_bin, ".idx": tmp_idx, model_ext: tmp_model},
             num_documents=num_documents, num_tokens=num_tokens, vocab_size=tokenizer.vocab_size,
             dtype=builder.dtype.__name__, sources=sources, recipe=recipe,
         )
@@ -544,7 +567,8 @@ def build_gpt_datasets(
     split = _check_split(split)
 
     # The data must have been written with this tokenizer; only our own layout records which one.
-    sibling, sha = Path(prefix + ".model"), getattr(tokenizer, "sha256", None)
+    sibling = Path(prefix + getattr(tokenizer, "DATA_SUFFIX", ".model"))
+    sha = getattr(tokenizer, "sha256", None)
     if sha is not None and sibling.is_file() and hashlib.sha256(sibling.read_bytes()).hexdigest() != sha:
         raise DataError(
             f"{prefix}.bin was written with the tokenizer {sibling}, not with {tokenizer.model_path} "

@@ -319,7 +319,13 @@ class VerifyReport:
         return out
 
 
-def _vocab_size(model: Path) -> int:
+def _vocab_size(model: Path, tokenizer_type: Optional[str] = None) -> int:
+    if tokenizer_type is None:  # as megadistill.hf.tokenizer.guess_tokenizer_type, without its megatron import
+        tokenizer_type = "huggingface" if model.is_dir() or model.suffix == ".json" else "sentencepiece"
+    if tokenizer_type != "sentencepiece":
+        from megadistill.hf.tokenizer import tokenizer_vocab_size
+
+        return tokenizer_vocab_size(model, tokenizer_type)
     import sentencepiece as spm
 
     if not model.is_file():
@@ -330,19 +336,24 @@ def _vocab_size(model: Path) -> int:
         raise DataError(f"{model} is not a sentencepiece model ({err})") from err
 
 
-def verify(prefix: PathLike, tokenizer_model: Optional[PathLike] = None, hash_limit: Optional[int] = None) -> VerifyReport:
+def verify(prefix: PathLike, tokenizer_model: Optional[PathLike] = None, hash_limit: Optional[int] = None,
+           tokenizer_type: Optional[str] = None) -> VerifyReport:
     """Every check on ``prefix``: the full structure; the manifest, if any (sizes, and SHA-256 of
     files up to ``hash_limit`` bytes, all when None); token ids below the vocabulary of
-    ``tokenizer_model`` (default ``<prefix>.model`` if it exists) when the ``.bin`` is within the
-    limit. Raises ``DataError`` naming the file at the first problem."""
+    ``tokenizer_model`` (default ``<prefix>.model``, else ``<prefix>.tokenizer.json``, if it exists)
+    when the ``.bin`` is within the limit. ``tokenizer_type`` (sentencepiece, huggingface; None =
+    a directory or ``.json`` file is a Hugging Face tokenizer) says how to read it. Raises
+    ``DataError`` naming the file at the first problem."""
     summary = check_index(prefix, full=True)
     found = read_manifest(prefix)
     report = VerifyReport(str(prefix), summary, manifest=found is not None)
     if found is not None:
         report.hashed, report.unhashed = check_manifest(prefix, found, hash_limit)
     model = Path(tokenizer_model) if tokenizer_model is not None else Path(f"{prefix}.model")
+    if tokenizer_model is None and not model.is_file() and Path(f"{prefix}.tokenizer.json").is_file():
+        model = Path(f"{prefix}.tokenizer.json")  # written with a Hugging Face tokenizer
     if tokenizer_model is not None or model.is_file():
-        report.tokenizer, report.vocab_size = str(model), _vocab_size(model)
+        report.tokenizer, report.vocab_size = str(model), _vocab_size(model, tokenizer_type)
         if hash_limit is None or Path(f"{prefix}.bin").stat().st_size <= hash_limit:
             check_token_ids(prefix, summary, report.vocab_size, model)
             report.ids_checked = True

@@ -71,6 +71,38 @@ def log_line(step: int, total: int, m: dict) -> str:
     return " | ".join(parts)
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: from ``/proc``), or None where that is unknown.
+    A job's wall-clock includes the imports and the start-up before the training loop, which take
+    seconds of their own on a busy node."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, in clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def summary_line(name: str, reason: str, done: int, total: int, start: int, train_loss, val, wall_s: float,
+                 tokens: int, loop_s: float, checkpoint) -> str:
+    """The last line a run writes to its job log: how it ended (``reason``, e.g. ``finished (exit 0)``),
+    steps ``done`` of ``total`` (``start`` = the step this process resumed from), the last training
+    loss, the last validation loss ``val`` = ``(step, loss)`` or None, this process's wall-clock
+    ``wall_s`` (start-up included), its throughput (``tokens`` trained in ``loop_s`` seconds of the
+    training loop, evaluations and saves included) and the last checkpoint."""
+    parts = [f"{name}: run summary: {reason}", f"steps {done}/{total}" + (f" (resumed from {start})" if start else "")]
+    parts.append(f"loss {train_loss:.4f}" if train_loss is not None else "loss -")
+    parts.append(f"val {val[1]:.4f} at step {val[0]}" if val is not None else "val -")
+    parts.append(f"wall-clock {wall_s:.1f} s")
+    parts.append(f"{tokens / loop_s:,.0f} tok/s" if tokens and loop_s > 0 else "0 tok/s")
+    parts.append(f"checkpoint {checkpoint}" if checkpoint else "no checkpoint")
+    return " | ".join(parts)
+
+
 class MetricsLogger:
     """TensorBoard scalars every ``log_interval`` steps (and at evaluations) and every step in
     ``metrics.jsonl``, in ``out``; ``start`` is the step a resumed run continues from."""

@@ -97,9 +97,19 @@ def _check_data_files(cfg: RunConfig) -> None:
             quick_check(d.data_prefix)
         except DataError as e:
             raise ConfigError(f"data.data_prefix: {e}") from e
-    if d.tokenizer_model is not None:
+    if d.tokenizer_model is not None and d.tokenizer_type == "huggingface":
+        from megadistill.data_checks import DataError
+        from megadistill.hf.tokenizer import tokenizer_file
+
+        try:
+            tokenizer_file(d.tokenizer_model, d.tokenizer_type)
+        except (DataError, FileNotFoundError) as e:
+            raise ConfigError(f"data.tokenizer_model (data.tokenizer_type huggingface): {e}") from e
+    elif d.tokenizer_model is not None:
         if Path(d.tokenizer_model).is_dir():
-            raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} is a directory, not a sentencepiece .model file")
+            hint = (" (it holds a tokenizer.json: set data.tokenizer_type huggingface)"
+                    if (Path(d.tokenizer_model) / "tokenizer.json").is_file() else "")
+            raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} is a directory, not a sentencepiece .model file{hint}")
         if not Path(d.tokenizer_model).is_file():
             raise ConfigError(f"data.tokenizer_model: file {d.tokenizer_model} does not exist")
 
@@ -163,7 +173,6 @@ def _check_store(cfg: RunConfig) -> None:
         return
     if not cfg.teacher.store:
         raise ConfigError("teacher.store is required for teacher.mode=offline")
-    from megadistill.data_integrity import file_sha256
     from megadistill.store.format import StoreError
     from megadistill.store.reader import StoreReader, run_mismatches
 
@@ -173,7 +182,7 @@ def _check_store(cfg: RunConfig) -> None:
         raise ConfigError(f"teacher.store: {e}") from e
     tok = cfg.data.tokenizer_model
     vocab = run_vocab_size(cfg, tokenizer_vocab_size(cfg)) if tok else None
-    problems = run_mismatches(manifest, cfg, vocab, file_sha256(tok) if tok else None)
+    problems = run_mismatches(manifest, cfg, vocab, tokenizer_sha256(cfg) if tok else None)
     if problems:
         raise ConfigError(f"teacher.store {cfg.teacher.store} was not made for this run: " + "; ".join(problems))
 
@@ -210,13 +219,33 @@ def resolve_teacher_checkpoint(path: str) -> Path:
 
 
 def tokenizer_vocab_size(cfg: RunConfig) -> int:
-    """The student's vocabulary before padding: the given tokenizer's, or data.vocab_size for one
-    still to be trained."""
+    """The student's vocabulary before padding: the given tokenizer's (data.tokenizer_type), or
+    data.vocab_size for one still to be trained."""
+    if cfg.data.tokenizer_model is not None and cfg.data.tokenizer_type == "huggingface":
+        from megadistill.data_checks import DataError
+        from megadistill.hf.tokenizer import tokenizer_vocab_size as vocab_size
+
+        try:
+            return vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+        except (DataError, FileNotFoundError) as e:
+            raise ConfigError(f"data.tokenizer_model: {e}") from e
     if cfg.data.tokenizer_model is not None:
         import sentencepiece as spm
 
         return spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_model).vocab_size()
     return cfg.data.vocab_size
+
+
+def tokenizer_sha256(cfg: RunConfig) -> str:
+    """The given tokenizer's identity (``megadistill.hf.tokenizer.tokenizer_sha256``: the SHA-256
+    of its .model or tokenizer.json), as the run's checkpoints, stores and score files record it."""
+    from megadistill.data_integrity import file_sha256
+
+    if cfg.data.tokenizer_type == "huggingface":
+        from megadistill.hf.tokenizer import tokenizer_file
+
+        return file_sha256(tokenizer_file(cfg.data.tokenizer_model, "huggingface"))
+    return file_sha256(cfg.data.tokenizer_model)
 
 
 def check_teacher_shape(model: ModelConfig, ckpt: Path) -> None:

@@ -21,7 +21,7 @@ from megadistill.config import ConfigError, RunConfig, resolve_teacher_checkpoin
 RESUME_INVARIANTS = (
     "model", "teacher.mode", "teacher.model", "teacher.store", "parallel.use_distributed_optimizer", "kd",
     "data.inputs", "data.data_prefix", "data.vocab_size", "data.seq_length", "data.global_batch_size",
-    "data.split", "training.train_steps", "training.seed", "optimizer", "deepspeed", "record_logits",
+    "data.split", "data.seed", "data.train_samples", "training.train_steps", "training.seed", "optimizer", "deepspeed", "record_logits",
     "data_selection",
 )
 

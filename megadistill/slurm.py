@@ -15,7 +15,11 @@ What every rendered script does, and why:
 - the launcher variables a submitting shell may have exported (``RANK``, ``WORLD_SIZE``,
   ``MASTER_*``, torchrun's) are cleared; ``MASTER_ADDR`` is the job's first node, ``MASTER_PORT``
   ``20000 + job id mod 10000``, so jobs sharing a node do not collide;
-- ``OMP_NUM_THREADS`` from ``--cpus-per-task``, NCCL's asynchronous error handling on.
+- ``OMP_NUM_THREADS`` from ``--cpus-per-task``, NCCL's asynchronous error handling on;
+- ``precompute`` with ``--array N``: a job array of ``N`` tasks (``--array=0-(N-1)``, logs
+  ``%x-%A_%a.out``), each an ordinary job of the geometry above computing every ``N``-th shard of
+  the store (``precompute-logits`` reads its share from ``SLURM_ARRAY_TASK_ID``/``_COUNT``); the
+  task that completes the set writes the manifest.
 
 Relative paths (the run file, ``output_dir``) are taken relative to the directory ``sbatch`` is run
 from, as the driver takes them. The templates are ``train`` (``megadistill train``),
@@ -25,6 +29,7 @@ latter two resume where they were killed, so their shell simply requeues the job
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +63,8 @@ class Job:
     """Seconds before the time limit the USR1 comes: enough to finish a step and save."""
     python: str = "python"
     """The interpreter the tasks run (one with megadistill installed, on every node)."""
+    array: Optional[int] = None
+    """``precompute`` only: a job array of this many tasks, each computing its share of the shards."""
 
     @property
     def ntasks_per_node(self) -> int:
@@ -86,6 +93,8 @@ def check_job(job: Job) -> None:
                           "the driver runs one task per GPU")
     if job.cpus_per_task is not None and job.cpus_per_task < 1:
         raise ConfigError(f"--cpus-per-task must be >= 1, got {job.cpus_per_task}")
+    if job.array is not None and job.array < 1:
+        raise ConfigError(f"--array must be >= 1 (tasks in the job array), got {job.array}")
 
 
 def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = (), command_line: str = "") -> str:
@@ -99,9 +108,13 @@ def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = 
     if kind not in KINDS:
         raise ConfigError(f"unknown template {kind!r}: one of {', '.join(KINDS)}")
     check_job(job)
+    if job.array is not None and kind != "precompute":
+        raise ConfigError(f"--array is for --kind precompute (a job array over the store's shards), not {kind}")
     cfg = load_config(config_path, list(overrides), world_size=job.world_size, preflight=False)
     sub = KINDS[kind][0]
     log_dir = Path(cfg.output_dir) / "slurm"
+    # An array task's own job id (%j) differs from the array's (%A): name logs by array and task.
+    log_name = "%x-%A_%a.out" if job.array else "%x-%j.out"
     q = shlex.quote
     tasks, world = job.ntasks_per_node, job.world_size
     lines = [
@@ -112,7 +125,8 @@ def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = 
         "# Re-render after changing the run file or the job's size rather than editing the #SBATCH lines.",
         "# Submit from the directory the run file's relative paths start from:",
         f"#   sbatch {KINDS[kind][1]} [section.key=value ...]",
-        f"# Log: {log_dir}/<job name>-<job id>.out (appended to across requeues; the directory must exist:",
+        f"# Log: {log_dir}/<job name>-{'<array job id>_<task>' if job.array else '<job id>'}.out (appended to across "
+        "requeues; the directory must exist:",
         "# `megadistill slurm render` creates it).",
         f"#SBATCH --job-name={cfg.name}-{kind}" if kind != "train" else f"#SBATCH --job-name={cfg.name}",
         f"#SBATCH --nodes={job.nodes}",
@@ -125,12 +139,22 @@ def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = 
     for name in ("partition", "time", "account"):
         if getattr(job, name):
             lines.append(f"#SBATCH --{name}={getattr(job, name)}")
+    if job.array:
+        from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD
+
+        shards = -(-cfg.training.train_steps * cfg.data.global_batch_size // DEFAULT_SAMPLES_PER_SHARD)
+        lines += [
+            f"# A job array of {job.array} task(s): task t computes shards t, t+{job.array}, ... of the store's {shards} "
+            f"(at the default {DEFAULT_SAMPLES_PER_SHARD} samples",
+            "# per shard), dealt to its ranks one shard each; the task completing the set writes the manifest.",
+            f"#SBATCH --array=0-{job.array - 1}",
+        ]
     lines += [
         f"# USR1 to this shell {job.signal_seconds} s before the time limit (see the trap below).",
         f"#SBATCH --signal=B:USR1@{job.signal_seconds}",
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
-        f"#SBATCH --output={log_dir}/%x-%j.out",
+        f"#SBATCH --output={log_dir}/{log_name}",
         "set -uo pipefail",
         "",
         "# A RANK/WORLD_SIZE/MASTER_* exported in the submitting shell would reach every task: the job's",
@@ -203,8 +227,11 @@ def write(kind: str, config_path: str, job: Job, out: Optional[str] = None, *, o
     if create_log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
+    # Atomically: a job submitted meanwhile reads the old script or the new one, never half of one.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
     return text, path
 
 
@@ -213,8 +240,9 @@ EXAMPLES = {
     # test. The example run files are toy-sized: a smaller micro-batch gives every GPU a share.
     "train.sbatch": ("train", "examples/pd_online.yaml", ("data.micro_batch_size=1",),
                      Job(nodes=2, gpus_per_node=8, cpus_per_task=8, time="24:00:00")),
+    # One GPU per array task: a task deals its shards to its ranks, so a task of many GPUs wants many shards.
     "precompute.sbatch": ("precompute", "examples/pd_offline.yaml", ("data.micro_batch_size=2",),
-                          Job(nodes=1, gpus_per_node=8, cpus_per_task=8, time="12:00:00")),
+                          Job(nodes=1, gpus_per_node=1, cpus_per_task=8, time="12:00:00", array=5)),
     "score.sbatch": ("score", "examples/salt_ds.yaml", ("data.micro_batch_size=2",),
                      Job(nodes=1, gpus_per_node=8, cpus_per_task=8, time="4:00:00")),
 }
@@ -229,6 +257,8 @@ def example_command(name: str) -> str:
         parts += ["--cpus-per-task", str(job.cpus_per_task)]
     if job.time:
         parts += ["--time", job.time]
+    if job.array is not None:
+        parts += ["--array", str(job.array)]
     return " ".join(parts + ["-o", f"slurm/{name}"])
 
 
@@ -267,6 +297,8 @@ def add_commands(sub) -> None:
     r.add_argument("--signal-seconds", type=int, default=Job.signal_seconds,
                    help=f"USR1 this long before the time limit (default {Job.signal_seconds})")
     r.add_argument("--python", default="python", help="interpreter on the nodes (default: python on PATH)")
+    r.add_argument("--array", type=int, default=None, metavar="N",
+                   help="--kind precompute: a job array of N tasks, each computing every N-th shard of the store")
     r.add_argument("-o", "--output", default=None, help="script file (default <output_dir>/slurm/<kind>.sbatch)")
     r.set_defaults(fn=_render_command)
 
@@ -276,8 +308,9 @@ def _render_command(args) -> int:
 
     job = Job(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
               cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time, account=args.account,
-              signal_seconds=args.signal_seconds, python=args.python)
+              signal_seconds=args.signal_seconds, python=args.python, array=args.array)
     command = " ".join(["megadistill"] + [shlex.quote(a) for a in sys.argv[1:]]) if sys.argv[1:2] == ["slurm"] else ""
     _, path = write(args.kind, args.config, job, args.output, overrides=args.overrides, command_line=command)
-    print(f"wrote {path}: {job.nodes} node(s) x {job.ntasks_per_node} task(s); submit with: sbatch {path}")
+    tasks = f" per array task, {job.array} array task(s)" if job.array else ""
+    print(f"wrote {path}: {job.nodes} node(s) x {job.ntasks_per_node} task(s){tasks}; submit with: sbatch {path}")
     return 0

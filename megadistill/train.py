@@ -84,10 +84,11 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     from megadistill.kd.teacher import make_teacher_source
     from megadistill.megatron.gpt import device
     from megadistill.megatron.schedule import reduce_reports
-    from megadistill.metrics import MetricsLogger, log_line, memory_mib, stop_if_not_finite
+    from megadistill.metrics import MetricsLogger, log_line, memory_mib, process_seconds, stop_if_not_finite, summary_line
     from megadistill.salt.selection import sampler_for_run
     from megadistill.sampler import ContiguousSampler, micro_batches
 
+    began = time.perf_counter()  # the run summary's wall-clock where the process's age is unknown
     init_distributed(cfg)
     if dist.get_rank() == dist.get_world_size() - 1:
         p = cfg.parallel
@@ -137,6 +138,16 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
             reports += backend.eval_step(micro_batches(valid_ds, eval_sampler.indices(e, dp_rank), d.micro_batch_size, dev))
         return reduce_reports(reports).get("lm loss", float("nan")) if backend.is_logging_rank() else float("nan")
 
+    def summary(reason: str, history: dict) -> None:
+        """The run's last line in the job log (logging rank): how it ended, losses, speed, checkpoint."""
+        last = history.get(result.steps) or result.last_metrics
+        vals = sorted((s, m["val_loss"]) for s, m in history.items() if "val_loss" in m) or sorted(result.val_losses.items())
+        tokens = (result.steps - start) * d.global_batch_size * d.seq_length
+        tqdm.write(summary_line(cfg.name, reason, result.steps, steps, start, last.get("total loss"),
+                                vals[-1] if vals else None, process_seconds() or time.perf_counter() - began, tokens,
+                                time.perf_counter() - loop_began, result.checkpoint or where.checkpoint))
+
+    loop_began = time.perf_counter()
     try:
         for step in range(start, steps):
             if step == knobs.teacher_released_at:
@@ -181,8 +192,13 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
                 if logger is not None:
                     tqdm.write(f"{cfg.name}: stopped by {stop.signal} at step {done}, checkpoint {result.checkpoint}")
                 break
-    except BaseException:
+    except BaseException as e:
         stops.uninstall()  # a caller that goes on in this process gets its own handlers back
+        if logger is not None:
+            try:
+                summary(f"failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else '-'})", {})
+            except Exception:  # the summary must never take the place of the error being raised
+                pass
         raise
     stops.finish(stopped=result.stopped_by is not None)
     bar.close()
@@ -190,7 +206,12 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     if logger is not None:
         logger.close()
         # The whole run's history, including steps done before a resume.
-        result.val_losses = {s: m["val_loss"] for s, m in read_metrics(out).items() if "val_loss" in m}
+        history = read_metrics(out)
+        result.val_losses = {s: m["val_loss"] for s, m in history.items() if "val_loss" in m}
+        if result.stopped_by is not None:
+            summary(f"stopped by {result.stopped_by} (exit {preemption.EXIT_STOPPED}: resubmit to resume)", history)
+        else:
+            summary("finished (exit 0)" if result.steps == steps else "ended early (exit 1)", history)
     # Every rank reports the logging rank's numbers.
     shared = [result if logger is not None else None]
     dist.broadcast_object_list(shared, src=dist.get_world_size() - 1)

@@ -360,7 +360,8 @@ def test_run_mismatches_are_named(tmp_path, corpus, teacher_ckpt, scores1):
     base = _cfg(tmp_path / "run", corpus, teacher_ckpt, scores1)
     sampler_for_run(base, 1, phase1_steps=1)  # the scoring run itself passes
     cases = {
-        "training.seed is 7": replace(base, training=replace(base.training, seed=7)),
+        r"data.seed \(or training.seed\) is 7": replace(base, training=replace(base.training, seed=7)),
+        "data.train_samples is 64 but the data was scored with None": replace(base, data=replace(base.data, train_samples=64)),
         "data.seq_length is 16": replace(base, data=replace(base.data, seq_length=16)),
         r"trains on 40 samples .* but 32 were scored": replace(base, training=replace(base.training, train_steps=5)),
         "data_selection.top_k is 5": replace(base, data_selection=replace(base.data_selection, top_k=5)),

@@ -1,10 +1,12 @@
 """``megadistill slurm render`` (the scripts, the checked-in examples in sync) and a real
 single-node SLURM cluster (Debian's slurmctld/slurmd/munge, private directories and ports):
 rendered jobs train on 2 ranks, two jobs share the node, ``scancel --signal=TERM`` stops a run
-with a checkpoint and a resubmission reproduces the uninterrupted run's losses exactly."""
+with a checkpoint and a resubmission reproduces the uninterrupted run's losses exactly, a TP=2 job
+reproduces a 1-task TP=1 job's losses, and a precompute job array writes a store that verifies."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megadistill.config import ConfigError
 from megadistill.preemption import EXIT_STOPPED
@@ -59,6 +62,24 @@ def test_render_derives_the_job_from_the_run(tmp_path, corpus):
     assert "gpus-per-node" not in cpu and cpu["ntasks-per-node"] == "2"
     for kind, sub in (("precompute", "precompute-logits"), ("score", "score-data")):
         assert f"-m megadistill {sub} " in render(kind, str(cfg), Job(nodes=1, gpus_per_node=1))
+    array = _sbatch_options(render("precompute", str(cfg), Job(nodes=1, gpus_per_node=1, array=3)))
+    assert array["array"] == "0-2" and array["output"] == f"{tmp_path / 'out'}/slurm/%x-%A_%a.out"
+    assert "array" not in _sbatch_options(render("precompute", str(cfg), Job(nodes=1, gpus_per_node=1)))
+    with pytest.raises(ConfigError, match="--array is for --kind precompute"):
+        render("train", str(cfg), Job(nodes=1, gpus_per_node=1, array=2))
+    with pytest.raises(ConfigError, match="--array must be >= 1"):
+        render("precompute", str(cfg), Job(nodes=1, gpus_per_node=1, array=0))
+
+
+def test_the_summary_line_says_how_the_run_ended():
+    from megadistill.metrics import summary_line
+
+    line = summary_line("r", "stopped by SIGTERM (exit 75: resubmit to resume)", 9, 14, 4, 5.12345, (7, 5.5), 61.04,
+                        5 * 256, 2.0, "/o/checkpoints/step_00000009")
+    assert line == ("r: run summary: stopped by SIGTERM (exit 75: resubmit to resume) | steps 9/14 (resumed from 4) | "
+                    "loss 5.1235 | val 5.5000 at step 7 | wall-clock 61.0 s | 640 tok/s | checkpoint /o/checkpoints/step_00000009")
+    assert summary_line("r", "finished (exit 0)", 3, 3, 3, None, None, 1.0, 0, 0.0, None).endswith(
+        "loss - | val - | wall-clock 1.0 s | 0 tok/s | no checkpoint")
 
 
 def test_render_refuses_a_layout_the_job_cannot_hold(tmp_path, corpus):
@@ -203,9 +224,9 @@ class Cluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()}")
         return out
 
-    def submit(self, script: Path, cwd: Path, env: dict) -> tuple[subprocess.Popen, int]:
-        """``sbatch --wait --parsable script``: the waiting process and the job id."""
-        proc = subprocess.Popen(["sbatch", "--wait", "--parsable", str(script)], stdout=subprocess.PIPE,
+    def submit(self, script: Path, cwd: Path, env: dict, args: tuple = ()) -> tuple[subprocess.Popen, int]:
+        """``sbatch --wait --parsable script args``: the waiting process and the (array) job id."""
+        proc = subprocess.Popen(["sbatch", "--wait", "--parsable", str(script), *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, cwd=cwd, env={**self.env, **env})
         line = proc.stdout.readline().strip()
         if not line.split(";")[0].isdigit():
@@ -268,14 +289,18 @@ def test_rendered_jobs_train_share_the_node_and_resume_after_scancel(tmp_path, c
     ports = [re.search(r"rendezvous \S+:(\d+)", log).group(1) for log in (full_log, stopped_log)]
     assert ports[0] != ports[1] and "29500" not in ports, ports
     assert "full: 2 ranks = TP 1 x PP 1 x DP 2" in full_log, full_log
+    assert f"full: run summary: finished (exit 0) | steps {STEPS}/{STEPS} | loss " in full_log, full_log
+    assert f"| checkpoint {tmp_path / 'full' / 'checkpoints' / f'step_{STEPS:08d}'}" in full_log, full_log
     stopped_at = max(_losses(tmp_path / "stopped"))
     assert 3 <= stopped_at < STEPS and _checkpoints(tmp_path / "stopped") == [stopped_at], stopped_log
     assert f"stopped by SIGTERM at step {stopped_at}" in stopped_log, stopped_log
+    assert f"stopped: run summary: stopped by SIGTERM (exit {EXIT_STOPPED}: resubmit to resume) | steps {stopped_at}/{STEPS}" in stopped_log
 
     resumed, resumed_id = cluster.submit(runs["stopped"], tmp_path, env)
     assert resumed.wait(timeout=180) == 0, _job_log(tmp_path / "stopped", resumed_id)
     resumed_log = _job_log(tmp_path / "stopped", resumed_id)
     assert f"stopped: resuming from step {stopped_at}" in resumed_log, resumed_log
+    assert f"stopped: run summary: finished (exit 0) | steps {STEPS}/{STEPS} (resumed from {stopped_at})" in resumed_log
     assert_same_losses(_losses(tmp_path / "stopped"), _losses(tmp_path / "full"))
 
 
@@ -304,3 +329,74 @@ def test_the_time_limit_signal_stops_the_run_and_requeues_the_job(tmp_path, corp
     stopped_at = max(_losses(tmp_path / "run"))
     assert 3 <= stopped_at < STEPS and _checkpoints(tmp_path / "run") == [stopped_at], log
     assert f"stopped by SIGUSR1 at step {stopped_at}" in log and "srun exited with status 75" in log, log
+
+
+def _wait_all(jobs: dict, out_of: dict, cluster, timeout: float = 240) -> None:
+    """Wait for the ``sbatch --wait`` processes ``jobs`` (name -> (process, job id)); each must exit 0
+    (else the job's log, found in ``out_of[name]``, is shown). Cancels whatever is left on the way out."""
+    try:
+        for name, (proc, job_id) in jobs.items():
+            logs = lambda: [p.read_text() for p in sorted((out_of[name] / "slurm").glob(f"*-{job_id}*.out"))]  # noqa: E731
+            assert proc.wait(timeout=timeout) == 0, (name, proc.stderr.read(), logs())
+    finally:
+        _cancel(jobs, cluster)
+
+
+def _cancel(jobs: dict, cluster) -> None:
+    """``scancel`` the jobs still running, and wait for their ``sbatch --wait``."""
+    for proc, job_id in jobs.values():
+        if proc.poll() is None:
+            subprocess.run(["scancel", str(job_id)], env=cluster.env)
+            proc.wait(timeout=60)
+
+
+def test_a_tp2_job_reproduces_tp1_and_a_precompute_array_writes_a_verified_store(tmp_path, corpus, cluster):
+    from megadistill.store.inspect_store import verify  # what `megadistill store verify` runs
+
+    steps, env = 6, {"OMP_NUM_THREADS": "1"}
+    cpu = dict(nodes=1, gpus_per_node=0, python=sys.executable)
+    # A checkpoint every 2 steps: the precompute below starts from TP=1's step 2 while both runs go on.
+    cfgs = {n: tiny_run_yaml(tmp_path / f"{n}.yaml", tmp_path / n, corpus, steps=steps, save_interval=2) for n in ("tp1", "tp2")}
+    jobs = {"tp1": cluster.submit(write("train", str(cfgs["tp1"]), Job(tasks_per_node=1, **cpu))[1], tmp_path, env),
+            "tp2": cluster.submit(write("train", str(cfgs["tp2"]), Job(tasks_per_node=2, **cpu),
+                                        overrides=["parallel.tensor_model_parallel_size=2"])[1], tmp_path, env)}
+    outs = {"tp1": tmp_path / "tp1", "tp2": tmp_path / "tp2", "pre": tmp_path / "pre"}
+    try:
+        teacher = tmp_path / "tp1" / "checkpoints" / "step_00000002"
+        deadline = time.time() + 180
+        while time.time() < deadline and jobs["tp1"][0].poll() is None and not (teacher / "COMPLETE").is_file():
+            time.sleep(0.1)
+        assert (teacher / "COMPLETE").is_file(), _job_log(outs["tp1"], jobs["tp1"][1])
+        # That checkpoint as a teacher: 2 steps x 8 samples in 4 shards of 4, over a job array of 2
+        # one-rank tasks (2 shards each).
+        pre = yaml.safe_load(tiny_run_yaml(tmp_path / "pre.yaml", outs["pre"], corpus, steps=2).read_text())
+        pre["teacher"] = {**pre["teacher"], "mode": "offline", "model": pre["model"], "checkpoint": str(teacher),
+                          "store": str(tmp_path / "store")}
+        pre["kd"] = {**pre["kd"], "top_p": 0.9, "top_k": 8}
+        (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+        array = write("precompute", str(tmp_path / "pre.yaml"), Job(tasks_per_node=1, array=2, **cpu))[1]
+        jobs["pre"] = cluster.submit(array, tmp_path, env, args=("--samples-per-shard", "4"))
+    except BaseException:
+        _cancel(jobs, cluster)
+        raise
+    _wait_all(jobs, outs, cluster)
+
+    tp2_log = _job_log(outs["tp2"], jobs["tp2"][1])
+    assert "tp2: 2 ranks = TP 2 x PP 1 x DP 1" in tp2_log and "tp2: run summary: finished (exit 0)" in tp2_log, tp2_log
+    # TP splits the matmuls and reduces partial sums: the same run up to rounding (seen here: ~3e-7).
+    ref, got = _losses(outs["tp1"]), _losses(outs["tp2"])
+    assert set(got) == set(ref) == set(range(1, steps + 1))
+    for step in ref:
+        for key in ("total loss", "lm loss", "grad_norm") + (("val_loss",) if step == steps else ()):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key, got[step][key], ref[step][key])
+
+    logs = sorted((outs["pre"] / "slurm").glob(f"*-{jobs['pre'][1]}_*.out"))
+    assert len(logs) == 2, logs
+    # Each task did its share; the one that found the set complete wrote the manifest (both, if together).
+    texts = [p.read_text() for p in logs]
+    assert all("incomplete until the other tasks finish" in t or f"wrote {tmp_path / 'store'}:" in t for t in texts), texts
+    assert any(f"wrote {tmp_path / 'store'}: 16 samples, 4 shards" in t for t in texts), texts
+    assert verify(tmp_path / "store")  # raises on a missing, damaged or mislabelled shard
+    assert [e["file"] for e in json.loads((tmp_path / "store" / "manifest.json").read_text())["shards"]] == \
+        [f"shard-{i:06d}.bin" for i in range(4)]
+    assert not (tmp_path / "store" / "precompute.json").exists()

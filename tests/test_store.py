@@ -211,6 +211,39 @@ def test_killed_precompute_resumes_to_identical_files(tmp_path, corpus, teacher_
         run_distributed(_precompute, 1, other, logprob_dtype="fp32")
 
 
+def test_array_tasks_write_the_single_job_bytes(tmp_path, corpus, teacher_ckpt, store32):
+    # A job array of 3 tasks over the 4 shards (task 0 takes shards 0 and 3), run out of order and
+    # one after another: no manifest until the set is complete, then exactly the single job's files.
+    store = tmp_path / "store"
+    cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, store)
+    assert run_distributed(_precompute, 1, cfg, logprob_dtype="fp32", shard_task=2, shard_tasks=3) == [None]
+    assert set(_files(store)) == {"precompute.json", fmt.shard_name(2)}
+    # A task on 2 data-parallel ranks: its two shards, one each.
+    assert run_distributed(_precompute, 2, cfg, logprob_dtype="fp32", shard_task=0, shard_tasks=3) == [None, None]
+    assert set(_files(store)) == {"precompute.json"} | {fmt.shard_name(i) for i in (0, 2, 3)}
+    manifest = run_distributed(_precompute, 1, cfg, logprob_dtype="fp32", shard_task=1, shard_tasks=3)[0]
+    assert manifest == StoreReader(store32).manifest
+    assert _files(store) == _files(store32)
+    # A task run again on the finished store (a requeue, say) changes nothing and leaves no plan behind.
+    assert run_distributed(_precompute, 1, cfg, logprob_dtype="fp32", shard_task=0, shard_tasks=3)[0] == manifest
+    assert _files(store) == _files(store32)
+    with pytest.raises(Exception, match="shard task 3 of 3"):
+        run_distributed(_precompute, 1, cfg, logprob_dtype="fp32", shard_task=3, shard_tasks=3)
+
+
+def test_array_task_from_slurm_variables():
+    from megadistill.config import ConfigError
+    from megadistill.store.precompute import shard_task_from_env, task_shards
+
+    assert shard_task_from_env({}) == (0, 1)
+    env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert shard_task_from_env(env) == (1, 4)
+    with pytest.raises(ConfigError, match="not 3 consecutive ids"):
+        shard_task_from_env({**env, "SLURM_ARRAY_TASK_MAX": "8", "SLURM_ARRAY_TASK_COUNT": "3"})  # --array=4-8:2
+    assert task_shards(10, 1, 4) == [1, 5, 9] and task_shards(2, 3, 4) == []
+    assert sorted(sum((task_shards(10, t, 4) for t in range(4)), [])) == list(range(10))
+
+
 @pytest.fixture(scope="module")
 def online_metrics(tmp_path_factory, corpus, teacher_ckpt):
     """Per-step metrics of online KD with the stores' truncation (the reference for offline runs)."""

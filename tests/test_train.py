@@ -309,7 +309,7 @@ def _run_or_error_keeping_handlers(cfg):
     return msg, signal.getsignal(signal.SIGTERM) is mine
 
 
-def test_a_diverging_run_stops_before_checkpointing_nan_weights(tmp_path, corpus):
+def test_a_diverging_run_stops_before_checkpointing_nan_weights(tmp_path, corpus, capfd):
     cfg = _cfg(tmp_path / "nan", corpus, optimizer=OptimizerConfig(lr=1e30, min_lr=0.0, warmup_fraction=0.0, clip_grad=0.0),
                training=TrainingConfig(train_steps=6, eval_interval=6, eval_steps=1), checkpoint=CheckpointConfig(save_interval=1))
     msg, handlers = run_distributed(_run_or_error_keeping_handlers, 1, cfg)[0]
@@ -319,6 +319,10 @@ def test_a_diverging_run_stops_before_checkpointing_nan_weights(tmp_path, corpus
     saved = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
     assert saved == [f"step_{s:08d}" for s in range(1, bad)], (bad, saved)  # nothing of the diverged step
     assert max(_losses(tmp_path / "nan"), default=0) == bad - 1
+    # The job log's last line says how the run ended (the forked rank writes to this process's stdout).
+    summary = [line for line in capfd.readouterr().out.splitlines() if "run summary" in line]
+    assert summary and summary[-1].startswith(f"nan: run summary: failed (FloatingPointError: step {bad}:"), summary
+    assert f"steps {bad - 1}/6" in summary[-1] and f"checkpoint {tmp_path / 'nan' / 'checkpoints' / f'step_{bad - 1:08d}'}" in summary[-1]
 
 
 def test_overwrite_starts_afresh_even_with_resume_auto(tmp_path, corpus):

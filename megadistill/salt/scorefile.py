@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from megadistill.config import ConfigError
+from megadistill.config import ConfigError, data_seed
 from megadistill.store.format import bytes_sha256, dump_json, load_json, sample_hash  # noqa: F401 (sample_hash re-exported)
 from megadistill.store.writer import write_atomic
 
@@ -62,7 +62,12 @@ def data_prefix(cfg) -> Path:
 
 
 def tokenizer_path(cfg) -> Path:
-    """The tokenizer run ``cfg`` trains with (as ``prepare_data`` resolves it)."""
+    """The tokenizer file run ``cfg`` trains with (as ``prepare_data`` resolves it: a Hugging Face
+    tokenizer directory's tokenizer.json), whose sha256 is the tokenizer's identity."""
+    if cfg.data.tokenizer_model and getattr(cfg.data, "tokenizer_type", "sentencepiece") == "huggingface":
+        from megadistill.hf.tokenizer import tokenizer_file
+
+        return tokenizer_file(cfg.data.tokenizer_model, "huggingface")
     return Path(cfg.data.tokenizer_model) if cfg.data.tokenizer_model else Path(str(data_prefix(cfg)) + ".model")
 
 
@@ -82,8 +87,10 @@ def dataset_identity(cfg, train_ds=None) -> dict:
         "data_prefix": str(Path(d.data_prefix).resolve()) if d.data_prefix else None,
         "inputs": list(d.inputs) if d.inputs else None,
         "idx_sha256": file_sha256(idx),
-        "seed": cfg.training.seed, "seq_length": d.seq_length, "split": d.split,
+        "seed": data_seed(cfg), "seq_length": d.seq_length, "split": d.split,
     }
+    if d.train_samples is not None:  # absent otherwise, as in score files written before the key existed
+        ident["train_samples"] = d.train_samples
     if train_ds is not None:
         ident["num_documents"] = int(len(train_ds.dataset.sequence_lengths))
     return ident
@@ -286,13 +293,18 @@ def run_mismatches(manifest: dict, cfg, teacher: Optional[dict], tokenizer_sha25
         problems.append("the run's tokenizer (data.tokenizer_model) is not the one the data was scored with")
     if dataset is not None:
         found = ident.get("dataset", {})
-        names = {"seed": "training.seed", "seq_length": "data.seq_length", "split": "data.split",
-                 "data_prefix": "data.data_prefix", "inputs": "data.inputs", "idx_sha256": "the data's .idx file"}
+        names = {"seed": "data.seed (or training.seed)", "seq_length": "data.seq_length", "split": "data.split",
+                 "data_prefix": "data.data_prefix", "inputs": "data.inputs", "idx_sha256": "the data's .idx file",
+                 "train_samples": "data.train_samples"}
         for key, where in names.items():
             if found.get(key) != dataset.get(key):
                 problems.append(f"{where} is {dataset.get(key)!r} but the data was scored with {found.get(key)!r}")
     needed = cfg.training.train_steps * cfg.data.global_batch_size
-    if int(manifest["num_samples"]) != needed:
+    if cfg.data.train_samples is not None and (dataset is None or found.get("train_samples") == cfg.data.train_samples):
+        # One sample order (checked above): a shorter run reads a prefix of the scored samples.
+        if int(manifest["num_samples"]) < needed:
+            problems.append(f"the run trains on {needed} samples but only {manifest['num_samples']} were scored")
+    elif int(manifest["num_samples"]) != needed:
         problems.append(
             f"the run trains on {needed} samples (training.train_steps x data.global_batch_size) but "
             f"{manifest['num_samples']} were scored (the sample order depends on the number of samples: score again)")

@@ -16,14 +16,23 @@ def _precompute(args) -> int:
     cfg = load_config(args.config, args.overrides, world_size=where.world_size, preflight=False)
     preflight.check_teacher_job(cfg, "teacher.store", "the logits store")
     launch.choose_backend()
-    from megadistill.store.precompute import precompute
+    from megadistill.store.precompute import precompute, shard_task_from_env
 
+    # Inside a SLURM job array each task takes its share of the shards unless told otherwise.
+    env_task, env_tasks = shard_task_from_env()
+    task = env_task if args.shard_task is None else args.shard_task
+    tasks = env_tasks if args.shard_tasks is None else args.shard_tasks
     try:
         manifest = precompute(cfg, progress=not args.no_progress, samples_per_shard=args.samples_per_shard,
                               logprob_dtype=args.logprob_dtype, kind=args.format, draws=args.draws,
-                              compression="zstd" if args.zstd else None)
+                              compression="zstd" if args.zstd else None, shard_task=task, shard_tasks=tasks)
     except StoreError as e:
         raise ConfigError(str(e)) from e
+    if manifest is None:
+        if where.rank == 0:
+            print(f"{cfg.teacher.store}: shard task {task} of {tasks} done; the store is incomplete until the other "
+                  "tasks finish (the last one writes manifest.json)")
+        return 0
     tokens = manifest["num_samples"] * manifest["identity"]["dataset"]["seq_length"]
     print(f"wrote {cfg.teacher.store}: {manifest['num_samples']} samples, {len(manifest['shards'])} shards, "
           f"{manifest['total_bytes'] / max(tokens, 1):.1f} bytes/token")
@@ -66,7 +75,8 @@ def _add_store_commands(sub) -> None:
         description=(
             "Build the run's training data as training does, load teacher.model from teacher.checkpoint and "
             "write the top-p-k targets (kd.top_p, kd.top_k) or RS-KD draws (--format rskd) of samples 0 .. train_steps x global_batch_size - 1 "
-            "to teacher.store. Data- and tensor-parallel under torchrun/srun; a killed run resumes where it stopped."
+            "to teacher.store. Data- and tensor-parallel under torchrun/srun; a killed run resumes where it stopped; "
+            "--shard-tasks splits the shards over independent jobs (a SLURM job array)."
         ),
     )
     p.add_argument("config", help="run YAML file (the student's run: teacher.*, kd.top_p/top_k, data, training)")
@@ -85,6 +95,13 @@ def _add_store_commands(sub) -> None:
     p.add_argument("--draws", type=int, default=12, metavar="N",
                    help="rskd: samples per position (default 12), seeded by training.seed")
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, metavar="N")
+    p.add_argument("--shard-tasks", type=int, default=None, metavar="N",
+                   help="split the shards over N independent jobs (shard i goes to task i mod N); default: "
+                        "SLURM_ARRAY_TASK_COUNT in a job array, else 1. The task that completes the set writes "
+                        "the manifest")
+    p.add_argument("--shard-task", type=int, default=None, metavar="I",
+                   help="this job's task, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN in a job "
+                        "array, else 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=_precompute)
     s = sub.add_parser("store", help="inspect or check a logits store (store info|verify PATH)")

@@ -12,6 +12,12 @@ and the kept ids are gathered from every vocab shard. Under pipeline parallelism
 stages run megatron-core's forward-only schedule over each shard's micro-batches; the last stage
 selects the targets and its TP rank 0 writes, so the writer set is one rank per data-parallel
 replica whatever the layout.
+
+A store can also be written by ``N`` independent jobs (a SLURM job array, ``--array=0-(N-1)``):
+task ``t`` computes the shards ``i`` with ``i mod N = t`` (:func:`task_shards`), and whichever task
+finds every shard present once its own are written writes the manifest. Shards are written
+atomically and their bytes depend only on the plan, so the tasks may run in any order, at once or
+one after another, and be killed and re-run: the store ends byte-identical to a single job's.
 """
 
 from __future__ import annotations
@@ -277,6 +283,37 @@ def _on_rank0(fn):
     return value
 
 
+def task_shards(num_shards: int, task: int, tasks: int) -> list[int]:
+    """The shards array task ``task`` of ``tasks`` computes: every ``tasks``-th, starting at ``task``.
+    Interleaved rather than in blocks, so the short last shard does not make one task's share lighter
+    than the others' by a whole block."""
+    return list(range(task, num_shards, tasks))
+
+
+def shard_task_from_env(environ=None) -> tuple[int, int]:
+    """``(task, tasks)`` of a SLURM job array (``SLURM_ARRAY_TASK_ID`` relative to
+    ``SLURM_ARRAY_TASK_MIN``, ``SLURM_ARRAY_TASK_COUNT``), or ``(0, 1)`` outside one.
+
+    Raises ``ConfigError`` for an array whose task ids are not consecutive (``--array=0-7:2`` or
+    ``--array=1,5``): task ``t`` could not be mapped to its share of the shards without gaps."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return 0, 1
+    try:
+        task_id = int(env["SLURM_ARRAY_TASK_ID"])
+        lo = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        hi = int(env.get("SLURM_ARRAY_TASK_MAX", task_id))
+        count = int(env.get("SLURM_ARRAY_TASK_COUNT", hi - lo + 1))
+    except ValueError as e:
+        raise ConfigError(f"SLURM job array variables are not integers ({e}): give --shard-task and --shard-tasks") from e
+    if hi - lo + 1 != count:
+        raise ConfigError(f"the job array's task ids {lo}..{hi} are not {count} consecutive ids (--array with a step "
+                          "or a list): submit --array=0-(N-1), or give --shard-task and --shard-tasks")
+    return task_id - lo, count
+
+
 def _micro_batches(train_ds, first: int, count: int, micro_batch_size: int, dev) -> list[list[dict]]:
     """Samples ``[first, first + count)`` of one shard as micro-batches of ``micro_batch_size``
     (the last may be shorter), grouped into runs of equal size: one forward-only schedule call per
@@ -329,17 +366,20 @@ def teacher_forwards(teacher, micro_batches: list[dict], seq_length: int, on_log
 
 def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
                logprob_dtype: str = "fp16", kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None,
-               _stop_after_shards: Optional[int] = None) -> dict:
+               shard_task: int = 0, shard_tasks: int = 1, _stop_after_shards: Optional[int] = None) -> Optional[dict]:
     """Write run ``cfg``'s teacher targets to ``cfg.teacher.store`` (collective over all ranks);
     returns the manifest. Resumes a store begun for the same plan; refuses one made for another.
     ``kind="rskd"`` stores ``draws`` samples per position (seeded by ``training.seed``) instead of
     the top-p-k truncation.
+    ``shard_task`` of ``shard_tasks`` (a job array's task): only that task's shares of the shards
+    (:func:`task_shards`) are computed; the manifest is written if every shard is then present, and
+    None is returned while other tasks' shards are still missing.
     ``_stop_after_shards`` (tests) raises after this rank wrote that many shards, as a kill would."""
     from megatron.core import parallel_state
     from tqdm import tqdm
 
     from megadistill import resume
-    from megadistill.config import CHECKPOINT_MODEL_PREFIX, run_vocab_size
+    from megadistill.config import CHECKPOINT_MODEL_PREFIX, data_seed, run_vocab_size
     from megadistill.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt, device
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
@@ -361,6 +401,8 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
         raise ConfigError(f"RS-KD draws per position must be in [1, 2**20), got {draws}")
     if samples_per_shard < 1:
         raise ConfigError(f"samples per shard must be >= 1, got {samples_per_shard}")
+    if shard_tasks < 1 or not 0 <= shard_task < shard_tasks:
+        raise ConfigError(f"shard task {shard_task} of {shard_tasks}: need shard tasks >= 1 and 0 <= shard task < shard tasks")
     pp = cfg.parallel.pipeline_model_parallel_size
     if cfg.teacher.model.num_layers % pp:
         raise ConfigError(f"teacher.model.num_layers {cfg.teacher.model.num_layers} is not divisible by "
@@ -376,7 +418,7 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
         "data_prefix": str(Path(d.data_prefix).resolve()) if d.data_prefix else None,
         "inputs": list(d.inputs) if d.inputs else None,
         "num_documents": int(len(train_ds.dataset.sequence_lengths)),
-        "seed": cfg.training.seed, "seq_length": d.seq_length, "split": d.split,
+        "seed": data_seed(cfg), "seq_length": d.seq_length, "split": d.split,
     }
 
     def begin():
@@ -402,8 +444,10 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
     kd = cfg.kd.loss_config()
     dev = device()
     ranges = writer.shard_ranges(plan["num_samples"], samples_per_shard)
-    mine = [i for i in range(len(ranges)) if i % dp == dp_rank and i not in done]
-    todo_tokens = sum(ranges[i][1] for i in range(len(ranges)) if i not in done) * d.seq_length
+    # This task's shards still to do, dealt round-robin to the data-parallel replicas.
+    todo = [i for i in task_shards(len(ranges), shard_task, shard_tasks) if i not in done]
+    mine = todo[dp_rank::dp]
+    todo_tokens = sum(ranges[i][1] for i in todo) * d.seq_length
     bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"precompute {store.name}",
                disable=not progress or dist.get_rank() != 0, dynamic_ncols=True)
 
@@ -445,4 +489,13 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
                 raise RuntimeError(f"stopped after {written} shard(s) (test hook)")
     bar.close()
     dist.barrier()
-    return _on_rank0(lambda: writer.finish(store, plan))
+
+    def complete():
+        # Another array task may still be writing its shards: the one that finds them all present
+        # writes the manifest. Two tasks finishing together both write it, with the same bytes
+        # (it derives from the plan and the shards only), each by an atomic rename.
+        if len(writer.finished_shards(store, plan)) < len(ranges):
+            return None
+        return writer.finish(store, plan)
+
+    return _on_rank0(complete)

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megadistill.config import data_seed
 from megadistill.store.format import (
     MANIFEST, PLAN, Shard, StoreError, bytes_sha256, check_manifest, load_json, sample_hash, shard_of,
 )
@@ -104,7 +105,8 @@ class StoreReader:
             raise StoreError(
                 f"logits store {self.path}, shard {shard.name}: sample {index}'s tokens differ from the ones "
                 "its targets were computed for (other data, seed, sequence length or tokenizer than the "
-                "precompute's)"
+                "precompute's, or a sample order built for another number of samples: over a corpus of several "
+                "epochs it depends on it, so set data.train_samples to the storing run's)"
             )
 
     def sample(self, index: int, tokens=None, labels=None):
@@ -139,9 +141,9 @@ def run_mismatches(manifest: dict, cfg, vocab_size: Optional[int] = None,
     while reading, catch any other difference in the data."""
     ident, problems = manifest["identity"], []
     ds = ident["dataset"]
-    for key, now in (("seq_length", cfg.data.seq_length), ("split", cfg.data.split), ("seed", cfg.training.seed)):
+    for key, now in (("seq_length", cfg.data.seq_length), ("split", cfg.data.split), ("seed", data_seed(cfg))):
         if ds.get(key) != now:
-            where = "training.seed" if key == "seed" else f"data.{key}"
+            where = "data.seed (or training.seed)" if key == "seed" else f"data.{key}"
             problems.append(f"{where} is {now!r} but the store was made with {ds.get(key)!r}")
     if cfg.data.data_prefix is not None and ds.get("data_prefix") not in (None, str(Path(cfg.data.data_prefix).resolve())):
         problems.append(f"data.data_prefix {cfg.data.data_prefix} is not the store's data {ds.get('data_prefix')}")

@@ -67,8 +67,9 @@ logger = logging.getLogger(__name__)
 
 PENDING = "pending"
 _PIECE = re.compile(r"^piece-(\d{12})-(\d{6})-g(\d{6})\.bin$")
-# ``writer.write_atomic``'s temporary names for pieces and shards (``.NAME.tmp-PID``).
-_STALE_TMP = re.compile(r"^\.(piece-\d{12}-\d{6}-g\d{6}|shard-\d{6})\.bin\.tmp-\d+$")
+# ``writer.write_atomic``'s temporary names for pieces and shards (``.NAME.tmp-PID-HOST``; older
+# versions wrote ``.NAME.tmp-PID``).
+_STALE_TMP = re.compile(r"^\.(piece-\d{12}-\d{6}-g\d{6}|shard-\d{6})\.bin\.tmp-\d+(-[A-Za-z0-9._-]+)?$")
 SAMPLING_METHOD = "inverse CDF over the global vocabulary, u = splitmix64(seed, sample, position, draw)"
 
 
@@ -158,6 +159,10 @@ def _config_sha256(cfg) -> str:
 def data_files(cfg) -> tuple[str, str]:
     """``(data prefix, tokenizer model)`` the run trains on (where ``prepare_data`` puts them)."""
     prefix = cfg.data.data_prefix or str(Path(cfg.output_dir) / "data" / "corpus")
+    if cfg.data.tokenizer_model and cfg.data.tokenizer_type == "huggingface":
+        from megadistill.hf.tokenizer import tokenizer_file
+
+        return prefix, str(tokenizer_file(cfg.data.tokenizer_model, "huggingface"))  # its tokenizer.json
     return prefix, cfg.data.tokenizer_model or prefix + ".model"
 
 
@@ -165,13 +170,15 @@ def dataset_identity(cfg) -> dict:
     """The store's ``identity.dataset`` for run ``cfg`` (the keys ``precompute-logits`` writes)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megadistill.config import data_seed
+
     d = cfg.data
     prefix, _ = data_files(cfg)
     return {
         "data_prefix": str(Path(d.data_prefix).resolve()) if d.data_prefix else None,
         "inputs": list(d.inputs) if d.inputs else None,
         "num_documents": int(len(IndexedDataset(prefix).sequence_lengths)),
-        "seed": cfg.training.seed, "seq_length": d.seq_length, "split": d.split,
+        "seed": data_seed(cfg), "seq_length": d.seq_length, "split": d.split,
     }
 
 

@@ -9,6 +9,8 @@ manifest is complete.
 from __future__ import annotations
 
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +22,14 @@ from megadistill.store.format import (
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + rename (and fsync both)."""
+    """Write ``data`` to ``path`` via a temporary file + rename (and fsync both).
+
+    The temporary name holds the process id and the host name: array tasks on several nodes of a
+    shared file system may write the same file (the plan, the manifest) at once, and process ids
+    repeat across nodes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{host}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -56,7 +63,8 @@ def begin(store: Path, plan: dict) -> None:
                     f"teacher.store {store} holds a store made for another run (differs in: {', '.join(diff)}); "
                     "give another teacher.store or remove that directory"
                 )
-    if load_json(store / PLAN) is None:
+    # A finished store needs no plan: a re-run (or a late array task) must not leave one behind.
+    if load_json(store / PLAN) is None and load_json(store / MANIFEST) is None:
         write_atomic(store / PLAN, dump_json(plan))
 
 

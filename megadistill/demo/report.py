@@ -1,0 +1,330 @@
+"""The demo's report: pure arithmetic over the step records (``runner``), a Markdown page and PNG plots.
+
+Costs. A student's *training* seconds are its own run's wall-clock (an online teacher's forwards
+included). *Teacher inference* is a precompute or a scoring pass, shared equally by the student
+runs that read its output. *Teacher training* (the large teacher, with its recording; the small
+LM) is counted separately and amortised equally over the student runs distilled from it.
+
+Equal wall-clock. The baselines trained for 1x, 1.5x, 2x, 2.5x the steps (each a full LR schedule)
+give points (seconds, final validation loss); a run's equal-time baseline is the piecewise-linear
+interpolation at the run's seconds (training + teacher inference), and is not extrapolated
+outside the baselines' range.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+MAIN = ("baseline", "pd_offline", "pd_online", "pd_recorded", "salt", "salt_ds")
+TRUNCATION = ("trunc_renormalize", "trunc_ghost", "trunc_rskd")
+
+
+def base_name(name: str) -> str:
+    """``pd_online@2`` -> ``pd_online`` (the run of another seed)."""
+    return name.split("@", 1)[0]
+
+
+def curve(rec: dict) -> list[tuple[int, float]]:
+    """The run's validation curve ``[(step, loss)]``, by step."""
+    return sorted((int(k), float(v)) for k, v in rec["val_losses"].items())
+
+
+def final_loss(rec: dict) -> float:
+    return curve(rec)[-1][1]
+
+
+def steps_to_reach(points: list[tuple[int, float]], target: float) -> Optional[float]:
+    """The first step at which the curve reaches ``target`` (linear between validations; the
+    curve starts at step 0 from above), or None if it never does."""
+    prev = None
+    for step, loss in points:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(step)
+            s0, l0 = prev
+            return s0 + (l0 - target) / (l0 - loss) * (step - s0)
+        prev = (step, loss)
+    return None
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> Optional[float]:
+    """Piecewise-linear ``y(x)`` through ``points`` (sorted by x); None outside their range."""
+    points = sorted(points)
+    if not points or x < points[0][0] or x > points[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1]  # a single point, x on it
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A student run's wall-clock, in seconds."""
+
+    training: float
+    """Its own run (an online teacher's forwards included)."""
+    inference: float
+    """Its share of the precompute/scoring passes it reads."""
+    teacher_training: float
+    """Its share of the training of the teachers it learns from."""
+
+    @property
+    def total(self) -> float:
+        """Training and teacher inference (what the equal-wall-clock comparison gives the baseline)."""
+        return self.training + self.inference
+
+
+def costs(records: dict[str, dict]) -> dict[str, Cost]:
+    """Every student run's ``Cost``: each teacher/inference step's seconds divided equally among
+    the student runs that use it."""
+    users: dict[str, int] = {}
+    for rec in records.values():
+        if rec["role"] == "student":
+            for u in rec["uses"]:
+                users[u] = users.get(u, 0) + 1
+    out = {}
+    for name, rec in records.items():
+        if rec["role"] != "student":
+            continue
+        inf = sum(records[u]["seconds"] / users[u] for u in rec["uses"] if records[u]["role"] == "inference")
+        tea = sum(records[u]["seconds"] / users[u] for u in rec["uses"] if records[u]["role"] == "teacher")
+        out[name] = Cost(training=rec["seconds"], inference=inf, teacher_training=tea)
+    return out
+
+
+def baseline_points(records: dict[str, dict]) -> list[tuple[float, float]]:
+    """``(seconds, final validation loss)`` of the seed-0 baselines of every length."""
+    pts = [(r["seconds"], final_loss(r)) for n, r in records.items() if n == "baseline" or n.startswith("baseline_x")]
+    return sorted(pts)
+
+
+def equal_wall_clock(records: dict[str, dict]) -> list[dict]:
+    """One row per seed-0 main run: its seconds, final loss, and the baseline's loss interpolated
+    at the same seconds (None outside the baselines' range), with and without the teacher's
+    training share."""
+    pts, cost = baseline_points(records), costs(records)
+    rows = []
+    for name in MAIN[1:]:
+        if name not in records:
+            continue
+        c = cost[name]
+        rows.append({
+            "name": name, "label": records[name]["label"], "seconds": c.total, "loss": final_loss(records[name]),
+            "baseline": interpolate(pts, c.total),
+            "seconds_with_teacher": c.total + c.teacher_training,
+            "baseline_with_teacher": interpolate(pts, c.total + c.teacher_training),
+        })
+    return rows
+
+
+def seed_stats(records: dict[str, dict], name: str) -> tuple[float, Optional[float], int]:
+    """``(mean, sample standard deviation or None, n)`` of the final loss over ``name``'s seeds."""
+    vals = [final_loss(r) for n, r in records.items() if base_name(n) == name and r["group"] == "main"]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def _fmt(x: Optional[float], spec: str = ".4f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
+    """The report's Markdown. ``meta``: scale, seeds, corpus, total seconds, shortened notes."""
+    L: list[str] = []
+    a = L.append
+    main = [n for n in MAIN if n in records]
+    a("# megadistill demo: both papers at toy scale")
+    a("")
+    a(f"{meta['corpus']}. Scale `{meta['scale']}`; {meta['seeds']} seed(s) per student run; whole demo "
+      f"{meta['seconds'] / 60:.1f} min on {meta['cores']} CPU core(s). Every run shares one tokenizer, one sample order "
+      "and one held-out validation set; students share one model shape and LR schedule (WSD).")
+    a("")
+    a("## Runs")
+    a("")
+    for rec in records.values():
+        if base_name(rec["name"]) == rec["name"]:
+            a(f"- `{rec['name']}`: {rec['label']} — {rec['seconds']:.0f} s")
+    a("")
+    a("## Validation loss at equal steps")
+    a("")
+    steps = sorted(set.intersection(*(set(s for s, _ in curve(records[n])) for n in main))) if main else []
+    a("| step | " + " | ".join(f"`{n}`" for n in main) + " |")
+    a("|---:|" + "---:|" * len(main))
+    for s in steps:
+        vals = {n: dict(curve(records[n]))[s] for n in main}
+        a(f"| {s} | " + " | ".join(_fmt(vals[n]) for n in main) + " |")
+    a("")
+    if "baseline" in records:
+        b_mean, b_sd, b_n = seed_stats(records, "baseline")
+        a("Final validation loss, mean ± sample standard deviation over seeds, and the difference to the "
+          "baseline's mean. The seed spread a difference is judged by: the larger of the run's and the baseline's "
+          "standard deviation (the baseline always runs several seeds).")
+        a("")
+        a("| run | final val loss | seeds | − baseline | verdict at equal steps |")
+        a("|---|---:|---:|---:|---|")
+        for n in main:
+            mean, sd, k = seed_stats(records, n)
+            d = mean - b_mean
+            spread = max((x for x in (sd, b_sd) if x is not None), default=None)
+            if n == "baseline":
+                verdict = "–"
+            elif spread is None:
+                verdict = ("better" if d < 0 else "worse") + " (one seed each: spread unknown)"
+            elif abs(d) > spread:
+                verdict = f"**{'better' if d < 0 else 'worse'}**, beyond the seed spread ({spread:.4f})"
+            else:
+                verdict = f"{'better' if d < 0 else 'worse'}, within the seed spread ({spread:.4f})"
+            a(f"| `{n}` | {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" | {k} | {d:+.4f} | {verdict} |")
+        a("")
+        a("## Steps to reach the baseline's final validation loss")
+        a("")
+        target = final_loss(records["baseline"])
+        a(f"Target: {target:.4f} (the baseline after {records['baseline']['steps']} steps).")
+        a("")
+        a("| run | steps needed | of the baseline's |")
+        a("|---|---:|---:|")
+        for n in main:
+            got = steps_to_reach(curve(records[n]), target)
+            share = "–" if got is None else f"{got / records['baseline']['steps']:.0%}"
+            a(f"| `{n}` | " + ("not reached" if got is None else f"{got:.0f}") + f" | {share} |")
+        a("")
+    cost = costs(records)
+    a("## Wall-clock, including the teacher's cost")
+    a("")
+    teachers = [r for r in records.values() if r["role"] == "teacher"]
+    for t in teachers:
+        users = [n for n, r in records.items() if t["name"] in r.get("uses", ()) and r["role"] == "student"]
+        a(f"- Teacher training, counted separately: `{t['name']}` took {t['seconds']:.0f} s, amortised over the "
+          f"{len(users)} student runs distilled from it ({t['seconds'] / max(len(users), 1):.0f} s each).")
+    inference = [r for r in records.values() if r["role"] == "inference"]
+    for r in inference:
+        users = [n for n, x in records.items() if r["name"] in x.get("uses", ()) and x["role"] == "student"]
+        a(f"- Teacher inference: `{r['name']}` ({r['label']}) took {r['seconds']:.0f} s, shared by {len(users)} run(s).")
+    a("")
+    a("| run | training s | teacher inference s | total s | × baseline | + teacher training share s |")
+    a("|---|---:|---:|---:|---:|---:|")
+    b_time = cost["baseline"].total if "baseline" in cost else None
+    for n in [*main, *[x for x in TRUNCATION if x in records]]:
+        c = cost[n]
+        a(f"| `{n}` | {c.training:.1f} | {c.inference:.1f} | {c.total:.1f} | "
+          f"{_fmt(c.total / b_time if b_time else None, '.2f')} | {c.teacher_training:.1f} |")
+    a("")
+    a("## Equal wall-clock: a baseline given each run's time")
+    a("")
+    pts = baseline_points(records)
+    a("Baselines of " + ", ".join(f"{records[n]['steps']} steps ({records[n]['seconds']:.0f} s → {final_loss(records[n]):.4f})"
+                                  for n in sorted((n for n in records if n == "baseline" or n.startswith("baseline_x")),
+                                                  key=lambda n: records[n]["steps"]))
+      + "; interpolated linearly in seconds, not extrapolated.")
+    a("")
+    a("| run | total s | its final loss | baseline at that time | run − baseline | with teacher training: s | baseline then |")
+    a("|---|---:|---:|---:|---:|---:|---:|")
+    ewc = equal_wall_clock(records)
+    for row in ewc:
+        d = None if row["baseline"] is None else row["loss"] - row["baseline"]
+        a(f"| `{row['name']}` | {row['seconds']:.1f} | {row['loss']:.4f} | {_fmt(row['baseline'])} | {_fmt(d, '+.4f')} | "
+          f"{row['seconds_with_teacher']:.1f} | {_fmt(row['baseline_with_teacher'])} |")
+    a("")
+    for row in ewc:
+        if row["baseline"] is None:
+            a(f"- `{row['name']}`: its time lies outside the baselines' range (not compared).")
+        elif row["loss"] < row["baseline"]:
+            a(f"- `{row['name']}` beats a baseline given the same time ({row['loss']:.4f} vs {row['baseline']:.4f}).")
+        else:
+            a(f"- `{row['name']}` does **not** beat a baseline given the same time ({row['loss']:.4f} vs {row['baseline']:.4f}).")
+    a("")
+    trunc = [n for n in TRUNCATION if n in records]
+    if trunc:
+        a("## Truncation side by side: τ = 2, α = 0.9 constant")
+        a("")
+        ref = records.get("trunc_baseline") or records.get("baseline")
+        a(f"{records[trunc[0]]['steps']} steps each; the reference is `{ref['name']}` ({final_loss(ref):.4f}).")
+        a("")
+        a("| targets | final val loss | − reference |")
+        a("|---|---:|---:|")
+        for n in trunc:
+            a(f"| {records[n]['label'].split(': ', 1)[-1]} | {final_loss(records[n]):.4f} | {final_loss(records[n]) - final_loss(ref):+.4f} |")
+        a("")
+    stores = [r for r in records.values() if "bytes_per_token" in r]
+    if stores:
+        a("## Logits stores")
+        a("")
+        a("| store | bytes/token | size |")
+        a("|---|---:|---:|")
+        for r in stores:
+            a(f"| `{Path(r['store']).name}` | {r['bytes_per_token']:.1f} | {r['store_bytes'] / 2**20:.1f} MiB |")
+        a("")
+    if plots:
+        a("## Plots")
+        a("")
+        for title, path in plots.items():
+            a(f"![{title}]({path})")
+            a("")
+    a("## What was shortened")
+    a("")
+    for note in meta["notes"]:
+        a(f"- {note}")
+    a("")
+    a(f"TensorBoard logs of every run: `tensorboard --logdir {meta['out']}`.")
+    a("")
+    return "\n".join(L)
+
+
+def plot(records: dict[str, dict], out: Path) -> dict[str, str]:
+    """PNG plots beside the report: ``{title: file name}`` (empty without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    made = {}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for n in MAIN:
+        if n in records:
+            xs, ys = zip(*curve(records[n]))
+            ax.plot(xs, ys, marker=".", label=n)
+    ax.set(xlabel="step", ylabel="validation loss", title="Validation loss at equal steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "val_curves.png", dpi=110)
+    made["validation curves"] = "val_curves.png"
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    pts = baseline_points(records)
+    if pts:
+        lengths = sorted(r["steps"] for n, r in records.items() if n == "baseline" or n.startswith("baseline_x"))
+        ax.plot(*zip(*pts), marker="o", color="k", label=f"baselines ({', '.join(map(str, lengths))} steps)")
+    for row in equal_wall_clock(records):
+        ax.scatter([row["seconds"]], [row["loss"]], label=row["name"], zorder=3)
+    ax.set(xlabel="wall-clock s (training + teacher inference)", ylabel="final validation loss",
+           title="Equal wall-clock")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "wall_clock.png", dpi=110)
+    made["equal wall-clock"] = "wall_clock.png"
+    plt.close(fig)
+
+    trunc = [n for n in TRUNCATION if n in records]
+    if trunc:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ref = records.get("trunc_baseline") or records.get("baseline")
+        for n in [ref["name"], *trunc]:
+            xs, ys = zip(*curve(records[n]))
+            ax.plot(xs, ys, marker=".", label=records[n]["label"].split(": ", 1)[-1] if n in trunc else "baseline")
+        ax.set(xlabel="step", ylabel="validation loss", title="Truncation at τ = 2, α = 0.9")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "truncation.png", dpi=110)
+        made["truncation"] = "truncation.png"
+        plt.close(fig)
+    return made
