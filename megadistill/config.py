@@ -189,7 +189,7 @@ class DataConfig:
     tokenizer_model: Optional[str] = None
     """The tokenizer: a sentencepiece .model, or for tokenizer_type huggingface a tokenizer.json or a Hugging Face tokenizer directory holding one (None = train a sentencepiece model on the inputs)."""
     tokenizer_type: str = "sentencepiece"
-    """How to read data.tokenizer_model: a sentencepiece model, or a Hugging Face fast tokenizer (tokenizer.json; e.g. a Hugging Face teacher's own, as megadistill convert-hf writes in teacher.yaml), whose eos_token ends every document."""
+    """How to read data.tokenizer_model: a sentencepiece model, or a Hugging Face fast tokenizer (tokenizer.json; e.g. a Hugging Face teacher's own, as megadistill convert-hf writes in teacher.yaml), whose eos_token ends every document. A run file may give both keys as one block, data.tokenizer: {type, path}."""
     vocab_size: int = 2048
     """Vocabulary size of a newly trained tokenizer."""
     seq_length: int = 128
@@ -430,6 +430,7 @@ def config_from_dict(
     data = dict(data or {})
     for k, v in parse_overrides(overrides or []):
         _set_dotted(data, k, v)
+    _tokenizer_block(data)
     cfg = _build(RunConfig, data)
     validate(cfg, world_size=world_size)
     if preflight:
@@ -437,6 +438,24 @@ def config_from_dict(
 
         check_files(cfg)
     return cfg
+
+
+def _tokenizer_block(data: dict) -> None:
+    """``data.tokenizer: {type, path}`` is the block form of ``data.tokenizer_type`` and
+    ``data.tokenizer_model``; rewritten in place to those keys (giving both forms is an error)."""
+    d = data.get("data")
+    if not isinstance(d, dict) or "tokenizer" not in d:
+        return
+    d = dict(d)  # the caller's mapping stays as it was
+    block = d.pop("tokenizer")
+    if not isinstance(block, dict) or not set(block) <= {"type", "path"}:
+        raise ConfigError(f"data.tokenizer must be a mapping with keys type and path, got {block!r}")
+    for short, flat in (("type", "tokenizer_type"), ("path", "tokenizer_model")):
+        if short in block:
+            if flat in d:
+                raise ConfigError(f"data.tokenizer.{short} and data.{flat} say the same thing: give one of them")
+            d[flat] = block[short]
+    data["data"] = d
 
 
 def load_config(

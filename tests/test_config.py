@@ -285,3 +285,18 @@ def test_overrides_may_follow_flags(tmp_path, capsys):
     assert "temperature: 2.5" in out and "lr: 0.001" in out
     with pytest.raises(SystemExit):
         main(["config", str(path), "--schema-only", "--no-such-flag"])
+
+
+def test_the_tokenizer_block_is_the_flat_keys():
+    from megadistill.config import ConfigError, config_from_dict
+
+    given = {"data": {"tokenizer": {"type": "huggingface", "path": "/t/tokenizer.json"}}}
+    cfg = config_from_dict(given, preflight=False)
+    assert (cfg.data.tokenizer_type, cfg.data.tokenizer_model) == ("huggingface", "/t/tokenizer.json")
+    assert given == {"data": {"tokenizer": {"type": "huggingface", "path": "/t/tokenizer.json"}}}
+    cfg = config_from_dict({}, ["data.tokenizer.path=/t/m.model"], preflight=False)
+    assert (cfg.data.tokenizer_type, cfg.data.tokenizer_model) == ("sentencepiece", "/t/m.model")
+    with pytest.raises(ConfigError, match="data.tokenizer.path and data.tokenizer_model say the same thing"):
+        config_from_dict({"data": {"tokenizer": {"path": "a"}, "tokenizer_model": "b"}}, preflight=False)
+    with pytest.raises(ConfigError, match="data.tokenizer must be a mapping with keys type and path"):
+        config_from_dict({"data": {"tokenizer": {"kind": "x"}}}, preflight=False)

@@ -59,8 +59,12 @@ def test_the_equal_wall_clock_arithmetic_follows_from_the_records(demo):
         if r["role"] == "student":
             for u in r["uses"]:
                 users[u] = users.get(u, 0) + 1
-    base = sorted((r["seconds"], float(r["val_losses"][str(r["steps"])])) for n, r in recs.items()
-                  if n == "baseline" or n.startswith("baseline_x"))
+    final = {n: float(r["val_losses"][str(r["steps"])]) for n, r in recs.items() if r["kind"] == "train"}
+    seeds = [n for n in recs if n.split("@")[0] == "baseline"]
+    assert len(seeds) == FAST.baseline_seeds
+    # The baseline's own point: the mean over its seeds (time and loss); the longer ones: seed 0.
+    base = sorted([(sum(recs[n]["seconds"] for n in seeds) / len(seeds), sum(final[n] for n in seeds) / len(seeds))]
+                  + [(recs[n]["seconds"], final[n]) for n in recs if n.startswith("baseline_x")])
     assert len(base) == len(FAST.baseline_lengths)
     rows = _table(text, "## Equal wall-clock")
     assert [r[0] for r in rows] == ["pd_offline", "pd_online", "pd_recorded", "salt", "salt_ds"]
@@ -128,3 +132,29 @@ def test_scale_grows_steps_and_widths():
     assert s.student.hidden_size % s.student.num_attention_heads == 0
     with pytest.raises(ValueError, match="--scale"):
         scaled(DEFAULT, 0)
+
+
+def test_outputs_of_another_config_are_moved_aside_and_never_overwritten(tmp_path):
+    from dataclasses import replace
+
+    from megadistill.demo.runner import _claim_outputs
+
+    step = next(s for s in plan(tmp_path, FAST) if s.name == "precompute_top_p_k")
+    run_dir, store = Path(step.cfg.output_dir), Path(step.cfg.teacher.store)
+    for d in (run_dir, store):  # an earlier demo's files
+        d.mkdir(parents=True)
+        (d / "old.txt").write_text("earlier demo")
+    _claim_outputs(tmp_path, step)
+    assert not run_dir.exists() and not store.exists()
+    moved = sorted(p.name for p in tmp_path.rglob("old.txt"))
+    assert len(moved) == 2 and all((p.parent.name.split(".superseded-")[0] in (run_dir.name, store.name))
+                                   for p in tmp_path.rglob("old.txt"))
+    # Begun for this config (a demo killed mid-step): kept, to resume.
+    run_dir.mkdir()
+    (run_dir / "partial.txt").write_text("this config")
+    _claim_outputs(tmp_path, step)
+    assert (run_dir / "partial.txt").exists()
+    # The config changed: moved aside again.
+    changed = replace(step, options={"kind": "top_p_k", "draws": 3})
+    _claim_outputs(tmp_path, changed)
+    assert not run_dir.exists() and len(list(tmp_path.rglob("partial.txt"))) == 1

@@ -5,7 +5,7 @@ included). *Teacher inference* is a precompute or a scoring pass, shared equally
 runs that read its output. *Teacher training* (the large teacher, with its recording; the small
 LM) is counted separately and amortised equally over the student runs distilled from it.
 
-Equal wall-clock. The baselines trained for 1x, 1.5x, 2x, 2.5x the steps (each a full LR schedule)
+Equal wall-clock. The baselines trained for 1x, 1.5x, 2x the steps (each a full LR schedule)
 give points (seconds, final validation loss); a run's equal-time baseline is the piecewise-linear
 interpolation at the run's seconds (training + teacher inference), and is not extrapolated
 outside the baselines' range.
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Optional
 
 MAIN = ("baseline", "pd_offline", "pd_online", "pd_recorded", "salt", "salt_ds")
+# One colour per run in every plot; PD offline dashed, since it lies on PD online (the same targets).
+STYLE = {"baseline": ("k", "-"), "pd_offline": ("tab:blue", "--"), "pd_online": ("tab:orange", "-"),
+         "pd_recorded": ("tab:red", "-"), "salt": ("tab:green", "-"), "salt_ds": ("tab:purple", "-")}
 TRUNCATION = ("trunc_renormalize", "trunc_ghost", "trunc_rskd")
 
 
@@ -97,10 +100,22 @@ def costs(records: dict[str, dict]) -> dict[str, Cost]:
     return out
 
 
+def baseline_seconds(records: dict[str, dict]) -> float:
+    """The baseline's wall-clock: the mean over its seeds (one CPU run's time varies by ~±15 %)."""
+    return statistics.fmean(r["seconds"] for n, r in records.items() if base_name(n) == "baseline")
+
+
+def baseline_runs(records: dict[str, dict]) -> list[tuple[int, float, float]]:
+    """``(steps, seconds, final validation loss)`` of the baselines of every length, by steps: the
+    mean over seeds for the baseline itself, the seed-0 run for the longer ones."""
+    runs = [(records["baseline"]["steps"], baseline_seconds(records), seed_stats(records, "baseline")[0])]
+    runs += [(r["steps"], r["seconds"], final_loss(r)) for n, r in records.items() if n.startswith("baseline_x")]
+    return sorted(runs)
+
+
 def baseline_points(records: dict[str, dict]) -> list[tuple[float, float]]:
-    """``(seconds, final validation loss)`` of the seed-0 baselines of every length."""
-    pts = [(r["seconds"], final_loss(r)) for n, r in records.items() if n == "baseline" or n.startswith("baseline_x")]
-    return sorted(pts)
+    """``(seconds, final validation loss)`` of the baselines, by seconds."""
+    return sorted((t, loss) for _, t, loss in baseline_runs(records))
 
 
 def equal_wall_clock(records: dict[str, dict]) -> list[dict]:
@@ -139,9 +154,12 @@ def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
     main = [n for n in MAIN if n in records]
     a("# megadistill demo: both papers at toy scale")
     a("")
-    a(f"{meta['corpus']}. Scale `{meta['scale']}`; {meta['seeds']} seed(s) per student run; whole demo "
-      f"{meta['seconds'] / 60:.1f} min on {meta['cores']} CPU core(s). Every run shares one tokenizer, one sample order "
-      "and one held-out validation set; students share one model shape and LR schedule (WSD).")
+    steps_s = sum(r["seconds"] for r in records.values())
+    a(f"{meta['corpus']}. Scale `{meta['scale']}`; {meta['seeds']} seed(s) per student run. Its steps took "
+      f"{steps_s / 60:.1f} min in all on {meta['cores']} CPU core(s) (this invocation {meta['seconds'] / 60:.1f} min: "
+      "finished steps are reused). Every run shares one tokenizer, one sample order and one held-out validation set; "
+      "students share one model shape and LR schedule (WSD). Wall-clock on a shared CPU varies by ±15 % or more "
+      "between runs.")
     a("")
     a("## Runs")
     a("")
@@ -207,7 +225,7 @@ def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
     a("")
     a("| run | training s | teacher inference s | total s | × baseline | + teacher training share s |")
     a("|---|---:|---:|---:|---:|---:|")
-    b_time = cost["baseline"].total if "baseline" in cost else None
+    b_time = baseline_seconds(records) if "baseline" in cost else None
     for n in [*main, *[x for x in TRUNCATION if x in records]]:
         c = cost[n]
         a(f"| `{n}` | {c.training:.1f} | {c.inference:.1f} | {c.total:.1f} | "
@@ -216,10 +234,8 @@ def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
     a("## Equal wall-clock: a baseline given each run's time")
     a("")
     pts = baseline_points(records)
-    a("Baselines of " + ", ".join(f"{records[n]['steps']} steps ({records[n]['seconds']:.0f} s → {final_loss(records[n]):.4f})"
-                                  for n in sorted((n for n in records if n == "baseline" or n.startswith("baseline_x")),
-                                                  key=lambda n: records[n]["steps"]))
-      + "; interpolated linearly in seconds, not extrapolated.")
+    a("Baselines of " + ", ".join(f"{steps} steps ({t:.0f} s → {loss:.4f})" for steps, t, loss in baseline_runs(records))
+      + " (the first: the mean over its seeds); interpolated linearly in seconds, not extrapolated.")
     a("")
     a("| run | total s | its final loss | baseline at that time | run − baseline | with teacher training: s | baseline then |")
     a("|---|---:|---:|---:|---:|---:|---:|")
@@ -231,7 +247,8 @@ def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
     a("")
     for row in ewc:
         if row["baseline"] is None:
-            a(f"- `{row['name']}`: its time lies outside the baselines' range (not compared).")
+            a(f"- `{row['name']}`: its time lies outside the baselines' range ({pts[0][0]:.0f}–{pts[-1][0]:.0f} s): "
+              "not compared.")
         elif row["loss"] < row["baseline"]:
             a(f"- `{row['name']}` beats a baseline given the same time ({row['loss']:.4f} vs {row['baseline']:.4f}).")
         else:
@@ -288,7 +305,8 @@ def plot(records: dict[str, dict], out: Path) -> dict[str, str]:
     for n in MAIN:
         if n in records:
             xs, ys = zip(*curve(records[n]))
-            ax.plot(xs, ys, marker=".", label=n)
+            color, line = STYLE[n]
+            ax.plot(xs, ys, marker=".", label=n, color=color, linestyle=line)
     ax.set(xlabel="step", ylabel="validation loss", title="Validation loss at equal steps")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -300,10 +318,10 @@ def plot(records: dict[str, dict], out: Path) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     pts = baseline_points(records)
     if pts:
-        lengths = sorted(r["steps"] for n, r in records.items() if n == "baseline" or n.startswith("baseline_x"))
+        lengths = [steps for steps, _, _ in baseline_runs(records)]
         ax.plot(*zip(*pts), marker="o", color="k", label=f"baselines ({', '.join(map(str, lengths))} steps)")
     for row in equal_wall_clock(records):
-        ax.scatter([row["seconds"]], [row["loss"]], label=row["name"], zorder=3)
+        ax.scatter([row["seconds"]], [row["loss"]], label=row["name"], color=STYLE[row["name"]][0], zorder=3)
     ax.set(xlabel="wall-clock s (training + teacher inference)", ylabel="final validation loss",
            title="Equal wall-clock")
     ax.grid(alpha=0.3)

@@ -4,7 +4,8 @@ memory handed back between runs), timing each and writing its record.
 A step's record (``records/<name>.json``) holds its wall-clock seconds, validation curve and, for
 a store, its size; it is written atomically once the step finished, together with the sha256 of
 the step's config. A demo started again reuses every step whose record matches its config and
-re-runs the rest (a run cut short resumes from its checkpoint; its record then says so).
+re-runs the rest: a step cut short resumes from its checkpoint (its record then says so), and the
+outputs of a step made for another config (an earlier demo's) are moved aside, never overwritten.
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ def config_sha256(step: Step) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _store_size(store: str, seq_length: int) -> dict:
@@ -104,11 +102,50 @@ def load_record(out: Path, step: Step):
     return rec if rec.get("config_sha256") == config_sha256(step) else None
 
 
+def outputs(step: Step) -> list[Path]:
+    """The directories ``step`` writes."""
+    cfg = step.cfg
+    paths = [Path(cfg.output_dir)]
+    if step.kind == "precompute":
+        paths.append(Path(cfg.teacher.store))
+    if step.kind == "score":
+        paths.append(Path(cfg.data_selection.scores))
+    if cfg.record_logits.store:
+        paths.append(Path(cfg.record_logits.store))
+    return paths
+
+
+def _claim_outputs(out: Path, step: Step) -> None:
+    """Make ``step``'s outputs this config's: outputs begun for the same config stay (to resume);
+    any others (another config's, an earlier demo version's) are renamed aside."""
+    marker = out / "records" / f"{step.name}.started"
+    sha = config_sha256(step)
+    if marker.is_file() and marker.read_text().strip() == sha:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for p in outputs(step):
+        if p.exists():
+            aside, n = p.with_name(f"{p.name}.superseded-{stamp}"), 1
+            while aside.exists():  # never onto another name in use
+                aside, n = p.with_name(f"{p.name}.superseded-{stamp}-{n}"), n + 1
+            print(f"[demo] {p} was made for another config: moved to {aside}", flush=True)
+            os.replace(p, aside)
+    _write_text(marker, sha)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run_step(out: Path, step: Step, progress: bool = True) -> dict:
     """Run ``step`` in a forked process (or reuse its record); returns the record."""
     found = load_record(out, step)
     if found is not None:
         return found
+    _claim_outputs(out, step)
     result = out / "records" / f".{step.name}.result.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)

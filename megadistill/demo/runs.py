@@ -60,7 +60,7 @@ class DemoScale:
     """Validations per student run (and at the end)."""
     eval_steps: int = 8
     """Batches per validation (the same held-out samples for every run)."""
-    baseline_lengths: tuple = (1.0, 1.5, 2.0, 2.5)
+    baseline_lengths: tuple = (1.0, 1.5, 2.0)
     """Baselines trained for these multiples of student_steps, each with its own full LR schedule: the
     equal-wall-clock comparison interpolates between their final losses."""
     baseline_seeds: int = 3
@@ -83,7 +83,7 @@ def _model(layers: int, hidden: int) -> ModelConfig:
 
 DEFAULT = DemoScale(
     name="default", student=_model(3, 192), teacher=_model(4, 256), small=_model(2, 128),
-    student_steps=200, teacher_steps=400, small_steps=200, truncation_steps=200,
+    student_steps=200, teacher_steps=400, small_steps=200, truncation_steps=100, eval_steps=4,
 )
 """Sized for ≤ 20 minutes on 2 CPU cores (measured in the report)."""
 
