@@ -112,7 +112,7 @@ def test_a_second_demo_reuses_the_finished_steps(demo, capsys):
 
     out, text, data = demo
     again = run_demo(out, fast=True, progress=False)
-    strip = lambda t: re.sub(r"whole demo [\d.]+ min", "", t)  # noqa: E731
+    strip = lambda t: re.sub(r"this invocation [\d.]+ min", "", t)  # noqa: E731
     assert strip(again) == strip(text)
 
 

@@ -143,9 +143,11 @@ def _fused(cfg, student, target, labels, alpha, grad_out, inplace):
     return terms, leaf.grad
 
 
-def _worker():
+def _worker(alphas=ALPHAS):
     errors = []
     for i, (cfg, sparse, alpha) in enumerate(cases()):
+        if alpha not in alphas:
+            continue
         student, teacher, labels, grad_out = _inputs(1000 + i)
         target = _sparse(2000 + i) if sparse else teacher
         total, kd, lm, agree, grad = _unfused(cfg, student, target, labels, alpha)
@@ -185,14 +187,16 @@ def _plain_lm_worker():
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_fused_objective_equals_the_unfused_path(tp):
-    per_rank = run_distributed(_worker, tp, tp=tp)
+    # TP=4 (4 ranks on 2 cores): every loss, truncation and τ at one mixed α; the α = 0 and α = 1
+    # end points at TP 1 and 2.
+    per_rank = run_distributed(_worker, tp, (0.3,) if tp == 4 else ALPHAS, tp=tp)
     agreements = set()
     for rank, errors in enumerate(per_rank):
         for what, err, agree_ok, agree_rate in errors:
             assert err <= TOL, f"rank {rank}: error {err:.3e} for {what}"
             assert agree_ok, f"rank {rank}: top-1 agreement differs for {what}"
             agreements.add(agree_rate)
-    assert len(per_rank[0]) > 150 and len(agreements) > 1 and max(agreements) > 0.0
+    assert len(per_rank[0]) > (50 if tp == 4 else 150) and len(agreements) > 1 and max(agreements) > 0.0
 
 
 @pytest.mark.parametrize("tp", [1, 2])

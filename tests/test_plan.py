@@ -20,6 +20,7 @@ from megadistill.config import (
 )
 from megadistill import plan as pl
 from megadistill.testing import run_distributed
+from test_store import corpus  # noqa: F401  (fixture: a 512-piece tokenizer and data)
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2, activation="swiglu",
@@ -28,17 +29,6 @@ LLAMA = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_que
 QWEN = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, add_bias_linear=False,
                    add_qkv_bias=True)
 TEACHER = ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=4)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A 512-piece tokenizer and Megatron data cut from the embedded corpus (as tests/test_store.py)."""
-    from megadistill.data import embedded_corpus_text, preprocess
-
-    root = tmp_path_factory.mktemp("plan-corpus")
-    (root / "a.txt").write_text(embedded_corpus_text()[:60_000])
-    r = preprocess([str(root / "a.txt")], root / "data" / "corpus", vocab_size=512, progress=False)
-    return str(r.prefix), str(r.tokenizer_model)
 
 
 def _cfg(out, corpus, **kw) -> RunConfig:

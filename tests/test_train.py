@@ -149,9 +149,9 @@ def _launch(cfg_path, log, nproc: int = 1):
 
 
 KILL_CASES = {
-    "megatron": ({}, 1),
     "deepspeed-zero3-dp2": ({"optimizer": {"backend": "deepspeed"}, "deepspeed": {"zero_stage": 3}}, 2),
-    # SALT: resumed from step 6, the run crosses the switch to plain LM training at step 7.
+    # Megatron, online KD then SALT's switch: resumed from step 6 (teacher rebuilt from its
+    # checkpoint), the run crosses to plain LM training at step 7.
     "megatron-salt-across-the-switch": ({"kd": {"alpha": {"kind": "salt", "alpha_max": 0.5, "n_kd": 7}}}, 1),
 }
 
