@@ -235,7 +235,16 @@ def _iter_jsonl(path: Path, json_key: str) -> Iterator[str]:
 # --------------------------------------------------------------------------- tokenizer
 
 
-class SentencePieceTokenizer(MegatronTokenizerBase):
+class PretrainingTokenizer(MegatronTokenizerBase):
+    """What megadistill's tokenizers share: megatron-core's tokenizer interface, for pre-training text."""
+
+    def apply_chat_template(self, *args, **kwargs):
+        """Abstract in megatron's tokenizer base class; pre-training text has no chat format, and no
+        megadistill path calls it."""
+        raise NotImplementedError(f"{type(self).__name__} is for pre-training text; it has no chat template")
+
+
+class SentencePieceTokenizer(PretrainingTokenizer):
     """A sentencepiece model as the tokenizer megatron-core's datasets expect.
 
     ``GPTDataset`` reads ``eod`` (end of document, sentencepiece's ``</s>``), ``vocab_size``, and
@@ -300,10 +309,6 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
     def detokenize(self, ids: Iterable[int]) -> str:
         """Ids (a list, numpy array or tensor ``[n]``) → text; ``eod`` decodes to nothing."""
         return self._sp.decode([int(i) for i in ids])
-
-    def apply_chat_template(self, *args, **kwargs):
-        """Abstract in megatron's tokenizer base class; pre-training text has no chat format."""
-        raise NotImplementedError("SentencePieceTokenizer is for pre-training text; it has no chat template")
 
 
 def _check_vocab_size(vocab_size: int) -> None:

@@ -75,12 +75,9 @@ def _execute(step: Step, progress: bool) -> dict:
 
 
 def _child(step: Step, progress: bool, result: str) -> None:
-    from megadistill.testing.distributed import free_port
-
-    # One process of its own: rank 0 of a world of 1, on a port nobody else holds.
+    # One process of its own: rank 0 of a world of 1 (the launch picks a free port).
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(k, None)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
     try:
         rec = _execute(step, progress)
         Path(result).write_text(json.dumps({"ok": rec}))

@@ -28,8 +28,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Union
 
-from megatron.core.tokenizers import MegatronTokenizerBase
-
+from megadistill.data import PretrainingTokenizer
 from megadistill.data_checks import DataError
 
 PathLike = Union[str, Path]
@@ -99,7 +98,7 @@ def guess_tokenizer_type(path: PathLike) -> str:
     return "huggingface" if p.is_dir() or p.suffix == ".json" else "sentencepiece"
 
 
-class HuggingFaceTokenizer(MegatronTokenizerBase):
+class HuggingFaceTokenizer(PretrainingTokenizer):
     """A Hugging Face fast tokenizer (``tokenizer.json``, read with the ``tokenizers`` library) as
     the tokenizer megatron-core's datasets expect; see the module docstring. ``eod`` may be given
     (a token string) to override the ``tokenizer_config.json`` / :data:`EOD_CANDIDATES` choice."""
@@ -196,7 +195,3 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
     def detokenize(self, ids: Iterable[int]) -> str:
         """Ids (a list, numpy array or tensor ``[n]``) → text, special tokens kept."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def apply_chat_template(self, *args, **kwargs):
-        """Abstract in megatron's tokenizer base class; pre-training text has no chat format."""
-        raise NotImplementedError("HuggingFaceTokenizer is for pre-training text; it has no chat template")
