@@ -17,13 +17,29 @@ def _train(args) -> int:
     launch.choose_backend()
     from megadistill.train import run
 
-    result = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    try:
+        result = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    finally:
+        _close_process_groups()
     if result.stopped_by is not None:
         from megadistill.preemption import EXIT_STOPPED
 
         # Saved and unfinished: a distinct status, so a job script can requeue (slurm/train.sbatch).
         return EXIT_STOPPED
     return 0 if result.steps == cfg.training.train_steps else 1
+
+
+def _close_process_groups() -> None:
+    """Tear down Megatron's groups and the default process group before the interpreter exits: a
+    gloo group left to the exit can abort the process ("terminate called without an active
+    exception", status -6) after a run that finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def _preprocess(args) -> int:
