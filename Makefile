@@ -31,7 +31,7 @@ bench-backends: $(STAMP)
 
 # Regenerate the README's config reference from the dataclass docstrings.
 config-reference: $(STAMP)
-	$(VENV)/bin/python -m megadistill.readme
+	$(VENV)/bin/python -m megadistill.cli.readme
 
 clean-venv:
 	rm -rf $(VENV)

@@ -49,7 +49,7 @@ from megadistill.config import (  # noqa: E402
     TeacherConfig,
     TrainingConfig,
 )
-from megadistill.megatron.loss import KDStep  # noqa: E402
+from megadistill.kd.knobs import KDStep  # noqa: E402
 from megadistill.testing import run_distributed  # noqa: E402
 
 # Short sequences and a student larger than its teacher: the per-rank training state (what ZeRO
@@ -103,8 +103,8 @@ def _adam_bytes(optimizer) -> int:
 def _worker(backend_name: str, stage: int, steps: int) -> dict:
     from megatron.core import parallel_state
 
-    from megadistill.backend import build_backend
-    from megadistill.kd.teacher import OnlineTeacher
+    from megadistill.assemble import build_backend
+    from megadistill.megatron.online import OnlineTeacher
     from megadistill.megatron.gpt import build_gpt, device
 
     start_rss = _status_bytes("VmRSS")

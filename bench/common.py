@@ -11,7 +11,8 @@ from megadistill.config import CheckpointConfig, DataConfig, ModelConfig, Optimi
 
 def embedded_corpus(root: Path, vocab_size: int) -> tuple[str, str]:
     """``(data prefix, tokenizer model)`` of the embedded corpus, preprocessed under ``root``."""
-    from megadistill.data import embedded_corpus_text, preprocess
+    from megadistill.data.corpus import embedded_corpus_text
+    from megadistill.data.preprocess import preprocess
 
     (root / "a.txt").write_text(embedded_corpus_text())
     r = preprocess([str(root / "a.txt")], root / "data" / "corpus", vocab_size=vocab_size, progress=False)

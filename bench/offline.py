@@ -74,12 +74,12 @@ def _teacher_forward_seconds(cfg, threads, kind="top_p_k", draws=12) -> tuple[np
     ``sample_rskd`` with its uniforms): the two costs the precompute loop adds up, apart. Each
     as (wall, CPU) seconds."""
     from megadistill.config import CHECKPOINT_MODEL_PREFIX, run_vocab_size
-    from megadistill.datasets import prepare_data
+    from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.preflight import resolve_teacher_checkpoint
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
     from megadistill.store.precompute import rskd_uniforms, sample_rskd, select_top_p_k
-    from megadistill.train import init_distributed
+    from megadistill.megatron.distributed import init_distributed
 
     torch.set_num_threads(threads)
     init_distributed(cfg)

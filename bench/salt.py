@@ -49,8 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=16, help="steps per run; KD for the first half of the SALT run")
     args = ap.parse_args()
-    from megadistill.datasets import preprocess_if_stale
-    from megadistill.train import read_metrics
+    from megadistill.data.datasets import preprocess_if_stale
+    from megadistill.metrics import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="megadistill-bench-salt-") as tmp:
         tmp = Path(tmp)

@@ -61,12 +61,12 @@ def _loops(cfg, threads, repeats) -> dict:
     from megatron.core import parallel_state
 
     from megadistill.config import CHECKPOINT_MODEL_PREFIX, run_vocab_size
-    from megadistill.datasets import prepare_data
+    from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.preflight import resolve_teacher_checkpoint
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
     from megadistill.salt.score import score_logits
-    from megadistill.train import init_distributed
+    from megadistill.megatron.distributed import init_distributed
 
     torch.set_num_threads(threads)
     init_distributed(cfg)

@@ -21,7 +21,8 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megadistill.losses import KDLossConfig
-from megadistill.megatron import DistillationLoss, DistillationModel, KDStep, make_forward_step
+from megadistill.megatron import DistillationLoss, DistillationModel, make_forward_step
+from megadistill.kd.knobs import KDStep
 from megadistill.megatron.training import train_step, wrap_ddp, wrap_half
 from megadistill.testing import run_distributed
 from megadistill.testing.models import tiny_gpt

@@ -30,7 +30,8 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
 from megadistill.losses import KDLossConfig
-from megadistill.megatron import DistillationLoss, DistillationModel, KDStep, make_forward_step  # KD
+from megadistill.megatron import DistillationLoss, DistillationModel, make_forward_step
+from megadistill.kd.knobs import KDStep
 from megadistill.megatron.training import train_step, wrap_ddp
 
 VOCAB, SEQ = 1024, 64

@@ -3,7 +3,7 @@
 The training loop (``megadistill.train``) talks to a :class:`Backend` only. Two implement it:
 ``megadistill.megatron.backend.MegatronBackend`` (Megatron DDP + distributed optimizer, 1F1B
 pipelines) and ``megadistill.deepspeed.backend.DeepSpeedBackend`` (a ZeRO 1/2/3 engine).
-:func:`build_backend` is the one place that chooses between them.
+``megadistill.assemble.build_backend`` is the one place that chooses between them.
 
 A micro-batch is a dict of ``[b, s]`` tensors ``tokens``, ``labels``, ``loss_mask``,
 ``position_ids`` and the ``[b]`` global sample ``indices`` it was built from (see
@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol
 
 if TYPE_CHECKING:
-    from megadistill.config import RunConfig
-    from megadistill.kd.teacher import TeacherSource
-    from megadistill.megatron.loss import KDStep
+    from megadistill.kd.knobs import KDStep
 
 
 @dataclass
@@ -39,9 +37,6 @@ class StepResult:
 
 class Backend(Protocol):
     """A student training engine. Every method is collective over all ranks."""
-
-    name: str
-    """``megatron`` or ``deepspeed`` (recorded in checkpoints: a resume must use the same)."""
 
     def train_step(self, micro_batches: list[dict], knobs: "KDStep") -> StepResult:
         """Forward, backward and one optimizer step over this rank's micro-batches of one global
@@ -71,14 +66,3 @@ class Backend(Protocol):
         """Restore what :meth:`save` wrote; returns its step. Raises a clear error for a checkpoint
         that does not match this run (model shapes, layout)."""
         ...
-
-
-def build_backend(cfg: "RunConfig", vocab_size: int, teacher: "TeacherSource") -> Backend:
-    """The backend ``cfg.optimizer.backend`` names, with the student built and wrapped."""
-    if cfg.optimizer.backend == "deepspeed":
-        from megadistill.deepspeed.backend import DeepSpeedBackend
-
-        return DeepSpeedBackend(cfg, vocab_size, teacher)
-    from megadistill.megatron.backend import MegatronBackend
-
-    return MegatronBackend(cfg, vocab_size, teacher)

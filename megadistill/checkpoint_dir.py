@@ -37,7 +37,6 @@ import heapq
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -47,7 +46,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch.distributed as dist
 
-from megadistill.collective import on_every_rank
+from megadistill.collective import on_every_rank, on_rank0, rank_world
+from megadistill.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def latest_verified_checkpoint(root: str | Path) -> Optional[Path]:
     """
     root = Path(root)
     skipped: list[str] = []
-    for path in _on_rank0(lambda: _complete_checkpoints(root)):
+    for path in on_rank0(lambda: _complete_checkpoints(root)):
         try:
             verify(path)
         except CorruptCheckpointError as e:
@@ -188,10 +188,10 @@ def checkpoint_to_resume(root: str | Path, resume: str) -> Optional[Path]:
     if resume == "none":
         return None
     if resume == "auto":
-        _on_rank0(lambda: _finish_interrupted_swaps(Path(root)))
+        on_rank0(lambda: _finish_interrupted_swaps(Path(root)))
         return latest_verified_checkpoint(root)
     path = Path(resume)
-    if _on_rank0(lambda: is_complete(path)):
+    if on_rank0(lambda: is_complete(path)):
         verify(path)
     return path
 
@@ -209,6 +209,34 @@ def read_marker(path: str | Path) -> dict:
             "interrupted save?)"
         )
     return _callers_part(_parse_marker(path))
+
+
+def resolve_teacher_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a run directory whose latest complete checkpoint is used."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"teacher.checkpoint: {p} does not exist")
+    if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        latest = latest_checkpoint(root) if root.is_dir() else None
+        if latest is not None:
+            return Path(latest)
+    raise ConfigError(f"teacher.checkpoint: {p} holds no complete distributed checkpoint")
+
+
+def checkpoint_identity(ckpt: Path) -> dict:
+    """A checkpoint's identity by content: the sha256 over every file in it (relative path +
+    content), with its resolved path and file count for the reader."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    for p in files:
+        digest.update(str(p.relative_to(ckpt)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return {"path": str(ckpt.resolve()), "num_files": len(files), "files_sha256": digest.hexdigest()}
 
 
 def commit(root: str | Path, step: int, write: Callable[[Path], None], marker: dict) -> Path:
@@ -268,14 +296,14 @@ def verify(path: str | Path) -> dict:
     (the driver's resume decision, then the backend's load) is free.
     """
     path = Path(path)
-    marker, listing, known = _on_rank0(lambda: _read_for_verify(path))
+    marker, listing, known = on_rank0(lambda: _read_for_verify(path))
     if not known:
         recorded = (marker.get(_INTEGRITY) or {}).get("files")
         if recorded is None:
             _warn("checkpoint %s was written before checkpoints recorded checksums: its files are not verified", path)
         else:
             _check_files(path, recorded, listing)
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             _VERIFIED[_cache_key(path)] = _marker_digest(marker), listing
     return _callers_part(marker)
 
@@ -284,7 +312,7 @@ def _check_files(path: Path, recorded: dict[str, list], listing: dict[str, int])
     """Collective: raise CorruptCheckpointError on every rank if any rank finds a problem."""
     problems = _listing_problems(recorded, listing)  # the same on every rank
     intact_size = {name: recorded[name][0] for name in recorded if listing.get(name) == recorded[name][0]}
-    rank, world = _rank_world()
+    rank, world = rank_world()
     problems += _content_problems(path, recorded, _split(intact_size, world)[rank])
     problems = sorted({p for rank_problems in _gather(problems) for p in rank_problems})
     if problems:
@@ -383,8 +411,8 @@ def _split(sizes: dict[str, int], world: int) -> list[list[str]]:
 
 def _checksum_files(directory: Path) -> dict[str, list]:
     """Collective: {file: [size, digest]} of everything in ``directory``, each rank hashing its share."""
-    sizes = _on_rank0(lambda: _list_files(directory))
-    rank, world = _rank_world()
+    sizes = on_rank0(lambda: _list_files(directory))
+    rank, world = rank_world()
     with on_every_rank(f"checksumming checkpoint {directory}"):
         mine = {name: list(_hash_file(directory / name)) for name in _split(sizes, world)[rank]}
     files = {name: entry for share in _gather(mine) for name, entry in share.items()}
@@ -423,40 +451,8 @@ def _content_problems(path: Path, recorded: dict[str, list], names: list[str]) -
 # ---------------------------------------------------------------------------------------------
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _on_rank0(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0 only (one view of a shared file system); its result -- or its error,
-    raised on every rank -- shared with all."""
-    rank, world = _rank_world()
-    outcome: list = [None, None]
-    if rank == 0:
-        try:
-            outcome[0] = fn()
-        except Exception as e:
-            outcome[1] = _shareable(e)
-    if world > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        raise outcome[1]
-    return outcome[0]
-
-
-def _shareable(error: Exception) -> Exception:
-    """``error`` if it survives pickling (to be sent to the other ranks), else a RuntimeError."""
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-
-
 def _gather(obj: Any) -> list:
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world == 1:
         return [obj]
     gathered: list = [None] * world
@@ -465,7 +461,7 @@ def _gather(obj: Any) -> list:
 
 
 def _warn(message: str, *args: Any) -> None:
-    if _rank_world()[0] == 0:  # once, not once per rank
+    if rank_world()[0] == 0:  # once, not once per rank
         logger.warning(message, *args)
 
 

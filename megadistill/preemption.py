@@ -33,20 +33,19 @@ _NOT_A_STOP = {"SIGINT", "SIGCHLD", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SI
 
 def parse_signals(names: Sequence[str], key: str = "checkpoint.stop_signals") -> list[signal.Signals]:
     """Signal names (``SIGTERM``, ``TERM``, ``usr1``) as :class:`signal.Signals`; raises
-    ``ConfigError`` naming ``key`` for an unknown signal or one that cannot mean "stop"."""
-    from megadistill.config import ConfigError
-
+    ``ValueError`` naming ``key`` for an unknown signal or one that cannot mean "stop" (config
+    validation reports it as a ``ConfigError``)."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
-        raise ConfigError(f"{key}: expected a list of signal names, got {names!r}")
+        raise ValueError(f"{key}: expected a list of signal names, got {names!r}")
     found = []
     for raw in names:
         name = str(raw).strip().upper()
         name = name if name.startswith("SIG") else "SIG" + name
         sig = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
         if sig is None:
-            raise ConfigError(f"{key}: {raw!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+            raise ValueError(f"{key}: {raw!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
         if name in _UNCATCHABLE or name in _NOT_A_STOP:
-            raise ConfigError(f"{key}: {name} cannot be used to stop a run (it cannot be caught, or means a crash "
+            raise ValueError(f"{key}: {name} cannot be used to stop a run (it cannot be caught, or means a crash "
                               "or an interactive interrupt); use e.g. SIGTERM, SIGUSR1, SIGUSR2")
         if sig not in found:
             found.append(sig)

@@ -1,9 +1,10 @@
 """Checks of a run config that need its files or the machine: data files, tokenizer, teacher
 checkpoint (its vocabulary and shape), Transformer Engine.
 
-``megadistill.config.validate`` checks the config alone and can run anywhere; :func:`preflight`
-runs where the job will run, before any process group starts (``load_config`` calls both), so a
-missing file or a mismatched teacher fails in seconds rather than after Megatron started.
+``megadistill.config.validate`` checks the config alone and can run anywhere (``load_config``
+calls it); :func:`preflight` runs where the job will run, before any process group starts (the
+commands call it after loading the config), so a missing file or a mismatched teacher fails in
+seconds rather than after Megatron started.
 Every error is a ``ConfigError`` naming the key.
 """
 
@@ -11,7 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megadistill.config import CHECKPOINT_MODEL_PREFIX, ConfigError, ModelConfig, RunConfig, padded_vocab_size, run_vocab_size  # noqa: F401
+from megadistill.checkpoint_dir import is_complete, latest_checkpoint, read_marker, resolve_teacher_checkpoint
+from megadistill.config import CHECKPOINT_MODEL_PREFIX, ConfigError, ModelConfig, RunConfig, run_vocab_size
+from megadistill.data.errors import DataError
+from megadistill.hashing import file_sha256
+from megadistill.schedules import kd_ends_at
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -90,16 +95,14 @@ def _check_data_files(cfg: RunConfig) -> None:
         for ext in (".bin", ".idx"):
             if not Path(d.data_prefix + ext).is_file():
                 raise ConfigError(f"data.data_prefix: {d.data_prefix}{ext} does not exist")
-        from megadistill.data_checks import DataError
-        from megadistill.data_integrity import quick_check
+        from megadistill.data.integrity import quick_check
 
         try:
             quick_check(d.data_prefix)
         except DataError as e:
             raise ConfigError(f"data.data_prefix: {e}") from e
     if d.tokenizer_model is not None and d.tokenizer_type == "huggingface":
-        from megadistill.data_checks import DataError
-        from megadistill.hf.tokenizer import tokenizer_file
+        from megadistill.data.tokenizer import tokenizer_file
 
         try:
             tokenizer_file(d.tokenizer_model, d.tokenizer_type)
@@ -117,9 +120,6 @@ def _check_data_files(cfg: RunConfig) -> None:
 def _resumes_after_kd(cfg: RunConfig) -> bool:
     """Whether the run resumes at or after the step its KD phase ends (SALT), so that it needs no
     teacher checkpoint (a guess from the newest complete checkpoint; ``resume.decide`` settles it)."""
-    from megadistill.checkpoint_dir import latest_checkpoint, read_marker
-    from megadistill.schedules import kd_ends_at
-
     end = kd_ends_at(cfg.kd.alpha, cfg.training.train_steps)
     resume = cfg.checkpoint.resume
     if end is None or resume == "none":
@@ -140,7 +140,6 @@ def _check_teacher(cfg: RunConfig) -> None:
     ckpt = resolve_teacher_checkpoint(t.checkpoint)
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from megadistill.checkpoint_dir import is_complete, read_marker
     from megadistill.megatron.teacher import checkpoint_vocab_size
 
     # Its files are verified by checksum once the ranks exist (resume.decide), shared among them.
@@ -154,7 +153,7 @@ def _check_teacher(cfg: RunConfig) -> None:
         teacher_vocab = checkpoint_vocab_size(ckpt, prefix=CHECKPOINT_MODEL_PREFIX)
     except (ValueError, CheckpointingException) as e:  # no GPT embedding in it, or not a dist checkpoint
         raise ConfigError(f"teacher.checkpoint {ckpt}: {e}") from e
-    student_vocab = run_vocab_size(cfg, tokenizer_vocab_size(cfg))
+    student_vocab = _student_vocab(cfg)
     if teacher_vocab != student_vocab:
         raise ConfigError(
             f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the "
@@ -181,7 +180,7 @@ def _check_store(cfg: RunConfig) -> None:
     except StoreError as e:
         raise ConfigError(f"teacher.store: {e}") from e
     tok = cfg.data.tokenizer_model
-    vocab = run_vocab_size(cfg, tokenizer_vocab_size(cfg)) if tok else None
+    vocab = _student_vocab(cfg) if tok else None
     problems = run_mismatches(manifest, cfg, vocab, tokenizer_sha256(cfg) if tok else None)
     if problems:
         raise ConfigError(f"teacher.store {cfg.teacher.store} was not made for this run: " + "; ".join(problems))
@@ -202,47 +201,24 @@ def _check_scores(cfg: RunConfig) -> None:
         raise ConfigError(f"data_selection.scores: {p} holds no finished scores (no manifest.json){hint}")
 
 
-def resolve_teacher_checkpoint(path: str) -> Path:
-    """A checkpoint directory, or a run directory whose latest complete checkpoint is used."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"teacher.checkpoint: {p} does not exist")
-    if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
-        return p
-    from megadistill.checkpoint_dir import latest_checkpoint
-
-    for root in (p, p / "checkpoints"):
-        latest = latest_checkpoint(root) if root.is_dir() else None
-        if latest is not None:
-            return Path(latest)
-    raise ConfigError(f"teacher.checkpoint: {p} holds no complete distributed checkpoint")
-
-
-def tokenizer_vocab_size(cfg: RunConfig) -> int:
-    """The student's vocabulary before padding: the given tokenizer's (data.tokenizer_type), or
+def _student_vocab(cfg: RunConfig) -> int:
+    """The run's padded vocabulary: of the given tokenizer (data.tokenizer_model), or of
     data.vocab_size for one still to be trained."""
-    if cfg.data.tokenizer_model is not None and cfg.data.tokenizer_type == "huggingface":
-        from megadistill.data_checks import DataError
-        from megadistill.hf.tokenizer import tokenizer_vocab_size as vocab_size
+    if cfg.data.tokenizer_model is None:
+        return run_vocab_size(cfg, cfg.data.vocab_size)
+    from megadistill.data.tokenizer import tokenizer_vocab_size
 
-        try:
-            return vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
-        except (DataError, FileNotFoundError) as e:
-            raise ConfigError(f"data.tokenizer_model: {e}") from e
-    if cfg.data.tokenizer_model is not None:
-        import sentencepiece as spm
-
-        return spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_model).vocab_size()
-    return cfg.data.vocab_size
+    try:
+        return run_vocab_size(cfg, tokenizer_vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type))
+    except (DataError, FileNotFoundError) as e:
+        raise ConfigError(f"data.tokenizer_model: {e}") from e
 
 
 def tokenizer_sha256(cfg: RunConfig) -> str:
-    """The given tokenizer's identity (``megadistill.hf.tokenizer.tokenizer_sha256``: the SHA-256
-    of its .model or tokenizer.json), as the run's checkpoints, stores and score files record it."""
-    from megadistill.data_integrity import file_sha256
-
+    """The given tokenizer's identity (the SHA-256 of its .model or tokenizer.json), as the run's
+    checkpoints, stores and score files record it."""
     if cfg.data.tokenizer_type == "huggingface":
-        from megadistill.hf.tokenizer import tokenizer_file
+        from megadistill.data.tokenizer import tokenizer_file
 
         return file_sha256(tokenizer_file(cfg.data.tokenizer_model, "huggingface"))
     return file_sha256(cfg.data.tokenizer_model)

@@ -12,18 +12,12 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
-from megadistill.checkpoint_dir import _shareable, is_complete, latest_checkpoint, read_marker
-from megadistill.data_integrity import file_sha256
-from megadistill.config import ConfigError, RunConfig, resolve_teacher_checkpoint, to_dict
-
-# Settings a resumed run must share with the run it continues: they fix the weights' shapes, the
-# data position and content, the schedules and the backend's checkpoint format.
-RESUME_INVARIANTS = (
-    "model", "teacher.mode", "teacher.model", "teacher.store", "parallel.use_distributed_optimizer", "kd",
-    "data.inputs", "data.data_prefix", "data.vocab_size", "data.seq_length", "data.global_batch_size",
-    "data.split", "data.seed", "data.train_samples", "training.train_steps", "training.seed", "optimizer", "deepspeed", "record_logits",
-    "data_selection",
-)
+from megadistill.checkpoint_dir import is_complete, latest_checkpoint, read_marker, resolve_teacher_checkpoint
+from megadistill.collective import shareable
+from megadistill.config import RESUME_INVARIANTS, ConfigError, ModelConfig, RunConfig, to_dict
+from megadistill.data.integrity import read_manifest
+from megadistill.hashing import file_sha256
+from megadistill.store.format import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +87,6 @@ def corpus_identity(cfg: RunConfig) -> Optional[str]:
     import hashlib
     import json
 
-    from megadistill.data_integrity import read_manifest
-
     prefix = cfg.data.data_prefix or str(Path(cfg.output_dir) / "data" / "corpus")
     manifest = read_manifest(prefix)
     if manifest is None:
@@ -107,14 +99,10 @@ def _store_identity(cfg: RunConfig) -> Optional[str]:
     rebuilt at the same path is another store."""
     if cfg.teacher.mode != "offline":
         return None
-    from megadistill.store.format import MANIFEST
-
     return file_sha256(Path(cfg.teacher.store) / MANIFEST)
 
 
 def _architecture(model: dict) -> dict:
-    from megadistill.config import ModelConfig
-
     defaults = to_dict(ModelConfig())
     arch = {k: model.get(k, defaults[k]) for k in ARCHITECTURE_KEYS}
     if arch["ffn_hidden_size"] is None and arch["hidden_size"] is not None:
@@ -229,7 +217,7 @@ def decide(
                     record = record or cfg.teacher.checkpoint
             decision = [Decision(str(path) if path else None, start, teacher, record), None]
         except Exception as e:  # raised on every rank below, instead of leaving them waiting
-            decision = [None, _shareable(e)]
+            decision = [None, shareable(e)]
     dist.broadcast_object_list(decision, src=0)
     if decision[1] is not None:
         raise decision[1]

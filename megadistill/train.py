@@ -3,7 +3,8 @@
 ``python -m megadistill train run.yaml`` (single process), ``torchrun ... -m megadistill train
 run.yaml`` or ``srun ... python -m megadistill train run.yaml`` all end up in :func:`run`. The loop
 knows three seams only: a ``Backend`` (``megadistill.backend``), a ``TeacherSource``
-(``megadistill.kd.teacher``) and a ``Sampler`` (``megadistill.sampler``).
+(``megadistill.kd.teacher``) and a ``Sampler`` (``megadistill.sampler``); ``megadistill.assemble``
+builds the first two for the run's config.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megadistill.config import ConfigError, RunConfig, run_vocab_size
-from megadistill.metrics import read_metrics  # noqa: F401  (part of the driver's API)
+from megadistill.metrics import read_metrics
 
 
 @dataclass
@@ -36,38 +37,6 @@ class RunResult:
     """The signal that stopped the run before train_steps (checkpoint saved), or None."""
 
 
-def init_distributed(cfg: RunConfig) -> None:
-    """Start torch.distributed (ranks from ``megadistill.launch``: torchrun, an srun step, or one
-    process) unless a caller already did, and Megatron's parallel state; seed this rank. Without
-    CUDA on gloo, megatron-core runs through the CPU compatibility layer."""
-    import sys
-
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megadistill import launch
-    from megadistill.config import validate
-    from megadistill.megatron import cpu
-
-    if not dist.is_initialized():
-        where = launch.resolve()  # the same function the CLI validated with
-        validate(cfg, world_size=where.world_size)  # for callers of run() that skipped load_config
-        where = launch.init_process_group(where, launch.choose_backend())
-        if where.rank == 0:
-            for note in where.notes:
-                print(f"megadistill: {note}", file=sys.stderr)
-    cpu.apply_if_needed(dist.get_backend())
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-        )
-    # Each pipeline stage draws its own layers' weights and dropout masks (as in Megatron-LM).
-    seed = cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-
-
 def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunResult:
     """Train per ``cfg`` (distributed state is set up here if needed); returns the result.
     ``overwrite`` moves an earlier run's checkpoints and logs in ``cfg.output_dir`` aside instead of
@@ -75,13 +44,13 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     from megatron.core import parallel_state
     from tqdm import tqdm
 
-    from megadistill import resume
-    from megadistill.backend import build_backend
+    from megadistill import preemption, resume
+    from megadistill.assemble import build_backend, make_teacher_source
     from megadistill.checkpoint_dir import commit
-    from megadistill.data_integrity import file_sha256
-    from megadistill.datasets import prepare_data
+    from megadistill.data.datasets import prepare_data
+    from megadistill.hashing import file_sha256
     from megadistill.kd.knobs import KnobSchedule
-    from megadistill.kd.teacher import make_teacher_source
+    from megadistill.megatron.distributed import init_distributed
     from megadistill.megatron.gpt import device
     from megadistill.megatron.schedule import reduce_reports
     from megadistill.metrics import MetricsLogger, log_line, memory_mib, process_seconds, stop_if_not_finite, summary_line
@@ -127,8 +96,6 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     logger = MetricsLogger(out, start, cfg.training.log_interval) if dist.get_rank() == dist.get_world_size() - 1 else None
     bar = tqdm(total=steps, initial=start, desc=cfg.name, disable=logger is None or not progress, dynamic_ncols=True)
     result = RunResult(steps=start)
-    from megadistill import preemption
-
     stops = preemption.install(cfg.checkpoint, dev)  # handlers only record; poll() below decides
 
     def validate() -> float:

@@ -120,7 +120,8 @@ def test_a_llama_like_student_distils_from_a_gpt_like_teacher_at_tp2(tmp_path, c
     assert sorted(m) == list(range(1, 7))
     assert m[6]["total loss"] < m[1]["total loss"] - 0.2 and m[6]["kd loss"] < m[1]["kd loss"]
     # Its checkpoint is a Llama-shaped megatron-core checkpoint: it can serve as a teacher, described by LLAMA.
-    from megadistill.preflight import check_teacher_shape, resolve_teacher_checkpoint
+    from megadistill.preflight import check_teacher_shape
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
 
     ckpt = resolve_teacher_checkpoint(str(tmp_path / "llama"))
     check_teacher_shape(LLAMA, ckpt)
@@ -142,7 +143,8 @@ def test_a_llama_like_student_distils_from_a_gpt_like_teacher_at_tp2(tmp_path, c
     ],
 )
 def test_teacher_model_is_checked_against_its_checkpoint_shapes(teacher_run, change, message):  # noqa: F811
-    from megadistill.preflight import check_teacher_shape, resolve_teacher_checkpoint
+    from megadistill.preflight import check_teacher_shape
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
 
     ckpt = resolve_teacher_checkpoint(str(teacher_run[0]))
     check_teacher_shape(TEACHER, ckpt)
@@ -152,8 +154,8 @@ def test_teacher_model_is_checked_against_its_checkpoint_shapes(teacher_run, cha
 
 def test_teacher_model_is_checked_against_its_run_record(teacher_run, corpus):  # noqa: F811
     from megadistill.resume import check_teacher_record
-    from megadistill.preflight import resolve_teacher_checkpoint
-    from megadistill.data_integrity import file_sha256
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.hashing import file_sha256
 
     ckpt = str(resolve_teacher_checkpoint(str(teacher_run[0])))
     sha = file_sha256(corpus[2])
@@ -213,14 +215,14 @@ def test_a_record_written_before_the_options_existed_means_the_defaults():
 )
 def test_invalid_architectures_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(overrides, preflight=False)
+        config_from_dict(overrides)
     assert message in str(e.value)
 
 
 def test_transformer_engine_requested_but_absent_is_a_clear_error():
     from megadistill.megatron.gpt import use_transformer_engine
 
-    cfg = config_from_dict({"model": {"transformer_impl": "transformer_engine"}}, preflight=False)
+    cfg = config_from_dict({"model": {"transformer_impl": "transformer_engine"}})
     with pytest.raises(ValueError, match=r"model.transformer_impl is transformer_engine but (Transformer Engine is "
                                          r"not installed|no GPU is present): set model.transformer_impl to auto or local"):
         use_transformer_engine(cfg.model)

@@ -32,8 +32,6 @@ from megadistill.megatron.training import train_step, wrap_ddp
 from megadistill.testing.distributed import run_distributed
 from megadistill.testing.models import tiny_gpt
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patch set is for CPU-only torch")
-
 VOCAB, SEQ, MBS, GLOBAL = 128, 16, 2, 8
 LAYERS, HIDDEN, HEADS = 2, 32, 4
 STEPS, SAVE_AT = 6, 3

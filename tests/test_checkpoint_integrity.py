@@ -28,8 +28,6 @@ from megadistill.checkpoint_dir import COMPLETE_MARKER, CorruptCheckpointError, 
 from megadistill.megatron.checkpoint import load_checkpoint, save_checkpoint
 from megadistill.testing import run_distributed
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patch set is for CPU-only torch")
-
 TESTS = Path(__file__).resolve().parent
 
 
@@ -319,9 +317,10 @@ def _waiting(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 @pytest.mark.parametrize("results_queue, kill_when", [("megatron", "writing"), ("cpu-layer", "waiting")])
 def test_kill_9_during_a_save_leaves_no_process_behind(tmp_path, results_queue, kill_when):
-    from megadistill.testing.distributed import free_port
+    from megadistill.testing.distributed import CPU_ONLY_ENV, free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A fresh interpreter: with the GPUs hidden from it, it runs on CPU/gloo on a GPU machine too.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **CPU_ONLY_ENV}
     proc = subprocess.Popen(
         [sys.executable, "-c", _SAVER.format(tests=str(TESTS)), str(tmp_path), str(free_port()), results_queue],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from megadistill.preflight import preflight
 from megadistill.config import ConfigError, RunConfig, config_from_dict, explain, load_config, validate
 
 INVALID = [
@@ -70,7 +71,7 @@ def test_invalid_config_names_the_key(data, message):
     data = dict(data)
     world = data.pop("_world", 1)
     with pytest.raises(ConfigError, match=message):
-        config_from_dict(data, world_size=world)
+        preflight(config_from_dict(data, world_size=world))  # the schema, then what needs the run's files
 
 
 def test_yaml_file_overrides_and_defaults(tmp_path):
@@ -110,7 +111,7 @@ def test_defaults_validate():
 def test_readme_config_reference_is_generated_from_the_dataclasses():
     from pathlib import Path
 
-    from megadistill.readme import render
+    from megadistill.cli.readme import render
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert render(readme) == readme, "run `make config-reference`"
@@ -141,13 +142,13 @@ def test_accepted_world_sizes():
 def test_deepspeed_backend_validation_runs_its_pass_through_check():
     ds = {"optimizer": {"backend": "deepspeed"}, "parallel": {"use_distributed_optimizer": True},
           "data": {"micro_batch_size": 4, "global_batch_size": 16}}
-    config_from_dict(ds, world_size=4, preflight=False)  # use_distributed_optimizer is ignored, not refused
+    config_from_dict(ds, world_size=4)  # use_distributed_optimizer is ignored, not refused
     bad = {**ds, "deepspeed": {"config": {"gradient_accumulation_steps": 2}}}
-    config_from_dict(bad, world_size=None, preflight=False)  # unknown DP size: compared at launch
+    config_from_dict(bad, world_size=None)  # unknown DP size: compared at launch
     with pytest.raises(ConfigError, match=r"deepspeed.config.gradient_accumulation_steps=2 contradicts"):
-        config_from_dict(bad, world_size=4, preflight=False)  # DP 4: 16 / (4 x 4) = 1
+        config_from_dict(bad, world_size=4)  # DP 4: 16 / (4 x 4) = 1
     with pytest.raises(ConfigError, match="deepspeed.config.scheduler is not allowed"):
-        config_from_dict({**ds, "deepspeed": {"config": {"scheduler": {"type": "WarmupLR"}}}}, preflight=False)
+        config_from_dict({**ds, "deepspeed": {"config": {"scheduler": {"type": "WarmupLR"}}}})
 
 
 # --------------------------------------------------------------------------- megadistill config --world-size
@@ -256,16 +257,16 @@ def test_config_world_size_arguments_are_checked(capsys, tmp_path, no_launcher):
 )
 def test_non_finite_and_out_of_range_numbers_are_rejected(override, message):
     with pytest.raises(ConfigError) as e:
-        config_from_dict({}, [override], preflight=False)
+        config_from_dict({}, [override])
     assert message in str(e.value)
 
 
 def test_exponent_floats_are_numbers_in_yaml_and_overrides():
     # PyYAML (YAML 1.1) reads 1e-3 as a string; it means 0.001 to every user.
-    cfg = config_from_dict({"optimizer": {"lr": "5E-3"}}, ["optimizer.min_lr=1e-4"], preflight=False)
+    cfg = config_from_dict({"optimizer": {"lr": "5E-3"}}, ["optimizer.min_lr=1e-4"])
     assert (cfg.optimizer.lr, cfg.optimizer.min_lr) == (5e-3, 1e-4)
     with pytest.raises(ConfigError, match="optimizer.lr: expected a number, got 'fast'"):
-        config_from_dict({"optimizer": {"lr": "fast"}}, preflight=False)
+        config_from_dict({"optimizer": {"lr": "fast"}})
 
 
 def test_a_config_built_in_code_is_checked_for_finite_numbers_too():
@@ -291,12 +292,12 @@ def test_the_tokenizer_block_is_the_flat_keys():
     from megadistill.config import ConfigError, config_from_dict
 
     given = {"data": {"tokenizer": {"type": "huggingface", "path": "/t/tokenizer.json"}}}
-    cfg = config_from_dict(given, preflight=False)
+    cfg = config_from_dict(given)
     assert (cfg.data.tokenizer_type, cfg.data.tokenizer_model) == ("huggingface", "/t/tokenizer.json")
     assert given == {"data": {"tokenizer": {"type": "huggingface", "path": "/t/tokenizer.json"}}}
-    cfg = config_from_dict({}, ["data.tokenizer.path=/t/m.model"], preflight=False)
+    cfg = config_from_dict({}, ["data.tokenizer.path=/t/m.model"])
     assert (cfg.data.tokenizer_type, cfg.data.tokenizer_model) == ("sentencepiece", "/t/m.model")
     with pytest.raises(ConfigError, match="data.tokenizer.path and data.tokenizer_model say the same thing"):
-        config_from_dict({"data": {"tokenizer": {"path": "a"}, "tokenizer_model": "b"}}, preflight=False)
+        config_from_dict({"data": {"tokenizer": {"path": "a"}, "tokenizer_model": "b"}})
     with pytest.raises(ConfigError, match="data.tokenizer must be a mapping with keys type and path"):
-        config_from_dict({"data": {"tokenizer": {"kind": "x"}}}, preflight=False)
+        config_from_dict({"data": {"tokenizer": {"kind": "x"}}})

@@ -34,7 +34,7 @@ def make_tokenizer(directory: Path, vocab_size: int = 512) -> Path:
     (tokenizer.json + tokenizer_config.json naming the eos token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megadistill.data import embedded_corpus_text
+    from megadistill.data.corpus import embedded_corpus_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -110,12 +110,12 @@ def _teacher_logits(snippet: str, tokens: torch.Tensor):
 
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.preflight import resolve_teacher_checkpoint
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
 
     block = yaml.safe_load(snippet)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cfg = config_from_dict({**block, "parallel": {"tensor_model_parallel_size": tp},
-                            "data": {**block["data"], "seq_length": tokens.shape[1]}}, preflight=False)
+                            "data": {**block["data"], "seq_length": tokens.shape[1]}})
     ckpt = resolve_teacher_checkpoint(cfg.teacher.checkpoint)
     model = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, 512), ckpt))
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
@@ -135,7 +135,7 @@ def test_converted_teachers_compute_the_hugging_face_logits(hf, tp):
 
 
 def marker_sha(hf) -> str:
-    from megadistill.hf.tokenizer import load_tokenizer
+    from megadistill.data.tokenizer import load_tokenizer
 
     return load_tokenizer(hf["tokenizer"], "huggingface").sha256
 
@@ -205,7 +205,7 @@ def test_a_student_distils_from_a_converted_teacher_with_its_tokenizer(tmp_path,
     """Preprocess with the teacher's Hugging Face tokenizer, then a few KD steps from the converted
     Llama: the run checks the teacher's architecture and tokenizer against the checkpoint's record."""
     from megadistill import train
-    from megadistill.data import embedded_corpus_text
+    from megadistill.data.corpus import embedded_corpus_text
 
     text = tmp_path / "a.txt"
     text.write_text(embedded_corpus_text()[:40_000])

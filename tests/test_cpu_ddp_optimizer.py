@@ -55,10 +55,6 @@ from megatron.core.transformer import TransformerConfig
 from megadistill.testing import cpu_patches
 from megadistill.testing.distributed import run_distributed
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="the CPU patch set is for CPU-only torch"
-)
-
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ = 2, 32, 4, 64, 128, 16
 MICRO_BATCH, GLOBAL_BATCH, STEPS = 2, 8, 3  # 4 micro-batches per step on one DP rank
 SEED = 1234

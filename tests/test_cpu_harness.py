@@ -9,7 +9,9 @@ must reproduce them.
 from __future__ import annotations
 
 import logging
+import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,11 +25,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer import TransformerConfig
 
 from megadistill.testing import cpu_patches
-from megadistill.testing.distributed import run_distributed
-
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="the CPU patch set is for CPU-only torch"
-)
+from megadistill.testing.distributed import CPU_ONLY_ENV, cuda_hidden, run_distributed
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, MBS, MICRO_BATCHES = 4, 32, 4, 64, 128, 16, 2, 4
 # Larger than megatron's default 0.02 so that logits and grads are far from trivially uniform.
@@ -288,3 +286,70 @@ def test_patch_set_is_idempotent_and_rng_fork_works():
     assert torch.equal(result["mask"], expected_mask)
     assert result["forked_differs"]
     assert result["fork_restores"]
+
+
+# -- the ranks run on CPU/gloo on a GPU machine too --------------------------------------------
+
+
+def _pretend_a_gpu(monkeypatch) -> None:
+    """Make this (pytest parent) process look like a GPU machine's, as far as Python can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+
+
+def _device_checks() -> dict:
+    """Runs in a forked rank: what the code under test sees there and decides from it."""
+    import torch.distributed as dist
+
+    from megadistill import launch
+    from megadistill.megatron import cpu, gpt
+
+    teacher = SimpleNamespace(precision=None)  # its default: bf16 on a GPU, fp32 on CPU
+    seen = {
+        "cuda_available": torch.cuda.is_available(),
+        "device_count": torch.cuda.device_count(),
+        "accelerator_available": torch.accelerator.is_available(),
+        "env": {name: os.environ.get(name) for name in CPU_ONLY_ENV},
+        "process_group": dist.get_backend(),
+        "chosen_backend": launch.choose_backend(os.environ),
+        "cpu_layer_needed": cpu.needed("gloo"),
+        "cpu_layer_applied": cpu._applied,
+        "teacher_precision": gpt.precision(teacher, SimpleNamespace(teacher=SimpleNamespace(model=teacher))),
+    }
+    try:
+        seen["device"] = str(gpt.device())
+    except (RuntimeError, AssertionError) as e:  # CUDA asked for where there is none
+        seen["device"] = f"error: {e}"
+    return seen
+
+
+def test_ranks_hide_cuda_when_the_parent_sees_a_gpu(monkeypatch):
+    _pretend_a_gpu(monkeypatch)
+    seen = run_distributed(_device_checks, 2)
+    for rank in seen:
+        assert rank == {
+            "cuda_available": False,
+            "device_count": 0,
+            "accelerator_available": False,
+            "env": {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"},
+            "process_group": "gloo",
+            "chosen_backend": "gloo",
+            "cpu_layer_needed": True,
+            "cpu_layer_applied": True,
+            "teacher_precision": "fp32",
+            "device": "cpu",
+        }
+    # Hidden in the forked ranks only: the parent still sees its "GPU".
+    assert torch.cuda.is_available() and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_cuda_hidden_is_undone_on_exit(monkeypatch):
+    _pretend_a_gpu(monkeypatch)
+    monkeypatch.delenv("DS_ACCELERATOR")
+    with cuda_hidden():
+        assert not torch.cuda.is_available() and torch.cuda.device_count() == 0
+        assert {name: os.environ.get(name) for name in CPU_ONLY_ENV} == CPU_ONLY_ENV
+    assert torch.cuda.is_available() and torch.cuda.device_count() == 1
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0" and "DS_ACCELERATOR" not in os.environ

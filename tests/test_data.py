@@ -14,15 +14,12 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-from megadistill import data
-from megadistill.data import (
-    SentencePieceTokenizer,
-    build_gpt_datasets,
-    embedded_corpus_text,
-    preprocess,
-    read_documents,
-    train_tokenizer,
-)
+from megadistill.data import corpus as data_corpus
+from megadistill.data import preprocess as data_preprocess
+from megadistill.data.tokenizer import SentencePieceTokenizer
+from megadistill.data.datasets import build_gpt_datasets
+from megadistill.data.corpus import embedded_corpus_text, read_documents
+from megadistill.data.preprocess import preprocess, train_tokenizer
 from megadistill.testing.distributed import run_distributed
 
 SEQ = 64
@@ -72,7 +69,7 @@ def test_embedded_corpus_is_the_pydoc_topics():
     text = embedded_corpus_text()
     assert len(text) > 400_000
     assert text == "\n\n".join(topics.values())
-    assert data._embedded_documents() == list(topics.values())
+    assert data_corpus._embedded_documents() == list(topics.values())
 
 
 def test_tokenizer_is_lossless_and_never_unknown(corpus):
@@ -98,7 +95,7 @@ def test_tokenizer_fits_megatron(corpus):
 
 
 def test_train_tokenizer_is_deterministic(tmp_path):
-    docs = data._embedded_documents()[:30]
+    docs = data_corpus._embedded_documents()[:30]
     a = train_tokenizer(docs, tmp_path / "a", 512)
     b = train_tokenizer(iter(docs), tmp_path / "sub" / "b", 512)
     assert a == tmp_path / "a.model"
@@ -122,12 +119,12 @@ def test_train_tokenizer_rejects_bad_vocab_sizes(tmp_path):
 
 def test_preprocess_embedded_corpus(corpus):
     result, tok = corpus
-    docs = data._embedded_documents()
+    docs = data_corpus._embedded_documents()
     stored = _documents(result.prefix)
     assert result.num_documents == len(stored) == len(docs) == 79
     assert result.num_tokens == sum(map(len, stored))
     assert result.tokenizer_model == Path(f"{result.prefix}.model")
-    for doc, ids in zip(docs, stored):
+    for doc, ids in zip(docs, stored, strict=True):
         assert ids[-1] == tok.eod and tok.eod not in ids[:-1]  # exactly one EOD, appended
         assert ids[:-1] == tok.tokenize(doc)
         assert tok.detokenize(ids[:-1]) == doc  # byte-exact round trip, no normalisation
@@ -153,7 +150,7 @@ def test_preprocess_txt_and_jsonl(corpus, small_inputs, tmp_path, capfd):
     assert result.tokenizer_model.read_bytes() == tok.model_path.read_bytes()
     stored = _documents(result.prefix)
     assert result.num_tokens == sum(map(len, stored))
-    for doc, ids in zip(TXT_DOCS + JSONL_DOCS, stored):
+    for doc, ids in zip(TXT_DOCS + JSONL_DOCS, stored, strict=True):
         assert ids == tok.tokenize(doc) + [tok.eod]
         assert tok.detokenize(ids) == doc
     assert _files(tmp_path / "out") == {"small.bin", "small.idx", "small.model", "small.manifest.json"}
@@ -256,7 +253,7 @@ def test_interrupted_commit_never_looks_complete(completed_moves, corpus, small_
         moves.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(data.os, "replace", replace_then_die)
+    monkeypatch.setattr(data_preprocess.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         preprocess(small_inputs, prefix, tokenizer_model=model, progress=False)
     monkeypatch.undo()
@@ -335,7 +332,7 @@ def test_sample_order_is_deterministic(corpus, tmp_path):
 def test_rewritten_data_never_reuses_a_stale_cache(corpus, small_inputs, tmp_path):
     result, tok = corpus
     prefix = tmp_path / "data"
-    text = _write(tmp_path / "other.txt", "\n\n".join(data._embedded_documents()[:40]))
+    text = _write(tmp_path / "other.txt", "\n\n".join(data_corpus._embedded_documents()[:40]))
     first = preprocess(small_inputs + [text], prefix, tokenizer_model=tok.model_path, progress=False)
     _build(first, tok, tmp_path / "cache")
     second = preprocess([text], prefix, tokenizer_model=tok.model_path, progress=False)
@@ -367,7 +364,7 @@ def test_dataset_argument_errors(corpus, small_inputs, tmp_path):
     train, valid = _build(small, tok, tmp_path / "cache", split="100", num_samples=(20, 0))
     assert valid is None and len(train) >= 20  # 6 short documents repeated over epochs
 
-    other = SentencePieceTokenizer(train_tokenizer(data._embedded_documents()[:20], tmp_path / "other", 400))
+    other = SentencePieceTokenizer(train_tokenizer(data_corpus._embedded_documents()[:20], tmp_path / "other", 400))
     with pytest.raises(ValueError, match="was written with the tokenizer .* not with .*other.model"):
         _build(result, other, tmp_path / "cache")
 
@@ -393,7 +390,7 @@ def test_two_ranks_build_identical_datasets(corpus, tmp_path):
 def _run_corpus(tmp_path, inputs, tokenizer_model=None):
     """``prepare_data``'s preprocessing step for a run over ``inputs``; the corpus prefix."""
     from megadistill.config import DataConfig, RunConfig
-    from megadistill.datasets import preprocess_if_stale
+    from megadistill.data.datasets import preprocess_if_stale
 
     cfg = RunConfig(output_dir=str(tmp_path / "run"),
                     data=DataConfig(inputs=[str(p) for p in inputs], tokenizer_model=tokenizer_model, vocab_size=300))
@@ -404,8 +401,10 @@ def _run_corpus(tmp_path, inputs, tokenizer_model=None):
 
 @pytest.fixture
 def count_preprocess(monkeypatch):
-    calls, real = [], data.preprocess
-    monkeypatch.setattr(data, "preprocess", lambda *a, **k: calls.append(a) or real(*a, **k))
+    from megadistill.data import datasets
+
+    calls, real = [], datasets.preprocess
+    monkeypatch.setattr(datasets, "preprocess", lambda *a, **k: calls.append(a) or real(*a, **k))
     return calls
 
 
@@ -426,7 +425,7 @@ def test_run_corpus_is_rebuilt_when_its_tokenizer_changes_in_place(corpus, tmp_p
     model = _write(tmp_path / "tok.model", corpus[0].tokenizer_model.read_bytes())
     text = _write(tmp_path / "in.txt", "some text\n\nmore text")
     prefix = _run_corpus(tmp_path, [text], str(model))
-    other = train_tokenizer(data._embedded_documents()[:20], tmp_path / "other", 400)
+    other = train_tokenizer(data_corpus._embedded_documents()[:20], tmp_path / "other", 400)
     model.write_bytes(other.read_bytes())  # same path, another tokenizer
     _run_corpus(tmp_path, [text], str(model))
     assert len(count_preprocess) == 2

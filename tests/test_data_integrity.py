@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 import yaml
 
-from megadistill import cli, data_integrity
+from megadistill import cli
+from megadistill.data import integrity as data_integrity
 from megadistill.config import ConfigError, DataConfig, RunConfig
-from megadistill.data import SentencePieceTokenizer, build_gpt_datasets, preprocess
-from megadistill.data_checks import DataError
+from megadistill.data.tokenizer import SentencePieceTokenizer
+from megadistill.data.datasets import build_gpt_datasets
+from megadistill.data.preprocess import preprocess
+from megadistill.data.errors import DataError
 from megadistill.preflight import preflight
 from megadistill.testing import run_distributed
 
@@ -221,7 +224,7 @@ def test_cli_data_verify_without_manifest_or_files(copy, tmp_path, capsys):
 
 
 def _prepare(cfg):
-    from megadistill.datasets import prepare_data
+    from megadistill.data.datasets import prepare_data
 
     try:
         tok, train, valid, _ = prepare_data(cfg)

@@ -15,7 +15,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megadistill.losses import KDLossConfig
-from megadistill.megatron import DistillationLoss, DistillationModel, KDStep, forward_backward, make_forward_step
+from megadistill.megatron import DistillationLoss, DistillationModel, forward_backward, make_forward_step
+from megadistill.kd.knobs import KDStep
 from megadistill.megatron.training import train_step, wrap_ddp
 from megadistill.megatron.teacher import load_teacher_checkpoint, save_model_checkpoint
 from megadistill.testing import run_distributed
@@ -119,7 +120,8 @@ def _last_stage(results):
 
 
 def _compare(ref, other, keys=("total loss", "kd loss", "lm loss")):
-    for step, ((m_ref, g_ref), (m, g)) in enumerate(zip(ref, other)):
+    assert len(other) == len(ref), f"{len(other)} steps, the reference ran {len(ref)}"
+    for step, ((m_ref, g_ref), (m, g)) in enumerate(zip(ref, other, strict=True)):
         for k in keys:
             assert abs(m_ref[k] - m[k]) < 1e-5, f"step {step} {k}: {m_ref[k]} vs {m[k]}"
         assert abs(g_ref - g) < 1e-5 * max(1.0, g_ref), f"step {step} grad norm {g_ref} vs {g}"
@@ -152,7 +154,7 @@ def test_reference_run_trains_and_keeps_teacher_frozen(reference):
     assert all(checks.values()), checks
     assert all(0.0 <= m["top1 agreement"] <= 1.0 for m, _ in steps)
     # α-weighted total, as the loss defines it.
-    for (m, _), alpha in zip(steps, ALPHAS):
+    for (m, _), alpha in zip(steps, ALPHAS, strict=True):
         assert abs(m["total loss"] - ((1 - alpha) * m["lm loss"] + alpha * m["kd loss"])) < 1e-5
 
 

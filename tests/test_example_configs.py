@@ -23,14 +23,14 @@ def test_the_example_set_is_complete():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_example_is_a_valid_config(name):
-    cfg = load_config(EXAMPLES / f"{name}.yaml", preflight=False)
+    cfg = load_config(EXAMPLES / f"{name}.yaml")
     assert cfg.name == name and cfg.output_dir == f"runs/examples/{name}"
 
 
 def test_salt_examples_use_a_teacher_smaller_than_the_student():
     for name in ("salt", "salt_ds"):
-        cfg = load_config(EXAMPLES / f"{name}.yaml", preflight=False)
-        small = load_config(EXAMPLES / "small_teacher.yaml", preflight=False)
+        cfg = load_config(EXAMPLES / f"{name}.yaml")
+        small = load_config(EXAMPLES / "small_teacher.yaml")
         assert cfg.teacher.model.hidden_size == small.model.hidden_size < cfg.model.hidden_size
         assert cfg.teacher.model.num_layers == small.model.num_layers < cfg.model.num_layers
         assert cfg.kd.alpha.kind == "salt" and 0 < cfg.kd.alpha.n_kd < cfg.training.train_steps
@@ -65,7 +65,7 @@ def _toy(name, tmp, corpus, extra=()):
         "training.train_steps=4", "training.eval_interval=4", "training.eval_steps=1", "checkpoint.save_interval=4",
         "model.num_layers=2", "model.hidden_size=64",
     ]
-    cfg = load_config(EXAMPLES / f"{name}.yaml", preflight=False)
+    cfg = load_config(EXAMPLES / f"{name}.yaml")
     if cfg.teacher.mode != "none":
         teacher = "small_teacher" if cfg.kd.alpha.kind == "salt" else "teacher"
         overrides += [f"teacher.checkpoint={out[teacher]}/checkpoints", "teacher.model.num_layers=2"]
@@ -80,7 +80,7 @@ def _toy(name, tmp, corpus, extra=()):
         overrides.append("kd.alpha.n_kd=2")
     if cfg.data_selection.scores:
         overrides.append(f"data_selection.scores={tmp / 'scores'}")
-    return load_config(EXAMPLES / f"{name}.yaml", overrides + list(extra), preflight=False)
+    return load_config(EXAMPLES / f"{name}.yaml", overrides + list(extra))
 
 
 def _train(cfg):
@@ -120,6 +120,6 @@ def test_the_examples_run_end_to_end_at_toy_scale(tmp_path, corpus):  # noqa: F8
 
 
 def _first_step(out):
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     return read_metrics(out)[1]

@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from megadistill.config import ConfigError, DataConfig, RunConfig, validate
-from megadistill.data import build_gpt_datasets, embedded_corpus_text, preprocess
-from megadistill.data_checks import DataError
-from megadistill.data_integrity import file_sha256, verify
-from megadistill.hf.tokenizer import HuggingFaceTokenizer, load_tokenizer, tokenizer_file
+from megadistill.data.datasets import build_gpt_datasets
+from megadistill.data.corpus import embedded_corpus_text
+from megadistill.data.preprocess import preprocess
+from megadistill.data.errors import DataError
+from megadistill.hashing import file_sha256
+from megadistill.data.integrity import verify
+from megadistill.data.tokenizer import HuggingFaceTokenizer, load_tokenizer, tokenizer_file
 
 TEXT = embedded_corpus_text()[:30_000]
 
@@ -142,7 +145,8 @@ def test_megatron_data_made_with_a_hugging_face_tokenizer_reads_unchanged(tmp_pa
 
 
 def test_config_and_preflight_name_the_key(tmp_path, tokenizer_dir):
-    from megadistill.preflight import preflight, tokenizer_sha256, tokenizer_vocab_size
+    from megadistill.data.tokenizer import tokenizer_vocab_size
+    from megadistill.preflight import preflight, tokenizer_sha256
 
     with pytest.raises(ConfigError, match="data.tokenizer_type: 'tiktoken' is not one of"):
         validate(RunConfig(data=DataConfig(tokenizer_type="tiktoken", tokenizer_model=str(tokenizer_dir))))
@@ -151,7 +155,7 @@ def test_config_and_preflight_name_the_key(tmp_path, tokenizer_dir):
     cfg = RunConfig(data=DataConfig(tokenizer_type="huggingface", tokenizer_model=str(tokenizer_dir)))
     validate(cfg)
     preflight(cfg)
-    assert tokenizer_vocab_size(cfg) == 400
+    assert tokenizer_vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type) == 400
     assert tokenizer_sha256(cfg) == file_sha256(tokenizer_dir / "tokenizer.json")
     with pytest.raises(ConfigError, match=r"data.tokenizer_model .*holds no tokenizer.json"):
         preflight(RunConfig(data=DataConfig(tokenizer_type="huggingface", tokenizer_model=str(tmp_path))))

@@ -19,6 +19,9 @@ from megadistill.config import (
     TrainingConfig, to_dict,
 )
 from megadistill import plan as pl
+from megadistill.plan import memory as pl_memory
+from megadistill.plan import parameters as pl_parameters
+from megadistill.store import estimate as est
 from megadistill.testing import run_distributed
 from test_store import corpus  # noqa: F401  (fixture: a 512-piece tokenizer and data)
 
@@ -79,21 +82,21 @@ def test_stage_counts_equal_each_ranks_built_model(tp, pp):
 def test_optimizer_bytes_per_parameter_follow_backend_stage_and_precision():
     cfg = RunConfig(model=ModelConfig(precision="bf16"))
     # Megatron bf16: 2-byte weights, fp32 gradient buffer, fp32 main weights + Adam over DP (6 + 12/d).
-    assert pl.optimizer_state_split(cfg, 4)[:3] == (2, 4, 3.0)
-    assert pl.optimizer_state_split(replace(cfg, parallel=ParallelConfig(use_distributed_optimizer=False)), 4)[:3] == (2, 4, 12)
-    assert pl.optimizer_state_split(RunConfig(), 2)[:3] == (4, 4, 4.0)  # fp32: the weights are the main weights
+    assert pl_memory.optimizer_state_split(cfg, 4)[:3] == (2, 4, 3.0)
+    assert pl_memory.optimizer_state_split(replace(cfg, parallel=ParallelConfig(use_distributed_optimizer=False)), 4)[:3] == (2, 4, 12)
+    assert pl_memory.optimizer_state_split(RunConfig(), 2)[:3] == (4, 4, 4.0)  # fp32: the weights are the main weights
     ds = replace(cfg, optimizer=replace(cfg.optimizer, backend="deepspeed"))
-    assert pl.optimizer_state_split(ds, 4)[:3] == (2, 2, 4.0)
-    assert pl.optimizer_state_split(replace(ds, deepspeed=replace(ds.deepspeed, zero_stage=3)), 4)[:3] == (0.5, 0.5, 4.0)
+    assert pl_memory.optimizer_state_split(ds, 4)[:3] == (2, 2, 4.0)
+    assert pl_memory.optimizer_state_split(replace(ds, deepspeed=replace(ds.deepspeed, zero_stage=3)), 4)[:3] == (0.5, 0.5, 4.0)
 
 
 def test_activation_formula_reduces_to_korthikanti():
     m = ModelConfig(hidden_size=256, num_attention_heads=8, hidden_dropout=0.1, attention_dropout=0.1)
-    assert pl.layer_activation_bytes(m, 128, 4) == pl.korthikanti_bytes(m, 128, 4)
+    assert pl_memory.layer_activation_bytes(m, 128, 4) == pl_memory.korthikanti_bytes(m, 128, 4)
     # TP = t: sbh(10 + 24/t + 5as/(ht)); sequence parallel divides everything by t.
     s, b, h, a, t = 128, 4, 256, 8, 2
-    assert pl.layer_activation_bytes(m, s, b, tp=t) == int(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
-    assert pl.layer_activation_bytes(m, s, b, tp=t, sequence_parallel=True) == pl.korthikanti_bytes(m, s, b) // t
+    assert pl_memory.layer_activation_bytes(m, s, b, tp=t) == int(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert pl_memory.layer_activation_bytes(m, s, b, tp=t, sequence_parallel=True) == pl_memory.korthikanti_bytes(m, s, b) // t
 
 
 # --------------------------------------------------------------------------- memory, measured
@@ -113,7 +116,7 @@ from megadistill import backend as backend_module
 from megadistill.config import config_from_dict
 from megadistill.train import run
 
-cfg = config_from_dict(yaml.safe_load(sys.argv[1]), preflight=False)
+cfg = config_from_dict(yaml.safe_load(sys.argv[1]))
 out = {"peak_kib": []}
 build = backend_module.build_backend
 
@@ -238,7 +241,7 @@ def test_shard_layout_is_the_encoders_byte_for_byte():
                 samples.append(fmt.SampleTargets(fmt.sample_hash([i], [i]), counts, np.full(seq, 0.1), ids, lp))
         draws = k + 2 if kind == "rskd" else None
         real = fmt.encode_shard(40, samples, seq, vocab, lpd, kind=kind, num_draws=draws)
-        assert pl.shard_bytes(kind, 40, n, seq, vocab, k, lpd, draws) == len(real), (kind, lpd)
+        assert est.shard_bytes(kind, 40, n, seq, vocab, k, lpd, draws) == len(real), (kind, lpd)
 
 
 # --------------------------------------------------------------------------- command line
@@ -261,7 +264,7 @@ def test_cli_prints_every_section_and_warns_when_a_rank_does_not_fit(tmp_path, c
                     "tokens per step 1,024", "teacher FLOP overhead 1 + F_t/(3·F_s) = "):
         assert section in out, (section, out)
     assert "world size 8 (from --nodes 2 x --gpus-per-node 4) = TP 2 x PP 1 x DP 4: valid" in out and "warning" not in out
-    expected = pl.teacher_flop_overhead(cfg, 512)
+    expected = pl_parameters.teacher_flop_overhead(cfg, 512)
     assert f"= {expected:.3f}" in out and 1.5 < expected < 3
     assert main(["plan", path, "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "2MiB"]) == 0
     out = capsys.readouterr().out

@@ -222,13 +222,13 @@ def test_invalid_precision_settings_name_the_key(overrides, message):
     from megadistill.config import config_from_dict
 
     with pytest.raises(ConfigError) as e:
-        config_from_dict(overrides, preflight=False)
+        config_from_dict(overrides)
     assert message in str(e.value)
 
 
 def test_deepspeed_config_follows_model_precision():
     from megadistill.config import DataConfig, RunConfig
-    from megadistill.deepspeed.config import deepspeed_config
+    from megadistill.config.deepspeed import deepspeed_config
 
     base = RunConfig(optimizer=OptimizerConfig(backend="deepspeed"), data=DataConfig(micro_batch_size=4, global_batch_size=16))
     got = deepspeed_config(replace(base, model=ModelConfig(precision="bf16")), 2)
@@ -274,7 +274,7 @@ def test_the_kd_loss_reads_half_precision_logits_in_fp32(target_kind):
     # A bf16 output layer's logits (student and teacher) give the fp32 losses of the same values:
     # the loss upcasts chunk by chunk instead of computing in bf16.
     (half, full) = run_distributed(_loss_in_both_dtypes, 1, target_kind)[0]
-    for a, b in zip(half[:3], full[:3]):
+    for a, b in zip(half[:3], full[:3], strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert half[3].dtype == torch.bfloat16  # the gradient goes back to the bf16 output layer

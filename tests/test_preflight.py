@@ -12,7 +12,8 @@ from dataclasses import replace
 import pytest
 
 from megadistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TeacherConfig, config_from_dict, validate
-from megadistill.preflight import preflight, resolve_teacher_checkpoint
+from megadistill.preflight import preflight
+from megadistill.checkpoint_dir import resolve_teacher_checkpoint
 from megadistill.testing import run_distributed
 
 TEACHER = ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=4)
@@ -49,12 +50,10 @@ MISSING = [
 
 @pytest.mark.parametrize("data, message", MISSING, ids=[m[:40] for _, m in MISSING])
 def test_missing_files_pass_the_schema_and_fail_preflight(data, message):
-    cfg = config_from_dict(data, world_size=1, preflight=False)  # the pure schema accepts it
+    cfg = config_from_dict(data, world_size=1)  # the pure schema accepts it
     validate(cfg, world_size=1)
     with pytest.raises(ConfigError, match=message):
         preflight(cfg)
-    with pytest.raises(ConfigError, match=message):
-        config_from_dict(data, world_size=1)  # and load_config's default still runs both
 
 
 def test_data_prefix_needs_its_index_too(tmp_path):

@@ -42,7 +42,8 @@ FROZEN = OptimizerConfig(lr=1e-30, min_lr=0.0, lr_schedule="constant", warmup_fr
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from megadistill.data import embedded_corpus_text, preprocess
+    from megadistill.data.corpus import embedded_corpus_text
+    from megadistill.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("record-corpus")
     (root / "a.txt").write_text(embedded_corpus_text()[:60_000])
@@ -265,7 +266,7 @@ def test_a_store_recorded_for_other_settings_is_refused(tmp_path, corpus, record
 
 
 def test_a_student_trains_from_the_recorded_store(tmp_path, corpus, recorded):
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     rec_cfg, store = recorded
     student = replace(
@@ -304,7 +305,7 @@ def _launch(cfg_path, log, nproc: int):
 
 
 def test_kill_9_and_resume_records_the_uninterrupted_store(tmp_path, corpus):
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     steps, nproc = 10, 2
     cfgs = {}

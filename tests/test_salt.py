@@ -49,7 +49,7 @@ def _observed_run(cfg):
     from megatron.core import parallel_state
 
     from megadistill import train
-    from megadistill.kd import teacher as teacher_mod
+    from megadistill.megatron import online as teacher_mod
 
     seen = {"teacher_calls": [], "sent_width": {}, "alive_after_release": None}
     step = {"now": 0}

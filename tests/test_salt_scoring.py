@@ -94,7 +94,8 @@ def test_hand_built_case_on_two_vocab_shards_equals_one():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from megadistill.data import embedded_corpus_text, preprocess
+    from megadistill.data.corpus import embedded_corpus_text
+    from megadistill.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("salt-corpus")
     (root / "a.txt").write_text(embedded_corpus_text()[:60_000])
@@ -151,11 +152,11 @@ def _teacher_scores_directly(cfg, indices):
     """The reference: the teacher's unsharded logits of ``indices``, scored by the hand-checked
     functions in float64."""
     from megadistill.config import CHECKPOINT_MODEL_PREFIX, padded_vocab_size
-    from megadistill.datasets import prepare_data
+    from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.preflight import resolve_teacher_checkpoint
-    from megadistill.train import init_distributed
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.megatron.distributed import init_distributed
 
     init_distributed(cfg)
     tok, ds, _, _ = prepare_data(cfg)
@@ -302,7 +303,8 @@ def _recording(ds):
 
 
 def _train_dataset(cfg):
-    from megadistill.data import SentencePieceTokenizer, build_gpt_datasets
+    from megadistill.data.tokenizer import SentencePieceTokenizer
+    from megadistill.data.datasets import build_gpt_datasets
 
     d = cfg.data
     train, _ = build_gpt_datasets(d.data_prefix, SentencePieceTokenizer(d.tokenizer_model), d.seq_length, d.split,

@@ -11,7 +11,8 @@ from megatron.core import parallel_state
 from megadistill.kd.teacher import InModelTargets, NoTeacher, SparseLogits
 from megadistill.config import RunConfig
 from megadistill.losses import KDLossConfig
-from megadistill.megatron.loss import DistillationLoss, KDStep
+from megadistill.megatron.loss import DistillationLoss
+from megadistill.kd.knobs import KDStep
 from megadistill.sampler import ContiguousSampler, micro_batches
 from megadistill.testing import run_distributed
 

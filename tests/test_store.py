@@ -102,7 +102,8 @@ def test_encoding_is_deterministic_and_compact():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from megadistill.data import embedded_corpus_text, preprocess
+    from megadistill.data.corpus import embedded_corpus_text
+    from megadistill.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("store-corpus")
     (root / "a.txt").write_text(embedded_corpus_text()[:60_000])
@@ -247,7 +248,7 @@ def test_array_task_from_slurm_variables():
 @pytest.fixture(scope="module")
 def online_metrics(tmp_path_factory, corpus, teacher_ckpt):
     """Per-step metrics of online KD with the stores' truncation (the reference for offline runs)."""
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     out = tmp_path_factory.mktemp("store-online") / "online"
     run_distributed(_train, 1, _cfg(out, corpus, kd=_kd(),
@@ -256,7 +257,7 @@ def online_metrics(tmp_path_factory, corpus, teacher_ckpt):
 
 
 def test_training_from_the_store_equals_online_kd(tmp_path, corpus, teacher_ckpt, store32, online_metrics):
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     offline = _offline_cfg(tmp_path / "offline", corpus, teacher_ckpt, store32)
     run_distributed(_train, 1, offline)
@@ -269,7 +270,7 @@ def test_training_from_the_store_equals_online_kd(tmp_path, corpus, teacher_ckpt
 
 def test_dp2_student_reads_the_dp1_targets(tmp_path, corpus, teacher_ckpt, store32):
     from megadistill.sampler import ContiguousSampler
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     reader = StoreReader(store32)
     for step in range(4):
@@ -288,7 +289,7 @@ def test_dp2_student_reads_the_dp1_targets(tmp_path, corpus, teacher_ckpt, store
 def test_deepspeed_student_trains_from_the_store_as_megatron_does(tmp_path, corpus, teacher_ckpt, store32):
     """The store is a teacher source like any other: ZeRO-2 at DP=2 reads the same targets."""
     from megadistill.config import DeepSpeedConfig
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     ds = _offline_cfg(tmp_path / "ds", corpus, teacher_ckpt, store32,
                       optimizer=replace(_cfg(tmp_path, corpus).optimizer, backend="deepspeed"),
@@ -366,7 +367,7 @@ def test_missing_and_mismatched_store_fail_preflight(tmp_path, corpus, teacher_c
 
 
 def _verify_with_run_data(cfg, store):
-    from megadistill.datasets import prepare_data
+    from megadistill.data.datasets import prepare_data
     from megadistill.store.inspect_store import verify
 
     return verify(store, prepare_data(cfg)[1])
@@ -375,7 +376,7 @@ def _verify_with_run_data(cfg, store):
 def test_store_info_and_verify(tmp_path, corpus, teacher_ckpt, store32, capsys):
     import argparse
 
-    from megadistill.store.cli import _add_store_commands
+    from megadistill.cli.store import _add_store_commands
     from megadistill.store.inspect_store import info, verify
 
     text = "\n".join(info(store32))
@@ -398,7 +399,7 @@ def test_store_info_and_verify(tmp_path, corpus, teacher_ckpt, store32, capsys):
 
 
 def test_fp16_store_trains_close_to_fp32(tmp_path, corpus, teacher_ckpt, store32):
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, tmp_path / "store16")
     run_distributed(_precompute, 1, cfg)
@@ -424,7 +425,7 @@ OFFLINE_VS_ONLINE = {("fp16", None): 5e-3, ("qlog64", "zstd"): 3e-4, ("qlog16", 
 def test_compact_store_trains_close_to_online_kd(tmp_path, corpus, teacher_ckpt, store32, online_metrics,
                                                   encoding, compression):
     from megadistill.store.inspect_store import info
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     store = tmp_path / "store"
     run_distributed(_precompute, 1, _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, store),
@@ -466,7 +467,7 @@ def test_rskd_tp2_precompute_writes_the_tp1_bytes(tmp_path, corpus, teacher_ckpt
 
 def test_rskd_precompute_resumes_identically_and_trains(tmp_path, corpus, teacher_ckpt, store_rskd):
     from megadistill.store.inspect_store import info, verify
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     cfg = _offline_cfg(tmp_path / "pre", corpus, teacher_ckpt, tmp_path / "store")
     with pytest.raises(Exception, match="stopped after 2 shard"):

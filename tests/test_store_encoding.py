@@ -50,7 +50,7 @@ def _exact_samples(vocab: int, n: int, top_p: float, top_k, seed: int = 0) -> li
 
 def _error(samples, shard) -> dict:
     got = [shard.sample_flat(j) for j in range(len(samples))]
-    for s, (counts, ids, _, _) in zip(samples, got):
+    for s, (counts, ids, _, _) in zip(samples, got, strict=True):
         assert np.array_equal(counts, s.counts) and np.array_equal(ids, s.ids)  # ids are always exact
     cat = np.concatenate
     return encoding_error(cat([s.counts for s in samples]), cat([s.logprobs for s in samples]),
@@ -91,7 +91,7 @@ def test_each_encoding_meets_its_stated_precision(vocab, top_p, top_k):
         packed = fmt.Shard(fmt.encode_shard(0, samples, SEQ, vocab, enc, compression="zstd"), "zstd")
         # zstd is lossless: the same targets as uncompressed.
         for j in range(2):
-            for a, b in zip(plain.sample(j), packed.sample(j)):
+            for a, b in zip(plain.sample(j), packed.sample(j), strict=True):
                 assert np.array_equal(a, b)
         e = _error(samples, plain)
         dlogp, mean_kl = _bounds(enc, L)
@@ -180,7 +180,8 @@ def _megatron_loss_with_residual(ids, lp16, res, teacher, student, k):
     from megatron.core import parallel_state
 
     from megadistill.kd.teacher import SparseLogits
-    from megadistill.megatron.loss import DistillationLoss, KDStep
+    from megadistill.megatron.loss import DistillationLoss
+    from megadistill.kd.knobs import KDStep
 
     tp, r = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     v = student.shape[-1] // tp

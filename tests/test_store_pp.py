@@ -184,8 +184,8 @@ def test_select_top_p_k_tp2_equals_tp1():
     being summed per shard (~1e-16)."""
     x = _tied_logits(64, 256, 1.0, seed=3)
     got = run_distributed(_select_tp2, 2, x, CFGS, tp=2)
-    for cfg, a, b in zip(CFGS, got[0], got[1]):
+    for cfg, a, b in zip(CFGS, got[0], got[1], strict=True):
         one = select_top_p_k(x, cfg, None)
-        assert all(torch.equal(p, q) for p, q in zip(a, b))  # replicated on both ranks
+        assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))  # replicated on both ranks
         assert torch.equal(a[0], one[0])
         assert torch.allclose(a[1], one[1], rtol=0, atol=1e-13) and torch.allclose(a[2], one[2], rtol=1e-12, atol=1e-15)

@@ -39,7 +39,8 @@ TEACHER = ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=4)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Two text files and a JSONL file cut from the embedded corpus, preprocessed once."""
-    from megadistill.data import embedded_corpus_text, preprocess
+    from megadistill.data.corpus import embedded_corpus_text
+    from megadistill.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("corpus")
     text = embedded_corpus_text()[:120_000]
@@ -93,7 +94,7 @@ def _kd_cfg(out, corpus, teacher_dir, **kw):
 
 
 def _losses(out):
-    from megadistill.train import read_metrics
+    from megadistill.metrics import read_metrics
 
     return read_metrics(out)  # a resumed run re-logs steps after its checkpoint: the last one counts
 
@@ -208,7 +209,8 @@ def test_cli_rejects_a_bad_config_before_starting(tmp_path):
 
 def test_teacher_with_another_vocabulary_is_rejected_before_training(tmp_path, corpus, teacher_run):
     from megadistill.config import ConfigError
-    from megadistill.data import embedded_corpus_text, train_tokenizer
+    from megadistill.data.corpus import embedded_corpus_text
+    from megadistill.data.preprocess import train_tokenizer
     from megadistill.preflight import preflight
 
     tok = train_tokenizer(embedded_corpus_text()[:50_000].split("\n\n"), tmp_path / "small", vocab_size=384)
@@ -246,7 +248,8 @@ def test_resume_refuses_a_changed_config(tmp_path, corpus):
 
 
 def _other_tokenizer(tmp_path, vocab_size=512):
-    from megadistill.data import embedded_corpus_text, train_tokenizer
+    from megadistill.data.corpus import embedded_corpus_text
+    from megadistill.data.preprocess import train_tokenizer
 
     text = embedded_corpus_text()[200_000:320_000]  # other text: other pieces, same vocabulary size
     return str(train_tokenizer(text.split("\n\n"), tmp_path / "other", vocab_size=vocab_size))

@@ -15,7 +15,7 @@ from test_train import _cfg, corpus  # noqa: F401  (fixture)
 
 
 def _first_samples(cfg, n=24):
-    from megadistill.datasets import prepare_data
+    from megadistill.data.datasets import prepare_data
 
     _, train_ds, _, _ = prepare_data(cfg)
     return np.stack([np.asarray(train_ds[i]["tokens"]) for i in range(n)])

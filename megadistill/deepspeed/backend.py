@@ -35,13 +35,11 @@ from megadistill.backend import StepResult
 if TYPE_CHECKING:
     from megadistill.config import RunConfig
     from megadistill.kd.teacher import TeacherSource
-    from megadistill.megatron.loss import KDStep
+    from megadistill.kd.knobs import KDStep
 
 
 class DeepSpeedBackend:
     """A ZeRO-``cfg.deepspeed.zero_stage`` engine over this rank's student (see the module doc)."""
-
-    name = "deepspeed"
 
     def __init__(self, cfg: "RunConfig", vocab_size: int, teacher: "TeacherSource") -> None:
         from megadistill.deepspeed import env
@@ -51,7 +49,7 @@ class DeepSpeedBackend:
         import deepspeed
         from megatron.core import parallel_state
 
-        from megadistill.deepspeed.config import deepspeed_config
+        from megadistill.config.deepspeed import deepspeed_config
         from megadistill.deepspeed.mpu import MegatronMPU
         from megadistill.deepspeed.param_groups import megatron_param_groups
         from megadistill.lr_schedule import lr_scheduler
@@ -135,7 +133,8 @@ class DeepSpeedBackend:
     def eval_step(self, micro_batches: list[dict]) -> list[dict]:
         """LM loss only (α = 0, the teacher does not run), dropout off: one report dict
         (name -> ``tensor([sum, count])``) per micro-batch."""
-        from megadistill.megatron.loss import DistillationLoss, KDStep
+        from megadistill.megatron.loss import DistillationLoss
+        from megadistill.kd.knobs import KDStep
 
         loss = DistillationLoss(self.cfg.kd.loss_config(), KDStep(alpha=0.0))
         self.engine.eval()

@@ -62,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", scale: float = 1.0, seeds: int = 1, 
     """Run the demo into ``out``; returns the report (also ``<out>/report.md``). A demo started
     again reuses every finished step with the same config."""
     from megadistill.config import DataConfig, RunConfig
-    from megadistill.datasets import preprocess_if_stale
+    from megadistill.data.datasets import preprocess_if_stale
     from megadistill.demo import report
     from megadistill.demo.runner import run_step
 

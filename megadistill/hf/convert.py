@@ -415,7 +415,7 @@ def convert(
     ``torch_dtype``, else fp32); a teacher is cast to ``teacher.model.precision`` as it loads.
     One process (it starts and ends its own one-rank process group unless one exists).
     """
-    from megadistill.hf.tokenizer import guess_tokenizer_type, load_tokenizer
+    from megadistill.data.tokenizer import guess_tokenizer_type, load_tokenizer
 
     out = Path(output)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SNIPPET_FILE).is_file())):

@@ -1,6 +1,6 @@
 """Distillation inside Megatron-core: the model wrapper, the loss, and the schedule glue."""
 
-from megadistill.megatron.loss import DistillationLoss, KDStep
+from megadistill.megatron.loss import DistillationLoss
 from megadistill.megatron.model import DistillationModel
 from megadistill.megatron.schedule import (
     DistillationForwardStep,
@@ -14,7 +14,6 @@ __all__ = [
     "DistillationForwardStep",
     "DistillationLoss",
     "DistillationModel",
-    "KDStep",
     "forward_backward",
     "make_forward_step",
     "reduce_reports",

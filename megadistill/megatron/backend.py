@@ -14,7 +14,8 @@ from megadistill.backend import StepResult
 from megadistill.lr_schedule import lr_scheduler
 from megadistill.megatron.checkpoint import load_checkpoint, write_checkpoint
 from megadistill.megatron.gpt import DTYPES, build_gpt, precision
-from megadistill.megatron.loss import DistillationLoss, KDStep
+from megadistill.megatron.loss import DistillationLoss
+from megadistill.kd.knobs import KDStep
 from megadistill.megatron.schedule import forward_backward, make_forward_step
 from megadistill.megatron.training import train_step, wrap_ddp, wrap_half
 
@@ -28,8 +29,6 @@ class MegatronBackend:
     ``model.precision`` bf16/fp16 in Megatron's ``Float16Module``) in Megatron's DDP, stepped by
     Megatron's optimizer (``parallel.use_distributed_optimizer``: ZeRO-1 sharded Adam state; fp32
     main parameters for a half-precision student; fp16 with loss scaling) and LR scheduler."""
-
-    name = "megatron"
 
     def __init__(self, cfg, vocab_size: int, teacher) -> None:
         self.cfg = cfg

@@ -16,25 +16,9 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
+from megadistill.kd.knobs import KDStep
 from megadistill.kd.teacher import Target
 from megadistill.losses import KDLossConfig, vocab_parallel_distillation_loss
-
-
-@dataclasses.dataclass
-class KDStep:
-    """The per-step knobs a schedule sets before each optimizer step."""
-
-    alpha: float = 0.5
-    """KD weight α in ``(1-α)·LM + α·KD``; 0 trains on the LM loss only (the teacher can be skipped)."""
-
-    temperature: Optional[float] = None
-    """τ for this step; None uses ``KDLossConfig.temperature`` (a τ schedule sets it per step)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"KD weight alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 class DistillationLoss:

@@ -150,15 +150,16 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
     from tqdm import tqdm
 
     from megadistill.config import CHECKPOINT_MODEL_PREFIX, run_vocab_size
-    from megadistill.data_integrity import file_sha256
-    from megadistill.datasets import prepare_data
+    from megadistill.hashing import file_sha256
+    from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt, device
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.preflight import resolve_teacher_checkpoint
-    from megadistill.salt import scorefile
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.salt import histogram, scorefile
+    from megadistill.store.format import sample_hash
     from megadistill.sampler import micro_batches
-    from megadistill.store.precompute import _on_rank0
-    from megadistill.train import init_distributed
+    from megadistill.collective import on_rank0 as _on_rank0  # any failure on rank 0 reaches every rank
+    from megadistill.megatron.distributed import init_distributed
 
     sel = cfg.data_selection
     if not sel.scores:
@@ -190,7 +191,7 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
 
     plan, done = _on_rank0(begin)
     if done is None:  # already complete for this run
-        return _on_rank0(lambda: scorefile.redraw_histogram(out, cfg))
+        return _on_rank0(lambda: histogram.redraw_histogram(out, cfg))
     done = set(done)
     teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab), ckpt, CHECKPOINT_MODEL_PREFIX))
 
@@ -211,7 +212,7 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
             results = _forward_scores(teacher, batches, sel.top_k, group, d.seq_length)
             bar.update(count * d.seq_length * dp)
             if writes:
-                hashes = [scorefile.sample_hash(b["tokens"][j].cpu(), b["labels"][j].cpu())
+                hashes = [sample_hash(b["tokens"][j].cpu(), b["labels"][j].cpu())
                           for b in batches for j in range(b["tokens"].shape[0])]
                 scorefile.write_part(out, i, first, np.concatenate([r[0] for r in results]),
                                      np.concatenate([r[1] for r in results]), hashes)
@@ -223,4 +224,4 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
         timings.update(loop_seconds=time.perf_counter() - t0, loop_cpu_seconds=time.process_time() - c0,
                        samples=sum(ranges[i][1] for i in mine))
     dist.barrier()
-    return _on_rank0(lambda: scorefile.finish(out, plan, cfg))
+    return _on_rank0(lambda: scorefile.finish(out, plan, lambda s, c: histogram.draw_histogram(out, s, c, cfg)))

@@ -17,7 +17,7 @@
   atomically; a killed run resumes from the parts that decode.
 
 Files are written with ``megadistill.store.writer.write_atomic``; identities come from
-``megadistill.store.precompute.checkpoint_identity`` and ``megadistill.store.format.sample_hash``,
+``megadistill.checkpoint_dir.checkpoint_identity`` and ``megadistill.store.format.sample_hash``,
 so a score file and a logits store made for one run agree about what "the same run" means.
 """
 
@@ -26,12 +26,12 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from megadistill.config import ConfigError, data_seed
-from megadistill.store.format import bytes_sha256, dump_json, load_json, sample_hash  # noqa: F401 (sample_hash re-exported)
+from megadistill.store.format import bytes_sha256, dump_json, load_json
 from megadistill.store.writer import write_atomic
 
 FORMAT = "megadistill-salt-scores"
@@ -65,7 +65,7 @@ def tokenizer_path(cfg) -> Path:
     """The tokenizer file run ``cfg`` trains with (as ``prepare_data`` resolves it: a Hugging Face
     tokenizer directory's tokenizer.json), whose sha256 is the tokenizer's identity."""
     if cfg.data.tokenizer_model and getattr(cfg.data, "tokenizer_type", "sentencepiece") == "huggingface":
-        from megadistill.hf.tokenizer import tokenizer_file
+        from megadistill.data.tokenizer import tokenizer_file
 
         return tokenizer_file(cfg.data.tokenizer_model, "huggingface")
     return Path(cfg.data.tokenizer_model) if cfg.data.tokenizer_model else Path(str(data_prefix(cfg)) + ".model")
@@ -75,7 +75,7 @@ def dataset_identity(cfg, train_ds=None) -> dict:
     """What defines run ``cfg``'s training samples: the data files (the ``.idx``'s sha256, which
     changes with any document's length or count), split, seed and sequence length. With the built
     ``train_ds`` (a GPTDataset), also its number of documents, as the logits store records it."""
-    from megadistill.data_integrity import file_sha256
+    from megadistill.hashing import file_sha256
 
     d = cfg.data
     prefix = data_prefix(cfg)
@@ -99,7 +99,7 @@ def dataset_identity(cfg, train_ds=None) -> dict:
 def teacher_identity(cfg, ckpt: Path) -> dict:
     """The scoring teacher: its checkpoint files' sha256 (``checkpoint_identity``) and ``teacher.model``."""
     from megadistill.config import to_dict
-    from megadistill.store.precompute import checkpoint_identity
+    from megadistill.checkpoint_dir import checkpoint_identity
 
     return {**checkpoint_identity(Path(ckpt)), "model": to_dict(cfg.teacher.model)}
 
@@ -186,9 +186,9 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def finish(out: Path, plan: dict, cfg) -> dict:
-    """Join the parts into the array files, draw the histogram, write ``manifest.json`` (last) and
-    remove the parts and the plan. Returns the manifest."""
+def finish(out: Path, plan: dict, before_manifest: Optional[Callable[[np.ndarray, np.ndarray], None]] = None) -> dict:
+    """Join the parts into the array files, call ``before_manifest(scores, learnable_tokens)`` (the
+    histogram), write ``manifest.json`` (last) and remove the parts and the plan. Returns the manifest."""
     ranges = part_ranges(plan["num_samples"], plan["samples_per_part"])
     parts = []
     for i, (a, n) in enumerate(ranges):
@@ -212,7 +212,8 @@ def finish(out: Path, plan: dict, cfg) -> dict:
                "mean_learnable_tokens": float(arrays["learnable_tokens"].mean()) if s.size else 0.0,
                "score_quantiles": {str(q): float(np.quantile(finite, q)) for q in (0.0, 0.25, 0.5, 0.75, 1.0)} if finite.size else {}}
     manifest = {**plan, "files": files, "summary": summary}
-    draw_histogram(out, arrays["scores"], arrays["learnable_tokens"], cfg)
+    if before_manifest is not None:
+        before_manifest(arrays["scores"], arrays["learnable_tokens"])
     write_atomic(out / MANIFEST, dump_json(manifest))
     _remove_parts(out)
     return manifest
@@ -230,7 +231,7 @@ class ScoreFile:
     altered file."""
 
     def __init__(self, path: str | Path) -> None:
-        from megadistill.data_integrity import file_sha256
+        from megadistill.hashing import file_sha256
 
         self.path = Path(path)
         try:
@@ -312,48 +313,3 @@ def run_mismatches(manifest: dict, cfg, teacher: Optional[dict], tokenizer_sha25
     if top_k != cfg.data_selection.top_k:
         problems.append(f"data_selection.top_k is {cfg.data_selection.top_k} but the data was scored with top_k={top_k}")
     return problems
-
-
-def draw_histogram(out: Path, scores: np.ndarray, counts: np.ndarray, cfg) -> Optional[Path]:
-    """``out/histogram.png``: the selectable samples' scores, the selected band shaded. Returns its
-    path (None when no sample is selectable)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    from megadistill.salt.selection import select
-
-    sel = cfg.data_selection
-    ok = np.isfinite(scores) & (counts >= sel.min_learnable_tokens)
-    if not ok.any():
-        return None
-    try:
-        chosen = select(scores, counts, sel)
-    except ScoreFileError as e:  # a selection setting must not cost the scores: drawn without a band
-        chosen, why = None, str(e)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.hist(scores[ok], bins=60, color="0.55", label=f"selectable ({int(ok.sum())} of {scores.size})")
-    if chosen is not None:
-        ax.hist(scores[chosen.indices], bins=60, range=(float(scores[ok].min()), float(scores[ok].max())),
-                color="tab:orange", alpha=0.8, label=f"selected ({chosen.indices.size}): {chosen.describe()}")
-        ax.axvspan(chosen.low_score, chosen.high_score, color="tab:orange", alpha=0.12)
-    else:
-        ax.text(0.02, 0.9, f"no selection: {why}"[:110], transform=ax.transAxes, fontsize=7, color="tab:red")
-    ax.set_xlabel(f"median teacher loss over learnable tokens (target in top-{sel.top_k}; >= {sel.min_learnable_tokens} tokens)")
-    ax.set_ylabel("sequences")
-    ax.set_title("SALT_DS sequence scores")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_atomic(out / HISTOGRAM, buf.getvalue())
-    return out / HISTOGRAM
-
-
-def redraw_histogram(out: Path, cfg) -> dict:
-    """The finished manifest of ``out``, its histogram redrawn for ``cfg``'s selection settings."""
-    f = ScoreFile(out)
-    draw_histogram(out, f.scores, f.learnable_tokens, cfg)
-    return f.manifest

@@ -124,8 +124,8 @@ def sampler_for_run(cfg, dp_size: int, phase1_steps: int, dataset=None, start_st
     ``ContiguousSampler`` (the same indices the ``SaltSampler`` gives from then on) and needs
     neither the score file nor the teacher.
     """
-    from megadistill.data_integrity import file_sha256
-    from megadistill.preflight import resolve_teacher_checkpoint
+    from megadistill.hashing import file_sha256
+    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
     from megadistill.salt.scorefile import ScoreFile, dataset_identity, run_mismatches, teacher_identity, tokenizer_path
 
     sel, G = cfg.data_selection, cfg.data.global_batch_size
@@ -165,7 +165,7 @@ def _first_rank() -> bool:
 def check_samples(f, dataset, indices) -> None:
     """Raise ``ScoreFileError`` unless ``dataset[i]``'s tokens and labels are the ones sample ``i``
     was scored on, for each ``i`` in ``indices``."""
-    from megadistill.salt.scorefile import sample_hash
+    from megadistill.store.format import sample_hash
 
     for i in map(int, indices):
         s = dataset[i]

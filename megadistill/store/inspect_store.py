@@ -124,8 +124,8 @@ def run_dataset(config: str, overrides: Optional[list] = None):
     """The training ``GPTDataset`` of run file ``config``, built as training builds it (starts a
     one-process group if none is running)."""
     from megadistill.config import load_config
-    from megadistill.datasets import prepare_data
-    from megadistill.train import init_distributed
+    from megadistill.data.datasets import prepare_data
+    from megadistill.megatron.distributed import init_distributed
 
     cfg = load_config(config, overrides, world_size=1, preflight=False)
     init_distributed(cfg)

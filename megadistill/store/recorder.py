@@ -142,7 +142,7 @@ def _config_sha256(cfg) -> str:
     """sha256 of the settings that fix the run's trajectory (the resume invariants) and of the
     recording's own but its ``store``: a resumed run with the same ones continues the same recording."""
     from megadistill.config import to_dict
-    from megadistill.resume import RESUME_INVARIANTS
+    from megadistill.config import RESUME_INVARIANTS
 
     tree = to_dict(cfg)
     picked = {}
@@ -160,7 +160,7 @@ def data_files(cfg) -> tuple[str, str]:
     """``(data prefix, tokenizer model)`` the run trains on (where ``prepare_data`` puts them)."""
     prefix = cfg.data.data_prefix or str(Path(cfg.output_dir) / "data" / "corpus")
     if cfg.data.tokenizer_model and cfg.data.tokenizer_type == "huggingface":
-        from megadistill.hf.tokenizer import tokenizer_file
+        from megadistill.data.tokenizer import tokenizer_file
 
         return prefix, str(tokenizer_file(cfg.data.tokenizer_model, "huggingface"))  # its tokenizer.json
     return prefix, cfg.data.tokenizer_model or prefix + ".model"
@@ -251,7 +251,7 @@ class LogitsRecorder:
     def __init__(self, cfg, vocab_size: int) -> None:
         from megatron.core import parallel_state
 
-        from megadistill.data_integrity import file_sha256
+        from megadistill.hashing import file_sha256
         from megadistill.losses.config import KDLossConfig
         from megadistill.store import writer
 
@@ -342,7 +342,7 @@ class LogitsRecorder:
     def close(self) -> None:
         """At the end of the run (collective): assemble the remaining shards, write the manifest."""
         from megadistill.checkpoint_dir import COMPLETE_MARKER, latest_checkpoint
-        from megadistill.data_integrity import file_sha256
+        from megadistill.hashing import file_sha256
         from megadistill.store import writer
 
         dist.barrier()  # every rank's last pieces are on disk
@@ -384,7 +384,7 @@ class LogitsRecorder:
         """Select the targets of one training micro-batch (``batch``: ``[b, s]`` tensors and the
         ``[b]`` global sample ``indices``; ``logits[b, s, v/tp]`` detached, this rank's vocab
         shard) on every TP rank, and write them as pieces on TP rank 0."""
-        from megadistill.store.precompute import rskd_uniforms, sample_rskd, select_top_p_k
+        from megadistill.store.sparse import rskd_uniforms, sample_rskd, select_top_p_k
 
         indices = [int(i) for i in batch["indices"].tolist()]
         if not indices:

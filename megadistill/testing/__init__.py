@@ -1,5 +1,5 @@
 """CPU/gloo test harness. Test-only: no production module imports this package."""
 
-from megadistill.testing.distributed import free_port, run_distributed
+from megadistill.testing.distributed import CPU_ONLY_ENV, cuda_hidden, free_port, hide_cuda, run_distributed
 
-__all__ = ["free_port", "run_distributed"]
+__all__ = ["CPU_ONLY_ENV", "cuda_hidden", "free_port", "hide_cuda", "run_distributed"]

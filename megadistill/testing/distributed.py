@@ -2,15 +2,20 @@
 
 Megatron-core takes ~6 s to import; forking from a parent that already imported it makes a
 2-rank test cost well under a second. Each rank's return value is handed back to the caller.
+
+The ranks always run on CPU with gloo, also on a machine with a GPU: each forked rank first calls
+:func:`hide_cuda`, so the code under test (which picks its device, the CPU layer and DeepSpeed's
+accelerator by ``torch.cuda.is_available()``) takes its CPU path, as on a CPU-only machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,6 +27,54 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+"""The environment of a CPU-only process: no visible GPU (for CUDA and for any process it starts)
+and DeepSpeed's CPU accelerator. Pass it to a subprocess that must run on CPU/gloo."""
+
+
+def _no_cuda() -> bool:
+    return False
+
+
+def _no_cuda_devices() -> int:
+    return 0
+
+
+def hide_cuda() -> None:
+    """Make this process a CPU-only one, for good: ``CPU_ONLY_ENV`` in ``os.environ``, and
+    ``torch.cuda.is_available()`` False, ``torch.cuda.device_count()`` 0.
+
+    The environment alone is not enough in a forked rank: torch caches the device count per
+    process, and a parent that already asked (a ``torch.cuda.is_available()`` anywhere in the
+    pytest session) hands its answer to every fork, so the rank would still see the GPU. Replacing
+    the two ``torch.cuda`` functions is what the code under test reads (``megadistill`` and the
+    CPU layer call ``torch.cuda.is_available()``; ``torch.accelerator.is_available()`` and
+    ``device_count()`` delegate to them); any CUDA call that is still reached fails loudly (no
+    visible device, or torch's "Cannot re-initialize CUDA in forked subprocess").
+    """
+    os.environ.update(CPU_ONLY_ENV)
+    torch.cuda.is_available = _no_cuda
+    torch.cuda.device_count = _no_cuda_devices
+
+
+@contextlib.contextmanager
+def cuda_hidden() -> Iterator[None]:
+    """:func:`hide_cuda` for the duration of a ``with`` block, then put everything back (for a
+    pytest parent that prepares state its forked ranks inherit, e.g. DeepSpeed's accelerator)."""
+    saved_env = {name: os.environ.get(name) for name in CPU_ONLY_ENV}
+    saved = torch.cuda.is_available, torch.cuda.device_count
+    hide_cuda()
+    try:
+        yield
+    finally:
+        torch.cuda.is_available, torch.cuda.device_count = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _worker(
@@ -37,6 +90,8 @@ def _worker(
     args: tuple,
     kwargs: dict,
 ) -> None:
+    # First of all, before anything asks torch for a GPU: this rank runs on CPU/gloo, GPU or not.
+    hide_cuda()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -46,10 +101,9 @@ def _worker(
     )
     # One thread per rank: on 2 cores, oversubscription makes steps several times slower.
     torch.set_num_threads(1)
-    if not torch.cuda.is_available():
-        from megadistill.testing import cpu_patches
+    from megadistill.testing import cpu_patches
 
-        cpu_patches.apply()
+    cpu_patches.apply()
     from megatron.core import parallel_state
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
@@ -82,6 +136,9 @@ def run_distributed(
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo ranks; return each rank's result.
+
+    Each rank runs on CPU with CUDA hidden (:func:`hide_cuda`) and megatron-core's CPU layer applied,
+    whether or not this machine has a GPU.
 
     ``parallel_state`` is initialised with tensor-parallel size ``tp`` and pipeline size ``pp``
     (data-parallel size is what remains). If a rank raises, the first failing rank's traceback is

@@ -7,8 +7,13 @@ deterministic global batches, and a driver loop that runs any ``Backend`` throug
 from __future__ import annotations
 
 from megadistill.deepspeed import env
+from megadistill.testing.distributed import cuda_hidden
 
-env.configure_accelerator()  # once in the pytest parent: the forked ranks inherit it
+# Once in the pytest parent, the forked ranks inherit it. The ranks run with CUDA hidden (the
+# harness's hide_cuda), on a GPU machine too: configure DeepSpeed as they see it, with its CPU
+# accelerator (DS_ACCELERATOR=cpu), before DeepSpeed is imported and caches another one.
+with cuda_hidden():
+    env.configure_accelerator()
 
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
@@ -24,7 +29,7 @@ from megadistill.config import (  # noqa: E402
     TeacherConfig,
     TrainingConfig,
 )
-from megadistill.megatron.loss import KDStep  # noqa: E402
+from megadistill.kd.knobs import KDStep  # noqa: E402
 
 VOCAB, SEQ, MBS, GLOBAL = 256, 32, 2, 8
 STEPS = 5
@@ -100,8 +105,8 @@ def micro_batches(step: int) -> list[dict]:
 
 def build(cfg: RunConfig):
     """``(backend, teacher source)`` as the training loop builds them."""
-    from megadistill.backend import build_backend
-    from megadistill.kd.teacher import make_teacher_source
+    from megadistill.assemble import build_backend
+    from megadistill.assemble import make_teacher_source
 
     teacher = make_teacher_source(cfg, VOCAB, cfg.teacher.checkpoint)
     return build_backend(cfg, VOCAB, teacher), teacher

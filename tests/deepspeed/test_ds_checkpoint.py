@@ -10,14 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from ds_testing import build, run_config, train
 from torch.multiprocessing import ProcessRaisedException
 
 from megadistill.checkpoint_dir import commit
 from megadistill.testing import run_distributed
-
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo test (forked ranks)")
 
 STEPS, SAVE_AT = 6, 3
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from megadistill.config import ConfigError, DataConfig, DeepSpeedConfig, OptimizerConfig, ParallelConfig, RunConfig
-from megadistill.deepspeed.config import ADAM_EPS, check, deepspeed_config
+from megadistill.config.deepspeed import ADAM_EPS, check, deepspeed_config
 
 
 def _cfg(passthrough=None, stage=2, **sections) -> RunConfig:

@@ -15,8 +15,6 @@ from megadistill.config import ParallelConfig
 from megadistill.megatron import reduce_reports
 from megadistill.testing import run_distributed
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo test (forked ranks)")
-
 
 def _adam_state_numel(optimizer) -> int:
     """Elements of exp_avg + exp_avg_sq this rank holds (a ZeRO wrapper's or Megatron's inner

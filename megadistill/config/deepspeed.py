@@ -20,7 +20,7 @@ import copy
 import math
 from typing import Any, Optional
 
-from megadistill.config import ConfigError, RunConfig
+from megadistill.config.schema import ConfigError, RunConfig
 
 ADAM_EPS = 1e-8
 """Megatron's ``OptimizerConfig.adam_eps`` default (the Megatron backend uses it too)."""

@@ -21,12 +21,11 @@ The checks, cheapest first:
 
 :func:`verify` runs all of them; ``megadistill data verify PREFIX`` runs them without a size limit.
 Data written by Megatron-LM's own tools has no manifest, so only its structure and token ids are
-checked. Every error is a :class:`~megadistill.data_checks.DataError` naming the file.
+checked. Every error is a :class:`~megadistill.data.errors.DataError` naming the file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -35,7 +34,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from megadistill.data_checks import DataError
+from megadistill.data.errors import DataError
+from megadistill.hashing import file_sha256
 
 PathLike = Union[str, Path]
 
@@ -62,15 +62,6 @@ class IndexSummary:
     num_sequences: int
     num_documents: int
     num_tokens: int
-
-
-def file_sha256(path: PathLike) -> str:
-    """SHA-256 of a file, streamed in 1 MiB blocks (any size, constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- structure
@@ -319,23 +310,6 @@ class VerifyReport:
         return out
 
 
-def _vocab_size(model: Path, tokenizer_type: Optional[str] = None) -> int:
-    if tokenizer_type is None:  # as megadistill.hf.tokenizer.guess_tokenizer_type, without its megatron import
-        tokenizer_type = "huggingface" if model.is_dir() or model.suffix == ".json" else "sentencepiece"
-    if tokenizer_type != "sentencepiece":
-        from megadistill.hf.tokenizer import tokenizer_vocab_size
-
-        return tokenizer_vocab_size(model, tokenizer_type)
-    import sentencepiece as spm
-
-    if not model.is_file():
-        raise FileNotFoundError(f"tokenizer model not found: {model}")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(model)).vocab_size()
-    except (RuntimeError, OSError) as err:
-        raise DataError(f"{model} is not a sentencepiece model ({err})") from err
-
-
 def verify(prefix: PathLike, tokenizer_model: Optional[PathLike] = None, hash_limit: Optional[int] = None,
            tokenizer_type: Optional[str] = None) -> VerifyReport:
     """Every check on ``prefix``: the full structure; the manifest, if any (sizes, and SHA-256 of
@@ -353,7 +327,10 @@ def verify(prefix: PathLike, tokenizer_model: Optional[PathLike] = None, hash_li
     if tokenizer_model is None and not model.is_file() and Path(f"{prefix}.tokenizer.json").is_file():
         model = Path(f"{prefix}.tokenizer.json")  # written with a Hugging Face tokenizer
     if tokenizer_model is not None or model.is_file():
-        report.tokenizer, report.vocab_size = str(model), _vocab_size(model, tokenizer_type)
+        # The tokenizer module imports megatron-core: only when there is a tokenizer to read.
+        from megadistill.data.tokenizer import tokenizer_vocab_size
+
+        report.tokenizer, report.vocab_size = str(model), tokenizer_vocab_size(model, tokenizer_type)
         if hash_limit is None or Path(f"{prefix}.bin").stat().st_size <= hash_limit:
             check_token_ids(prefix, summary, report.vocab_size, model)
             report.ids_checked = True

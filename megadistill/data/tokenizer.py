@@ -26,10 +26,12 @@ import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
-from megadistill.data import PretrainingTokenizer
-from megadistill.data_checks import DataError
+import sentencepiece as spm
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from megadistill.data.errors import DataError
 
 PathLike = Union[str, Path]
 
@@ -73,21 +75,22 @@ def load_tokenizer(path: PathLike, tokenizer_type: str = "sentencepiece"):
     """The tokenizer at ``path`` of kind ``tokenizer_type`` (``sentencepiece`` or ``huggingface``)."""
     file = tokenizer_file(path, tokenizer_type)
     if tokenizer_type == "sentencepiece":
-        from megadistill.data import SentencePieceTokenizer
-
         return SentencePieceTokenizer(file)
     return HuggingFaceTokenizer(path)
 
 
-def tokenizer_sha256(path: PathLike, tokenizer_type: str = "sentencepiece") -> str:
-    """The tokenizer's identity without loading it: the SHA-256 of :func:`tokenizer_file`."""
-    from megadistill.data_integrity import file_sha256
-
-    return file_sha256(tokenizer_file(path, tokenizer_type))
-
-
-def tokenizer_vocab_size(path: PathLike, tokenizer_type: str = "sentencepiece") -> int:
-    """The tokenizer's vocabulary size (before the model's padding)."""
+def tokenizer_vocab_size(path: PathLike, tokenizer_type: Optional[str] = None) -> int:
+    """The vocabulary size (before the model's padding) of the tokenizer at ``path``, of kind
+    ``tokenizer_type`` (None: :func:`guess_tokenizer_type`). Raises ``FileNotFoundError`` /
+    ``DataError`` naming ``path``."""
+    tokenizer_type = tokenizer_type or guess_tokenizer_type(path)
+    if tokenizer_type == "sentencepiece":
+        # The model's piece count without building megatron's tokenizer around it.
+        file = tokenizer_file(path, tokenizer_type)
+        try:
+            return spm.SentencePieceProcessor(model_file=str(file)).vocab_size()
+        except (RuntimeError, OSError) as err:
+            raise DataError(f"{file} is not a sentencepiece model ({err})") from err
     return load_tokenizer(path, tokenizer_type).vocab_size
 
 
@@ -98,13 +101,89 @@ def guess_tokenizer_type(path: PathLike) -> str:
     return "huggingface" if p.is_dir() or p.suffix == ".json" else "sentencepiece"
 
 
+class PretrainingTokenizer(MegatronTokenizerBase):
+    """What megadistill's tokenizers share: megatron-core's tokenizer interface, for pre-training text."""
+
+    def apply_chat_template(self, *args, **kwargs):
+        """Abstract in megatron's tokenizer base class; pre-training text has no chat format, and no
+        megadistill path calls it."""
+        raise NotImplementedError(f"{type(self).__name__} is for pre-training text; it has no chat template")
+
+
+class SentencePieceTokenizer(PretrainingTokenizer):
+    """A sentencepiece model as the tokenizer megatron-core's datasets expect.
+
+    ``GPTDataset`` reads ``eod`` (end of document, sentencepiece's ``</s>``), ``vocab_size``, and
+    ``unique_identifiers``, which goes into the hash naming its index cache. The identifiers hold the
+    model file's SHA-256, not its path: a retrained tokenizer never reuses a stale cache, and moving
+    the files does not invalidate a good one. There is no pad token: Megatron then pads with a -1
+    sentinel that never collides with a real id.
+    """
+
+    def __init__(self, model_path: PathLike) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        self._setup(path.read_bytes(), path)
+
+    @classmethod
+    def load(cls, model_path: PathLike) -> "SentencePieceTokenizer":
+        """Load a sentencepiece ``.model`` file."""
+        return cls(model_path)
+
+    @classmethod
+    def _from_proto(cls, proto: bytes, model_path: Path) -> "SentencePieceTokenizer":
+        """A tokenizer from model bytes that will be (but need not yet be) at ``model_path``."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._setup(proto, model_path)
+        return tokenizer
+
+    def _setup(self, proto: bytes, path: Path) -> None:
+        super().__init__(str(path), {"library": "sentencepiece"})
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as err:
+            raise DataError(f"{path} is not a sentencepiece model ({err})") from err
+        self._proto = proto
+        self.model_path = path
+        self.sha256 = hashlib.sha256(proto).hexdigest()
+        if self._sp.eos_id() < 0:
+            raise DataError(f"tokenizer {path} has no </s> piece to mark the end of a document")
+        self.unique_identifiers = OrderedDict(
+            [("class", f"{type(self).__module__}.{type(self).__qualname__}"), ("model_sha256", self.sha256)]
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces (ids are ``0 .. vocab_size-1``); the model's embedding may pad it up."""
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        """The end-of-document id appended to every document."""
+        return self._sp.eos_id()
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Piece → id."""
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    def tokenize(self, text: str) -> list[int]:
+        """``text`` → ids ``[n]``; never contains ``eod``."""
+        return self._sp.encode(text)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        """Ids (a list, numpy array or tensor ``[n]``) → text; ``eod`` decodes to nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+
 class HuggingFaceTokenizer(PretrainingTokenizer):
     """A Hugging Face fast tokenizer (``tokenizer.json``, read with the ``tokenizers`` library) as
     the tokenizer megatron-core's datasets expect; see the module docstring. ``eod`` may be given
     (a token string) to override the ``tokenizer_config.json`` / :data:`EOD_CANDIDATES` choice."""
 
     DATA_SUFFIX = ".tokenizer.json"
-    """``megadistill.data.preprocess`` copies the ``tokenizer.json`` to ``<prefix>.tokenizer.json``
+    """``megadistill.data.preprocess.preprocess`` copies the ``tokenizer.json`` to ``<prefix>.tokenizer.json``
     (a sentencepiece model goes to ``<prefix>.model``)."""
 
     def __init__(self, path: PathLike, eod: str | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def _convert(args) -> int:
-    from megadistill.data_checks import DataError
+    from megadistill.data.errors import DataError
     from megadistill.hf.convert import ConversionError, convert
 
     try:
@@ -20,6 +20,7 @@ def _convert(args) -> int:
 
 
 def add_commands(sub) -> None:
+    """Add ``convert-hf`` to the ``megadistill`` subparsers ``sub``."""
     from megadistill.hf.convert import MODEL_TYPES
 
     c = sub.add_parser(

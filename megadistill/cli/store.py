@@ -1,9 +1,8 @@
 """The store's subcommands: ``precompute-logits`` and ``store info|verify`` (added to the
-``megadistill`` parser by ``megadistill.cli.build_parser`` through :func:`_add_store_commands`)."""
+``megadistill`` parser by ``megadistill.cli.build_parser`` through :func:`add_commands`)."""
 
 from __future__ import annotations
 
-import argparse
 
 
 def _precompute(args) -> int:
@@ -13,7 +12,7 @@ def _precompute(args) -> int:
 
     where = launch.resolve()
     # The full preflight would demand the store this command is about to write.
-    cfg = load_config(args.config, args.overrides, world_size=where.world_size, preflight=False)
+    cfg = load_config(args.config, args.overrides, world_size=where.world_size)
     preflight.check_teacher_job(cfg, "teacher.store", "the logits store")
     launch.choose_backend()
     from megadistill.store.precompute import precompute, shard_task_from_env
@@ -65,7 +64,7 @@ def _verify(args) -> int:
     return 0
 
 
-def _add_store_commands(sub) -> None:
+def add_commands(sub) -> None:
     """Add ``precompute-logits`` and ``store {info,verify}`` to the subparsers ``sub``."""
     from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD
 

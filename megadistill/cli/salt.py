@@ -1,5 +1,5 @@
 """SALT_DS's subcommand: ``megadistill score-data run.yaml`` (added to the ``megadistill`` parser by
-``megadistill.cli.build_parser`` through :func:`_add_salt_commands`)."""
+``megadistill.cli.build_parser`` through :func:`add_commands`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def _score(args) -> int:
 
     where = launch.resolve()
     # The full preflight would demand the score file this command is about to write.
-    cfg = load_config(args.config, args.overrides, world_size=where.world_size, preflight=False)
+    cfg = load_config(args.config, args.overrides, world_size=where.world_size)
     preflight.check_teacher_job(cfg, "data_selection.scores", "the sequence scores")
     launch.choose_backend()
     from megadistill.salt.score import score_data
@@ -32,7 +32,7 @@ def _score(args) -> int:
     return 0
 
 
-def _add_salt_commands(sub) -> None:
+def add_commands(sub) -> None:
     """Add ``score-data`` to the subparsers ``sub``."""
     from megadistill.salt.scorefile import DEFAULT_SAMPLES_PER_PART
 

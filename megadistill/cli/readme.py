@@ -1,4 +1,5 @@
-"""Keep the README's config reference in step with the config dataclasses (``make config-reference``)."""
+"""Keep the README's config reference in step with the config dataclasses (``make config-reference``:
+``python -m megadistill.cli.readme``)."""
 
 from __future__ import annotations
 

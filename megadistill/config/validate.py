@@ -1,0 +1,288 @@
+"""The schema check of a run configuration: everything that can be checked from the config alone,
+for a given world size (None = unknown: what depends on it is skipped).
+
+Pure: no file system, tokenizer or checkpoint reads (those are ``megadistill.preflight``'s), no
+process group. Every error is a ``ConfigError`` naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from megadistill import preemption
+from megadistill.config.deepspeed import check as check_deepspeed
+from megadistill.config.schema import (
+    CHOICES,
+    COMPRESSIONS,
+    LOGPROB_ENCODINGS,
+    MIN_VOCAB_SIZE,
+    MODEL_CHOICES,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    accepted_world_sizes,
+)
+
+
+def check_split(split: str) -> str:
+    """``" 90, 10"`` → ``"90,10"``, checked. Megatron's own parser silently skips stray characters
+    (``"-5"`` reads as ``5``, ``"1e-3"`` as ``1,3``), so only plain decimal numbers pass here."""
+    parts = [p.strip() for p in split.split(",")] if isinstance(split, str) else []
+    if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts):
+        raise ValueError(f"split must be 1 to 3 comma-separated non-negative numbers (train,valid,test), got {split!r}")
+    if float(parts[0]) == 0:
+        raise ValueError(f"split {split!r} leaves no documents for training")
+    return ",".join(parts)
+
+
+def _positive(cfg, section: str, *names: str, allow_zero: bool = False) -> None:
+    obj = cfg
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    for n in names:
+        v = getattr(obj, n)
+        if v is None:
+            continue
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{section}.{n} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+def _check_finite(node, prefix: str = "") -> None:
+    """Every number anywhere in the config is finite (configs built in code skip ``_coerce``)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+
+
+def _accepted_hint(cfg: RunConfig) -> str:
+    sizes = accepted_world_sizes(cfg)
+    if not sizes:
+        return ""
+    shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")
+    return f" (world sizes this layout accepts: {shown})"
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """The schema: everything that can be checked from the config alone, for ``world_size`` ranks
+    (None = unknown: what depends on it is skipped). Pure: no file system, tokenizer or checkpoint
+    reads (those are ``megadistill.preflight``)."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+    par = cfg.parallel
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    _positive(cfg, "parallel", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+    models = [("model", cfg.model)] + ([("teacher.model", cfg.teacher.model)] if cfg.teacher.mode == "online" else [])
+    for key, m in models:
+        _positive(cfg, key, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "init_method_std")
+        if m.hidden_size % m.num_attention_heads:
+            raise ConfigError(f"{key}.hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}")
+        if m.num_attention_heads % tp:
+            raise ConfigError(f"{key}.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor_model_parallel_size {tp}")
+        if m.num_layers % pp:
+            raise ConfigError(f"{key}.num_layers {m.num_layers} is not divisible by parallel.pipeline_model_parallel_size {pp}")
+        if m.ffn_hidden_size is not None and m.ffn_hidden_size % tp:
+            raise ConfigError(f"{key}.ffn_hidden_size {m.ffn_hidden_size} is not divisible by parallel.tensor_model_parallel_size {tp}")
+        for d in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(m, d) < 1.0:
+                raise ConfigError(f"{key}.{d} must be in [0, 1), got {getattr(m, d)}")
+        _validate_architecture(cfg, key, m)
+    if cfg.teacher.mode == "online":
+        s, t = cfg.model.make_vocab_size_divisible_by, cfg.teacher.model.make_vocab_size_divisible_by
+        if s % t:
+            raise ConfigError(f"teacher.model.make_vocab_size_divisible_by {t} does not divide model.make_vocab_size_divisible_by "
+                              f"{s}: the teacher shares the student's padded vocabulary")
+    if world_size is not None:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
+                f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}{_accepted_hint(cfg)}"
+            )
+    d = cfg.data
+    _positive(cfg, "data", "vocab_size", "seq_length", "micro_batch_size", "global_batch_size")
+    if world_size is not None:
+        dp = world_size // (tp * pp)
+        if d.global_batch_size % (d.micro_batch_size * dp):
+            raise ConfigError(
+                f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
+                f"{d.micro_batch_size} x data-parallel size {dp}{_accepted_hint(cfg)}"
+            )
+    elif d.global_batch_size % d.micro_batch_size:
+        raise ConfigError(
+            f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
+            f"{d.micro_batch_size} (at any data-parallel size)"
+        )
+    try:
+        check_split(d.split)
+    except ValueError as e:
+        raise ConfigError(f"data.split: {e}") from e
+    parts = [float(x) for x in d.split.split(",")]
+    if len(parts) != 3 or parts[0] <= 0 or parts[1] <= 0:
+        raise ConfigError(f"data.split must be three weights 'train,valid,test' with train and valid > 0, got {d.split!r}")
+    if d.tokenizer_type == "huggingface" and d.tokenizer_model is None:
+        raise ConfigError("data.tokenizer_type huggingface needs data.tokenizer_model (a tokenizer.json or a Hugging Face "
+                          "tokenizer directory): only sentencepiece tokenizers are trained on the fly")
+    if d.tokenizer_model is None and d.vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"data.vocab_size must be >= {MIN_VOCAB_SIZE} for a new tokenizer, got {d.vocab_size}")
+    if d.data_prefix is not None and d.tokenizer_model is None:
+        raise ConfigError("data.data_prefix needs data.tokenizer_model (the tokenizer the data was made with)")
+    if d.seed is not None and not 0 <= d.seed < 2**31:
+        raise ConfigError(f"data.seed must be in [0, 2**31), got {d.seed}")
+    if d.train_samples is not None and d.train_samples < cfg.training.train_steps * d.global_batch_size:
+        raise ConfigError(
+            f"data.train_samples {d.train_samples} is less than the {cfg.training.train_steps * d.global_batch_size} "
+            "samples the run trains on (training.train_steps x data.global_batch_size)")
+
+    o = cfg.optimizer
+    _positive(cfg, "optimizer", "lr")
+    _positive(cfg, "optimizer", "min_lr", "weight_decay", "clip_grad", allow_zero=True)
+    _positive(cfg, "optimizer", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+    if o.min_loss_scale > o.initial_loss_scale:
+        raise ConfigError(f"optimizer.min_loss_scale {o.min_loss_scale} exceeds optimizer.initial_loss_scale {o.initial_loss_scale}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optimizer.min_lr {o.min_lr} exceeds optimizer.lr {o.lr}")
+    for n in ("warmup_fraction", "wsd_decay_fraction"):
+        if not 0.0 <= getattr(o, n) < 1.0:
+            raise ConfigError(f"optimizer.{n} must be in [0, 1), got {getattr(o, n)}")
+    if o.lr_schedule == "wsd" and o.warmup_fraction + o.wsd_decay_fraction > 1.0:
+        raise ConfigError("optimizer.warmup_fraction + optimizer.wsd_decay_fraction must be <= 1 for lr_schedule wsd")
+    for n in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(o, n) < 1.0:
+            raise ConfigError(f"optimizer.{n} must be in [0, 1), got {getattr(o, n)}")
+    _positive(cfg, "training", "train_steps", "eval_interval", "eval_steps", "log_interval")
+    if not 0 <= cfg.training.seed < 2**31 - 1000:  # each pipeline stage adds 100 x its rank
+        raise ConfigError(f"training.seed must be in [0, 2**31 - 1000), got {cfg.training.seed}")
+    _check_finite(cfg)
+    _positive(cfg, "checkpoint", "save_interval", "save_interval_minutes", allow_zero=True)
+    try:
+        preemption.parse_signals(cfg.checkpoint.stop_signals, "checkpoint.stop_signals")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    _validate_data_selection(cfg)
+
+    try:
+        cfg.kd.alpha.validate("kd.alpha")
+        cfg.kd.temperature_schedule.validate("kd.temperature_schedule")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+    t = cfg.teacher
+    if t.mode == "offline" and not t.store:
+        raise ConfigError(
+            "teacher.store is required for teacher.mode=offline (a logits store written by "
+            "megadistill precompute-logits)"
+        )
+    if t.mode == "online" and t.checkpoint is None:
+        raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
+
+    _validate_record_logits(cfg)
+
+    if o.backend == "deepspeed":
+        _validate_deepspeed(cfg, world_size)
+
+
+def _validate_architecture(cfg: RunConfig, key: str, m: ModelConfig) -> None:
+    """``key`` (model or teacher.model): the precision and architecture options, for the run's TP."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    for name, choices in MODEL_CHOICES.items():
+        if getattr(m, name) not in choices:
+            raise ConfigError(f"{key}.{name}: {getattr(m, name)!r} is not one of {choices}")
+    _positive(cfg, key, "layernorm_epsilon", "rotary_base", "make_vocab_size_divisible_by", "max_position_embeddings")
+    g = m.num_query_groups
+    if g is not None:
+        if g <= 0:
+            raise ConfigError(f"{key}.num_query_groups must be > 0, got {g}")
+        if m.num_attention_heads % g:
+            raise ConfigError(f"{key}.num_query_groups {g} does not divide num_attention_heads {m.num_attention_heads}")
+        if g % tp:
+            raise ConfigError(f"{key}.num_query_groups {g} is not divisible by parallel.tensor_model_parallel_size {tp} "
+                              "(each tensor-parallel rank holds whole key/value heads)")
+    if not 0.0 < m.rotary_percent <= 1.0:
+        raise ConfigError(f"{key}.rotary_percent must be in (0, 1], got {m.rotary_percent}")
+    head_dim = m.hidden_size // m.num_attention_heads
+    if int(head_dim * m.rotary_percent) % 2:
+        raise ConfigError(f"{key}.rotary_percent {m.rotary_percent} rotates {int(head_dim * m.rotary_percent)} of the "
+                          f"{head_dim} dimensions of a head: RoPE needs an even number")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < cfg.data.seq_length:
+        raise ConfigError(f"{key}.max_position_embeddings {m.max_position_embeddings} is shorter than data.seq_length "
+                          f"{cfg.data.seq_length}")
+    if cfg.parallel.sequence_parallel and m.transformer_impl == "local":
+        raise ConfigError(f"parallel.sequence_parallel needs Transformer Engine layers, but {key}.transformer_impl is local")
+
+
+def _validate_record_logits(cfg: RunConfig) -> None:
+    """record_logits: a plain LM run (its own logits are the targets)."""
+    r = cfg.record_logits
+    if r.store is None:
+        return
+    if cfg.teacher.mode != "none":
+        raise ConfigError(
+            f"record_logits.store needs teacher.mode=none (a run recording its own logits trains without KD), "
+            f"got teacher.mode={cfg.teacher.mode}"
+        )
+    selection = getattr(cfg, "data_selection", None)
+    if selection is not None and selection.scores is not None:
+        raise ConfigError(
+            "record_logits.store records every training sample in order (sample i at step i // "
+            "data.global_batch_size) and cannot be combined with data_selection.scores"
+        )
+    if not 0.0 < r.top_p <= 1.0:
+        raise ConfigError(f"record_logits.top_p must be in (0, 1], got {r.top_p}")
+    if r.top_k is not None and r.top_k < 1:
+        raise ConfigError(f"record_logits.top_k must be a positive integer or null, got {r.top_k}")
+    if not 1 <= r.draws < 2**20:
+        raise ConfigError(f"record_logits.draws must be in [1, 2**20), got {r.draws}")
+    _positive(cfg, "record_logits", "samples_per_shard")
+    if r.logprob_dtype not in LOGPROB_ENCODINGS:
+        raise ConfigError(f"record_logits.logprob_dtype: {r.logprob_dtype!r} is not one of {LOGPROB_ENCODINGS}")
+    if r.compression not in COMPRESSIONS:
+        raise ConfigError(f"record_logits.compression: {r.compression!r} is not one of {COMPRESSIONS}")
+
+
+def _validate_data_selection(cfg: RunConfig) -> None:
+    """data_selection (SALT_DS): the scoring and selection settings (the score file itself is
+    preflight's)."""
+    s = cfg.data_selection
+    _positive(cfg, "data_selection", "top_k", "min_learnable_tokens")
+    if s.min_learnable_tokens > cfg.data.seq_length:
+        raise ConfigError(f"data_selection.min_learnable_tokens {s.min_learnable_tokens} exceeds data.seq_length "
+                          f"{cfg.data.seq_length}: no sequence could be selected")
+    if not 0.0 < s.fraction <= 1.0:
+        raise ConfigError(f"data_selection.fraction must be in (0, 1], got {s.fraction}")
+    if not 0.0 <= s.low_quantile < 1.0:
+        raise ConfigError(f"data_selection.low_quantile must be in [0, 1), got {s.low_quantile}")
+    if not s.low_quantile < s.high_quantile <= 1.0:
+        raise ConfigError(f"data_selection.high_quantile must be in (data_selection.low_quantile={s.low_quantile}, 1], "
+                          f"got {s.high_quantile}")
+    if s.scores is not None and not s.scores.strip():
+        raise ConfigError("data_selection.scores must be a directory path (or null for no data selection), got ''")
+
+
+def _validate_deepspeed(cfg: RunConfig, world_size: int | None) -> None:
+    """optimizer.backend=deepspeed: what megadistill's DeepSpeed engine supports, then the DeepSpeed
+    helper's own checks (pass-through block). parallel.use_distributed_optimizer is ignored there:
+    ZeRO (deepspeed.zero_stage) always shards the optimizer state."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if pp > 1:
+        raise ConfigError(
+            f"optimizer.backend=deepspeed does not support pipeline parallelism "
+            f"(parallel.pipeline_model_parallel_size={pp}): set parallel.pipeline_model_parallel_size=1, "
+            "or use optimizer.backend=megatron for PP > 1"
+        )
+    try:
+        check_deepspeed(cfg, world_size=world_size)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+# Keys of the model inside megadistill checkpoints (see megadistill.megatron.checkpoint).
