@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m megadistill demo
 
+# The layering contract first (pyproject.toml [tool.importlinter]; seconds), then the tests.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q tests
 
 bench-kd-loss: $(STAMP)

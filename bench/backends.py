@@ -133,7 +133,7 @@ def _worker(backend_name: str, stage: int, steps: int) -> dict:
         mb = batches()
         torch.distributed.barrier()
         sys0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
-        backend.train_step(mb, KDStep(alpha=0.5))
+        backend.train_step(mb, KDStep(alpha=0.5, temperature=cfg.kd.temperature))
         if i:  # the first step is a warm-up (lazy Adam state, ZeRO-3's prefetch trace)
             times.append(time.perf_counter() - t0)
             sys_seconds += resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from megadistill.losses.config import KDLossConfig
-from megadistill.store.format import SampleTargets, Shard, encode_shard, sample_hash
+from megadistill.store.decode import Shard
+from megadistill.store.encode import SampleTargets, encode_shard
+from megadistill.store.format import sample_hash
 from megadistill.store.inspect_store import encoding_error
 from megadistill.store.precompute import rskd_uniforms, sample_rskd, select_top_p_k
 

@@ -50,7 +50,8 @@ def _worker(steps: int, threads: int, precision: str = "fp32"):
     half = precision != "fp32"
     for m in (student, teacher):
         m.config.bf16 = half  # Float16Module reads it (attention softmax flags stay as tiny_gpt built them)
-    model = wrap_half(DistillationModel(student, teacher), precision)
+    distill = DistillationModel(student, teacher)
+    model = wrap_half(distill, precision)
     ddp = wrap_ddp(model, DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0, bf16=half, params_dtype=dtype), [ddp]
@@ -65,7 +66,8 @@ def _worker(steps: int, threads: int, precision: str = "fp32"):
         return iter([(t[:, :-1], t[:, 1:], torch.ones(MBS, SEQ), None, pos) for t in tokens])
 
     def step(alpha: float) -> float:
-        loss.step = KDStep(alpha=alpha)
+        loss.step = knobs = KDStep(alpha=alpha, temperature=1.0)
+        distill.teacher_active = knobs.uses_teacher  # "student only" (α = 0): the teacher does not run
         t0 = time.perf_counter()
         train_step(forward_step, batches(), ddp, optimizer, MICRO_BATCHES, SEQ, MBS)
         return time.perf_counter() - t0

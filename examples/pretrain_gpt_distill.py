@@ -8,9 +8,10 @@ small training loop, so that this file runs on its own:
     torchrun --nproc-per-node 2 examples/pretrain_gpt_distill.py --pp 2 --teacher-load ckpt/teacher
 
 Lines marked ``# KD`` are what distillation adds to an existing script: build the teacher next to
-the student and wrap both, replace ``forward_step``/``loss_func`` with megadistill's, and run the
-schedule through ``megadistill.megatron.forward_backward`` (which widens the pipeline's
-stage-to-stage tensors for the teacher). On a machine without CUDA it applies megadistill's CPU
+the student and wrap both, replace ``forward_step``/``loss_func`` with megadistill's, set each
+step's α and τ (and, from α, whether the teacher runs), and run the schedule through
+``megadistill.megatron.forward_backward`` (which widens the pipeline's stage-to-stage tensors while
+the teacher is active). On a machine without CUDA it applies megadistill's CPU
 compatibility layer for megatron-core.
 """
 
@@ -127,7 +128,9 @@ def main() -> None:
     forward_step = make_forward_step(get_batch, loss)  # KD: replaces forward_step + loss_func
 
     for step in range(args.steps):
-        loss.step = KDStep(alpha=args.alpha, temperature=args.temperature)  # KD: per-step schedule
+        knobs = KDStep(alpha=args.alpha, temperature=args.temperature)  # KD: per-step α and τ
+        loss.step = knobs  # KD
+        model.teacher_active = knobs.uses_teacher  # KD: the teacher runs (stage tensors widen) only for α > 0
         result = train_step(
             forward_step, synthetic_batches(args, step), ddp_model, optimizer,
             args.global_batch_size // args.micro_batch_size // dp, SEQ, args.micro_batch_size,

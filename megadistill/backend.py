@@ -40,7 +40,8 @@ class Backend(Protocol):
 
     def train_step(self, micro_batches: list[dict], knobs: "KDStep") -> StepResult:
         """Forward, backward and one optimizer step over this rank's micro-batches of one global
-        batch, with KD weight and temperature ``knobs``; then one LR-scheduler step."""
+        batch, with KD weight and temperature ``knobs`` (the loss's step) and the teacher source
+        set active per ``knobs.uses_teacher``; then one LR-scheduler step."""
         ...
 
     def eval_step(self, micro_batches: list[dict]) -> list[dict]:

@@ -1,5 +1,5 @@
-"""Checkpoint directories, whatever the backend: naming, atomic commit, the completion marker,
-checksums, and the processes a save forks.
+"""Checkpoint directories, whatever the backend: naming, atomic commit, the completion marker
+and checksums.
 
 Layout under a checkpoint root::
 
@@ -27,11 +27,14 @@ sha256 rather than crc32 or blake2b: with the SHA extensions of current x86 CPUs
 about 1 GB/s per core, faster than blake2b here and within a factor of 2-3 of zlib.crc32, whose 32
 bits let one corruption in 4 billion through; and anyone can check a file by hand with
 ``sha256sum``.
+
+One module despite its length: the ``COMPLETE`` marker is one protocol -- :func:`commit` writes it
+with every file's checksum, :func:`verify` and the resume choice read it back -- and its naming,
+commit and verification halves share the marker's keys and the ranks' split of the hashing.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import heapq
 import json
@@ -39,15 +42,14 @@ import logging
 import os
 import re
 import shutil
-import signal
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
 from megadistill.collective import on_every_rank, on_rank0, rank_world
 from megadistill.config import ConfigError
+from megadistill.processes import children_die_with_this_process
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +247,7 @@ def commit(root: str | Path, step: int, write: Callable[[Path], None], marker: d
     Collective. ``marker`` (JSON-serialisable, rank 0's copy is written) is stored in the
     ``COMPLETE`` file together with ``step`` and the size and checksum of every file ``write``
     left in the directory (hashed by all ranks, each its share). Processes forked while
-    ``write`` runs die with this one (:func:`children_die_with_this_process`). Re-saving an
+    ``write`` runs die with this one (``megadistill.processes.children_die_with_this_process``). Re-saving an
     existing step replaces it only after the new copy is complete. An error on any rank, in any
     phase, is raised on every rank (none is left waiting) and leaves no complete checkpoint
     behind. Returns the final directory.
@@ -463,59 +465,6 @@ def _gather(obj: Any) -> list:
 def _warn(message: str, *args: Any) -> None:
     if rank_world()[0] == 0:  # once, not once per rank
         logger.warning(message, *args)
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes forked by a checkpoint writer die with it
-# ---------------------------------------------------------------------------------------------
-#
-# megatron-core's torch_dist writer forks one process per write bucket for every save (even a
-# synchronous one); each waits for the rank after writing. A rank killed with SIGKILL during a
-# save leaves them blocked forever (on a futex), reparented to PID 1. Children forked inside
-# children_die_with_this_process() ask the kernel (Linux prctl PR_SET_PDEATHSIG) for a SIGKILL
-# when their parent dies.
-
-_PR_SET_PDEATHSIG = 1
-_writer_pid: Optional[int] = None  # set while this process writes a checkpoint; inherited by children
-_prctl: Optional[Callable[..., int]] = None
-_fork_hook_installed = False
-
-
-@contextmanager
-def children_die_with_this_process() -> Iterator[None]:
-    """Processes forked (``os.fork``, multiprocessing's fork context) by this thread within the
-    block are SIGKILLed by the kernel when it dies, and so are their own children. Linux only
-    (elsewhere a no-op). Reentrant."""
-    global _writer_pid
-    _install_fork_hook()
-    previous, _writer_pid = _writer_pid, os.getpid()
-    try:
-        yield
-    finally:
-        _writer_pid = previous
-
-
-def _install_fork_hook() -> None:
-    global _fork_hook_installed, _prctl
-    if _fork_hook_installed:
-        return
-    try:  # resolved here, not in the child: a freshly forked child should do as little as possible
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        _prctl = None
-    os.register_at_fork(after_in_child=_die_with_parent)
-    _fork_hook_installed = True
-
-
-def _die_with_parent() -> None:
-    """In a child forked while a checkpoint is written: die when the parent does."""
-    global _writer_pid
-    if _writer_pid is None or _prctl is None:
-        return
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != _writer_pid:  # the parent died before the request took effect
-        os._exit(1)
-    _writer_pid = os.getpid()  # its own children die with it in turn
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -188,7 +188,7 @@ def _check_store(cfg: RunConfig) -> None:
 
 def _check_scores(cfg: RunConfig) -> None:
     """data_selection.scores: the score directory exists and is complete (its checksums and its
-    match with the run are checked by ``megadistill.salt.sampler_for_run``). Not needed by a run
+    match with the run are checked by ``megadistill.salt.selection.sampler_for_run``). Not needed by a run
     resuming after its KD phase, which trains on the full data."""
     scores = cfg.data_selection.scores
     if not scores or _resumes_after_kd(cfg):

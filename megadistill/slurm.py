@@ -110,7 +110,7 @@ def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = 
     check_job(job)
     if job.array is not None and kind != "precompute":
         raise ConfigError(f"--array is for --kind precompute (a job array over the store's shards), not {kind}")
-    cfg = load_config(config_path, list(overrides), world_size=job.world_size, preflight=False)
+    cfg = load_config(config_path, list(overrides), world_size=job.world_size)
     sub = KINDS[kind][0]
     log_dir = Path(cfg.output_dir) / "slurm"
     # An array task's own job id (%j) differs from the array's (%A): name logs by array and task.
@@ -219,7 +219,7 @@ def write(kind: str, config_path: str, job: Job, out: Optional[str] = None, *, o
     from megadistill.config import ConfigError, load_config
 
     text = render(kind, config_path, job, overrides=overrides, command_line=command_line)
-    cfg = load_config(config_path, list(overrides), world_size=job.world_size, preflight=False)
+    cfg = load_config(config_path, list(overrides), world_size=job.world_size)
     log_dir = Path(cfg.output_dir) / "slurm"
     path = Path(out) if out else log_dir / KINDS[kind][1]
     if path.exists() and "megadistill slurm render" not in path.read_text(errors="replace"):

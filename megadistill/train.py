@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from megadistill.config import ConfigError, RunConfig, run_vocab_size

@@ -10,13 +10,12 @@ import shutil
 from dataclasses import replace
 
 import pytest
+from tiny_runs import TEACHER
 
-from megadistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TeacherConfig, config_from_dict, validate
+from megadistill.config import ConfigError, DataConfig, RunConfig, TeacherConfig, config_from_dict, validate
 from megadistill.preflight import preflight
 from megadistill.checkpoint_dir import resolve_teacher_checkpoint
 from megadistill.testing import run_distributed
-
-TEACHER = ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=4)
 
 
 def _save_tiny_teacher(path: str) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 def _convert(args) -> int:
     from megadistill.data.errors import DataError
-    from megadistill.hf.convert import ConversionError, convert
+    from megadistill.hf.convert import convert
+    from megadistill.hf.errors import ConversionError
 
     try:
         result = convert(args.path, args.output, model_type=args.model_type, tokenizer=args.tokenizer,
@@ -21,7 +22,7 @@ def _convert(args) -> int:
 
 def add_commands(sub) -> None:
     """Add ``convert-hf`` to the ``megadistill`` subparsers ``sub``."""
-    from megadistill.hf.convert import MODEL_TYPES
+    from megadistill.hf.architecture import MODEL_TYPES
 
     c = sub.add_parser(
         "convert-hf",

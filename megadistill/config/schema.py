@@ -320,7 +320,7 @@ MIN_VOCAB_SIZE = 256 + 2 + 1  # byte pieces + <unk> + </s> + at least one learne
 
 LOGPROB_ENCODINGS = ("fp16", "fp32", "qlog64", "qlog16")
 """Encodings of stored log-probs (``record_logits.logprob_dtype``, ``precompute-logits --logprob-dtype``);
-``megadistill.store.format`` implements each."""
+``megadistill.store.codec`` implements each."""
 
 COMPRESSIONS = (None, "zstd")
 """Shard compressions of a logits store (``record_logits.compression``)."""

@@ -105,7 +105,7 @@ class DeepSpeedBackend:
                 f"gradient_accumulation_steps={self.accumulation_steps} (global batch / (micro batch x DP))"
             )
         self.engine.train()
-        self.teacher.set_active(knobs.alpha > 0)
+        self.teacher.set_active(knobs.uses_teacher)
         self.loss.step = knobs
         # dp/N per micro-batch sum: DeepSpeed's data-parallel gradient averaging divides by dp.
         scale = self.dp_size / self._global_tokens(micro_batches).clamp_min(1.0)
@@ -136,7 +136,7 @@ class DeepSpeedBackend:
         from megadistill.megatron.loss import DistillationLoss
         from megadistill.kd.knobs import KDStep
 
-        loss = DistillationLoss(self.cfg.kd.loss_config(), KDStep(alpha=0.0))
+        loss = DistillationLoss(self.cfg.kd.loss_config(), KDStep(alpha=0.0, temperature=self.cfg.kd.temperature))
         self.engine.eval()
         self.teacher.set_active(False)
         reports = []

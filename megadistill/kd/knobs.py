@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Optional
 
 from megadistill.schedules import kd_ends_at
@@ -10,19 +12,26 @@ from megadistill.schedules import kd_ends_at
 
 @dataclasses.dataclass
 class KDStep:
-    """The per-step knobs a schedule sets before each optimizer step."""
+    """The per-step knobs a schedule sets before each optimizer step. Both are required: the loss
+    takes τ from here alone, and nothing falls back to a default α."""
 
-    alpha: float = 0.5
-    """KD weight α in ``(1-α)·LM + α·KD``; 0 trains on the LM loss only (the teacher can be skipped)."""
+    alpha: float
+    """KD weight α in ``(1-α)·LM + α·KD``; 0 trains on the LM loss only (the teacher does not run)."""
 
-    temperature: Optional[float] = None
-    """τ for this step; None uses ``KDLossConfig.temperature`` (a τ schedule sets it per step)."""
+    temperature: float
+    """τ > 0 of this step (``KnobSchedule``: ``kd.temperature`` under ``kd.temperature_schedule``)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"KD weight alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not isinstance(self.alpha, numbers.Real) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"KD weight alpha must be a number in [0, 1], got {self.alpha!r}")
+        if not isinstance(self.temperature, numbers.Real) or not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether this step needs KD targets (α > 0): the one rule for whether the teacher runs.
+        A backend hands it to ``TeacherSource.set_active`` before the step's micro-batches."""
+        return self.alpha > 0.0
 
 
 class KnobSchedule:

@@ -47,8 +47,10 @@ class TeacherSource(Protocol):
         ...
 
     def set_active(self, active: bool) -> None:
-        """Whether the next micro-batches need targets (False for steps with KD weight α = 0: an
-        online teacher then does not run, and pipeline tensors keep the student's width)."""
+        """Whether the next micro-batches need targets. The backend calls it before each step with
+        ``knobs.uses_teacher`` (False for validation), the one place that decides whether the
+        teacher runs: False for steps with KD weight α = 0, when an online teacher does not run and
+        pipeline tensors keep the student's width."""
         ...
 
     def split(self, batch: dict, output) -> tuple[torch.Tensor, Optional[Target]]:

@@ -9,6 +9,10 @@ The same Function computes the training objective ``(1-α)·LM + α·KD``
 (:func:`vocab_parallel_distillation_loss`): the LM cross entropy, the KD loss, the top-1 agreement
 and the gradient of the total come out of the one chunked pass; the LM term's gradient
 ``(1-α)(softmax(z) - onehot)`` joins the KD gradient's passes over the chunk.
+
+One module despite its length: the per-chunk kernels, the Function whose backward replays the
+gradient they store, and the thin entry points that build its targets are one computation, and
+the chunk kernels' conventions (buffers, scaling, masked rows) hold only between them.
 """
 
 from __future__ import annotations

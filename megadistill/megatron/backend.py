@@ -58,14 +58,16 @@ class MegatronBackend:
             # before backward (1 for bf16); the optimizer unscales and checks for overflow.
             self.model.config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = lr_scheduler(self.optimizer, cfg)
-        self.loss = DistillationLoss(cfg.kd.loss_config())
+        self.loss = DistillationLoss(cfg.kd.loss_config())  # its step is set by train_step
         self.forward_step = make_forward_step(_next, self.loss, teacher)
-        self.eval_forward_step = make_forward_step(_next, DistillationLoss(cfg.kd.loss_config(), KDStep(alpha=0.0)), teacher)
+        # Validation: LM loss only (α = 0; τ then does not matter, the configured one is explicit).
+        eval_loss = DistillationLoss(cfg.kd.loss_config(), KDStep(alpha=0.0, temperature=cfg.kd.temperature))
+        self.eval_forward_step = make_forward_step(_next, eval_loss, teacher)
         self._shape = dict(seq_length=cfg.data.seq_length, micro_batch_size=cfg.data.micro_batch_size)
 
     def train_step(self, micro_batches: list[dict], knobs: KDStep) -> StepResult:
         self.loss.step = knobs
-        self.teacher.set_active(knobs.alpha > 0.0)
+        self.teacher.set_active(knobs.uses_teacher)  # the schedule widens stage tensors from this
         mbs = self._shape["micro_batch_size"]
         result = train_step(
             self.forward_step, iter(micro_batches), self.model, self.optimizer, len(micro_batches),

@@ -18,7 +18,9 @@ collective). What is stored:
   (``load_checkpoint(path, gpt_model, restore_rng=False)``), e.g. as a later run's teacher;
 * ``optimizer``: ``optimizer.sharded_state_dict(model_sharded_state_dict, ...)``; the distributed
   optimizer is saved as ``dp_reshardable`` by default (no communication; reshardable along DP
-  only) or ``fully_reshardable`` (gathered over DP on save; loads at any TP/PP/DP);
+  only) or ``fully_reshardable`` (gathered over DP on save; loads at any TP/PP/DP); built and
+  restored by :mod:`megadistill.megatron.optimizer_state`, which holds every workaround of
+  megatron-core's optimizer checkpointing;
 * ``opt_param_scheduler``: ``OptimizerParamScheduler.state_dict()``;
 * ``rng_state``: one ``ShardedObject`` per *global rank* (python, numpy, torch CPU, torch CUDA and
   megatron's model-parallel RNG tracker states), restored on the same rank when the checkpoint
@@ -29,22 +31,23 @@ collective). What is stored:
 
 A save goes to ``step_XXXXXXXX.tmp``; after every rank finished writing, the ranks checksum the
 files, rank 0 writes the ``COMPLETE`` marker, renames the directory to ``step_XXXXXXXX`` and fsyncs
-(``checkpoint_dir.commit``; :func:`write_checkpoint` writes the same state without it). A save killed
-before the rename leaves only the ``.tmp`` directory, which :func:`latest_checkpoint` ignores
-(it returns only directories with the marker) and the next save of that step removes. The
-checkpoint root must be on a file system every rank sees (as for Megatron-LM).
-:func:`load_checkpoint` verifies every file against its checksum before megatron-core reads any
-(``checkpoint_dir.verify``), and an error megatron-core or torch raise while reading names the file.
+(``checkpoint_dir.commit``; :func:`write_checkpoint` writes the same state without it). A save
+killed before the rename leaves only the ``.tmp`` directory, which
+``checkpoint_dir.latest_checkpoint`` ignores (it returns only directories with the marker) and the
+next save of that step removes. The checkpoint root must be on a file system every rank sees (as
+for Megatron-LM). :func:`load_checkpoint` verifies every file against its checksum before
+megatron-core reads any (``checkpoint_dir.verify``), and an error megatron-core or torch raise
+while reading names the file.
 
 megatron-core's writer forks one process per write bucket for every save; they die with the rank
-(``checkpoint_dir.children_die_with_this_process``). Its results queue would be a *spawn*-context
-``Manager``, a server process per rank that outlives a rank killed with SIGKILL: a fork-context
-queue is installed instead (:func:`install_write_results_queue`).
+(``megadistill.processes.children_die_with_this_process``). Its results queue would be a
+*spawn*-context ``Manager``, a server process per rank that outlives a rank killed with SIGKILL: a
+fork-context queue is installed instead (:func:`install_write_results_queue`).
 
 Exact resume: build model -> DDP -> optimizer -> scheduler exactly as for a fresh run, call
 :func:`load_checkpoint`, and continue with step ``extra["step"] + 1`` at the saved data position.
 The per-step losses and grad norms then equal an uninterrupted run's bit for bit, dropout
-included (tests/test_checkpoint.py). Loading only the model (``optimizer=None``) into a run that
+included (tests/megatron/test_checkpoint.py). Loading only the model (``optimizer=None``) into a run that
 has a mixed-precision optimizer leaves its fp32 main params stale: pass the optimizer too, or
 call ``optimizer.reload_model_params()``.
 """
@@ -56,31 +59,26 @@ import multiprocessing
 import multiprocessing.queues
 import re
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.core import CONFIG_FNAME, maybe_load_config
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
-from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
-from megatron.core.package_info import __version__ as _MCORE_VERSION
 from megatron.core.utils import unwrap_model
 
 from megadistill import rng
-from megadistill.checkpoint_dir import (  # noqa: F401
-    COMPLETE_MARKER,
-    checkpoint_path,
-    children_die_with_this_process,
-    commit,
-    is_complete,
-    latest_checkpoint,
-    verify,
+from megadistill.checkpoint_dir import commit, verify
+from megadistill.megatron.optimizer_state import (
+    is_distributed_optimizer,
+    load_optimizer_state,
+    optimizer_sharded_state_dict,
 )
+from megadistill.processes import children_die_with_this_process
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +147,7 @@ def _training_state(step: int, model, optimizer, scheduler, extra: Optional[dict
         state[key] = chunk.sharded_state_dict()
         model_state.update(state[key])
     if optimizer is not None:
-        state["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_state, False, optimizer_sharding)
+        state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_state, False, optimizer_sharding)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_sharded_object(rng.get_state())
@@ -162,7 +160,7 @@ def _training_state(step: int, model, optimizer, scheduler, extra: Optional[dict
         "model_chunks": len(chunks),
         "has_optimizer": optimizer is not None,
         "has_scheduler": scheduler is not None,
-        "optimizer_sharding": optimizer_sharding if _is_distributed_optimizer(optimizer) else None,
+        "optimizer_sharding": optimizer_sharding if is_distributed_optimizer(optimizer) else None,
     }
     return state
 
@@ -211,7 +209,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
         if not meta["has_optimizer"]:
             raise ValueError(f"{path} holds no optimizer state")
         sharding = meta["optimizer_sharding"]
-        if _is_distributed_optimizer(optimizer) != (sharding is not None):
+        if is_distributed_optimizer(optimizer) != (sharding is not None):
             raise ValueError(
                 f"{path} was saved with {'a distributed' if sharding else 'a non-distributed'} optimizer; "
                 "this run uses the other kind: set use_distributed_optimizer as when saving"
@@ -224,7 +222,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
                 "checkpoint.optimizer_sharding=fully_reshardable (save_checkpoint(optimizer_sharding=...) in "
                 "code) to change them"
             )
-        request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_state, True, sharding or "")
+        request["optimizer"] = optimizer_sharded_state_dict(optimizer, model_state, True, sharding or "")
     if scheduler is not None and not meta["has_scheduler"]:
         raise ValueError(f"{path} holds no LR scheduler state")
     same_layout = saved_layout == layout
@@ -243,7 +241,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         chunk.load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
-        _load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         # OptimizerParamScheduler.load_state_dict *adds* the saved step count to its own.
         scheduler.num_steps = 0
@@ -383,19 +381,6 @@ def _sharded_tensors(tree) -> Iterable[ShardedTensor]:
     # mismatches still fail inside dist_checkpointing.load.
 
 
-def _is_distributed_optimizer(optimizer) -> bool:
-    if optimizer is None:
-        return False
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(opt, DistributedOptimizer) for opt in _megatron_optimizers(optimizer))
-
-
-def _megatron_optimizers(optimizer) -> list:
-    """The leaf megatron optimizers (a ``ChainedOptimizer`` holds several)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 # -- RNG ---------------------------------------------------------------------------------------
 
 
@@ -438,171 +423,3 @@ def install_write_results_queue() -> None:
     Idempotent; called before every save (and by the CPU layer)."""
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = _WriteResultsQueue()
-
-
-# ---------------------------------------------------------------------------------------------
-# megatron-core version-specific workarounds (written against 0.16.1). Every quirk of its
-# optimizer checkpointing that this module works around is here, and only here.
-#
-# (a) ``DistributedOptimizer.sharded_state_dict`` defaults to the 'fully_sharded_model_space'
-#     format, which fails on save ("ShardedTensor.flattened_range is not supported"): the format
-#     is always passed explicitly, through ``metadata["distrib_optim_sharding_type"]``.
-# (b) ``sharded_state_dict(is_loading=True)`` first runs ``self.load_state_dict(self.state_dict())``,
-#     and ``state_dict()`` asserts that all Adam states share one ``step`` -- with torch's Adam
-#     (no Apex / Transformer Engine) a fresh optimizer has no state at all, so the assert fails
-#     (on save too, before the first step). ``_init_fresh_optimizer_state`` first gives every
-#     parameter what torch's Adam would create lazily on its first step: zero moments and its
-#     own step tensor 0 (so it changes no result).
-# (c) ``DistributedOptimizer.load_state_dict`` then sets ``state["step"]`` of every parameter to
-#     ONE shared tensor; torch's Adam increments each parameter's step in place, so the shared one
-#     advances once per parameter per step: the first resumed step is right, later ones are not
-#     (bias correction drifts; measured 7.9e-4 in the loss on step 2). Each state gets its own
-#     copy after loading (``_load_optimizer_state``).
-# (d) Its parameter-state loaders copy *every* key of the live Adam state, ``step`` included,
-#     from the loaded tensors; 'fully_reshardable' does not load ``step`` there (KeyError). The
-#     step is therefore taken out of the live states while the parameter state is copied in, and
-#     the copy runs under ``no_grad``: fp32 main params are views of the model's parameters,
-#     which require grad, and an in-place copy into them is an autograd error otherwise.
-# (e) 'dp_reshardable' covers the gap after a rank's last parameter in a bucket with a padding
-#     ShardedTensor that runs to the end of the *padded* bucket, past the checkpoint tensor's
-#     (unpadded) global size, whenever the unpadded end falls inside that gap -- e.g. the first
-#     stage of PP=2 with tied embeddings, whose shared embedding has a bucket of its own. torch
-#     DCP then rejects the save plan ("out of bounds chunk"). ``_clip_padding_shards`` trims such
-#     padding shards (their content is never used) to the global size, on save and on load.
-#     (Open upstream as NVIDIA/Megatron-LM PR #5898.)
-# (f) 'fully_reshardable' reads each parameter's state at its offset in the padded grad buffer
-#     from tensors that have every bucket's end padding removed: with several buckets and
-#     bucket padding, the state of every parameter after the first padded bucket end is saved
-#     shifted, partly zero-filled, with only a log warning (fixed upstream in NVIDIA/Megatron-LM
-#     PR #5077). ``_check_fully_reshardable`` refuses to save from such a layout. (Loading into
-#     one is fine: the receive buffers are disjoint views or fresh tensors, filled by key.)
-# ---------------------------------------------------------------------------------------------
-
-
-def _optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool, sharding: str) -> dict:
-    for opt in _megatron_optimizers(optimizer):
-        _init_fresh_optimizer_state(opt)  # (b); also lets a never-stepped optimizer be saved
-    if not _is_distributed_optimizer(optimizer):
-        return optimizer.sharded_state_dict(model_state, is_loading=is_loading)
-    if sharding == "fully_reshardable" and not is_loading:
-        _check_fully_reshardable(optimizer)  # (f)
-    metadata = {"distrib_optim_sharding_type": sharding}  # (a)
-    state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
-    if sharding == "dp_reshardable":
-        _clip_padding_shards(state)  # (e)
-    return state
-
-
-def _clip_padding_shards(tree) -> None:
-    """(e): trim 'dp_reshardable' padding shards that reach past their tensor's global size."""
-    if isinstance(tree, dict):
-        padding = tree.get("padding")
-        if isinstance(padding, LocalNonpersistentObject) and padding.obj is True:
-            for key, value in tree.items():
-                if isinstance(value, ShardedTensor) and len(value.global_shape) == 1:
-                    end = value.global_offset[0] + value.local_shape[0]
-                    overflow = end - value.global_shape[0]
-                    if overflow > 0:
-                        keep = value.local_shape[0] - overflow
-                        if keep > 0:
-                            tree[key] = replace(value, data=value.data[:keep], local_shape=(keep,))
-                        else:  # wholly outside: not part of the checkpoint at all
-                            tree[key] = LocalNonpersistentObject(value.data)
-            return
-        for value in tree.values():
-            _clip_padding_shards(value)
-    elif isinstance(tree, list):
-        for value in tree:
-            _clip_padding_shards(value)
-
-
-def _check_fully_reshardable(optimizer) -> None:
-    """(f): refuse to save 'fully_reshardable' state that megatron-core would save shifted."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    bad = []
-    for opt in _megatron_optimizers(optimizer):
-        if isinstance(opt, DistributedOptimizer):
-            for i, buffer in enumerate(opt.buffers):
-                padded = [b.grad_data.numel() != b.numel_unpadded for b in buffer.buckets[:-1]]
-                if any(padded):
-                    bad.append(f"buffer {i}: {len(buffer.buckets)} buckets")
-    bad = [b for rank_bad in _all_gather(bad) for b in rank_bad]  # every rank decides alike
-    if bad:
-        raise ValueError(
-            "optimizer_sharding='fully_reshardable' would save wrong optimizer state with megatron-core "
-            f"{_MCORE_VERSION} when a gradient buffer has several padded buckets ({'; '.join(sorted(set(bad)))}): "
-            "use optimizer_sharding='dp_reshardable', or a single bucket per buffer "
-            "(DistributedDataParallelConfig.bucket_size=None, no pipeline-parallel tied embeddings)"
-        )
-
-
-def _init_fresh_optimizer_state(opt) -> None:
-    """(b): give a never-stepped torch Adam inside a DistributedOptimizer its state tensors."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(opt, "optimizer", None)
-    if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-        return
-    if getattr(opt.config, "use_precision_aware_optimizer", False):
-        return  # Transformer Engine's FusedAdam: not torch's state layout
-    if any(len(inner.state[p]) for group in inner.param_groups for p in group["params"]):
-        return  # already stepped or loaded
-    for group in inner.param_groups:
-        for p in group["params"]:
-            state = inner.state[p]
-            on_device = group.get("capturable", False) or group.get("fused", False)
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group.get("amsgrad", False):
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _load_optimizer_state(optimizer, state) -> None:
-    leaves = _megatron_optimizers(optimizer)
-    if len(leaves) > 1:  # ChainedOptimizer: one sub-state per optimizer, keyed by index
-        subs = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
-    else:
-        subs = [state]
-    for opt, sub in zip(leaves, subs, strict=True):
-        _load_leaf_optimizer_state(opt, sub)
-    if len(leaves) > 1:
-        optimizer._synchronize_steps()
-    _unshare_steps(optimizer)  # (c)
-
-
-def _load_leaf_optimizer_state(opt, state: dict) -> None:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    if not isinstance(opt, DistributedOptimizer):
-        opt.load_state_dict(state)
-        return
-    state = dict(state)
-    param_state = state.pop("param_state")
-    sharding = state.pop("param_state_sharding_type")
-    opt.load_state_dict(state)  # torch Adam state with ONE shared step (c), param groups, scaler
-    inner = opt.optimizer
-    steps = {p: s.pop("step") for p, s in inner.state.items() if "step" in s}  # (d)
-    try:
-        with torch.no_grad():  # (d)
-            if sharding == "dp_reshardable":
-                opt.load_parameter_state_from_dp_reshardable(param_state)
-            elif sharding == "fully_reshardable":
-                opt.load_parameter_state_from_fully_reshardable(param_state)
-            else:
-                raise ValueError(f"unsupported distributed-optimizer checkpoint format {sharding!r}")
-    finally:
-        for p, step in steps.items():
-            inner.state[p]["step"] = step
-
-
-def _unshare_steps(optimizer) -> None:
-    """(c): one ``step`` tensor per parameter state (clones; values unchanged)."""
-    for opt in _megatron_optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
-        for s in inner.state.values():
-            if torch.is_tensor(s.get("step")):
-                s["step"] = s["step"].clone()

@@ -23,8 +23,8 @@ CUDA is available; importing this module changes nothing until :func:`apply` is 
 It touches megatron-core's modules only; the real ``torch`` / ``torch.cuda`` modules are left
 alone, except for the duration of three megatron functions (sites 4 and 5).
 
-Patched sites (megatron-core 0.16.1; each one is reached by tests/test_cpu_harness.py or, for
-Megatron's DDP and optimizers, tests/test_cpu_ddp_optimizer.py, and removing any of them makes
+Patched sites (megatron-core 0.16.1; each one is reached by tests/megatron/test_cpu_harness.py or, for
+Megatron's DDP and optimizers, tests/megatron/test_cpu_ddp_optimizer.py, and removing any of them makes
 that test fail with "Torch not compiled with CUDA enabled" or a ``torch.cuda.FloatTensor``
 type error):
 
@@ -96,7 +96,8 @@ type error):
    ``get_parameter_state_dp_zero`` (the ``fully_reshardable`` format) on ``current_device()``
    (module ``torch`` -> proxy), and moves the send buffers there with ``send_tensor.cuda()``
    (``get_parameter_state_dp_zero`` is wrapped like site 4). ``dp_reshardable`` needs neither
-   once megadistill.megatron.checkpoint initialised the state (tests/test_checkpoint.py covers both).
+   once megadistill.megatron.optimizer_state initialised the state (tests/megatron/test_checkpoint.py covers
+   both).
    The legacy ``dp_zero_gather_scatter`` format and the memory-efficient (gloo) variant of
    ``fully_reshardable`` run through the same code but are untested.
 
@@ -104,7 +105,7 @@ type error):
    and ``DistributedOptimizer`` sort parameters by ``param.type()`` in ``__init__`` (wrapped like
    site 5); ``optimizer/grad_scaler.py`` keeps fp16's loss scale and its factors on
    ``device='cuda'`` (module ``torch`` -> proxy) and reloads the scale with ``.cuda(...)``
-   (``DynamicGradScaler.load_state_dict`` wrapped like site 4). Reached by tests/test_precision.py.
+   (``DynamicGradScaler.load_state_dict`` wrapped like site 4). Reached by tests/megatron/test_precision.py.
 
 With sites 1 and 5, ``DistributedDataParallel`` (``overlap_grad_reduce=False``, grads
 all-reduced or reduce-scattered on gloo) and ``get_megatron_optimizer`` (``FP32Optimizer`` or
@@ -121,6 +122,10 @@ parallel (``rope_utils`` ``.cuda()``), ``get_sliding_window_causal_mask``, non-v
 ``softmax_type`` (``dot_product_attention.py``), inference and MoE code. Each still fails
 loudly if reached ("Torch not compiled with CUDA enabled", or a ``torch.cuda.*Tensor`` type
 check): add its module to ``_PROXIED_MODULES`` (with the reason) when a test needs it.
+
+One module despite its length: the layer is one patch set, version-checked and applied as a unit,
+and more than a quarter of the file is the list of patched sites above, kept beside the patches so
+that each site's reason and its fix are read together.
 """
 
 from __future__ import annotations

@@ -22,15 +22,22 @@ from megadistill.losses import KDLossConfig, vocab_parallel_distillation_loss
 
 
 class DistillationLoss:
-    """Builds per-micro-batch loss functions; read ``step`` (α, τ) at call time."""
+    """Builds per-micro-batch loss functions; reads ``step`` (α, τ) at call time.
+
+    ``kd`` holds what the KD loss computes; its ``temperature`` is not used here (τ is the step's,
+    set per step by a schedule). ``step`` is the ``KDStep`` of the optimizer step about to run: set
+    ``loss.step`` before each step (the backends do in ``train_step``); calling the loss before any
+    step was set is an error, not a default α.
+    """
 
     def __init__(self, kd: Optional[KDLossConfig] = None, step: Optional[KDStep] = None) -> None:
         self.kd = kd or KDLossConfig()
-        self.step = step or KDStep()
+        self.step = step
         self._cfg_cache: tuple[float, KDLossConfig] | None = None
 
-    def _kd_config(self) -> KDLossConfig:
-        tau = self.step.temperature if self.step.temperature is not None else self.kd.temperature
+    def _kd_config(self, step: KDStep) -> KDLossConfig:
+        """``kd`` with this step's τ."""
+        tau = step.temperature
         if self._cfg_cache is None or self._cfg_cache[0] != tau:
             self._cfg_cache = (tau, dataclasses.replace(self.kd, temperature=tau))
         return self._cfg_cache[1]
@@ -45,12 +52,21 @@ class DistillationLoss:
         """Loss of one micro-batch from ``student_logits[b, s, v/tp]`` (the schedule's output tensor),
         the KD ``target`` (dense teacher logits ``[b, s, v/tp]`` or ``SparseLogits`` of ``[b, s, k]``;
         None when α = 0), ``labels[b, s]`` and ``loss_mask[b, s]``."""
-        alpha = self.step.alpha
+        step = self.step
+        if step is None:
+            raise RuntimeError(
+                "DistillationLoss has no step: set loss.step = KDStep(alpha=..., temperature=...) before the "
+                "optimizer step runs"
+            )
+        alpha = step.alpha
         mask = loss_mask.reshape(student_logits.shape[:-1]).float()
         num_tokens = mask.sum().to(torch.int)
         count = mask.sum().detach()
         if alpha > 0.0 and target is None:
-            raise RuntimeError("KD weight alpha > 0 but there is no KD target (the teacher did not run)")
+            raise RuntimeError(
+                "KD weight alpha > 0 but there is no KD target: the teacher did not run (activate it for every "
+                "step with alpha > 0: TeacherSource.set_active(step.uses_teacher), or DistillationModel.teacher_active)"
+            )
         # One pass over the logits for the LM loss, the KD loss, their gradients and the agreement.
         # In place: the logits come from the output layer (GPTModel returns a fresh
         # ``logits.transpose(0, 1).contiguous()``; ColumnParallelLinear saves its input and weight,
@@ -62,7 +78,7 @@ class DistillationLoss:
             student_logits,
             labels if alpha < 1.0 else None,
             target if alpha > 0.0 else None,
-            self._kd_config(),
+            self._kd_config(step),
             alpha,
             parallel_state.get_tensor_model_parallel_group(),
             inplace=True,

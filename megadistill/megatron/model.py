@@ -42,7 +42,10 @@ class DistillationModel(MegatronModule):
         self.student_hidden = student.config.hidden_size
         self.teacher_hidden = teacher.config.hidden_size
         self.teacher_active = True
-        """Run the teacher in the next forward passes; set False for steps with KD weight 0."""
+        """Run the teacher in the next forward passes (and widen the stage tensors for it, which
+        ``megadistill.megatron.forward_backward`` reads from here). Set per step from the step's
+        ``KDStep.uses_teacher`` (False for KD weight 0), by a backend through
+        ``OnlineTeacher.set_active`` or by a training script; nothing else derives it."""
 
     @property
     def student(self) -> GPTModel:

@@ -46,11 +46,13 @@ def forward_backward(
 ):
     """``get_forward_backward_func()(...)`` with the pipeline's send/receive shapes widened by the
     teacher's hidden size while the teacher is active (any other model runs unchanged). Returns the
-    schedule's per-micro-batch loss reports (last pipeline stage; empty elsewhere)."""
+    schedule's per-micro-batch loss reports (last pipeline stage; empty elsewhere).
+
+    Whether the teacher is active is the model's state (``DistillationModel.teacher_active``), set
+    on every rank before the step by whoever sets its KD weight (a backend, through
+    ``TeacherSource.set_active(knobs.uses_teacher)``); this only reads it, so the stage tensors'
+    width and the forward passes agree."""
     distill = _distillation_model(model)
-    if distill is not None and isinstance(forward_step_func, DistillationForwardStep):
-        # Decided once per step, before any shape is computed: every stage and micro-batch agree.
-        distill.teacher_active = forward_step_func.teacher_active
     kwargs = {}
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         if parallel_state.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
@@ -87,11 +89,6 @@ class DistillationForwardStep:
         self.get_batch = get_batch
         self.loss = loss
         self.teacher = teacher if teacher is not None else InModelTargets()
-
-    @property
-    def teacher_active(self) -> bool:
-        """Whether this step needs the teacher (KD weight α > 0)."""
-        return self.loss.step.alpha > 0.0
 
     def __call__(self, data_iterator, model):
         batch = self.get_batch(data_iterator)

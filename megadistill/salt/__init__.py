@@ -3,9 +3,8 @@ learnable"), and SALT's phase 1 trains only on the selected ones.
 
 * :mod:`megadistill.salt.score` — per-token teacher loss restricted to targets inside the teacher's
   top-k, the per-sequence median, and ``megadistill score-data`` (data/tensor-parallel, resumable);
-* :mod:`megadistill.salt.scorefile` — the score directory: arrays, manifest, checks, histogram;
+* :mod:`megadistill.salt.scorefile` — the score directory: arrays, manifest, checks;
 * :mod:`megadistill.salt.selection` — top fraction or quantile band, and the phase-1/phase-2
-  sampler (:func:`~megadistill.salt.selection.sampler_for_run`).
+  sampler (:func:`~megadistill.salt.selection.sampler_for_run`);
+* :mod:`megadistill.salt.histogram` — the scores' histogram with the selected band.
 """
-
-from megadistill.salt.selection import SaltSampler, sampler_for_run, select  # noqa: F401

@@ -129,7 +129,7 @@ def _forward_scores(teacher, batches: list[dict], top_k: int, group, seq_length:
 
 
 def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = None,
-               _stop_after_parts: Optional[int] = None, timings: Optional[dict] = None) -> dict:
+               timings: Optional[dict] = None) -> dict:
     """Score run ``cfg``'s training samples with its teacher (``teacher.model`` loaded from
     ``teacher.checkpoint``) and write ``data_selection.scores`` (collective over all ranks);
     returns the manifest.
@@ -143,8 +143,7 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
     writes; ``P`` is rounded up to whole micro-batches (one stage-tensor shape per schedule call).
     ``timings`` (benchmarks), if given, receives this rank's ``loop_seconds`` (wall),
     ``loop_cpu_seconds`` (this process) and ``samples`` of the scoring loop (data reads, forwards,
-    scoring, hashes, part writes). ``_stop_after_parts`` (tests) raises after this rank wrote that
-    many parts, as a kill would.
+    scoring, hashes, part writes).
     """
     from megatron.core import parallel_state
     from tqdm import tqdm
@@ -204,7 +203,7 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
     todo_tokens = sum(ranges[i][1] for i in range(len(ranges)) if i not in done) * d.seq_length
     bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"score {out.name}",
                disable=not progress or dist.get_rank() != 0, dynamic_ncols=True)
-    written, t0, c0 = 0, time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for i in mine:
             first, count = ranges[i]
@@ -216,9 +215,6 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
                           for b in batches for j in range(b["tokens"].shape[0])]
                 scorefile.write_part(out, i, first, np.concatenate([r[0] for r in results]),
                                      np.concatenate([r[1] for r in results]), hashes)
-            written += 1
-            if _stop_after_parts is not None and written >= _stop_after_parts:
-                raise RuntimeError(f"stopped after {written} part(s) (test hook)")
     bar.close()
     if timings is not None:
         timings.update(loop_seconds=time.perf_counter() - t0, loop_cpu_seconds=time.process_time() - c0,

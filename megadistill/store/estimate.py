@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from megadistill.config import RunConfig
-from megadistill.store.format import (
-    DEFAULT_SAMPLES_PER_SHARD, LOGPROB_DTYPES, MAGIC, MANIFEST, QLOG_STEP, RESIDUAL_DTYPES, chunked_sections, count_dtype,
-    id_bits,
-)
+from megadistill.store.codec import LOGPROB_DTYPES, QLOG_STEP, RESIDUAL_DTYPES, count_dtype, id_bits
+from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD, MAGIC, MANIFEST, chunked_sections
 from megadistill.store.writer import shard_ranges
 
 # --------------------------------------------------------------------------- logits store
@@ -53,7 +51,7 @@ class StoreEstimate:
 def _shard_header_bytes(kind: str, first: int, n: int, seq: int, vocab: int, logprob_dtype: Optional[str],
                         count_str: str, compression: Optional[str], draws: Optional[int]) -> int:
     """Bytes before a shard's first section: magic, uint32 length and the space-padded JSON header,
-    whose room is reserved with 16-digit offsets (``megadistill.store.format._lay_out``), padded to 8."""
+    whose room is reserved with 16-digit offsets (``megadistill.store.encode._lay_out``), padded to 8."""
     rskd = kind == "rskd"
     lpd = None if rskd else logprob_dtype
     names = chunked_sections(kind, lpd)

@@ -27,7 +27,7 @@ def info(path: str | Path) -> list[str]:
     """Lines describing a finished store: settings, size, bytes/token, ids/position, coverage."""
     reader = StoreReader(path, verify=False)
     m = reader.manifest
-    ident, enc = m["identity"], m["encoding"]
+    ident = m["identity"]
     seq = ident["dataset"]["seq_length"]
     tokens = m["num_samples"] * seq
     entries = 0
@@ -127,6 +127,6 @@ def run_dataset(config: str, overrides: Optional[list] = None):
     from megadistill.data.datasets import prepare_data
     from megadistill.megatron.distributed import init_distributed
 
-    cfg = load_config(config, overrides, world_size=1, preflight=False)
+    cfg = load_config(config, overrides, world_size=1)
     init_distributed(cfg)
     return prepare_data(cfg)[1]

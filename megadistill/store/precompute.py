@@ -35,15 +35,14 @@ from megadistill.collective import on_rank0 as _on_rank0
 from megadistill.config import ConfigError
 from megadistill.hashing import file_sha256
 from megadistill.store.sparse import rskd_uniforms, sample_rskd, select_top_p_k
-from megadistill.store.format import (
-    DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, KINDS, LOGPROB_DTYPES, SampleTargets, count_dtype, encode_shard,
-    id_bits, sample_hash, shard_name,
-)
+from megadistill.store.codec import LOGPROB_DTYPES, count_dtype, id_bits
+from megadistill.store.encode import SampleTargets, encode_shard
+from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, KINDS, sample_hash, shard_name
 
 def _plan(cfg, ckpt: Path, tokenizer_sha256: str, dataset: dict, vocab: int, samples_per_shard: int,
           logprob_dtype: str, kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None) -> dict:
     from megadistill.config import to_dict
-    from megadistill.store.format import RESIDUAL_DTYPES
+    from megadistill.store.codec import RESIDUAL_DTYPES
 
     k = cfg.kd
     if kind == "rskd":
@@ -155,15 +154,14 @@ def teacher_forwards(teacher, micro_batches: list[dict], seq_length: int, on_log
 
 def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
                logprob_dtype: str = "fp16", kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None,
-               shard_task: int = 0, shard_tasks: int = 1, _stop_after_shards: Optional[int] = None) -> Optional[dict]:
+               shard_task: int = 0, shard_tasks: int = 1) -> Optional[dict]:
     """Write run ``cfg``'s teacher targets to ``cfg.teacher.store`` (collective over all ranks);
     returns the manifest. Resumes a store begun for the same plan; refuses one made for another.
     ``kind="rskd"`` stores ``draws`` samples per position (seeded by ``training.seed``) instead of
     the top-p-k truncation.
     ``shard_task`` of ``shard_tasks`` (a job array's task): only that task's shares of the shards
     (:func:`task_shards`) are computed; the manifest is written if every shard is then present, and
-    None is returned while other tasks' shards are still missing.
-    ``_stop_after_shards`` (tests) raises after this rank wrote that many shards, as a kill would."""
+    None is returned while other tasks' shards are still missing."""
     from megatron.core import parallel_state
     from tqdm import tqdm
 
@@ -260,7 +258,6 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
             else:
                 samples.append(SampleTargets(mb["hashes"][j], valid.sum(-1), res[j], ids[j][valid], vals[j][valid]))
 
-    written = 0
     with torch.no_grad():
         for i in mine:
             first, count = ranges[i]
@@ -272,9 +269,6 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
                 writer.write_atomic(store / shard_name(i), encode_shard(first, samples, d.seq_length, vocab, logprob_dtype,
                                                                         kind, draws if kind == "rskd" else None,
                                                                         compression=compression))
-            written += 1
-            if _stop_after_shards is not None and written >= _stop_after_shards:
-                raise RuntimeError(f"stopped after {written} shard(s) (test hook)")
     bar.close()
     dist.barrier()
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from megadistill.config import data_seed
+from megadistill.store.decode import Shard
 from megadistill.store.format import (
-    MANIFEST, PLAN, Shard, StoreError, bytes_sha256, check_manifest, load_json, sample_hash, shard_of,
+    MANIFEST, PLAN, StoreError, bytes_sha256, check_manifest, load_json, sample_hash, shard_of,
 )
 
 
@@ -186,9 +187,13 @@ class OfflineTeacher:
     micro-batch, ``split`` hands the next ``prefetch`` micro-batches' decoding to a background
     thread; it predicts their indices from the ones seen so far (contiguous runs of micro-batches,
     and the jump between steps once one has been seen, as ``ContiguousSampler`` hands them out at
-    any DP size). A mispredicted or failed prefetch is simply not used: that micro-batch is
-    decoded synchronously, so the targets (and every error) are the synchronous path's. The token
-    hashes are always checked against the actual batch. ``prefetch=0`` decodes synchronously.
+    any DP size). A mispredicted prefetch is simply not used: that micro-batch is decoded
+    synchronously. A failed prefetch is never replaced by a synchronous read: whatever the
+    background thread raised is raised in the training thread by the ``split`` that needs that
+    micro-batch, as a ``StoreError`` naming the shard file(s) it was read from (the original error
+    chained as its cause). A failed guess that no micro-batch asks for (mispredicted, or still
+    pending at ``close``) raises nothing. The token hashes are always checked against the actual
+    batch. ``prefetch=0`` decodes synchronously.
     """
 
     def __init__(self, store: str | Path, vocab_size: Optional[int] = None, seq_length: Optional[int] = None,
@@ -238,6 +243,20 @@ class OfflineTeacher:
         ids, lp, res = self.reader.batch(list(indices), tokens, labels)
         return torch.from_numpy(ids), torch.from_numpy(lp), None if res is None else torch.from_numpy(res)
 
+    def _prefetch(self, indices: tuple) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`_decode` in the prefetch thread; a failure becomes a ``StoreError`` naming the shard
+        file(s) of ``indices`` (raised where ``split`` takes the result)."""
+        try:
+            return self._decode(indices)
+        except Exception as e:
+            reader = self.reader
+            files = sorted({reader.manifest["shards"][shard_of(i, reader.samples_per_shard)]["file"]
+                            for i in indices if 0 <= i < reader.num_samples})
+            raise StoreError(
+                f"logits store {reader.path}: prefetching samples {indices[0]}..{indices[-1]} from "
+                f"{', '.join(files) or 'no shard'} failed: {type(e).__name__}: {e}"
+            ) from e
+
     def _observe(self, indices: list) -> None:
         """Learn the index pattern from the micro-batch just requested."""
         if self._expect is not None and indices[0] != self._expect:
@@ -268,7 +287,7 @@ class OfflineTeacher:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megadistill-store-prefetch")
         for key in wanted:
             if key not in self._pending:
-                self._pending[key] = self._pool.submit(self._decode, key)
+                self._pending[key] = self._pool.submit(self._prefetch, key)
 
     def split(self, batch: dict, output):
         if not self.active:
@@ -285,12 +304,8 @@ class OfflineTeacher:
             self._size = len(indices)
             self._observe(indices)
             self._schedule()  # queued behind nothing: the worker starts on the next batches now
-        got = None
-        if fut is not None:
-            try:
-                got = fut.result()
-            except Exception:  # noqa: BLE001 - the synchronous path below raises the real error
-                got = None
+        # A failed prefetch raises here, in the training thread (no synchronous retry hides it).
+        got = None if fut is None else fut.result()
         if got is not None:
             self.hits += 1
             for j, i in enumerate(indices):

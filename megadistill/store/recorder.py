@@ -17,39 +17,24 @@ forward). The store covers samples ``0 .. train_steps × global_batch_size − 1
 global sample ranges, so neither its bytes nor its layout depend on the DP size.
 
 Files, beside the store's own (``manifest.json``, ``precompute.json``: the plan, ``shard-*.bin``):
-
-* ``pending/piece-FFFFFFFFFFFF-NNNNNN-gGGGGGG.bin`` — the targets of ``N`` consecutive samples
-  from ``F`` on, recorded by process generation ``G``: a staging file (numpy ``.npz``, float64
-  log-probs and residuals as the selection computed them), so that a shard is encoded once, from
-  the exact values, as ``precompute-logits`` encodes it (any ``logprob_dtype``, quantised or
-  compressed). Each DP rank's tensor-parallel rank 0 writes one per micro-batch (and shard),
-  atomically; pieces cost ~16 B per kept id (int64 id, float64 log-prob) and are deleted once
-  their shard is written.
-* A shard is assembled from its pieces (for each sample, the piece of the latest generation) by
-  its owner rank (DP rank ``shard mod DP``) once every one of its samples was seen before the run's
-  latest complete checkpoint: no resume (which starts from that checkpoint or a later one) will see
-  them again. Then its pieces are deleted. ``manifest.json`` is written at the end of the run.
+staging *pieces* under ``pending/`` (``megadistill.store.pieces``), the targets of consecutive
+samples of one shard. Each DP rank's tensor-parallel rank 0 writes one per micro-batch (and
+shard), atomically. A shard is assembled from its pieces by its owner rank (DP rank ``shard mod
+DP``) once every one of its samples was seen before the run's latest complete checkpoint: no
+resume (which starts from that checkpoint or a later one) will see them again. Then its pieces
+are deleted. ``manifest.json`` is written at the end of the run; what it says about the recording
+(its plan and teacher identity) is ``megadistill.store.recording_plan``.
 
 Resume after a kill: the generation is one more than any piece's on disk, so a resumed process's
 pieces supersede those a killed process wrote after its last checkpoint (they are re-recorded,
 from the same weights when the resume is exact); a piece or shard is complete or absent (atomic
 writes), and a shard is written once, from complete data. Samples of a shard that was already
 finished (a resume from an older checkpoint than the latest) are not recorded again.
-
-"Teacher checkpoint identity" for a recorded store (``identity.teacher``): the recording run
-itself — ``recorded_by`` (run name, resolved output directory, sha256 of its config's
-resume-invariant settings plus ``record_logits``, backend) and ``steps`` (the step range and the
-rule above), ``model`` (its architecture) and ``path`` (its checkpoint directory). The
-manifest's ``recording`` key adds the final checkpoint and the sha256 of its completion marker
-(which holds every file's sha256): the weights after the last step, which saw no recorded sample.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -59,165 +44,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megadistill.store.format import (
-    FORMAT_VERSION, SampleTargets, StoreError, count_dtype, encode_shard, id_bits, sample_hash, shard_name, shard_of,
-)
+from megadistill.store.encode import SampleTargets, encode_shard
+from megadistill.store.format import StoreError, sample_hash, shard_name, shard_of
+from megadistill.store.pieces import PENDING, assemble_shard, encode_piece, list_pieces, piece_name
+from megadistill.store.recording_plan import data_files, dataset_identity, recording_plan
 
 logger = logging.getLogger(__name__)
 
-PENDING = "pending"
-_PIECE = re.compile(r"^piece-(\d{12})-(\d{6})-g(\d{6})\.bin$")
 # ``writer.write_atomic``'s temporary names for pieces and shards (``.NAME.tmp-PID-HOST``; older
 # versions wrote ``.NAME.tmp-PID``).
 _STALE_TMP = re.compile(r"^\.(piece-\d{12}-\d{6}-g\d{6}|shard-\d{6})\.bin\.tmp-\d+(-[A-Za-z0-9._-]+)?$")
-SAMPLING_METHOD = "inverse CDF over the global vocabulary, u = splitmix64(seed, sample, position, draw)"
-
-
-def piece_name(first: int, count: int, generation: int) -> str:
-    """File name of a piece: ``count`` samples from global index ``first``, by ``generation``."""
-    return f"piece-{first:012d}-{count:06d}-g{generation:06d}.bin"
-
-
-def list_pieces(pending: Path) -> list[tuple[int, int, int, Path]]:
-    """``[(first, count, generation, path)]`` of the complete pieces in ``pending`` (a writer's
-    temporary files do not match the name pattern)."""
-    out = []
-    if pending.is_dir():
-        for p in pending.iterdir():
-            m = _PIECE.match(p.name)
-            if m:
-                out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), p))
-    return sorted(out)
-
-
-def encode_piece(first: int, samples: list[SampleTargets]) -> bytes:
-    """A piece's bytes: ``samples`` (global indices ``first`` on) without any lossy encoding.
-    Arrays: ``hashes[n, 16]`` uint8, ``counts[n, s]``, ``ids[E]`` (E = Σ counts over the piece, flat,
-    position-major as in ``SampleTargets``), ``entry_offsets[n + 1]``; top-p-k: ``residual[n, s]``,
-    ``logprobs[E]`` float64; RS-KD: ``draws[E]``."""
-    import io
-
-    rskd = samples[0].draws is not None
-    entries = [len(t.ids) for t in samples]
-    arrays = {
-        "first": np.asarray([first], dtype=np.int64),
-        "hashes": np.frombuffer(b"".join(t.hash for t in samples), dtype=np.uint8).reshape(len(samples), -1),
-        "counts": np.stack([np.asarray(t.counts, dtype=np.int64) for t in samples]),
-        "ids": np.concatenate([np.asarray(t.ids, dtype=np.int64) for t in samples]),
-        "entry_offsets": np.concatenate([[0], np.cumsum(entries)]).astype(np.int64),
-    }
-    if rskd:
-        arrays["draws"] = np.concatenate([np.asarray(t.draws, dtype=np.int64) for t in samples])
-    else:
-        arrays["residual"] = np.stack([np.asarray(t.residual, dtype=np.float64) for t in samples])
-        arrays["logprobs"] = np.concatenate([np.asarray(t.logprobs, dtype=np.float64) for t in samples])
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def decode_piece(data: bytes, name: str) -> tuple[int, list[SampleTargets]]:
-    """Inverse of :func:`encode_piece`: ``(first, samples)``. A ``StoreError`` names an unreadable piece."""
-    import io
-
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            a = {k: z[k] for k in z.files}
-        first, off = int(a["first"][0]), a["entry_offsets"]
-        samples = []
-        for j in range(len(a["counts"])):
-            e = slice(int(off[j]), int(off[j + 1]))
-            if "draws" in a:
-                samples.append(SampleTargets(a["hashes"][j].tobytes(), a["counts"][j], None, a["ids"][e], None,
-                                             draws=a["draws"][e]))
-            else:
-                samples.append(SampleTargets(a["hashes"][j].tobytes(), a["counts"][j], a["residual"][j], a["ids"][e],
-                                             a["logprobs"][e]))
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        raise StoreError(f"piece {name} is unreadable ({e})") from e
-    return first, samples
-
-
-def _config_sha256(cfg) -> str:
-    """sha256 of the settings that fix the run's trajectory (the resume invariants) and of the
-    recording's own but its ``store``: a resumed run with the same ones continues the same recording."""
-    from megadistill.config import to_dict
-    from megadistill.config import RESUME_INVARIANTS
-
-    tree = to_dict(cfg)
-    picked = {}
-    for key in tuple(RESUME_INVARIANTS) + ("record_logits",):
-        node = tree
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        picked[key] = node
-    # Where the store lives is not a setting of the recording (a store may be moved).
-    picked["record_logits"] = {k: v for k, v in picked["record_logits"].items() if k != "store"}
-    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def data_files(cfg) -> tuple[str, str]:
-    """``(data prefix, tokenizer model)`` the run trains on (where ``prepare_data`` puts them)."""
-    prefix = cfg.data.data_prefix or str(Path(cfg.output_dir) / "data" / "corpus")
-    if cfg.data.tokenizer_model and cfg.data.tokenizer_type == "huggingface":
-        from megadistill.data.tokenizer import tokenizer_file
-
-        return prefix, str(tokenizer_file(cfg.data.tokenizer_model, "huggingface"))  # its tokenizer.json
-    return prefix, cfg.data.tokenizer_model or prefix + ".model"
-
-
-def dataset_identity(cfg) -> dict:
-    """The store's ``identity.dataset`` for run ``cfg`` (the keys ``precompute-logits`` writes)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from megadistill.config import data_seed
-
-    d = cfg.data
-    prefix, _ = data_files(cfg)
-    return {
-        "data_prefix": str(Path(d.data_prefix).resolve()) if d.data_prefix else None,
-        "inputs": list(d.inputs) if d.inputs else None,
-        "num_documents": int(len(IndexedDataset(prefix).sequence_lengths)),
-        "seed": data_seed(cfg), "seq_length": d.seq_length, "split": d.split,
-    }
-
-
-def recording_plan(cfg, vocab_size: int, tokenizer_sha256: str, dataset: dict) -> dict:
-    """The store's plan (its manifest without ``shards``/``recording``) for recording run ``cfg``."""
-    from megadistill.config import to_dict
-    from megadistill.store.format import RESIDUAL_DTYPES
-
-    # The same settings, in the same keys, as precompute-logits records (tests compare the two).
-    r = cfg.record_logits
-    if r.kind == "rskd":
-        how = {"sampling": {"draws": r.draws, "seed": cfg.training.seed, "temperature": 1.0, "method": SAMPLING_METHOD}}
-        enc = {"vocab_size": vocab_size, "id_bits": id_bits(vocab_size), "draw_dtype": count_dtype(r.draws).str,
-               "ids_per_position": "variable (distinct ids drawn, <= draws)", "compression": r.compression}
-    else:
-        how = {"truncation": {"top_p": r.top_p, "top_k": r.top_k, "ties": "kept"}}
-        enc = {"vocab_size": vocab_size, "id_bits": id_bits(vocab_size), "logprob_dtype": r.logprob_dtype,
-               "residual_dtype": RESIDUAL_DTYPES[r.logprob_dtype], "ids_per_position": "variable (per-position counts)",
-               "compression": r.compression}
-    out = Path(cfg.output_dir).resolve()
-    g, steps = cfg.data.global_batch_size, cfg.training.train_steps
-    teacher = {
-        "path": str(out / "checkpoints"),
-        "model": to_dict(cfg.model),
-        "recorded_by": {"name": cfg.name, "output_dir": str(out), "config_sha256": _config_sha256(cfg),
-                        "backend": cfg.optimizer.backend},
-        "steps": {"first": 0, "last": steps - 1, "global_batch_size": g,
-                  "seen_at": "sample i: the training forward of step i // global_batch_size, with the weights "
-                             "after that many optimizer steps"},
-    }
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": r.kind,
-        **how,
-        "encoding": enc,
-        "identity": {"teacher": teacher, "tokenizer_sha256": tokenizer_sha256, "dataset": dataset},
-        "num_samples": steps * g,
-        "samples_per_shard": r.samples_per_shard,
-    }
 
 
 def _on_rank0(fn):
@@ -477,27 +313,7 @@ class LogitsRecorder:
     def _assemble(self, index: int, pieces: list) -> bool:
         """Write shard ``index`` from ``pieces`` (``(gen, first, count, path)``; per sample the
         latest generation's), then delete them. False if a sample has no piece."""
-        from megadistill.store import writer
-
-        target = self.store / shard_name(index)
-        if not target.is_file():
-            first, count = self.ranges[index]
-            chosen: dict[int, SampleTargets] = {}
-            for gen, a, n, path in sorted(pieces):
-                got, samples = decode_piece(path.read_bytes(), f"{self.pending}/{path.name}")
-                if (got, len(samples)) != (a, n):
-                    raise StoreError(f"record_logits.store {self.store}: piece {path.name} holds samples "
-                                     f"{got}..+{len(samples)}, its name says {a}..+{n}")
-                for k, sample in enumerate(samples):
-                    chosen[a + k] = sample
-            if any(i not in chosen for i in range(first, first + count)):
-                return False
-            data = encode_shard(first, [chosen[i] for i in range(first, first + count)], self.seq_length,
-                                self.vocab_size, self.logprob_dtype, self.kind, self.draws, compression=self.compression)
-            writer.write_atomic(target, data)
-        for _, _, _, path in pieces:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        return True
+        first, count = self.ranges[index]
+        return assemble_shard(self.store, index, first, count, pieces, lambda first, samples: encode_shard(
+            first, samples, self.seq_length, self.vocab_size, self.logprob_dtype, self.kind, self.draws,
+            compression=self.compression))

@@ -16,8 +16,9 @@ from typing import Optional
 
 import numpy as np
 
+from megadistill.store.decode import Shard
 from megadistill.store.format import (
-    FORMAT_VERSION, MANIFEST, PLAN, Shard, StoreError, bytes_sha256, dump_json, load_json, shard_name,
+    FORMAT_VERSION, MANIFEST, PLAN, StoreError, bytes_sha256, dump_json, load_json, shard_name,
 )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import time
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
@@ -133,6 +134,7 @@ def run_distributed(
     pp: int = 1,
     vpp: int | None = None,
     seed: int | None = 1234,
+    timeout: float | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo ranks; return each rank's result.
@@ -144,17 +146,31 @@ def run_distributed(
     (data-parallel size is what remains). If a rank raises, the first failing rank's traceback is
     re-raised here (``torch.multiprocessing.ProcessRaisedException``). ``fn`` must be picklable only
     in the sense that it is reachable after fork; closures are fine.
+
+    ``timeout`` (seconds; None = no limit): ranks still running after it are killed and a
+    ``TimeoutError`` naming them is raised, so a test of "no rank hangs" fails instead of waiting
+    for the process group's own timeout.
     """
     if world_size % (tp * pp) != 0:
         raise ValueError(f"world_size {world_size} is not divisible by tp*pp = {tp * pp}")
     with tempfile.TemporaryDirectory(prefix="megadistill-ranks-") as result_dir:
-        mp.start_processes(
+        context = mp.start_processes(
             _worker,
             args=(fn, world_size, free_port(), tp, pp, vpp, seed, result_dir, args, kwargs),
             nprocs=world_size,
-            join=True,
+            join=False,
             start_method="fork",
         )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # join() returns False as each rank but the last exits cleanly (and raises for a failed one).
+        while not context.join(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            if deadline is not None and time.monotonic() >= deadline:
+                hung = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+                for p in context.processes:
+                    if p.is_alive():
+                        p.kill()
+                    p.join()
+                raise TimeoutError(f"rank(s) {hung} of {world_size} still running after {timeout} s (killed)")
         return [
             torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
             for r in range(world_size)

@@ -34,6 +34,7 @@ from megadistill.kd.knobs import KDStep  # noqa: E402
 VOCAB, SEQ, MBS, GLOBAL = 256, 32, 2, 8
 STEPS = 5
 ALPHAS = [0.5, 0.9, 0.0, 0.3, 1.0]  # includes an LM-only step (teacher off) and a KD-only one
+TAU = 1.5  # kd.temperature, and every step's τ
 
 
 def run_config(
@@ -58,7 +59,7 @@ def run_config(
             checkpoint=teacher_checkpoint,
         ),
         parallel=ParallelConfig(),
-        kd=KDConfig(temperature=1.5),
+        kd=KDConfig(temperature=TAU),
         # A large LR and weight decay, so that a wrong group (decayed norm) or LR shows in the loss.
         optimizer=OptimizerConfig(
             backend=backend, lr=1e-2, min_lr=1e-3, lr_schedule="cosine", warmup_fraction=0.2,
@@ -118,6 +119,6 @@ def train(backend, steps, alphas=ALPHAS) -> list[dict]:
     out = []
     for step in steps:
         lr = backend.learning_rate()
-        r = backend.train_step(micro_batches(step), KDStep(alpha=alphas[step % len(alphas)]))
+        r = backend.train_step(micro_batches(step), KDStep(alpha=alphas[step % len(alphas)], temperature=TAU))
         out.append({**r.metrics, "grad_norm": r.grad_norm, "lr": lr, "ok": r.update_successful})
     return out

@@ -23,7 +23,7 @@ def _uninterrupted(cfg, root: str) -> list[dict]:
     """Train STEPS steps, committing a checkpoint after SAVE_AT (as the loop does)."""
     backend, _ = build(cfg)
     out = train(backend, range(SAVE_AT))
-    commit(root, SAVE_AT, lambda directory: backend.save(directory, SAVE_AT), {"backend": backend.name})
+    commit(root, SAVE_AT, lambda directory: backend.save(directory, SAVE_AT), {"backend": "deepspeed"})
     return out + train(backend, range(SAVE_AT, STEPS))
 
 

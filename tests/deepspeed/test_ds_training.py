@@ -33,12 +33,19 @@ def _run(cfg) -> dict:
     teacher = source.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}
     student_params = list(backend.student.parameters()) if hasattr(backend, "student") else None
-    steps = train(backend, range(STEPS))
+    now, ran = [None], []
+    teacher.register_forward_hook(lambda *_: ran.append(now[0]) and None)
+    steps = []
+    for step in range(STEPS):
+        now[0] = step
+        steps += train(backend, [step])
+    now[0] = "eval"
     evaluation = reduce_reports(backend.eval_step(micro_batches(STEPS)))
     after = teacher.state_dict()
     out = {
         "steps": steps,
         "eval": evaluation,
+        "teacher_ran": list(dict.fromkeys(ran)),  # the steps (and passes) that ran the teacher
         "teacher_unchanged": all(torch.equal(v, after[k]) for k, v in before.items()),
         "teacher_frozen": all(not p.requires_grad and p.grad is None for p in teacher.parameters()),
         "teacher_not_zero": not any(hasattr(p, "ds_id") for p in teacher.parameters()),
@@ -68,6 +75,9 @@ def test_zero_matches_megatron_distributed_optimizer(teacher_ckpt, megatron_run,
         assert abs(r["eval"]["lm loss"] - ref["eval"]["lm loss"]) < 1e-5
         assert r["teacher_unchanged"] and r["teacher_frozen"] and r["teacher_not_zero"]
         assert r["engine_params_are_student"]
+    # Each backend sets the teacher active from the step's α alone: not at α = 0, not in validation.
+    for r in megatron_run + results:
+        assert r["teacher_ran"] == [s for s, a in enumerate(ALPHAS) if a > 0]
     # The schedule really varied what it should: α (KD-only and LM-only steps) and the LR.
     assert "lm loss" not in ref["steps"][ALPHAS.index(1.0)] and "kd loss" not in ref["steps"][ALPHAS.index(0.0)]
     assert len({s["lr"] for s in ref["steps"]}) == STEPS
