@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megadistill.collective import on_rank0 as _on_rank0
 from megadistill.store.encode import SampleTargets, encode_shard
 from megadistill.store.format import StoreError, sample_hash, shard_name, shard_of
 from megadistill.store.pieces import PENDING, assemble_shard, encode_piece, list_pieces, piece_name
@@ -54,22 +55,6 @@ logger = logging.getLogger(__name__)
 # ``writer.write_atomic``'s temporary names for pieces and shards (``.NAME.tmp-PID-HOST``; older
 # versions wrote ``.NAME.tmp-PID``).
 _STALE_TMP = re.compile(r"^\.(piece-\d{12}-\d{6}-g\d{6}|shard-\d{6})\.bin\.tmp-\d+(-[A-Za-z0-9._-]+)?$")
-
-
-def _on_rank0(fn):
-    """``fn()`` on global rank 0, its result on every rank; its error raised on every rank as a
-    ``StoreError`` (rather than leaving the other ranks waiting in the broadcast)."""
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [("ok", fn())]
-        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
-            box = [("err", e if isinstance(e, StoreError) else f"{type(e).__name__}: {e}")]
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "err":
-        raise value if isinstance(value, StoreError) else StoreError(value)
-    return value
 
 
 def _checkpoint_step(path: Optional[Path]) -> int:
