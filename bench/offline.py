@@ -77,7 +77,7 @@ def _teacher_forward_seconds(cfg, threads, kind="top_p_k", draws=12) -> tuple[np
     from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
     from megadistill.store.precompute import rskd_uniforms, sample_rskd, select_top_p_k
     from megadistill.megatron.distributed import init_distributed
 

@@ -64,7 +64,7 @@ def _loops(cfg, threads, repeats) -> dict:
     from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
     from megadistill.salt.score import score_logits
     from megadistill.megatron.distributed import init_distributed
 

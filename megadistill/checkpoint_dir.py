@@ -42,13 +42,13 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch.distributed as dist
 
 from megadistill.collective import on_every_rank, on_rank0, rank_world
-from megadistill.config import ConfigError
 from megadistill.processes import children_die_with_this_process
 
 logger = logging.getLogger(__name__)
@@ -213,32 +213,35 @@ def read_marker(path: str | Path) -> dict:
     return _callers_part(_parse_marker(path))
 
 
-def resolve_teacher_checkpoint(path: str) -> Path:
-    """A checkpoint directory, or a run directory whose latest complete checkpoint is used."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"teacher.checkpoint: {p} does not exist")
-    if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        latest = latest_checkpoint(root) if root.is_dir() else None
-        if latest is not None:
-            return Path(latest)
-    raise ConfigError(f"teacher.checkpoint: {p} holds no complete distributed checkpoint")
+def recorded_files(path: str | Path) -> Optional[dict]:
+    """The table of files the ``COMPLETE`` marker of ``path`` records (relative path -> [size,
+    sha256]), or None where there is no marker or it records no checksums. The marker is looked
+    for whatever the directory is called."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        return None
+    return (_parse_marker(path).get(_INTEGRITY) or {}).get("files") or None
 
 
-def checkpoint_identity(ckpt: Path) -> dict:
-    """A checkpoint's identity by content: the sha256 over every file in it (relative path +
-    content), with its resolved path and file count for the reader."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
-    for p in files:
-        digest.update(str(p.relative_to(ckpt)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return {"path": str(ckpt.resolve()), "num_files": len(files), "files_sha256": digest.hexdigest()}
+SUPERSEDED = re.compile(r"^superseded-\d{8}T\d{6}Z\+*$")
+"""Names of the directories :func:`move_aside` creates."""
+
+
+def move_aside(directory: str | Path, paths: Iterable[Path]) -> Path:
+    """Move ``paths`` (those that exist) into a new ``directory/superseded-<UTC time>/`` (a ``+``
+    added until the name is new) and return it: what a command that starts afresh over an earlier
+    run's or conversion's files (``--overwrite``) does with them. Nothing is deleted."""
+    aside = Path(directory) / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+    while True:
+        try:
+            aside.mkdir(parents=True)
+            break
+        except FileExistsError:
+            aside = aside.with_name(aside.name + "+")
+    for p in paths:
+        if p.exists() or p.is_symlink():
+            os.replace(p, aside / p.name)
+    return aside
 
 
 def commit(root: str | Path, step: int, write: Callable[[Path], None], marker: dict) -> Path:

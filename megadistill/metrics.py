@@ -1,9 +1,18 @@
-"""Run metrics: TensorBoard scalars, the JSON-lines log (appended across resumes), the teacher timer."""
+"""Run metrics: TensorBoard scalars, the JSON-lines log, the teacher timer.
+
+``metrics.jsonl`` holds one line per step: ``{"step": N, "time": T, <metric>: value, ...}``, ``T``
+the wall-clock when the step was logged in Unix seconds (UTC, millisecond resolution), in step
+order. A resumed run continues it from its checkpoint's step: the lines of later steps, which the
+interrupted attempt logged after its last checkpoint, are dropped first (as TensorBoard's
+``purge_step`` drops their scalars), so every step appears once, with the values of the attempt
+that carried on from it.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +45,8 @@ def memory_mib() -> float:
 
 
 def read_metrics(output_dir: str | Path) -> dict[int, dict]:
-    """The metrics log by step; a step logged twice (re-run after a resume) keeps its last record."""
+    """The metrics log by step. A step logged twice (by a version that kept an interrupted attempt's
+    lines) keeps its last record; the partial last line of a killed run is skipped."""
     path = Path(output_dir) / "metrics.jsonl"
     by_step: dict[int, dict] = {}
     if path.is_file():
@@ -103,23 +113,53 @@ def summary_line(name: str, reason: str, done: int, total: int, start: int, trai
     return " | ".join(parts)
 
 
+def keep_steps_up_to(path: Path, step: int) -> int:
+    """Make the JSON-lines log ``path`` hold the steps 1..``step`` only, each once (its last complete
+    line), in step order: what an attempt resuming from a checkpoint of ``step`` continues. The
+    lines of later steps (logged by an interrupted attempt after its checkpoint), a partial last
+    line and lines that are not JSON go. The file is replaced atomically (a temporary file in the
+    same directory, then a rename), and only if anything changes. Returns the lines dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept: dict[int, bytes] = {}
+    for line in lines:
+        if not line.endswith(b"\n"):  # the partial last line of a killed run
+            continue
+        try:
+            n = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if n <= step:
+            kept[n] = line
+    new = [kept[n] for n in sorted(kept)]
+    if new == lines:
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(new)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(lines) - len(new)
+
+
 class MetricsLogger:
     """TensorBoard scalars every ``log_interval`` steps (and at evaluations) and every step in
-    ``metrics.jsonl``, in ``out``; ``start`` is the step a resumed run continues from."""
+    ``metrics.jsonl`` (with its wall-clock ``time``), in ``out``; ``start`` is the step a resumed
+    run continues from: what the logs hold after it is dropped first (see the module docstring)."""
 
     def __init__(self, out: Path, start: int, log_interval: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         out.mkdir(parents=True, exist_ok=True)
-        # Steps after the checkpoint were logged by the killed run and are logged again: drop them.
+        # Steps after the checkpoint were logged by the interrupted attempt and are logged again: drop them.
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
         path = out / "metrics.jsonl"
-        if path.is_file():
-            # A run killed mid-write leaves a partial last line: drop it before appending.
-            text = path.read_bytes()
-            if text and not text.endswith(b"\n"):
-                with open(path, "r+b") as f:
-                    f.truncate(text.rfind(b"\n") + 1)
+        keep_steps_up_to(path, start)
         self.jsonl = open(path, "a")
         self.every = log_interval
 
@@ -127,7 +167,7 @@ class MetricsLogger:
         if step % self.every == 0 or "val_loss" in metrics:
             for k, v in metrics.items():
                 self.writer.add_scalar(TAGS.get(k, k), v, step)
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self.jsonl.flush()
 
     def close(self) -> None:

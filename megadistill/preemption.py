@@ -12,16 +12,26 @@ A second signal while the checkpoint is written is recorded and ignored: the sav
 were the process killed outright, the atomic commit keeps the previous complete checkpoint
 loadable). A run stopped this way exits with :data:`EXIT_STOPPED` (75, ``EX_TEMPFAIL``: "try again
 later"), which ``slurm/train.sbatch`` uses to requeue the job.
+
+The launcher's side (:class:`Forwarder`, :func:`launcher_status`): torchrun itself cannot pass that
+status on. A stop signal sent to torchrun makes it forward the signal, wait (30 s by default,
+``--shutdown-timeout``), SIGKILL what is left and exit 1 with a ``SignalException`` traceback;
+workers that exit 75 on their own make it exit 1 too; and a SIGUSR1 it does not handle kills it,
+leaving the workers running. ``megadistill torchrun`` (``megadistill.cli.train``) runs torchrun in
+its own process with a :class:`Forwarder` in place of torchrun's handler for the stop signals: each
+is passed to the workers as it is, torchrun never starts its timed teardown, and the launcher exits
+with :data:`EXIT_STOPPED` when the workers did.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 EXIT_STOPPED = 75
 """Exit status of ``megadistill train`` after a graceful stop (checkpoint saved, run unfinished)."""
@@ -142,3 +152,82 @@ class StopRequests:
 def install(checkpoint_cfg, device=None) -> StopRequests:
     """:class:`StopRequests` for a run's ``checkpoint`` section, its handlers installed."""
     return StopRequests(checkpoint_cfg.stop_signals, checkpoint_cfg.save_interval_minutes, device).install()
+
+
+FORWARDED_SIGNALS = ("SIGTERM", "SIGUSR1")
+"""The signals ``megadistill torchrun`` passes to its workers: the default ``checkpoint.stop_signals``
+(SLURM's ``--signal``, ``scancel``, a preemption or a container's stop send one of them)."""
+
+
+def child_pids(pid: Optional[int] = None) -> list[int]:
+    """The live (not zombie) direct children of process ``pid`` (default: this one), from ``/proc``
+    (Linux); ``[]`` where ``/proc`` cannot be read."""
+    pid = os.getpid() if pid is None else pid
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(name))
+    return sorted(found)
+
+
+class Forwarder:
+    """A launcher's stop signals, passed on to its workers (its child processes) unchanged: each
+    worker's :class:`StopRequests` then stops the run at the end of a step, saves and exits with
+    :data:`EXIT_STOPPED`, while the launcher keeps waiting for them (see the module docstring).
+
+    ``children`` lists the workers' pids (default: this process's children). A signal that comes
+    while there is no worker goes to ``alone(signum)`` if given (a launcher's own teardown: it may
+    raise) as long as none was forwarded yet (before the workers start); once a stop is under way,
+    a signal after the workers ended is dropped. ``install()`` must run in the main thread, before
+    the launcher starts; ``uninstall()`` puts the previous handlers back."""
+
+    def __init__(self, signals: Sequence[str] = FORWARDED_SIGNALS, children: Callable[[], list[int]] = child_pids,
+                 alone: Optional[Callable[[int], None]] = None):
+        self.signals = parse_signals(signals, key="forwarded signals")
+        self.children = children
+        self.alone = alone
+        self.forwarded: list[str] = []
+        """Names of the signals passed on so far, in order."""
+        self._previous: dict = {}
+
+    def install(self) -> "Forwarder":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        pids = self.children()
+        if not pids:
+            if self.alone is not None and not self.forwarded:
+                self.alone(signum)
+            return
+        self.forwarded.append(signal.Signals(signum).name)
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # ended meanwhile
+                pass
+
+
+def launcher_status(worker_exitcodes: Iterable[int]) -> Optional[int]:
+    """The launcher's exit status for workers that ended with ``worker_exitcodes`` (those a launcher
+    reports as failed): :data:`EXIT_STOPPED` when there is at least one and each is
+    :data:`EXIT_STOPPED` (a graceful stop: the checkpoint is saved), else None (a failure)."""
+    codes = list(worker_exitcodes)
+    return EXIT_STOPPED if codes and all(c == EXIT_STOPPED for c in codes) else None

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megadistill.checkpoint_dir import is_complete, latest_checkpoint, read_marker, resolve_teacher_checkpoint
+from megadistill.checkpoint_dir import is_complete, latest_checkpoint, read_marker
+from megadistill.checkpoint_identity import resolve_teacher_checkpoint
 from megadistill.config import CHECKPOINT_MODEL_PREFIX, ConfigError, ModelConfig, RunConfig, run_vocab_size
 from megadistill.data.errors import DataError
 from megadistill.hashing import file_sha256
@@ -22,6 +23,7 @@ from megadistill.schedules import kd_ends_at
 def preflight(cfg: RunConfig) -> None:
     """Raise ``ConfigError`` for the first problem found in the files and checkpoints ``cfg`` names."""
     _check_transformer_engine(cfg)
+    _check_deepspeed_config(cfg)
     _check_data_files(cfg)
     _check_teacher(cfg)
     _check_store(cfg)
@@ -67,6 +69,20 @@ def _check_transformer_engine(cfg: RunConfig) -> None:
             "parallel.sequence_parallel needs Transformer Engine (its LayerNorm); it is not installed "
             "here: set parallel.sequence_parallel=false"
         )
+
+
+def _check_deepspeed_config(cfg: RunConfig) -> None:
+    """optimizer.backend=deepspeed: the DeepSpeed config the run generates passes DeepSpeed's own
+    config classes (an unknown or mistyped key of deepspeed.config would otherwise stop
+    ``deepspeed.initialize`` after the process groups started). Imports DeepSpeed, on a machine
+    without CUDA as the backend does (CPU accelerator, no JIT-built op)."""
+    if cfg.optimizer.backend != "deepspeed":
+        return
+    from megadistill.config.deepspeed import check_with_deepspeed
+    from megadistill.deepspeed.env import configure_accelerator
+
+    configure_accelerator()
+    check_with_deepspeed(cfg)
 
 
 def _check_data_files(cfg: RunConfig) -> None:
@@ -166,8 +182,8 @@ def _check_teacher(cfg: RunConfig) -> None:
 def _check_store(cfg: RunConfig) -> None:
     """teacher.mode=offline: the store exists, its manifest is readable and its shards are the sizes
     it records, and it was made for this run (tokenizer, sequence length, split, seed, truncation,
-    vocabulary, enough samples). Its checksums and per-sample token hashes are checked as training
-    reads it."""
+    vocabulary, enough samples, and the teacher if teacher.checkpoint names one). Its checksums and
+    per-sample token hashes are checked as training reads it."""
     if cfg.teacher.mode != "offline":
         return
     if not cfg.teacher.store:
@@ -184,6 +200,11 @@ def _check_store(cfg: RunConfig) -> None:
     problems = run_mismatches(manifest, cfg, vocab, tokenizer_sha256(cfg) if tok else None)
     if problems:
         raise ConfigError(f"teacher.store {cfg.teacher.store} was not made for this run: " + "; ".join(problems))
+    from megadistill.resume import store_teacher
+
+    # teacher.checkpoint, if given, must be the store's teacher. Every rank runs this: where only
+    # reading all of the teacher's files could tell, rank 0 does it at the start (resume.decide).
+    store_teacher(cfg, read_files=False)
 
 
 def _check_scores(cfg: RunConfig) -> None:

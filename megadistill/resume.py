@@ -4,20 +4,26 @@ and shared, and the settings a resumed run must keep."""
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch.distributed as dist
 
-from megadistill.checkpoint_dir import is_complete, latest_checkpoint, read_marker, resolve_teacher_checkpoint
+from megadistill.checkpoint_dir import (
+    COMPLETE_MARKER,
+    CorruptCheckpointError,
+    is_complete,
+    latest_checkpoint,
+    move_aside,
+    read_marker,
+)
+from megadistill.checkpoint_identity import content_identity, resolve_teacher_checkpoint, same_content
 from megadistill.collective import shareable
 from megadistill.config import RESUME_INVARIANTS, ConfigError, ModelConfig, RunConfig, to_dict
 from megadistill.data.integrity import read_manifest
 from megadistill.hashing import file_sha256
-from megadistill.store.format import MANIFEST
+from megadistill.store.format import MANIFEST, StoreError, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +74,19 @@ def _with_defaults(saved, defaults):
     return out
 
 
-def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha256: str) -> dict:
+def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha256: str,
+               teacher_identity: Optional[dict] = None) -> dict:
     """What every checkpoint of this run records in its completion marker: enough to check a
-    resume against, and to check the checkpoint when it later serves as a teacher."""
+    resume against, and to check the checkpoint when it later serves as a teacher.
+    ``teacher_identity`` (``Decision.teacher_identity``) is the content of the teacher whose
+    targets the run trains on: the online teacher's checkpoint, or the teacher that made the
+    offline store's targets."""
     return {
         "backend": cfg.optimizer.backend,
         "config": to_dict(cfg),
         "tokenizer_sha256": tokenizer_sha256,
         "teacher_checkpoint": teacher_checkpoint,
+        "teacher_identity": teacher_identity,
         "teacher_store_sha256": _store_identity(cfg),
         "corpus_sha256": corpus_identity(cfg),
     }
@@ -96,10 +107,97 @@ def corpus_identity(cfg: RunConfig) -> Optional[str]:
 
 def _store_identity(cfg: RunConfig) -> Optional[str]:
     """The offline store's identity: its manifest (which holds every shard's sha256) hashed; a store
-    rebuilt at the same path is another store."""
+    rebuilt at the same path is another store. The manifest must pass its own checks first
+    (its checksum: a hand-edited one is refused, not taken for another store)."""
     if cfg.teacher.mode != "offline":
         return None
+    try:
+        load_manifest(cfg.teacher.store, f"teacher.store {cfg.teacher.store}")
+    except StoreError as e:
+        raise ConfigError(str(e)) from e
     return file_sha256(Path(cfg.teacher.store) / MANIFEST)
+
+
+def store_teacher(cfg: RunConfig, read_files: bool = True) -> Optional[dict]:
+    """teacher.mode=offline: the teacher that made ``teacher.store``'s targets, as the store's
+    manifest identifies it (``identity.teacher``, with ``recording`` for a recorded store). The run
+    records this as its teacher (``run_marker``), whatever ``teacher.checkpoint`` says, so that a
+    student's checkpoint never names a teacher that did not make its targets.
+
+    The rule: ``teacher.checkpoint`` may be left out. Given, it must be that teacher by content (a
+    copy or a moved checkpoint is; its path does not matter), and ``teacher.model`` must be that
+    teacher's architecture (:data:`ARCHITECTURE_KEYS`); anything else is a ConfigError naming both.
+    Without ``teacher.checkpoint``, ``teacher.model`` is not compared: an offline run builds no
+    teacher, and a section left at its defaults names none. A store recorded by a training run
+    (``record_logits``) has that run as its teacher: ``teacher.checkpoint`` must then be the
+    checkpoint the recording ended with, by the sha256 of its ``COMPLETE`` marker (which the store
+    records, and which holds every file's sha256).
+
+    ``read_files=False`` (preflight, which every rank runs) leaves the content undecided where only
+    reading every file of the teacher could decide it (a store written before ``content_sha256``
+    existed, or a teacher without checksums); :func:`decide` decides it on rank 0. None when the
+    store has no readable manifest: the store's own checks report that."""
+    t = cfg.teacher
+    if t.mode != "offline" or not t.store:
+        return None
+    try:
+        # Checked (its own checksum, its shard list): a hand-edited teacher identity is refused.
+        manifest = load_manifest(t.store, f"teacher.store {t.store}")
+    except StoreError:
+        return None  # the store's own checks (preflight, the reader) report it
+    teacher = ((manifest or {}).get("identity") or {}).get("teacher")
+    if not isinstance(teacher, dict):
+        return None
+    recorded_by_a_run = "recorded_by" in teacher
+    recording = manifest.get("recording") or {}
+    record = {**teacher, "recording": recording} if recorded_by_a_run else dict(teacher)
+    if t.checkpoint is None:
+        return record
+    ckpt = resolve_teacher_checkpoint(t.checkpoint)
+    store = f"teacher.store {t.store}"
+    try:
+        if recorded_by_a_run:
+            _check_recording_run(ckpt, teacher, recording, store)
+        else:
+            same, want, have = same_content(teacher, ckpt, read_files)
+            if same is False:
+                raise ConfigError(
+                    f"teacher.checkpoint {ckpt} (sha256 {_short(have)}) is not the teacher whose targets {store} holds "
+                    f"({teacher.get('path')}, sha256 {_short(want)}): name that teacher (a copy or a moved one will "
+                    "do), or leave teacher.checkpoint out"
+                )
+    except CorruptCheckpointError as e:
+        raise ConfigError(f"teacher.checkpoint {ckpt}: {'; '.join(e.problems)}") from e
+    model = teacher.get("model")
+    if isinstance(model, dict):
+        want, have = _architecture(to_dict(t.model)), _architecture(model)
+        for k in ARCHITECTURE_KEYS:
+            if want[k] != have[k]:
+                raise ConfigError(f"teacher.model.{k} is {want[k]} but the teacher whose targets {store} holds has {have[k]}")
+    return record
+
+
+def _check_recording_run(ckpt: Path, teacher: dict, recording: dict, store: str) -> None:
+    """``ckpt`` must be the checkpoint the run that recorded ``store`` ended with."""
+    run, final, want = teacher["recorded_by"].get("name"), recording.get("final_checkpoint"), \
+        recording.get("final_checkpoint_marker_sha256")
+    if want is None:
+        raise ConfigError(
+            f"teacher.checkpoint {ckpt} cannot be checked against {store}: run {run} recorded it while training and "
+            "the store names no checkpoint of that run; leave teacher.checkpoint out (the run records the store's teacher)"
+        )
+    marker = ckpt / COMPLETE_MARKER
+    have = file_sha256(marker) if marker.is_file() else None
+    if have != want:
+        raise ConfigError(
+            f"teacher.checkpoint {ckpt} ({COMPLETE_MARKER} sha256 {_short(have)}) is not the teacher whose targets {store} "
+            f"holds: run {run} recorded them while training, ending with checkpoint {final} ({COMPLETE_MARKER} sha256 "
+            f"{_short(want)}); name that checkpoint (or a copy of it), or leave teacher.checkpoint out"
+        )
+
+
+def _short(digest: Optional[str]) -> str:
+    return f"{digest[:12]}…" if digest else "none"
 
 
 def _architecture(model: dict) -> dict:
@@ -151,14 +249,7 @@ def _earlier_run(out: Path, ckpt_root: Path) -> list[str]:
 
 def _move_aside(out: Path, ckpt_root: Path) -> Path:
     """Move the earlier run's checkpoints and logs into ``out/superseded-<UTC time>/``."""
-    aside = out / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
-    while aside.exists():
-        aside = aside.with_name(aside.name + "+")
-    aside.mkdir(parents=True)
-    for p in (ckpt_root, out / "metrics.jsonl", out / "tensorboard"):
-        if p.exists():
-            os.replace(p, aside / p.name)
-    return aside
+    return move_aside(out, (ckpt_root, out / "metrics.jsonl", out / "tensorboard"))
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -179,6 +270,10 @@ class Decision:
     teacher_record: Optional[str]
     """The teacher checkpoint this run distils from, for its checkpoints' run record (kept after
     the KD phase, when it is no longer loaded or needed on disk)."""
+    teacher_identity: Optional[dict] = None
+    """The content of the teacher whose targets the run trains on, for its checkpoints' run record:
+    the online teacher's (``checkpoint_identity.content_identity``), or the store's teacher
+    (:func:`store_teacher`); None without a teacher, or where an older run recorded none."""
 
 
 def decide(
@@ -187,9 +282,12 @@ def decide(
 ) -> Decision:
     """Where the run starts, chosen on rank 0 and shared, so that ranks which list a shared file
     system at different moments still agree. A resumed run keeps the teacher checkpoint it started
-    with, even if a newer one has appeared since; one resumed at a step where
-    ``needs_teacher(step)`` is False neither loads nor checks it. A run that would start afresh
-    over an earlier run's files is refused, unless ``overwrite`` moves them aside first."""
+    with, even if a newer one has appeared since, and knows it by content: a teacher whose content
+    changed is refused, one moved elsewhere is found at ``teacher.checkpoint``
+    (:func:`_online_teacher`); one resumed at a step where ``needs_teacher(step)`` is False neither
+    loads nor checks it. An offline run's teacher is the store's (:func:`store_teacher`). A run that
+    would start afresh over an earlier run's files is refused, unless ``overwrite`` moves them aside
+    first."""
     decision: list = [None, None]
     from megadistill.checkpoint_dir import checkpoint_to_resume
 
@@ -207,15 +305,18 @@ def decide(
             if path:
                 _check_resume(cfg, path, marker, tokenizer_sha256)
             start = int(marker.get("step", 0))
-            teacher = record = None
+            teacher = record = identity = None
             if cfg.teacher.mode == "online":
-                record = marker.get("teacher_checkpoint")
+                record, identity = marker.get("teacher_checkpoint"), marker.get("teacher_identity")
                 if needs_teacher(start):
-                    teacher = record = record or str(resolve_teacher_checkpoint(cfg.teacher.checkpoint))
+                    teacher, identity = _online_teacher(cfg, path, marker)
+                    record = teacher
                     check_teacher_record(cfg, teacher, tokenizer_sha256)
                 else:
                     record = record or cfg.teacher.checkpoint
-            decision = [Decision(str(path) if path else None, start, teacher, record), None]
+            elif cfg.teacher.mode == "offline":
+                identity = store_teacher(cfg)
+            decision = [Decision(str(path) if path else None, start, teacher, record, identity), None]
         except Exception as e:  # raised on every rank below, instead of leaving them waiting
             decision = [None, shareable(e)]
     dist.broadcast_object_list(decision, src=0)
@@ -235,6 +336,60 @@ def decide(
 
 
 _NEW_RUN = "use a new output_dir, or pass --overwrite to move the earlier run aside"
+
+
+def _online_teacher(cfg: RunConfig, resumed_from: Optional[Path], marker: dict) -> tuple[str, Optional[dict]]:
+    """The teacher checkpoint an online run loads, and its content identity for the run record.
+
+    Afresh: ``teacher.checkpoint``. Resumed: the teacher the checkpoint recorded, known by its
+    content (``teacher_identity``): at the recorded path, or, when that holds other content or
+    nothing, at ``teacher.checkpoint`` -- a teacher moved or copied elsewhere is the same teacher.
+    Other content is refused (a teacher directory overwritten by another model, say a second
+    ``convert-hf`` into the same ``--output``), naming the paths and the recorded and current sha256."""
+    if resumed_from is None:
+        teacher = str(resolve_teacher_checkpoint(cfg.teacher.checkpoint))
+        return teacher, content_identity(teacher)
+    recorded_path, recorded = marker.get("teacher_checkpoint"), marker.get("teacher_identity")
+    if recorded is None:
+        # Written before run markers recorded the teacher's content: the path rule of that time (the
+        # recorded path, else teacher.checkpoint), with a warning since the content cannot be checked.
+        # This run's checkpoints record the content from now on.
+        teacher = recorded_path or str(resolve_teacher_checkpoint(cfg.teacher.checkpoint))
+        logger.warning("checkpoint %s records its teacher by path only (written by an older megadistill): the "
+                       "teacher checkpoint %s is used without checking that its content is the one the run began "
+                       "with", resumed_from, teacher)
+        return teacher, content_identity(teacher) if Path(teacher).is_dir() else None
+    want = recorded.get("content_sha256") or recorded.get("files_sha256")
+    configured = cfg.teacher.checkpoint
+
+    def candidates():
+        if recorded_path and Path(recorded_path).is_dir():
+            yield recorded_path
+        # teacher.checkpoint is looked at only when the recorded path no longer holds the teacher.
+        if configured is not None and Path(configured).exists():
+            resolved = str(resolve_teacher_checkpoint(configured))
+            if not recorded_path or Path(resolved).resolve() != Path(recorded_path).resolve():
+                yield resolved
+
+    found = []
+    for teacher in candidates():
+        same, _, have = same_content(recorded, teacher)
+        if same:
+            if teacher != recorded_path:
+                logger.warning("the teacher checkpoint %s recorded by %s is found by its content at %s: using that",
+                               recorded_path, resumed_from, teacher)
+            return teacher, {**recorded, "path": str(Path(teacher).resolve())}
+        found.append(f"{teacher} holds sha256 {_short(have)}")
+    if not found:
+        raise ConfigError(
+            f"cannot resume from {resumed_from}: its teacher {recorded_path} is gone and teacher.checkpoint "
+            f"{configured} does not exist; point teacher.checkpoint at that teacher (sha256 {_short(want)})"
+        )
+    raise ConfigError(
+        f"cannot resume from {resumed_from}: its teacher changed: {'; '.join(found)}, but the run distilled from "
+        f"sha256 {_short(want)} ({recorded.get('path')}); restore that teacher, or point teacher.checkpoint at a "
+        f"copy of it, or {_NEW_RUN}"
+    )
 
 
 def _protect_earlier_run(cfg: RunConfig, ckpt_root: Path, path: Optional[Path], overwrite: bool) -> None:

@@ -16,13 +16,18 @@ What every rendered script does, and why:
   ``MASTER_*``, torchrun's) are cleared; ``MASTER_ADDR`` is the job's first node, ``MASTER_PORT``
   ``20000 + job id mod 10000``, so jobs sharing a node do not collide;
 - ``OMP_NUM_THREADS`` from ``--cpus-per-task``, NCCL's asynchronous error handling on;
+- the job name (the run's ``name``), partition, account and log path are quoted for sbatch's own
+  ``#SBATCH`` line parser when they hold blanks, quotes or ``#``; a ``name`` with ``/`` (it becomes
+  part of the log's file name, ``%x``) or a line break is refused, and so is a ``--time`` in a
+  format sbatch does not take or not longer than ``--signal-seconds``;
 - ``precompute`` with ``--array N``: a job array of ``N`` tasks (``--array=0-(N-1)``, logs
   ``%x-%A_%a.out``), each an ordinary job of the geometry above computing every ``N``-th shard of
   the store (``precompute-logits`` reads its share from ``SLURM_ARRAY_TASK_ID``/``_COUNT``); the
   task that completes the set writes the manifest.
 
 Relative paths (the run file, ``output_dir``) are taken relative to the directory ``sbatch`` is run
-from, as the driver takes them. The templates are ``train`` (``megadistill train``),
+from, as the driver takes them. :func:`write` checks that the script's directory and the log
+directory can be created and written to before it writes either. The templates are ``train`` (``megadistill train``),
 ``precompute`` (``megadistill precompute-logits``) and ``score`` (``megadistill score-data``); the
 latter two resume where they were killed, so their shell simply requeues the job on the signal.
 """
@@ -30,6 +35,7 @@ latter two resume where they were killed, so their shell simply requeues the job
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +83,68 @@ class Job:
         return self.nodes * self.ntasks_per_node
 
 
+# The --time formats sbatch accepts (man sbatch): minutes, minutes:seconds, hours:minutes:seconds,
+# days-hours, days-hours:minutes, days-hours:minutes:seconds; and no limit.
+_TIME = re.compile(r"(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)")
+_NO_LIMIT = ("infinite", "unlimited", "-1")
+# What an #SBATCH value may hold bare; anything else is quoted for sbatch's own line parser.
+_BARE = re.compile(r"[\w.,:+=@%/-]+")
+
+
+def time_limit_seconds(time: str) -> Optional[int]:
+    """The seconds of an sbatch ``--time`` value, rounded up to whole minutes as SLURM does (None:
+    no limit, ``0``/``INFINITE``/``UNLIMITED``); ``ValueError`` for a format sbatch does not accept."""
+    text = time
+    if text.lower() in _NO_LIMIT:
+        return None
+    m = _TIME.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{time!r} is not a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
+                         "(e.g. 24:00:00 or 1-12), or INFINITE")
+    g = {k: int(v) if v is not None else 0 for k, v in m.groupdict().items()}
+    if m.group("days") is not None:
+        seconds = ((g["days"] * 24 + g["dh"]) * 60 + g["dm"]) * 60 + g["ds"]
+    elif m.group("c") is not None:
+        seconds = (g["a"] * 60 + g["b"]) * 60 + g["c"]
+    else:
+        seconds = g["a"] * 60 + g["b"]  # minutes, or minutes:seconds
+    return None if seconds == 0 else -(-seconds // 60) * 60
+
+
+def sbatch_value(value: str, what: str) -> str:
+    """``value`` as sbatch reads it back from an ``#SBATCH --option=<value>`` line: bare when plain,
+    else in double quotes with ``\\``, ``"`` and ``#`` escaped (sbatch splits the line at blanks, an
+    unquoted ``#`` starts a comment, a backslash escapes the next character). A line break or other
+    control character cannot be expressed on one line: ``ConfigError`` naming ``what``."""
+    from megadistill.config import ConfigError
+
+    bad = sorted({c for c in value if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ConfigError(f"{what}: {value!r} holds {', '.join(map(repr, bad))}, which an #SBATCH line cannot hold")
+    if _BARE.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("#", "\\#") + '"'
+
+
+def job_name(name: str, kind: str) -> str:
+    """The SLURM job name of run ``name``'s ``kind`` job (train: the run's name). It becomes part of
+    the job log's file name (``%x``), so it may not hold a ``/``: ``ConfigError`` naming ``name``."""
+    from megadistill.config import ConfigError
+
+    full = name if kind == "train" else f"{name}-{kind}"
+    if not name.strip():
+        raise ConfigError(f"name: {name!r} cannot be a SLURM job name: give the run a name (name=... as an override)")
+    if "/" in name:
+        raise ConfigError(f"name: {name!r} holds a '/', which would put the job log (%x-%j.out: the job name) in a "
+                          "directory that does not exist: choose a name without it (name=... as an override)")
+    sbatch_value(full, "name")
+    return full
+
+
 def check_job(job: Job) -> None:
-    """Raise ``ConfigError`` naming the option for an impossible geometry."""
+    """Raise ``ConfigError`` naming the option for an impossible geometry or an option value sbatch
+    would not accept."""
     from megadistill.config import ConfigError
 
     for name in ("nodes", "signal_seconds"):
@@ -95,6 +161,18 @@ def check_job(job: Job) -> None:
         raise ConfigError(f"--cpus-per-task must be >= 1, got {job.cpus_per_task}")
     if job.array is not None and job.array < 1:
         raise ConfigError(f"--array must be >= 1 (tasks in the job array), got {job.array}")
+    for name in ("partition", "account", "time"):
+        if getattr(job, name) is not None:
+            sbatch_value(getattr(job, name), f"--{name}")
+    if job.time is not None:
+        try:
+            limit = time_limit_seconds(job.time)
+        except ValueError as e:
+            raise ConfigError(f"--time: {e}") from None
+        if limit is not None and limit <= job.signal_seconds:
+            raise ConfigError(f"--time {job.time} ({limit} s, in whole minutes) is not longer than --signal-seconds "
+                              f"{job.signal_seconds}: the stop signal would come as the job starts; lower "
+                              "--signal-seconds or raise --time")
 
 
 def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = (), command_line: str = "") -> str:
@@ -112,9 +190,17 @@ def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = 
         raise ConfigError(f"--array is for --kind precompute (a job array over the store's shards), not {kind}")
     cfg = load_config(config_path, list(overrides), world_size=job.world_size)
     sub = KINDS[kind][0]
+    name = job_name(cfg.name, kind)
     log_dir = Path(cfg.output_dir) / "slurm"
+    for what, value in (("config file", config_path), ("output_dir", cfg.output_dir)):
+        sbatch_value(value, what)  # no line break, which would end a comment line of the script
+    if "\\" in cfg.output_dir:
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} holds a backslash, which turns off SLURM's %x/%j in the job "
+                          "log's file name (--output): choose a directory without it")
     # An array task's own job id (%j) differs from the array's (%A): name logs by array and task.
     log_name = "%x-%A_%a.out" if job.array else "%x-%j.out"
+    # SLURM expands %-symbols in the log's whole path: a % of the directory is written %%.
+    log_pattern = f"{str(log_dir).replace('%', '%%')}/{log_name}"
     q = shlex.quote
     tasks, world = job.ntasks_per_node, job.world_size
     lines = [
@@ -128,7 +214,7 @@ def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = 
         f"# Log: {log_dir}/<job name>-{'<array job id>_<task>' if job.array else '<job id>'}.out (appended to across "
         "requeues; the directory must exist:",
         "# `megadistill slurm render` creates it).",
-        f"#SBATCH --job-name={cfg.name}-{kind}" if kind != "train" else f"#SBATCH --job-name={cfg.name}",
+        f"#SBATCH --job-name={sbatch_value(name, 'name')}",
         f"#SBATCH --nodes={job.nodes}",
         f"#SBATCH --ntasks-per-node={tasks}",
     ]
@@ -136,9 +222,9 @@ def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = 
         lines.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
     if job.cpus_per_task is not None:
         lines.append(f"#SBATCH --cpus-per-task={job.cpus_per_task}")
-    for name in ("partition", "time", "account"):
-        if getattr(job, name):
-            lines.append(f"#SBATCH --{name}={getattr(job, name)}")
+    for option in ("partition", "time", "account"):
+        if getattr(job, option):
+            lines.append(f"#SBATCH --{option}={sbatch_value(getattr(job, option), '--' + option)}")
     if job.array:
         from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD
 
@@ -154,7 +240,7 @@ def render(kind: str, config_path: str, job: Job, *, overrides: Sequence[str] = 
         f"#SBATCH --signal=B:USR1@{job.signal_seconds}",
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
-        f"#SBATCH --output={log_dir}/{log_name}",
+        f"#SBATCH --output={sbatch_value(log_pattern, 'output_dir')}",
         "set -uo pipefail",
         "",
         "# A RANK/WORLD_SIZE/MASTER_* exported in the submitting shell would reach every task: the job's",
@@ -222,6 +308,14 @@ def write(kind: str, config_path: str, job: Job, out: Optional[str] = None, *, o
     cfg = load_config(config_path, list(overrides), world_size=job.world_size)
     log_dir = Path(cfg.output_dir) / "slurm"
     path = Path(out) if out else log_dir / KINDS[kind][1]
+    # Every place written to is checked before anything is: no log directory is left behind by a
+    # script that cannot be written.
+    where = f"--output {path}" if out else f"output_dir {cfg.output_dir}"
+    if path.is_dir():
+        raise ConfigError(f"{where}: a directory, not a file: give the script's file name (e.g. {path / KINDS[kind][1]})")
+    _check_directory(path.parent, where)
+    if create_log_dir:
+        _check_directory(log_dir, f"output_dir {cfg.output_dir}")
     if path.exists() and "megadistill slurm render" not in path.read_text(errors="replace"):
         raise ConfigError(f"{path} exists and was not rendered by megadistill slurm render: not overwriting it")
     if create_log_dir:
@@ -229,10 +323,28 @@ def write(kind: str, config_path: str, job: Job, out: Optional[str] = None, *, o
     path.parent.mkdir(parents=True, exist_ok=True)
     # Atomically: a job submitted meanwhile reads the old script or the new one, never half of one.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return text, path
+
+
+def _check_directory(directory: Path, what: str) -> None:
+    """``ConfigError`` naming ``what`` (the option or key the directory comes from) unless files can
+    be created in ``directory``: it is a writable directory, or the nearest part of it that exists is
+    one (the rest is created)."""
+    from megadistill.config import ConfigError
+
+    existing = next(d for d in (directory, *directory.parents) if d.exists() or d.is_symlink())
+    if not existing.is_dir():
+        raise ConfigError(f"{what}: cannot create {directory}: {existing} is {'a file' if existing.is_file() else 'not a directory'}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == directory:
+            raise ConfigError(f"{what}: cannot write to {directory}: permission denied")
+        raise ConfigError(f"{what}: cannot create {directory}: {existing} is not writable (permission denied)")
 
 
 EXAMPLES = {

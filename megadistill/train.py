@@ -91,7 +91,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     sampler = sampler_for_run(cfg, dp, steps if kd_end is None else kd_end, train_ds, start)
     eval_sampler = ContiguousSampler(d.global_batch_size, dp)
     dev = device()
-    marker = resume.run_marker(cfg, where.teacher_record, tokenizer_sha256)
+    marker = resume.run_marker(cfg, where.teacher_record, tokenizer_sha256, where.teacher_identity)
     logger = MetricsLogger(out, start, cfg.training.log_interval) if dist.get_rank() == dist.get_world_size() - 1 else None
     bar = tqdm(total=steps, initial=start, desc=cfg.name, disable=logger is None or not progress, dynamic_ncols=True)
     result = RunResult(steps=start)

@@ -81,6 +81,16 @@ def test_a_resumed_run_keeps_the_teacher_checkpoint_it_recorded(tmp_path):
     assert run_distributed(_decide, 1, cfg, str(root))[0] == (str(root / "step_00000002"), "/teachers/t1", "/teachers/t1", 2)
 
 
+def test_a_checkpoint_that_records_its_teacher_by_path_only_resumes_with_a_warning(tmp_path):
+    # Written before run markers recorded the teacher's content: the recorded path is kept, unchecked.
+    cfg = RunConfig(output_dir=str(tmp_path), teacher=TeacherConfig(mode="online", checkpoint=str(tmp_path / "newer")))
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 2, {"backend": "megatron", "config": to_dict(cfg), "teacher_checkpoint": "/teachers/t1"})
+    _, result, records = run_distributed(_decide_logged, 1, cfg, str(root))[0]
+    assert result == (str(root / "step_00000002"), "/teachers/t1")
+    assert f"checkpoint {root / 'step_00000002'} records its teacher by path only" in "\n".join(records)
+
+
 def test_a_run_resumed_after_its_kd_phase_needs_no_teacher_checkpoint(tmp_path):
     # SALT: from step 4 on the run needs no teacher; the recorded one has been deleted since.
     cfg = RunConfig(output_dir=str(tmp_path), teacher=TeacherConfig(mode="online", checkpoint=str(tmp_path / "gone")))
@@ -149,7 +159,8 @@ def _decide_logged(cfg: RunConfig, root: str):
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
-    logging.getLogger("megadistill.checkpoint_dir").addHandler(handler)
+    for name in ("megadistill.checkpoint_dir", "megadistill.resume"):
+        logging.getLogger(name).addHandler(handler)
     try:
         d = resume.decide(cfg, Path(root), TOKENIZER_SHA)
         result = d.checkpoint, d.teacher_checkpoint

@@ -122,14 +122,14 @@ def _command(name: str, cfg):
 
 @pytest.mark.parametrize("name", ["precompute", "score_data"])
 def test_a_command_whose_rank0_step_fails_raises_on_every_rank(tmp_path, small_corpus, monkeypatch, name):
-    import megadistill.checkpoint_dir
+    import megadistill.checkpoint_identity
 
     def broken(path):
         raise RuntimeError(f"rank 0 could not read {Path(path).name}")
 
     # Patched in the parent, so both forked ranks inherit it (only rank 0 calls it: its first
     # rank-0 section, before any teacher is built).
-    monkeypatch.setattr(megadistill.checkpoint_dir, "resolve_teacher_checkpoint", broken)
+    monkeypatch.setattr(megadistill.checkpoint_identity, "resolve_teacher_checkpoint", broken)
     got = run_distributed(_command, 2, name, _cfg(tmp_path / "run", small_corpus), timeout=HANG)
     assert got == [("RuntimeError", "rank 0 could not read teacher")] * 2
 

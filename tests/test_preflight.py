@@ -14,7 +14,7 @@ from tiny_runs import TEACHER
 
 from megadistill.config import ConfigError, DataConfig, RunConfig, TeacherConfig, config_from_dict, validate
 from megadistill.preflight import preflight
-from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+from megadistill.checkpoint_identity import resolve_teacher_checkpoint
 from megadistill.testing import run_distributed
 
 

@@ -109,8 +109,8 @@ def run_precompute(cfg: RunConfig, samples_per_shard: int = 8, **kw):
 
 
 def run_metrics(out) -> dict[int, dict]:
-    """The run's metrics by step: a resumed run re-logs the steps after its checkpoint, and the last
-    record of a step counts; {} before the first step is logged."""
+    """The run's metrics by step (a resumed run drops the killed attempt's lines after its checkpoint
+    and logs those steps again); {} before the first step is logged."""
     return read_metrics(out)
 
 
@@ -122,13 +122,13 @@ def _launch_env() -> dict:
 
 
 def launch_train(cfg_path, log, nproc: int = 1) -> subprocess.Popen:
-    """``megadistill train cfg_path`` as a process of its own (under torchrun for ``nproc`` > 1),
-    its output to ``log``. A session of its own: kill -9 of the group takes the launcher and every
-    rank at once, as a node failure does."""
+    """``megadistill train cfg_path`` as a process of its own (for ``nproc`` > 1 under ``megadistill
+    torchrun``, as the README says), its output to ``log``. A session of its own: kill -9 of the
+    group takes the launcher and every rank at once, as a node failure does."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "megadistill", "train", str(cfg_path), "--no-progress"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+        cmd = [sys.executable, "-m", "megadistill", "torchrun", "--nproc-per-node", str(nproc), "--master-port",
                str(free_port()), "-m", "megadistill", "train", str(cfg_path), "--no-progress"]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_launch_env(), cwd=ROOT, start_new_session=True)
 

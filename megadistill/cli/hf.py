@@ -12,9 +12,11 @@ def _convert(args) -> int:
     try:
         result = convert(args.path, args.output, model_type=args.model_type, tokenizer=args.tokenizer,
                          tokenizer_type=args.tokenizer_type, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
+                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, overwrite=args.overwrite)
     except DataError as e:  # the tokenizer
         raise ConversionError(str(e)) from e
+    if result.superseded is not None:
+        print(f"moved the earlier contents of {args.output} aside to {result.superseded}")
     print(f"wrote {result.checkpoint} ({result.vocab_rows} vocabulary rows) and {result.snippet}:\n")
     print(result.snippet_text, end="")
     return 0
@@ -32,11 +34,17 @@ def add_commands(sub) -> None:
             "equivalent megatron-core GPT model as a teacher checkpoint under OUTPUT (OUTPUT/step_00000000, loaded "
             "resharded at any TP/PP with teacher.checkpoint: OUTPUT), and OUTPUT/teacher.yaml: the teacher block and "
             "the data.tokenizer_* lines to merge into a run file. The student uses the teacher's tokenizer; the "
-            "vocabulary is padded as a run with --make-vocab-size-divisible-by and --tensor-parallel-size pads it."
+            "vocabulary is padded as a run with --make-vocab-size-divisible-by and --tensor-parallel-size pads it. "
+            "An OUTPUT that already holds anything (an earlier conversion, even of the same model, or other files) is "
+            "refused unless --overwrite is given."
         ),
     )
     c.add_argument("path", help="Hugging Face checkpoint directory (config.json, model.safetensors[.index.json])")
-    c.add_argument("--output", required=True, help="directory to write the teacher checkpoint and teacher.yaml to")
+    c.add_argument("--output", required=True,
+                   help="directory to write the teacher checkpoint and teacher.yaml to: new or empty (see --overwrite)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="if OUTPUT holds an earlier conversion (of any model, the same one included) or other files, "
+                        "move them aside into OUTPUT/superseded-<UTC time>/ first instead of refusing; nothing is deleted")
     c.add_argument("--model-type", choices=MODEL_TYPES, default=None,
                    help="the architecture (default: config.json's model_type)")
     c.add_argument("--tokenizer", default=None,

@@ -30,14 +30,17 @@ def add_commands(sub) -> None:
     r.add_argument("--tasks-per-node", type=int, default=None, help="with --gpus-per-node 0: CPU tasks per node (default 1)")
     r.add_argument("--cpus-per-task", type=int, default=None)
     r.add_argument("--partition", default=None)
-    r.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    r.add_argument("--time", default=None,
+                   help="time limit as sbatch takes it: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
+                        "(e.g. 24:00:00), or INFINITE; longer than --signal-seconds")
     r.add_argument("--account", default=None)
     r.add_argument("--signal-seconds", type=int, default=Job.signal_seconds,
                    help=f"USR1 this long before the time limit (default {Job.signal_seconds})")
     r.add_argument("--python", default="python", help="interpreter on the nodes (default: python on PATH)")
     r.add_argument("--array", type=int, default=None, metavar="N",
                    help="--kind precompute: a job array of N tasks, each computing every N-th shard of the store")
-    r.add_argument("-o", "--output", default=None, help="script file (default <output_dir>/slurm/<kind>.sbatch)")
+    r.add_argument("-o", "--output", default=None,
+                   help="script file (default <output_dir>/slurm/<kind>.sbatch); its directory is created if need be")
     r.set_defaults(fn=_render_command)
 
 

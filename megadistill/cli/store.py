@@ -108,7 +108,8 @@ def add_commands(sub) -> None:
     i = ssub.add_parser("info", help="settings, size, bytes/token and coverage of a store")
     i.add_argument("path")
     i.set_defaults(fn=_info)
-    v = ssub.add_parser("verify", help="check every shard's checksum and contents (and, with --data, the dataset)")
+    v = ssub.add_parser("verify", help="check the manifest's checksum, and every shard's checksum and contents against "
+                                       "the manifest (and, with --data, the dataset)")
     v.add_argument("path")
     v.add_argument("--data", metavar="RUN_YAML", default=None,
                    help="also check each sample's token hash against this run's training data")

@@ -1,10 +1,16 @@
-"""``megadistill train``: one YAML-configured run under torchrun, srun or as one process."""
+"""``megadistill train``: one YAML-configured run under torchrun, srun or as one process;
+``megadistill torchrun``: torchrun, with a graceful stop's exit status 75 passed on."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import signal
+import sys
+
 from megadistill import launch
 from megadistill.config import load_config
-from megadistill.preemption import EXIT_STOPPED
+from megadistill.preemption import EXIT_STOPPED, FORWARDED_SIGNALS
 from megadistill.preflight import preflight
 
 
@@ -40,8 +46,54 @@ def _close_process_groups() -> None:
         dist.destroy_process_group()
 
 
+def _torchrun(args) -> int:
+    """torchrun's own launcher (``torch.distributed.run``) in this process, with its arguments
+    unchanged, except that SIGTERM and SIGUSR1 are passed to the workers as they come
+    (``preemption.Forwarder``) instead of starting torchrun's teardown (forward, wait
+    ``--shutdown-timeout``, SIGKILL, exit 1). Returns 75 when every worker that torchrun reports
+    failed exited with 75; torchrun's own result otherwise (0, or its error and status 1)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+
+    from megadistill.preemption import Forwarder, launcher_status
+
+    targs = torchrun.parse_args(args.torchrun_args)
+    if not hasattr(targs, "signals_to_handle"):
+        import torch
+
+        raise launch.LaunchError(
+            f"megadistill torchrun needs torchrun's --signals-to-handle (torch >= 2.9; this is torch {torch.__version__}): "
+            "use `srun` or a single process, or plain torchrun (which exits 1 after a graceful stop)"
+        )
+    # torchrun installs its handlers when it starts the workers: leave it the others (SIGINT, SIGHUP, SIGQUIT).
+    ours = set(FORWARDED_SIGNALS)
+    targs.signals_to_handle = ",".join(
+        s for s in (x.strip() for x in targs.signals_to_handle.split(",")) if s and s not in ours
+    ) or "SIGINT"
+
+    def alone(signum: int) -> None:
+        # No worker to stop yet: torchrun's own reaction (tear down, exit 1).
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+    forwarder = Forwarder(FORWARDED_SIGNALS, alone=alone).install()
+    try:
+        record(torchrun.run)(targs)
+    except ChildFailedError as e:
+        status = launcher_status(f.exitcode for f in e.failures.values())
+        if status is None:
+            raise
+        after = f" after {', '.join(forwarder.forwarded)}" if forwarder.forwarded else ""
+        print(f"megadistill torchrun: the workers stopped gracefully{after} (exit {status}: a checkpoint is saved, "
+              "resubmit to resume)", file=sys.stderr, flush=True)
+        return status
+    finally:
+        forwarder.uninstall()
+    return 0
+
+
 def add_commands(sub) -> None:
-    """Add ``train`` to the ``megadistill`` subparsers ``sub``."""
+    """Add ``train`` and ``torchrun`` to the ``megadistill`` subparsers ``sub``."""
     t = sub.add_parser(
         "train",
         help="train per a YAML run file (under torchrun/srun for several ranks)",
@@ -58,3 +110,17 @@ def add_commands(sub) -> None:
                    help="start afresh even though output_dir holds an earlier run: its checkpoints and logs are "
                         "moved aside to output_dir/superseded-<UTC time>/ (never deleted)")
     t.set_defaults(fn=_train)
+    r = sub.add_parser(
+        "torchrun",
+        # Every argument is torchrun's (or the workers'): none is parsed here.
+        prefix_chars="\0",
+        help="torchrun that exits 75 after a graceful stop: megadistill torchrun --nproc-per-node N -m megadistill train run.yaml",
+        description=(
+            "torchrun (torch.distributed.run) with the same arguments, except that SIGTERM and SIGUSR1 reach the "
+            "workers unchanged (they finish the step, save and exit 75) instead of torchrun's teardown (SIGKILL "
+            "after --shutdown-timeout, exit 1); exits 75 when the workers did. `megadistill torchrun --help` "
+            "shows torchrun's options."
+        ),
+    )
+    r.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="torchrun's arguments, then the command to run")
+    r.set_defaults(fn=_torchrun)

@@ -14,8 +14,9 @@ What needs the run's files or the machine (data, tokenizer, teacher checkpoint, 
 Engine) is ``megadistill.preflight``'s, which the commands call after loading. The world size is
 never guessed here: ``None`` means unknown; ``megadistill train`` passes the launch's.
 
-This package imports nothing above ``megadistill.losses``, ``megadistill.schedules`` and
-``megadistill.preemption`` (leaves); everything else may import it.
+This package imports nothing above ``megadistill.losses``, ``megadistill.schedules``,
+``megadistill.preemption`` and ``megadistill.launch`` (leaves; the launch only tells validation's
+warnings which rank says them); everything else may import it.
 """
 
 from megadistill.config.explain import explain

@@ -11,7 +11,9 @@ nor a ``scheduler`` block from the user.
 
 :func:`check` raises ``ConfigError`` for every problem; the run's config validation calls it
 before any process group exists. :func:`deepspeed_config` builds the dict ``deepspeed.initialize``
-takes.
+takes. :func:`check_with_deepspeed` hands that dict to DeepSpeed's own config classes (it imports
+deepspeed; ``megadistill.preflight`` calls it, so ``megadistill config`` and ``megadistill train``
+reject a key DeepSpeed does not know before any process group starts).
 """
 
 from __future__ import annotations
@@ -196,6 +198,88 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
         },
     }
     return out
+
+
+# Generated from the data-parallel size, which is not known where check_with_deepspeed runs.
+_DP_DEPENDENT = ("train_batch_size", "gradient_accumulation_steps")
+
+# DeepSpeed's config classes whose errors name a field of one block of the config (their ``loc``),
+# for when the field's name alone does not tell the block (e.g. ``enabled``).
+_MODEL_BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+                 "DeepSpeedFP16Config": "fp16"}
+
+
+def check_with_deepspeed(cfg: RunConfig) -> None:
+    """Raise ``ConfigError`` naming the ``deepspeed.config.<key>`` DeepSpeed's own config classes
+    reject (pydantic models that forbid unknown keys and check types, and its consistency checks),
+    in the config :func:`deepspeed_config` generates -- as ``deepspeed.initialize`` would, at the
+    start of training. Nothing for ``optimizer.backend: megatron``.
+
+    Imports deepspeed (a few seconds; on a machine without CUDA, call
+    ``megadistill.deepspeed.env.configure_accelerator`` first). Run before any process group: the
+    config is built for data-parallel size 1, leaving out the pass-through values that depend on it
+    (:func:`check` compares those for a known world size). DeepSpeed's log lines are held back
+    meanwhile, so that ``megadistill config`` prints only the config."""
+    if cfg.optimizer.backend != "deepspeed":
+        return
+    import dataclasses
+    import logging
+
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    from pydantic import ValidationError
+
+    passed = {k: v for k, v in cfg.deepspeed.config.items() if k not in _DP_DEPENDENT}
+    one = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, config=passed))
+    generated = deepspeed_config(one, 1)
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)
+    try:
+        DeepSpeedConfig(copy.deepcopy(generated))
+    except ValidationError as e:  # before ValueError, its base class
+        raise ConfigError(_validation_message(e, generated, deepspeed.__version__)) from None
+    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"deepspeed.config: DeepSpeed {deepspeed.__version__} rejects the config generated from this "
+                          f"run: {_one_line(e)}") from None
+    finally:
+        ds_logger.setLevel(level)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _node_paths(tree: dict, prefix: tuple[str, ...] = ()):
+    for k, v in tree.items():
+        yield prefix + (str(k),)
+        if isinstance(v, dict):
+            yield from _node_paths(v, prefix + (str(k),))
+
+
+def _validation_message(e, generated: dict, version: str) -> str:
+    """One line for a pydantic ``ValidationError`` from DeepSpeed's config classes: the first error's
+    key as ``deepspeed.config.<path>`` (found in the config by the error's location within its
+    class), what is wrong with it, and how many more errors there are."""
+    errors = e.errors()
+    first = errors[0]
+    loc = tuple(str(x) for x in first.get("loc", ()))
+    found = [p for p in _node_paths(generated) if loc and p[-len(loc):] == loc]
+    block = _MODEL_BLOCKS.get(e.title)
+    if block and len(found) > 1:
+        found = [p for p in found if p[0] == block] or found
+    if len(found) == 1:
+        key = "deepspeed.config." + ".".join(found[0])
+    else:
+        key = "deepspeed.config." + ".".join(((block,) if block else ()) + loc) if block or loc else "deepspeed.config"
+        if not block:
+            key += f" (in DeepSpeed's {e.title})"
+    if first.get("type") == "extra_forbidden":
+        what = f"DeepSpeed {version} does not know this key"
+    else:
+        what = f"{first.get('msg', 'invalid')} (got {first.get('input')!r})"
+    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    return f"{key}: {what}{more}"
 
 
 def _precision(cfg: RunConfig) -> dict[tuple[str, ...], tuple[Any, str]]:

@@ -2,15 +2,18 @@
 for a given world size (None = unknown: what depends on it is skipped).
 
 Pure: no file system, tokenizer or checkpoint reads (those are ``megadistill.preflight``'s), no
-process group. Every error is a ``ConfigError`` naming the key."""
+process group. Every error is a ``ConfigError`` naming the key. A valid config that probably does
+not do what was meant gets a :class:`ConfigWarning` naming the keys (:func:`config_warnings`), said
+by the launch's first rank only."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+import warnings
 
-from megadistill import preemption
+from megadistill import launch, preemption
 from megadistill.config.deepspeed import check as check_deepspeed
 from megadistill.config.schema import (
     CHOICES,
@@ -173,6 +176,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         cfg.kd.temperature_schedule.validate("kd.temperature_schedule")
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    _warn(config_warnings(cfg))
 
     t = cfg.teacher
     if t.mode == "offline" and not t.store:
@@ -187,6 +191,37 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
     if o.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
+
+
+class ConfigWarning(UserWarning):
+    """A valid config that probably does not do what was meant."""
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """What :func:`validate` warns about ``cfg``, one line each naming the keys (pure)."""
+    out = []
+    a, steps = cfg.kd.alpha, cfg.training.train_steps
+    if cfg.teacher.mode != "none" and a.kind == "salt" and a.alpha_max > 0 and a.n_kd > steps:
+        out.append(f"kd.alpha.n_kd {a.n_kd} is larger than training.train_steps {steps}: KD (alpha "
+                   f"kd.alpha.alpha_max={a.alpha_max}) lasts the whole run and SALT never switches to plain LM "
+                   "training; lower kd.alpha.n_kd below training.train_steps for the switch (or use kd.alpha.kind "
+                   "constant to say KD throughout)")
+    return out
+
+
+def _warn(messages: list[str]) -> None:
+    """Each message as a :class:`ConfigWarning`, by the launch's first rank only (every rank validates
+    the config); Python shows a warning once per process however often the config is validated."""
+    if not messages:
+        return
+    try:
+        # The node list is not expanded (no scontrol call): only the rank matters here.
+        first = launch.resolve(hostnames=lambda nodes: [nodes]).rank == 0
+    except launch.LaunchError:
+        first = True  # a launch error is reported where the launch is made; say the warning meanwhile
+    if first:
+        for message in messages:
+            warnings.warn(message, ConfigWarning, stacklevel=1)
 
 
 def _validate_architecture(cfg: RunConfig, key: str, m: ModelConfig) -> None:

@@ -5,6 +5,7 @@ safetensors) -> a megadistill teacher checkpoint of the equivalent megatron-core
 - :mod:`megadistill.hf.convert`: the command's steps and the checkpoint + ``teacher.yaml`` it writes;
 - :mod:`megadistill.hf.read`: the checkpoint directory (``config.json``, where each tensor is);
 - :mod:`megadistill.hf.architecture`: ``config.json`` -> ``teacher.model`` (a ``ModelConfig``);
+- :mod:`megadistill.hf.rope`: the RoPE settings of ``config.json``, read as ``transformers`` reads them;
 - :mod:`megadistill.hf.weights`: Hugging Face tensors -> megatron-core's (QKV and gate/up fusion, names);
 - :mod:`megadistill.hf.errors`: ``ConversionError``.
 

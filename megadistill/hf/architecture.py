@@ -3,8 +3,8 @@ checkpoint as a megadistill ``ModelConfig`` (RMSNorm, SwiGLU, RoPE, grouped-quer
 untied or tied embeddings, Qwen2's query/key/value biases).
 
 What cannot be mapped is refused with a ``ConversionError`` naming the file and key: an unknown
-``model_type``, RoPE scaling (``rope_scaling`` / ``rope_parameters.rope_type`` other than
-default), partial rotary, another activation than SiLU, a ``head_dim`` other than
+``model_type``, RoPE scaling or contradicting RoPE keys (read as ``transformers`` reads them:
+:mod:`megadistill.hf.rope`), partial rotary, another activation than SiLU, a ``head_dim`` other than
 ``hidden_size / num_attention_heads``, and biases megatron-core cannot place (Llama's
 ``attention_bias`` without ``mlp_bias``, or the reverse). A sliding window that is in use caps
 ``max_position_embeddings`` at the window: up to that length sliding-window attention equals
@@ -19,6 +19,7 @@ from typing import Optional
 from megadistill.config import ModelConfig
 from megadistill.hf.errors import ConversionError
 from megadistill.hf.read import CONFIG_FILE
+from megadistill.hf.rope import rope_base
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 """``config.json`` ``model_type`` values the converter maps (``--model-type``)."""
@@ -69,7 +70,7 @@ def model_config(config: dict, model_type: Optional[str] = None, where: str = CO
     if act != "silu":
         raise ConversionError(f"{where}: hidden_act {act!r} is not silu (megatron-core's SwiGLU here)")
     notes = []
-    theta = _rope_theta(config, where)
+    theta = rope_base(config, kind, where)
     max_pos = need("max_position_embeddings")
     window = _used_sliding_window(config, kind)
     if window is not None and window < max_pos:
@@ -87,34 +88,6 @@ def model_config(config: dict, model_type: Optional[str] = None, where: str = CO
         hidden_dropout=0.0, attention_dropout=0.0,
     )
     return TeacherArchitecture(model, kind, need("vocab_size"), tied, notes)
-
-
-def _rope_theta(config: dict, where: str) -> int:
-    """RoPE's base from ``rope_parameters`` (transformers 5) or ``rope_theta`` (earlier), refusing
-    any scaling and partial rotary."""
-    params = config.get("rope_parameters")
-    scaling = config.get("rope_scaling")
-    if params is not None:
-        if not isinstance(params, dict) or "rope_theta" not in params:
-            raise ConversionError(f"{where}: rope_parameters {params!r} is not one RoPE setting with a rope_theta "
-                                  "(per-layer RoPE is not supported)")
-        scaling = params
-        theta = params["rope_theta"]
-        key = "rope_parameters"
-    else:
-        theta = config.get("rope_theta", 10000.0)
-        key = "rope_scaling"
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else scaling
-        if kind != "default":
-            raise ConversionError(f"{where}: {key} uses RoPE scaling {kind!r}; only plain RoPE (rope_type default) maps "
-                                  "onto megatron-core's rotary embedding here")
-    partial = config.get("partial_rotary_factor", (params or {}).get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ConversionError(f"{where}: partial_rotary_factor {partial} is not supported (the Llama family rotates whole heads)")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0 or float(theta) != int(theta):
-        raise ConversionError(f"{where}: rope_theta {theta!r} must be a positive whole number (teacher.model.rotary_base)")
-    return int(theta)
 
 
 def _used_sliding_window(config: dict, kind: str) -> Optional[int]:

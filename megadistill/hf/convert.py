@@ -19,6 +19,13 @@ vocabulary of a run whose tokenizer has ``V_tok`` ids, ``make_vocab_size_divisib
 
 Whatever cannot be converted is refused with a ``ConversionError`` (:mod:`megadistill.hf.errors`)
 naming the file and key.
+
+``DIR`` is never written over: a ``DIR`` that holds anything (an earlier conversion, even of the same
+model, or other files; only earlier ``superseded-*`` directories do not count) is refused before any
+work, unless ``overwrite`` is set, which moves its contents into ``DIR/superseded-<UTC time>/``
+(:func:`megadistill.checkpoint_dir.move_aside`, as ``megadistill train --overwrite`` does) just
+before the new conversion is written. Nothing is deleted. While it writes, a conversion holds
+``DIR/.convert-hf.lock`` (created exclusively), so two conversions never write into one ``DIR``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from megadistill.checkpoint_dir import SUPERSEDED, move_aside
 from megadistill.config import ModelConfig, padded_vocab_size, to_dict
 from megadistill.hf.architecture import TeacherArchitecture, model_config
 from megadistill.hf.errors import ConversionError
@@ -37,6 +45,7 @@ from megadistill.hf.read import CONFIG_FILE, PathLike, read_checkpoint
 from megadistill.hf.weights import convert_state_dict
 
 SNIPPET_FILE = "teacher.yaml"
+LOCK_FILE = ".convert-hf.lock"
 
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -57,6 +66,8 @@ class ConversionResult:
     tokenizer: Optional[str]
     tokenizer_type: Optional[str]
     tokenizer_vocab_size: Optional[int]
+    superseded: Optional[Path] = None
+    """Where ``overwrite`` moved the output directory's earlier contents (None: it held none)."""
 
 
 def find_tokenizer(directory: PathLike) -> tuple[Optional[str], Optional[str]]:
@@ -81,6 +92,7 @@ def convert(
     make_vocab_size_divisible_by: int = 128,
     tensor_parallel_size: int = 1,
     dtype: Optional[str] = None,
+    overwrite: bool = False,
 ) -> ConversionResult:
     """Convert the Hugging Face checkpoint ``source`` into a teacher checkpoint under ``output``.
 
@@ -89,13 +101,13 @@ def convert(
     tensor_parallel_size, make_vocab_size_divisible_by)``, and its SHA-256 goes into the marker.
     ``dtype`` (fp32, bf16, fp16) is the checkpoint's (default: ``config.json``'s ``dtype`` /
     ``torch_dtype``, else fp32); a teacher is cast to ``teacher.model.precision`` as it loads.
-    One process (it starts and ends its own one-rank process group unless one exists).
+    ``output`` must be new or empty; ``overwrite`` moves what it holds aside instead (module
+    docstring). One process (it starts and ends its own one-rank process group unless one exists).
     """
     from megadistill.data.tokenizer import guess_tokenizer_type, load_tokenizer
 
     out = Path(output)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SNIPPET_FILE).is_file())):
-        raise ConversionError(f"--output {out} exists and is not an earlier conversion's directory: give a new directory")
+    _check_output(out, overwrite)  # before any work
     ckpt = read_checkpoint(source)
     arch = model_config(ckpt.config, model_type, str(ckpt.directory / CONFIG_FILE))
     for name, value in (("--make-vocab-size-divisible-by", make_vocab_size_divisible_by),
@@ -132,16 +144,77 @@ def convert(
             "hf_vocab_size": arch.hf_vocab_size, "vocab_rows": rows, "dtype": precision,
         },
     }
-    with _one_process_group():
-        path = _write(out, teacher, precision, rows, state, marker)
     text = snippet(out, teacher, arch, rows, tokenizer, tokenizer_type, tok.vocab_size if tok is not None else None,
                    tensor_parallel_size, ckpt.directory)
-    snippet_path = out / SNIPPET_FILE
-    tmp = snippet_path.with_name(f".{SNIPPET_FILE}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, snippet_path)
+    with _claim(out, overwrite) as superseded, _one_process_group():
+        try:
+            path = _write(out, teacher, precision, rows, state, marker)
+        except RuntimeError as e:  # commit's agreement between ranks wraps a file system error: one line
+            if isinstance(e.__cause__, OSError):
+                raise ConversionError(f"--output {out}: {e}") from e
+            raise
+        snippet_path = out / SNIPPET_FILE
+        tmp = snippet_path.with_name(f".{SNIPPET_FILE}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, snippet_path)
     return ConversionResult(path, snippet_path, text, teacher, rows, None if tokenizer is None else str(tokenizer),
-                            tokenizer_type if tokenizer is not None else None, tok.vocab_size if tok is not None else None)
+                            tokenizer_type if tokenizer is not None else None, tok.vocab_size if tok is not None else None,
+                            superseded)
+
+
+_NEW_OUTPUT = "give a new --output, or pass --overwrite to move them aside into {}/superseded-<UTC time>/"
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, in one line naming the path, an ``--output`` that cannot be a new conversion's
+    directory: a file, one below a file, one that cannot be created or written, or (without
+    ``overwrite``) one that holds anything."""
+    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+    if existing == out and not out.is_dir():
+        raise ConversionError(f"--output {out} is {'a file' if out.is_file() else 'not a directory'}: give a directory")
+    if not existing.is_dir():
+        raise ConversionError(f"--output {out}: {existing} is {'a file' if existing.is_file() else 'not a directory'}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConversionError(f"--output {out}: {existing} is not writable")
+    held = _contents(out)
+    if held and not overwrite:
+        raise ConversionError(f"--output {out} already holds {_describe(held)}: {_NEW_OUTPUT.format(out)}")
+
+
+def _contents(out: Path) -> list[Path]:
+    """What ``out`` holds, earlier ``superseded-*`` directories aside."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if not (SUPERSEDED.match(p.name) and p.is_dir() and not p.is_symlink()))
+
+
+def _describe(held: list[Path]) -> str:
+    names = [p.name for p in held]
+    what = "an earlier conversion" if SNIPPET_FILE in names or any(n.startswith("step_") for n in names) else "files"
+    return f"{what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+
+
+@contextmanager
+def _claim(out: Path, overwrite: bool):
+    """Make ``out`` this conversion's: create it, move what it holds aside (``overwrite``; else
+    refuse, as something may have appeared since :func:`_check_output`), and hold its lock file
+    while the body writes. Yields where the earlier contents went (None: there were none)."""
+    out.mkdir(parents=True, exist_ok=True)
+    held, superseded = _contents(out), None
+    if held:
+        if not overwrite:
+            raise ConversionError(f"--output {out} already holds {_describe(held)}: {_NEW_OUTPUT.format(out)}")
+        superseded = move_aside(out, held)
+    lock = out / LOCK_FILE
+    try:
+        with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except FileExistsError:
+        raise ConversionError(f"--output {out}: another convert-hf is writing into it ({lock})") from None
+    try:
+        yield superseded
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _write(out: Path, teacher: ModelConfig, precision: str, rows: int, state: dict, marker: dict) -> Path:

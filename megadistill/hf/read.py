@@ -59,7 +59,8 @@ def read_checkpoint(path: PathLike) -> HFCheckpoint:
 
     d = Path(path)
     if not d.is_dir():
-        raise ConversionError(f"{d} is not a Hugging Face checkpoint directory (config.json + safetensors)")
+        what = "is a file" if d.is_file() else "is not a directory" if d.exists() else "does not exist"
+        raise ConversionError(f"{d} {what}: not a Hugging Face checkpoint directory (config.json + safetensors)")
     config = _read_json(d / CONFIG_FILE)
     if (d / SAFETENSORS_INDEX).is_file():
         index = _read_json(d / SAFETENSORS_INDEX)

@@ -8,10 +8,14 @@ optimizer state, activations, logits) for the student and the frozen teacher
 recording runs the logits store's size (``megadistill.store.estimate``). :func:`make_plan` computes
 a :class:`Plan`; :func:`report` renders it as text (:mod:`~megadistill.plan.report`).
 
-What is not counted (so a rank needs some head room above the figures): the CUDA context and
-library workspaces (typically 0.5-2 GiB per GPU), allocator fragmentation, communication buffers,
-transient copies (the output layer's ``[s, b, v/tp]`` logits exist twice for a moment; a weight's
-gradient exists once before it is added into the gradient buffer) and the data loader.
+The process's fixed part is not in the stages' figures but printed next to them: on a GPU rank the
+CUDA context and library workspaces (typically 0.5-2 GiB, not computed); on a CPU (gloo) rank the
+host memory of torch, megatron-core and the process, as measured here
+(:data:`~megadistill.plan.memory.CPU_PROCESS_BYTES`, ~0.4 GiB), with each stage's total for such a
+rank. What is not counted at all (so a rank needs some head room above the figures): allocator
+fragmentation, communication buffers, transient copies (the output layer's ``[s, b, v/tp]`` logits
+exist twice for a moment; a weight's gradient exists once before it is added into the gradient
+buffer) and the data loader.
 """
 
 from megadistill.plan.memory import RankMemory, student_memory, teacher_memory

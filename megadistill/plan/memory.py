@@ -68,6 +68,27 @@ def in_flight_micro_batches(pp: int, stage: int, micro_batches: int) -> int:
     return 1 if pp == 1 else min(pp - stage, micro_batches)
 
 
+# --------------------------------------------------------------------------- fixed per process
+
+CPU_PROCESS_BYTES = {"megatron": 394 * 2**20, "deepspeed": 417 * 2**20}
+"""Host memory a CPU (gloo) training rank holds whatever its model, by ``optimizer.backend``: the
+interpreter with torch, megatron-core and megadistill imported (~360 MiB), the data, and what the
+first steps allocate beyond the model's own memory (allocator arenas, autograd and gloo buffers;
+DeepSpeed's import and engine with its backend). Stated, not computed: measured as the peak RSS of
+a one-rank run of a 0.1 M-parameter model (``tests/plan/test_plan.py`` measures it again) minus its
+plan, with torch 2.13.0+cpu, megatron-core 0.16.1, DeepSpeed 0.19.8, Python 3.11 on x86-64 Linux;
+other versions differ by tens of MiB. A GPU rank holds it in host memory, not GPU memory: its fixed
+GPU part is the CUDA context and library workspaces (:data:`GPU_PROCESS_NOTE`)."""
+
+GPU_PROCESS_NOTE = "the CUDA context and library workspaces, typically 0.5-2 GiB of GPU memory"
+"""A GPU rank's fixed part, which depends on the GPU, driver and libraries: not computed."""
+
+
+def cpu_process_bytes(cfg: RunConfig) -> int:
+    """:data:`CPU_PROCESS_BYTES` of the run's backend."""
+    return CPU_PROCESS_BYTES[cfg.optimizer.backend]
+
+
 # --------------------------------------------------------------------------- memory per rank
 
 

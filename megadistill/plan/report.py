@@ -8,8 +8,15 @@ from pathlib import Path
 from typing import Optional
 
 from megadistill.config import ConfigError, RunConfig, model_parallel_size, run_vocab_size
-from megadistill.data.tokenizer import tokenizer_vocab_size
-from megadistill.plan.memory import RankMemory, student_precision, optimizer_state_split, student_memory, teacher_memory
+from megadistill.plan.memory import (
+    GPU_PROCESS_NOTE,
+    RankMemory,
+    cpu_process_bytes,
+    optimizer_state_split,
+    student_memory,
+    student_precision,
+    teacher_memory,
+)
 from megadistill.plan.parameters import GiB, teacher_flop_overhead, total_parameters
 from megadistill.schedules import kd_ends_at
 from megadistill.store.estimate import StoreEstimate, store_estimate, store_settings
@@ -52,6 +59,14 @@ class Plan:
     store: Optional[StoreEstimate] = None
     gpu_memory: Optional[int] = None
     warnings: list = field(default_factory=list)
+    cpu_process_bytes: int = 0
+    """The fixed host memory of a CPU (gloo) rank, on top of every stage's figure
+    (:data:`megadistill.plan.memory.CPU_PROCESS_BYTES`)."""
+
+    def cpu_rank_total(self, stage: int) -> int:
+        """What a CPU rank of pipeline stage ``stage`` holds in all: the stage's figure and the
+        process's fixed part (the peak RSS ``tests/plan/test_plan.py`` compares it with)."""
+        return self.stages[stage].total + self.cpu_process_bytes
 
 
 def tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
@@ -60,6 +75,9 @@ def tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
     trained, or a model file only the cluster has)."""
     tok = cfg.data.tokenizer_model
     if tok is not None and Path(tok).is_file():
+        # Here, not at the top: the tokenizers import megatron-core (seconds), which a plan needs not.
+        from megadistill.data.tokenizer import tokenizer_vocab_size
+
         return tokenizer_vocab_size(tok, cfg.data.tokenizer_type), f"from {tok}"
     if tok is not None:
         return cfg.data.vocab_size, f"data.vocab_size (the tokenizer {tok} is not here)"
@@ -96,6 +114,7 @@ def make_plan(cfg: RunConfig, world_size: int, gpu_memory: Optional[int] = None,
         flop_overhead=teacher_flop_overhead(cfg, vocab), tokens_per_step=d.global_batch_size * d.seq_length,
         seq_length=d.seq_length,
         micro_batches=d.global_batch_size // (d.micro_batch_size * dp), store=store, gpu_memory=gpu_memory,
+        cpu_process_bytes=cpu_process_bytes(cfg),
     )
     end = kd_ends_at(cfg.kd.alpha, cfg.training.train_steps) if online else None
     if end is not None:
@@ -180,6 +199,11 @@ def report(plan: Plan, layout: Optional[list] = None) -> list[str]:
     if worst.student.score_bytes > 0.1 * max(1, worst.student.activation_bytes):
         out.append(f"  of the student's activations, {_gib(worst.student.score_bytes)} (stage {worst.stage}) are attention "
                    "probabilities (a·s²·b/t per layer), which fused/flash attention (Transformer Engine) does not store")
+    out += ["  fixed per process, not in the stages' figures:",
+            f"    GPU rank: {GPU_PROCESS_NOTE} (not computed)",
+            f"    CPU (gloo) rank: {_gib(plan.cpu_process_bytes)} of host memory for torch, megatron-core, the data and "
+            "the first steps' buffers (stated: measured with torch 2.13 CPU, megatron-core 0.16, DeepSpeed 0.19)",
+            "  a CPU rank in all: " + ", ".join(f"stage {st.stage} {_gib(plan.cpu_rank_total(st.stage))}" for st in plan.stages)]
     out += ["compute:",
             f"  tokens per step {plan.tokens_per_step:,}",
             f"  teacher FLOP overhead 1 + F_t/(3·F_s) = {plan.flop_overhead:.3f}"

@@ -153,7 +153,7 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
     from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt, device
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
     from megadistill.salt import histogram, scorefile
     from megadistill.store.format import sample_hash
     from megadistill.sampler import micro_batches

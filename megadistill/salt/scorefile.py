@@ -17,7 +17,7 @@
   atomically; a killed run resumes from the parts that decode.
 
 Files are written with ``megadistill.store.writer.write_atomic``; identities come from
-``megadistill.checkpoint_dir.checkpoint_identity`` and ``megadistill.store.format.sample_hash``,
+``megadistill.checkpoint_identity.checkpoint_identity`` and ``megadistill.store.format.sample_hash``,
 so a score file and a logits store made for one run agree about what "the same run" means.
 """
 
@@ -99,7 +99,7 @@ def dataset_identity(cfg, train_ds=None) -> dict:
 def teacher_identity(cfg, ckpt: Path) -> dict:
     """The scoring teacher: its checkpoint files' sha256 (``checkpoint_identity``) and ``teacher.model``."""
     from megadistill.config import to_dict
-    from megadistill.checkpoint_dir import checkpoint_identity
+    from megadistill.checkpoint_identity import checkpoint_identity
 
     return {**checkpoint_identity(Path(ckpt)), "model": to_dict(cfg.teacher.model)}
 

@@ -125,7 +125,7 @@ def sampler_for_run(cfg, dp_size: int, phase1_steps: int, dataset=None, start_st
     neither the score file nor the teacher.
     """
     from megadistill.hashing import file_sha256
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
     from megadistill.salt.scorefile import ScoreFile, dataset_identity, run_mismatches, teacher_identity, tokenizer_path
 
     sel, G = cfg.data_selection, cfg.data.global_batch_size

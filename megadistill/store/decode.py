@@ -1,6 +1,8 @@
-"""Decoding a shard: :class:`Shard`, a view of one shard's bytes (versions 1 and 2) that checks
+"""Decoding a shard: :class:`Shard`, a view of one shard's bytes (versions 1 to 3) that checks
 its header and sections and decodes one sample at a time (:mod:`megadistill.store.codec`), naming
-the shard and sample in a ``StoreError`` when the bytes are not what the header describes.
+the shard and sample in a ``StoreError`` when the bytes are not what the header describes; and
+:func:`header_disagreements`, what a shard's header says against what a manifest (or a writer's
+plan) declares.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import numpy as np
 
 from megadistill.store.codec import FLOAT_DTYPES, LOGPROB_DTYPES, QLOG_STEP, dequantise_logprobs, entry_starts, unpack_ids
 from megadistill.store.format import (
-    KINDS, MAGIC, READABLE_VERSIONS, SAMPLE_HASH_BYTES, SECTIONS_V1, StoreError, chunked_sections,
+    KINDS, MAGIC, READABLE_VERSIONS, SAMPLE_HASH_BYTES, SEAL_BYTES, SEALED_VERSION, SECTIONS_V1, StoreError,
+    chunked_sections,
 )
 
 
 class Shard:
     """A decoded view of one shard's bytes (a ``numpy.memmap`` or ``bytes``); nothing is copied
     until :meth:`sample` is called, and then only that sample's chunks (decompressed if need be).
-    Reads format versions 1 and 2. ``name`` is used in error messages."""
+    Reads format versions 1 to 3 (a version-3 shard's trailing sha256 is not checked here: that
+    takes a pass over every byte, ``format.sealed_sha256``). ``name`` is used in error messages."""
 
     def __init__(self, buf, name: str) -> None:
         self.name = name
@@ -38,7 +42,7 @@ class Shard:
         if self.version not in READABLE_VERSIONS:
             raise StoreError(f"shard {name} has format version {self.version!r}; this megadistill reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))} (a newer megadistill wrote it?)")
-        end = max(o + n for o, n in h["sections"].values())
+        end = max(o + n for o, n in h["sections"].values()) + (SEAL_BYTES if self.version >= SEALED_VERSION else 0)
         if len(mv) < end:
             raise StoreError(f"shard {name} is truncated: {len(mv)} bytes, its header describes {end}")
         sec = {k: mv[o : o + n] for k, (o, n) in h["sections"].items()}
@@ -190,3 +194,35 @@ class Shard:
         i = self._local_index(index)
         ids = self._ids(i, self._counts(i).astype(np.int64))
         return ids, self._view("draws", i, self._ddt).astype(np.int64)
+
+
+def header_disagreements(shard: Shard, declared: dict, first: int, count: int) -> list[str]:
+    """What ``shard``'s header says against what the store ``declared`` (a manifest or a writer's
+    plan: ``format_version``, ``kind``, ``encoding``, ``sampling``, ``identity.dataset.seq_length``)
+    and against the sample range ``[first, first + count)`` the store's layout gives it: one phrase
+    per disagreement (empty: none). A key the declaration lacks is not compared."""
+    h, enc = shard.header, declared.get("encoding", {})
+    out = []
+    if (shard.first_sample, shard.num_samples) != (first, count):
+        out.append(f"holds samples {shard.first_sample}.. ({shard.num_samples}), the manifest's layout gives it "
+                   f"{first}.. ({count})")
+    seq = declared.get("identity", {}).get("dataset", {}).get("seq_length")
+    said = {
+        "format_version": (shard.version, declared.get("format_version")),
+        "kind": (shard.kind, declared.get("kind")),
+        "seq_length": (shard.seq_length, seq),
+        "vocab_size": (h.get("vocab_size"), enc.get("vocab_size")),
+        "id_bits": (shard.bits, enc.get("id_bits")),
+        "compression": (h.get("compression"), enc.get("compression")),
+    }
+    if shard.kind == "rskd":
+        said["num_draws"] = (shard.num_draws, declared.get("sampling", {}).get("draws"))
+        said["draw_dtype"] = (h.get("draw_dtype"), enc.get("draw_dtype"))
+    else:
+        said["logprob_dtype"] = (shard.logprob_dtype, enc.get("logprob_dtype"))
+        said["residual_dtype"] = (shard.residual_dtype, enc.get("residual_dtype"))
+    for key, (got, want) in said.items():
+        absent = want is None and (key != "compression" or "compression" not in enc)
+        if not absent and got != want:
+            out.append(f"its header has {key} {got!r}, the manifest {want!r}")
+    return out

@@ -1,7 +1,8 @@
 """Encoding a shard: one sample's targets (:class:`SampleTargets`) -> chunks of the shard's
 sections (:mod:`megadistill.store.codec`), zstd-compressed per sample if asked, laid out behind the
-magic and a JSON header that records every section's offset (format version 2, ``FORMAT.md``).
-The bytes are a pure function of the inputs: a re-run writes identical shards.
+magic and a JSON header that records every section's offset, and sealed with the sha256 of all
+of it (format version 3, ``FORMAT.md``). The bytes are a pure function of the inputs: a re-run
+writes identical shards.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from megadistill.store.codec import (
     LOGPROB_DTYPES, QLOG_STEP, RESIDUAL_DTYPES, count_dtype, encode_logprobs, encode_residual, entry_starts, id_bits,
     pack_ids, quantise_logprobs,
 )
-from megadistill.store.format import COMPRESSIONS, FORMAT_VERSION, KINDS, MAGIC, chunked_sections
+from megadistill.store.format import COMPRESSIONS, FORMAT_VERSION, KINDS, MAGIC, chunked_sections, seal
 
 ZSTD_LEVEL = 3
 _ALIGN = 8
@@ -52,7 +53,7 @@ def _pad(n: int) -> int:
 def _zstd_compressor():
     import zstandard
 
-    # No zstd checksum and no dictionary: the shard's sha256 covers the bytes, and each frame must
+    # No zstd checksum and no dictionary: the shard's sealed sha256 covers the bytes, and each frame must
     # decode alone. Same version and level give the same bytes (byte-identical resumes).
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_content_size=True)
 
@@ -86,7 +87,9 @@ def _sample_chunks(s: SampleTargets, kind: str, logprob_dtype: Optional[str], cd
 def encode_shard(first_sample: int, samples: list[SampleTargets], seq_length: int, vocab_size: int,
                  logprob_dtype: Optional[str], kind: str = "top_p_k", num_draws: Optional[int] = None,
                  compression: Optional[str] = None) -> bytes:
-    """The bytes of one (version 2) shard holding ``samples`` (global indices ``first_sample`` on).
+    """The bytes of one (version 3) shard holding ``samples`` (global indices ``first_sample`` on),
+    ending with the sha256 of the bytes before it (``format.seal``: a resumed writer tells a
+    finished shard by its content).
     The output is a pure function of the inputs (byte-identical on a re-run). ``kind="rskd"``
     stores each sample's ``draws`` (out of ``num_draws`` per position) instead of log-probs and
     residuals. ``compression="zstd"`` compresses every sample's chunk of every section but the ids."""
@@ -124,7 +127,7 @@ def encode_shard(first_sample: int, samples: list[SampleTargets], seq_length: in
     }
     if rskd:
         header.update(num_draws=num_draws, draw_dtype=count_dtype(num_draws).str)
-    return _lay_out(header, ("sample_hash", "chunk_offsets") + names, parts)
+    return seal(_lay_out(header, ("sample_hash", "chunk_offsets") + names, parts))
 
 
 def _lay_out(header: dict, order: tuple[str, ...], parts: dict[str, bytes]) -> bytes:

@@ -11,7 +11,7 @@ from typing import Optional
 
 from megadistill.config import RunConfig
 from megadistill.store.codec import LOGPROB_DTYPES, QLOG_STEP, RESIDUAL_DTYPES, count_dtype, id_bits
-from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD, MAGIC, MANIFEST, chunked_sections
+from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, MAGIC, MANIFEST, SEAL_BYTES, chunked_sections
 from megadistill.store.writer import shard_ranges
 
 # --------------------------------------------------------------------------- logits store
@@ -56,7 +56,7 @@ def _shard_header_bytes(kind: str, first: int, n: int, seq: int, vocab: int, log
     lpd = None if rskd else logprob_dtype
     names = chunked_sections(kind, lpd)
     header = {
-        "format_version": 2, "kind": kind, "first_sample": first, "num_samples": n, "seq_length": seq,
+        "format_version": FORMAT_VERSION, "kind": kind, "first_sample": first, "num_samples": n, "seq_length": seq,
         "vocab_size": vocab, "id_bits": id_bits(vocab), "logprob_dtype": lpd,
         "residual_dtype": None if rskd else RESIDUAL_DTYPES[lpd], "count_dtype": count_str,
         "compression": compression, "compressed": [k for k in names if k != "ids"] if compression else [],
@@ -73,12 +73,13 @@ def _shard_header_bytes(kind: str, first: int, n: int, seq: int, vocab: int, log
 def shard_bytes(kind: str, first: int, n: int, seq: int, vocab: int, per_position: int,
                 logprob_dtype: Optional[str] = "fp16", draws: Optional[int] = None,
                 compression: Optional[str] = None) -> int:
-    """Bytes of one uncompressed version-2 shard of ``n`` samples whose every position holds
+    """Bytes of one uncompressed version-3 shard of ``n`` samples whose every position holds
     ``per_position`` ids (``FORMAT.md``, "Shard layout"): header; ``sample_hash`` 16·n;
     ``chunk_offsets`` 8·(n+1) per chunked section; per sample ``counts`` s·count_dtype, ``residual``
     s·(2 or 4), ``ids`` ceil(s·k·id_bits/8), ``logprobs`` s·k·(2 or 4), or for qlog one byte per
     entry but each position's first and no ``logprob_overflow`` (gaps >= 255 steps, rare: 4 bytes
-    each); RS-KD ``draws`` s·k·draw_dtype instead of residual and log-probs. Sections 8-aligned.
+    each); RS-KD ``draws`` s·k·draw_dtype instead of residual and log-probs. Sections 8-aligned;
+    then the 32-byte sha256 seal.
     With zstd the result is the uncompressed size, an upper bound in practice."""
     def pad(x: int) -> int:
         return x + (-x) % 8
@@ -98,7 +99,7 @@ def shard_bytes(kind: str, first: int, n: int, seq: int, vocab: int, per_positio
         sections["logprobs"] = entries - seq if lpd in QLOG_STEP else entries * LOGPROB_DTYPES[lpd].itemsize
         if lpd in QLOG_STEP:
             sections["logprob_overflow"] = 0
-    return size + sum(pad(n * sections[k]) for k in names)
+    return size + sum(pad(n * sections[k]) for k in names) + SEAL_BYTES
 
 
 def store_settings(cfg: RunConfig, *, kind: Optional[str] = None, logprob_dtype: Optional[str] = None,

@@ -18,8 +18,13 @@ not inflate every other position. Every section but the ids (incompressible) may
 zstd-compressed per sample, so a sample stays readable on its own.
 
 Format version 2 stores each sample's part of a section as one *chunk* (located by
-``chunk_offsets``); version 1 shards (no compression, fp16/fp32 only, shard-wide arrays) are still
-read. All integers are little-endian.
+``chunk_offsets``); version 3 adds integrity that does not depend on the manifest: every shard ends
+with the sha256 of its other bytes (:func:`seal`, :func:`sealed_sha256`), written in the same atomic
+rename as the shard, so a resumed writer trusts a shard it finds only if its bytes still hash to
+it; and the manifest carries ``manifest_sha256``, the sha256 of the canonical JSON of its other
+keys (:func:`manifest_sha256`), so a hand edit or damage is refused wherever it is read
+(:func:`check_manifest`). Versions 1 and 2 (no shard trailer, no manifest checksum) are still read.
+All integers are little-endian.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ import numpy as np
 
 from megadistill.store.codec import QLOG_STEP
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# From this version on a shard ends with the sha256 of its other bytes and the manifest carries
+# manifest_sha256: content, not structure, tells a finished shard or an unedited manifest.
+SEALED_VERSION = 3
+SEAL_BYTES = 32
 MAGIC = b"MDKDSHD1"  # unchanged across versions: the header's format_version tells them apart
 MANIFEST = "manifest.json"
 PLAN = "precompute.json"
@@ -81,8 +90,55 @@ def bytes_sha256(buf) -> str:
     return hashlib.sha256(buf).hexdigest()
 
 
+def seal(body: bytes) -> bytes:
+    """A version-3 shard's bytes: ``body`` followed by its sha256 (:data:`SEAL_BYTES` bytes)."""
+    return body + hashlib.sha256(body).digest()
+
+
+def sealed_sha256(buf) -> Optional[str]:
+    """The sha256 (hex) of a whole sealed shard ``buf`` (bytes or a uint8 memmap) if its trailer
+    is the sha256 of the bytes before it, else None (damaged, truncated, or written before format
+    version 3). One pass over the bytes gives both digests."""
+    if len(buf) < len(MAGIC) + SEAL_BYTES:
+        return None
+    h = hashlib.sha256(buf[: len(buf) - SEAL_BYTES])
+    trailer = bytes(buf[len(buf) - SEAL_BYTES :])
+    if h.digest() != trailer:
+        return None
+    h.update(trailer)
+    return h.hexdigest()
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace, ASCII) of every key of
+    ``manifest`` but ``manifest_sha256`` itself: independent of how the file is indented."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+
+
+def sign_manifest(manifest: dict) -> dict:
+    """``manifest`` with its ``manifest_sha256``."""
+    return {**manifest, "manifest_sha256": manifest_sha256(manifest)}
+
+
+def is_protected(manifest: dict) -> bool:
+    """Whether ``manifest`` carries a checksum (format version 3 on); older stores' do not."""
+    return "manifest_sha256" in manifest
+
+
+def shard_ranges(num_samples: int, samples_per_shard: int) -> list[tuple[int, int]]:
+    """``[(first_sample, count)]`` of every shard of a store of ``num_samples`` samples."""
+    return [(a, min(samples_per_shard, num_samples - a)) for a in range(0, num_samples, samples_per_shard)]
+
+
 def check_manifest(manifest: dict, where: str) -> None:
-    """Raise ``StoreError`` unless ``manifest`` has the keys and version this reader needs."""
+    """Raise ``StoreError`` (one line, naming the manifest and the key) unless ``manifest`` has the
+    keys and version this reader needs, its coverage agrees with its shard list (shard ``i`` is
+    ``shard_name(i)`` holding ``shard_ranges(num_samples, samples_per_shard)[i]``, sizes summing
+    to ``total_bytes``) and, from format version 3 on, its content hashes to its
+    ``manifest_sha256``. A manifest of an older version has no checksum and is read as it is."""
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{where}: {MANIFEST} is not a JSON object")
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise StoreError(f"{where}: format version {manifest.get('format_version')!r}; this megadistill reads versions "
                          f"{', '.join(map(str, READABLE_VERSIONS))}")
@@ -91,6 +147,44 @@ def check_manifest(manifest: dict, where: str) -> None:
     for key in ("identity", "encoding", "num_samples", "samples_per_shard", "shards"):
         if key not in manifest:
             raise StoreError(f"{where}: manifest lacks {key!r}")
+    _check_coverage(manifest, where)
+    if manifest["format_version"] >= SEALED_VERSION or is_protected(manifest):
+        recorded, actual = manifest.get("manifest_sha256"), manifest_sha256(manifest)
+        if recorded != actual:
+            what = "has no manifest_sha256" if recorded is None else \
+                f"fails its checksum (manifest_sha256 {str(recorded)[:12]}…, its content hashes to {actual[:12]}…)"
+            raise StoreError(f"{where}: {MANIFEST} {what}: it was edited or damaged after the store was written; "
+                             "restore it or write the store again")
+
+
+def _check_coverage(manifest: dict, where: str) -> None:
+    """The manifest's sample counts against its own shard list (cheap: no shard is read)."""
+    n, per, shards = manifest["num_samples"], manifest["samples_per_shard"], manifest["shards"]
+    bad = f"{where}: {MANIFEST}"
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise StoreError(f"{bad}: num_samples {n!r} is not a sample count")
+    if not isinstance(per, int) or isinstance(per, bool) or per < 1:
+        raise StoreError(f"{bad}: samples_per_shard {per!r} is not a positive sample count")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
+        raise StoreError(f"{bad}: shards is not a list of shard entries")
+    held = sum(e["num_samples"] for e in shards if isinstance(e.get("num_samples"), int))
+    if held != n:
+        raise StoreError(f"{bad}: num_samples {n} disagrees with its shards, which hold {held} samples "
+                         "(edited or damaged)")
+    want = shard_ranges(n, per)
+    if len(shards) != len(want):
+        raise StoreError(f"{bad}: samples_per_shard {per} makes {len(want)} shards of {n} samples, it lists "
+                         f"{len(shards)} (edited or damaged)")
+    for i, (e, (first, count)) in enumerate(zip(shards, want)):
+        if (e.get("file"), e.get("first_sample"), e.get("num_samples")) != (shard_name(i), first, count):
+            raise StoreError(
+                f"{bad}: shard entry {i} is {e.get('file')!r} with samples {e.get('first_sample')!r}.. "
+                f"({e.get('num_samples')!r}), but num_samples {n} and samples_per_shard {per} make it "
+                f"{shard_name(i)} with samples {first}.. ({count}) (edited or damaged)")
+    if "total_bytes" in manifest and manifest["total_bytes"] != sum(e.get("bytes") or 0 for e in shards
+                                                                    if isinstance(e.get("bytes"), int)):
+        raise StoreError(f"{bad}: total_bytes {manifest['total_bytes']!r} is not the sum of its shards' bytes "
+                         "(edited or damaged)")
 
 
 def shard_of(sample: int, samples_per_shard: int) -> int:
@@ -100,6 +194,17 @@ def shard_of(sample: int, samples_per_shard: int) -> int:
 def dump_json(obj) -> bytes:
     """Deterministic JSON (sorted keys, fixed indentation): re-runs write identical bytes."""
     return (json.dumps(obj, sort_keys=True, indent=1) + "\n").encode()
+
+
+def load_manifest(store, where: Optional[str] = None) -> Optional[dict]:
+    """The manifest of store directory ``store``, checked (:func:`check_manifest`; ``where`` names
+    the store in errors), or None if it has none (an unfinished store)."""
+    from pathlib import Path
+
+    manifest = load_json(Path(store) / MANIFEST)
+    if manifest is not None:
+        check_manifest(manifest, where or f"logits store {store}")
+    return manifest
 
 
 def load_json(path) -> Optional[dict]:

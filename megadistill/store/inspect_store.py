@@ -7,8 +7,13 @@ from typing import Optional
 
 import numpy as np
 
-from megadistill.store.format import StoreError
+from megadistill.store.codec import QLOG_STEP, entry_starts
+from megadistill.store.format import MANIFEST, StoreError
 from megadistill.store.reader import StoreReader
+
+# Slack for the top-p checks (probability mass): the threshold was decided on float32 sums (~6e-8
+# relative per added probability) and fp16 residuals carry 2^-11 relative error.
+_MASS_SLACK, _MASS_SLACK_PER_ID = 1e-3, 1.2e-7
 
 
 def teacher_summary(teacher: dict) -> str:
@@ -45,7 +50,16 @@ def info(path: str | Path) -> list[str]:
         f"coverage: samples 0..{m['num_samples'] - 1} ({tokens} tokens) in {len(m['shards'])} shards of {m['samples_per_shard']}",
         f"size: {m['total_bytes']} bytes = {m['total_bytes'] / max(tokens, 1):.1f} bytes/token; "
         f"{entries / max(tokens, 1):.2f} ids/position on average",
+        *_protection(reader),
     ]
+
+
+def _protection(reader: StoreReader) -> list[str]:
+    """A note for a store whose manifest carries no checksum (written before format version 3)."""
+    if reader.protected:
+        return []
+    return [f"note: {MANIFEST} is unprotected (format version {reader.manifest['format_version']}, written before "
+            "manifest checksums): an edit to it is noticed only where the shards contradict it"]
 
 
 def _settings(m: dict) -> list[str]:
@@ -93,31 +107,100 @@ def encoding_error(counts, logprobs, residual, got_logprobs, got_residual) -> di
 
 
 def verify(path: str | Path, dataset=None) -> list[str]:
-    """Check every shard's sha256 and decode every sample; with ``dataset`` (the run's training
-    ``GPTDataset``), check each sample's token hash against it. Raises ``StoreError`` at the first
-    problem; returns a summary."""
+    """Check the manifest's checksum and every shard against the manifest: its sha256, its header
+    (sample range, kind, vocabulary, encoding, draws), and every sample decoded and held to what
+    the manifest declares (:func:`sample_problem`: ids inside the vocabulary, ids per position
+    within the truncation or the draws, finite log-probs, residuals in [0, 1]); with ``dataset``
+    (the run's training ``GPTDataset``), each sample's token hash against it. Raises
+    ``StoreError`` at the first problem; returns a summary."""
     from megadistill.store.format import sample_hash
 
-    reader = StoreReader(path, verify=True)
+    reader = StoreReader(path, verify=True)  # the manifest's checksum and shard list, on open
     m = reader.manifest
     for i, entry in enumerate(m["shards"]):
-        sh = reader.shard(i)
-        if (sh.first_sample, sh.num_samples) != (entry["first_sample"], entry["num_samples"]):
-            raise StoreError(f"shard {entry['file']} holds samples {sh.first_sample}.. ({sh.num_samples}), "
-                             f"the manifest says {entry['first_sample']}.. ({entry['num_samples']})")
+        sh = reader.shard(i)  # its sha256 and its header against the manifest
         for j in range(sh.first_sample, sh.first_sample + sh.num_samples):
-            ids, lp, res = sh.sample(j)
-            valid = ids >= 0
-            if not valid.any(-1).all() or (ids >= m["encoding"]["vocab_size"]).any() or not np.isfinite(lp[valid]).all() \
-                    or not ((res >= 0) & (res <= 1)).all():
-                raise StoreError(f"shard {entry['file']}, sample {j}: ids out of range, a position without ids, "
-                                 "non-finite log-probs or a residual outside [0, 1]")
+            problem = sample_problem(sh, j, m)
+            if problem:
+                raise StoreError(f"logits store {reader.path}: shard {entry['file']}, sample {j}: {problem}")
             if dataset is not None:
                 s = dataset[j]
                 if sample_hash(s["tokens"], s["labels"]) != bytes(sh.hashes[j - sh.first_sample]):
                     raise StoreError(f"shard {entry['file']}, sample {j}: the dataset's tokens differ from the store's")
     checked = " and against the run's dataset" if dataset is not None else ""
-    return [f"store {reader.path}: {len(m['shards'])} shards, {m['num_samples']} samples: checksums and contents OK{checked}"]
+    return [f"store {reader.path}: {len(m['shards'])} shards, {m['num_samples']} samples: checksums and contents OK, "
+            f"consistent with {MANIFEST}{checked}", *_protection(reader)]
+
+
+def sample_problem(shard, index: int, manifest: dict) -> str:
+    """What global sample ``index`` of ``shard`` holds that ``manifest`` rules out, in a phrase
+    naming the position and the manifest's key ("" if nothing).
+
+    Every kind: at least one id per position, every id below ``encoding.vocab_size``. RS-KD: at
+    most ``sampling.draws`` distinct ids per position, their draw counts >= 1 and summing to the
+    draws. Top-p-k (``truncation``; ids tied with the last kept one are kept too): finite
+    log-probs, residuals in [0, 1]; more than ``top_k`` ids only where the extra ones tie the
+    ``top_k``-th; with ``top_p`` < 1, the mass above a position's last kept log-prob below
+    ``top_p`` and, where ``top_k`` did not cut, the kept mass ``1 - residual`` at least ``top_p``
+    (both to within the encoding's precision); with ``top_p`` = 1, at least ``top_k`` ids."""
+    counts, ids, lp, res = shard.sample_flat(index)
+    vocab = manifest["encoding"]["vocab_size"]
+    if not counts.size:
+        return ""
+    if counts.min() < 1:
+        return f"position {int(np.argmin(counts))} holds no id"
+    if ids.size and ids.max() >= vocab:
+        return f"id {int(ids.max())} is outside the vocabulary of {vocab} (encoding.vocab_size in {MANIFEST})"
+    starts = entry_starts(counts)
+    if manifest["kind"] == "rskd":
+        draws = manifest.get("sampling", {}).get("draws", shard.num_draws)
+        _, got = shard.sample_draws(index)
+        per_pos = np.add.reduceat(got, starts)
+        if (counts > draws).any():
+            t = int(np.argmax(counts > draws))
+            return f"position {t} holds {int(counts[t])} distinct ids, more than sampling.draws {draws} in {MANIFEST}"
+        if (got < 1).any() or (per_pos != draws).any():
+            t = int(np.argmax(per_pos != draws)) if (per_pos != draws).any() else 0
+            return f"position {t}'s draw counts do not sum to sampling.draws {draws} in {MANIFEST}"
+        return ""
+    if not np.isfinite(lp).all():
+        return "a non-finite log-prob"
+    if not ((res >= 0) & (res <= 1)).all():
+        return "a residual outside [0, 1]"
+    trunc = manifest.get("truncation")
+    if not trunc:
+        return ""
+    top_p, top_k = trunc.get("top_p", 1.0), trunc.get("top_k")
+    lp = lp.astype(np.float64)
+    last = lp[starts + counts - 1]
+    if top_k is not None:
+        over = np.flatnonzero(counts > top_k)
+        # Beyond top_k only ids tied with the top_k-th (the entries are sorted by descending log-prob).
+        untied = over[last[over] != lp[starts[over] + top_k - 1]]
+        if untied.size:
+            t = int(untied[0])
+            return f"position {t} keeps {int(counts[t])} ids, more than truncation.top_k {top_k} in {MANIFEST} allows"
+    cap = min(top_k if top_k is not None else vocab, vocab)
+    slack = _MASS_SLACK + _MASS_SLACK_PER_ID * counts
+    if top_p < 1.0:
+        # Rounding to the qlog grid moves a log-prob by at most its step; fp16 only rounds down.
+        grid = QLOG_STEP.get(shard.logprob_dtype, 0.0)
+        above = np.add.reduceat(np.where(lp > np.repeat(last, counts), np.exp(lp), 0.0), starts)
+        bad = np.flatnonzero(above > top_p * np.exp(grid) + slack)
+        if bad.size:
+            t = int(bad[0])
+            return (f"position {t} keeps mass {above[t]:.4g} above its last kept id, more than truncation.top_p "
+                    f"{top_p} in {MANIFEST} allows")
+        short = np.flatnonzero((counts < cap) & (1.0 - res.astype(np.float64) < top_p - slack))
+        if short.size:
+            t = int(short[0])
+            return (f"position {t} keeps {int(counts[t])} ids holding mass {1.0 - float(res[t]):.4g}, less than "
+                    f"truncation.top_p {top_p} in {MANIFEST}, though truncation.top_k did not cut it")
+    elif (counts < cap).any():
+        t = int(np.argmax(counts < cap))
+        what = f"truncation.top_k {top_k}" if top_k is not None else "no truncation (the whole vocabulary)"
+        return f"position {t} keeps {int(counts[t])} ids, fewer than {what} in {MANIFEST} keeps at top_p 1"
+    return ""
 
 
 def run_dataset(config: str, overrides: Optional[list] = None):

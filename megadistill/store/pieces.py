@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -90,8 +91,9 @@ def decode_piece(data: bytes, name: str) -> tuple[int, list[SampleTargets]]:
             else:
                 samples.append(SampleTargets(a["hashes"][j].tobytes(), a["counts"][j], a["residual"][j], a["ids"][e],
                                              a["logprobs"][e]))
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        raise StoreError(f"piece {name} is unreadable ({e})") from e
+    except (OSError, ValueError, KeyError, IndexError, EOFError, NotImplementedError, zipfile.BadZipFile) as e:
+        # zipfile checks each member's CRC-32 as it is read: damage surfaces here, by content.
+        raise StoreError(f"piece {name} is unreadable or damaged ({type(e).__name__}: {e})") from e
     return first, samples
 
 

@@ -17,7 +17,10 @@ A store can also be written by ``N`` independent jobs (a SLURM job array, ``--ar
 task ``t`` computes the shards ``i`` with ``i mod N = t`` (:func:`task_shards`), and whichever task
 finds every shard present once its own are written writes the manifest. Shards are written
 atomically and their bytes depend only on the plan, so the tasks may run in any order, at once or
-one after another, and be killed and re-run: the store ends byte-identical to a single job's.
+one after another, and be killed and re-run: the store ends byte-identical to a single job's. A
+shard found on disk counts only if its bytes hash to the sha256 sealed into it
+(``writer.verified_shards``): one damaged after it was written is computed again on a re-run, and
+the manifest records only verified checksums.
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megadistill.checkpoint_dir import checkpoint_identity
+from megadistill.checkpoint_identity import checkpoint_identity
 from megadistill.collective import on_rank0 as _on_rank0
 from megadistill.config import ConfigError
 from megadistill.hashing import file_sha256
 from megadistill.store.sparse import rskd_uniforms, sample_rskd, select_top_p_k
 from megadistill.store.codec import LOGPROB_DTYPES, count_dtype, id_bits
 from megadistill.store.encode import SampleTargets, encode_shard
-from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, KINDS, sample_hash, shard_name
+from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, KINDS, StoreError, sample_hash, shard_name
 
 def _plan(cfg, ckpt: Path, tokenizer_sha256: str, dataset: dict, vocab: int, samples_per_shard: int,
           logprob_dtype: str, kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None) -> dict:
@@ -169,7 +172,7 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
     from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt, device
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
     from megadistill.store import writer
     from megadistill.megatron.distributed import init_distributed
 
@@ -274,10 +277,18 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
 
     def complete():
         # Another array task may still be writing its shards: the one that finds them all present
-        # writes the manifest. Two tasks finishing together both write it, with the same bytes
-        # (it derives from the plan and the shards only), each by an atomic rename.
-        if len(writer.finished_shards(store, plan)) < len(ranges):
+        # and verified by their content writes the manifest. Two tasks finishing together both
+        # write it, with the same bytes (it derives from the plan and the shards only), each by an
+        # atomic rename. A damaged shard stops the manifest: the task that owns it recomputes it.
+        verified, damaged = writer.verified_shards(store, plan)
+        if damaged:
+            i = min(damaged)
+            more = f" (and {len(damaged) - 1} more shards)" if len(damaged) > 1 else ""
+            task = f" with --shard-task {i % shard_tasks} --shard-tasks {shard_tasks}" if shard_tasks > 1 else ""
+            raise StoreError(f"logits store {store}: {shard_name(i)} is not trusted: {damaged[i]}{more}; "
+                             f"run precompute-logits again{task} to compute it again")
+        if len(verified) < len(ranges):
             return None
-        return writer.finish(store, plan)
+        return writer.finish(store, plan, verified)
 
     return _on_rank0(complete)

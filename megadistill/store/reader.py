@@ -2,9 +2,12 @@
 
 Checks, each a ``StoreError`` naming the shard and the sample:
 
-* on open: the manifest's version and keys; every shard file present with the size the manifest
-  records (a truncated or missing shard fails before the first step);
-* on a shard's first use (once per process): its sha256 against the manifest;
+* on open: the manifest's version and keys, its own checksum (``manifest_sha256``, format version 3
+  on: a hand-edited manifest is refused) and its shard list against its sample counts; every
+  shard file present with the size the manifest records (a truncated or missing shard fails
+  before the first step);
+* on a shard's first use (once per process): its sha256 against the manifest, and its header
+  (sample range, kind, vocabulary, encoding) against the manifest;
 * per sample: that the store holds it, and that its token hash equals the hash of the batch's own
   ``tokens``/``labels`` (other data, seed, sequence length or tokenizer than the precompute's).
 """
@@ -21,9 +24,9 @@ import numpy as np
 import torch
 
 from megadistill.config import data_seed
-from megadistill.store.decode import Shard
+from megadistill.store.decode import Shard, header_disagreements
 from megadistill.store.format import (
-    MANIFEST, PLAN, StoreError, bytes_sha256, check_manifest, load_json, sample_hash, shard_of,
+    MANIFEST, PLAN, StoreError, bytes_sha256, check_manifest, is_protected, load_json, sample_hash, shard_of,
 )
 
 
@@ -45,6 +48,8 @@ class StoreReader:
             raise StoreError(f"logits store {self.path} {what}")
         check_manifest(manifest, f"logits store {self.path}")
         self.manifest = manifest
+        # Stores written before format version 3 carry no manifest checksum (``store info`` says so).
+        self.protected = is_protected(manifest)
         self.num_samples = int(manifest["num_samples"])
         self.samples_per_shard = int(manifest["samples_per_shard"])
         self.verify = verify
@@ -88,7 +93,12 @@ class StoreReader:
                     f"manifest {entry['sha256'][:12]}…): samples {entry['first_sample']}.."
                     f"{entry['first_sample'] + entry['num_samples'] - 1} are corrupt"
                 )
-        return Shard(buf, entry["file"])
+        shard = Shard(buf, entry["file"])
+        problems = header_disagreements(shard, self.manifest, entry["first_sample"], entry["num_samples"])
+        if problems:
+            raise StoreError(f"logits store {self.path}: shard {entry['file']} contradicts {MANIFEST}: "
+                             + "; ".join(problems))
+        return shard
 
     def _shard_of_sample(self, index: int) -> Shard:
         if not 0 <= index < self.num_samples:

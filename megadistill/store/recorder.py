@@ -28,7 +28,10 @@ are deleted. ``manifest.json`` is written at the end of the run; what it says ab
 Resume after a kill: the generation is one more than any piece's on disk, so a resumed process's
 pieces supersede those a killed process wrote after its last checkpoint (they are re-recorded,
 from the same weights when the resume is exact); a piece or shard is complete or absent (atomic
-writes), and a shard is written once, from complete data. Samples of a shard that was already
+writes), and a shard is written once, from complete data. A shard found on disk is trusted only
+if its bytes hash to the sha256 sealed into it (``writer.verified_shards``; a damaged one is a
+``StoreError`` naming it: its samples cannot be seen again), a piece only if its zip CRC-32s hold
+(``pieces.decode_piece``). Samples of a shard that was already
 finished (a resume from an older checkpoint than the latest) are not recorded again.
 """
 
@@ -103,12 +106,27 @@ class LogitsRecorder:
                 writer.begin(self.store, plan)
             except StoreError as e:
                 differs = re.search(r"\(differs in: [^)]*\)", str(e))
+                if differs is None:
+                    raise  # not another run's store: a damaged manifest, another format version
                 raise StoreError(
                     f"record_logits.store {self.store} holds a store recorded or precomputed for another run or "
-                    f"other settings {differs.group(0) if differs else ''}; give another record_logits.store "
+                    f"other settings {differs.group(0)}; give another record_logits.store "
                     "or remove that directory"
                 ) from e
-            finished = [i for i in range(len(self.ranges)) if (self.store / shard_name(i)).is_file()]
+            # A shard written before the kill is trusted by its content only. Its samples were seen
+            # before the checkpoint this run resumes from and its pieces are gone: a damaged one
+            # cannot be recorded again.
+            verified, damaged = writer.verified_shards(self.store, plan)
+            if damaged:
+                i = min(damaged)
+                more = f" (and {len(damaged) - 1} more shards)" if len(damaged) > 1 else ""
+                raise StoreError(
+                    f"record_logits.store {self.store}: {shard_name(i)} is not trusted: {damaged[i]}{more}; its samples "
+                    f"{self.ranges[i][0]}..{sum(self.ranges[i]) - 1} were recorded before the checkpoint this run "
+                    "resumes from and cannot be recorded again: restore the shard from a copy, or record again "
+                    "with a new record_logits.store"
+                )
+            finished = sorted(verified)
             generation = 1 + max((g for _, _, g, _ in list_pieces(self.pending)), default=-1)
             return plan, finished, generation
 

@@ -300,3 +300,61 @@ def test_the_tokenizer_block_is_the_flat_keys():
         config_from_dict({"data": {"tokenizer": {"path": "a"}, "tokenizer_model": "b"}})
     with pytest.raises(ConfigError, match="data.tokenizer must be a mapping with keys type and path"):
         config_from_dict({"data": {"tokenizer": {"kind": "x"}}})
+
+
+# --------------------------------------------------------------------------- warnings
+
+SALT_BEYOND_THE_RUN = {"teacher": {"mode": "online", "checkpoint": "/t"}, "training": {"train_steps": 10},
+                       "kd": {"alpha": {"kind": "salt", "alpha_max": 0.9, "n_kd": 11}}}
+N_KD_WARNING = (r"kd.alpha.n_kd 11 is larger than training.train_steps 10: KD \(alpha kd.alpha.alpha_max=0.9\) lasts the "
+                r"whole run and SALT never switches to plain LM training")
+
+
+def _config_warnings(data, monkeypatch, **env) -> list[str]:
+    import warnings
+
+    from megadistill.config.validate import ConfigWarning
+    from megadistill.launch import TORCHRUN_MARKERS
+
+    for k in list(__import__("os").environ):
+        if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k in TORCHRUN_MARKERS:
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config_from_dict(data)
+    return [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
+
+
+def test_a_salt_kd_phase_longer_than_the_run_is_a_warning_naming_both_keys(monkeypatch):
+    import re
+
+    said = _config_warnings(SALT_BEYOND_THE_RUN, monkeypatch)
+    assert len(said) == 1 and re.match(N_KD_WARNING, said[0]), said
+    # n_kd <= train_steps: the switch happens (at the run's end at the latest); no teacher: no KD at all.
+    kd = SALT_BEYOND_THE_RUN["kd"]["alpha"]
+    for data in ({**SALT_BEYOND_THE_RUN, "kd": {"alpha": {**kd, "n_kd": 10}}},
+                 {**SALT_BEYOND_THE_RUN, "kd": {"alpha": {**kd, "n_kd": 3}}},
+                 {**SALT_BEYOND_THE_RUN, "teacher": {"mode": "none"}}):
+        assert _config_warnings(data, monkeypatch) == [], data
+    # Every rank validates the config; only the first says it.
+    torchrun = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
+    assert _config_warnings(SALT_BEYOND_THE_RUN, monkeypatch, RANK="1", **torchrun) == []
+    assert len(_config_warnings(SALT_BEYOND_THE_RUN, monkeypatch, RANK="0", **torchrun)) == 1
+
+
+def test_megadistill_config_says_the_warning_once(tmp_path):
+    """On stderr once, however often the process validates the config (``megadistill train`` does it
+    twice: loading the run file and starting the process groups)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(SALT_BEYOND_THE_RUN))
+    code = ("import sys; from megadistill.cli import main; from megadistill.config import load_config; "
+            f"code = main(['config', {str(path)!r}, '--schema-only']); load_config({str(path)!r}); sys.exit(code)")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("kd.alpha.n_kd 11 is larger than training.train_steps 10") == 1, r.stderr

@@ -1,5 +1,6 @@
 """The DeepSpeed config generated from a RunConfig, and the checks on its pass-through block
-(pure: no process group, no deepspeed import), plus Megatron's optimizer parameter groups."""
+(pure: no process group, no deepspeed import), DeepSpeed's own config classes run over it before
+launch (``megadistill config``, ``megadistill train``), plus Megatron's optimizer parameter groups."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from megadistill.config import ConfigError, DataConfig, DeepSpeedConfig, OptimizerConfig, ParallelConfig, RunConfig
-from megadistill.config.deepspeed import ADAM_EPS, check, deepspeed_config
+from megadistill.config.deepspeed import ADAM_EPS, check, check_with_deepspeed, deepspeed_config
 
 
 def _cfg(passthrough=None, stage=2, **sections) -> RunConfig:
@@ -105,6 +107,68 @@ def test_check_does_not_import_deepspeed_or_megatron():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.fixture(scope="module")
+def ds_version():
+    """DeepSpeed imported as the backend imports it on CPU (its CPU accelerator, no JIT-built op)."""
+    from megadistill.deepspeed.env import configure_accelerator
+
+    configure_accelerator()
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+UNKNOWN_TO_DEEPSPEED = [
+    ({"zero_optimization": {"bogus_key": 1}}, "deepspeed.config.zero_optimization.bogus_key: DeepSpeed {v} does not know this key"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu", "bogus": 1}}},
+     "deepspeed.config.zero_optimization.offload_optimizer.bogus: DeepSpeed {v} does not know this key"),
+    ({"zero_optimization": {"reduce_bucket_size": "lots"}},
+     "deepspeed.config.zero_optimization.reduce_bucket_size: Input should be a valid integer, unable to parse string as an "
+     "integer (got 'lots')"),
+    ({"bf16": {"bogus": 1}}, "deepspeed.config.bf16.bogus: DeepSpeed {v} does not know this key"),
+    ({"tensorboard": {"enabled": False, "bogus": 1}}, "deepspeed.config.tensorboard.bogus: DeepSpeed {v} does not know this key"),
+]
+
+
+@pytest.mark.parametrize("passthrough, message", UNKNOWN_TO_DEEPSPEED)
+def test_deepspeed_s_own_config_classes_check_the_pass_through_block(passthrough, message, ds_version):
+    check(_cfg(passthrough), world_size=2)  # nothing the pure check knows about
+    with pytest.raises(ConfigError) as e:
+        check_with_deepspeed(_cfg(passthrough))
+    assert str(e.value) == message.format(v=ds_version)
+
+
+def test_deepspeed_s_own_config_classes_accept_what_runs(ds_version):
+    # The data-parallel size is unknown before launch: its keys are the pure check's (at a known world size).
+    check_with_deepspeed(_cfg({"zero_optimization": {"reduce_bucket_size": 1000, "stage3_param_persistence_threshold": 0},
+                               "gradient_accumulation_steps": 7, "train_batch_size": 32}, stage=3))
+    check_with_deepspeed(_cfg(model=dataclasses.replace(RunConfig().model, precision="fp16")))
+    check_with_deepspeed(RunConfig())  # the Megatron backend: nothing to check
+
+
+def test_config_and_train_reject_a_key_deepspeed_does_not_know(tmp_path, capsys, monkeypatch, ds_version):
+    """Before: `megadistill config` printed the run and training died in deepspeed.initialize with a
+    pydantic traceback after the process groups started."""
+    from megadistill.cli import main
+    from megadistill.launch import TORCHRUN_MARKERS
+
+    for k in list(__import__("os").environ):  # one process, not under a launcher
+        if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k in TORCHRUN_MARKERS:
+            monkeypatch.delenv(k)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "optimizer": {"backend": "deepspeed"},
+                                    "deepspeed": {"config": {"zero_optimization": {"bogus_key": 1}}}}))
+    expected = (f"megadistill: error: deepspeed.config.zero_optimization.bogus_key: DeepSpeed {ds_version} does not "
+                "know this key\n")
+    for command in (["config", str(path)], ["train", str(path), "--no-progress"]):
+        assert main(command) == 2, command
+        out = capsys.readouterr()
+        assert out.err.endswith(expected) and out.out == "", (command, out)
+    assert not (tmp_path / "out").exists()  # stopped before the run started
+    assert main(["config", str(path), "--schema-only"]) == 0  # the config alone: DeepSpeed is not asked
+    capsys.readouterr()
 
 
 def _groups_vs_megatron():

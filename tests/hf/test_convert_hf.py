@@ -7,6 +7,7 @@ teacher's own tokenizer, end to end through ``megadistill train``'s driver."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,7 +114,7 @@ def _teacher_logits(snippet: str, tokens: torch.Tensor):
 
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
 
     block = yaml.safe_load(snippet)
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -248,3 +249,179 @@ def test_the_vocabulary_is_padded_with_zeros_or_cut_to_the_runs(hf):
             keep = min(rows, 512)
             assert torch.equal(state[name][:keep], hf_weight[:keep])
             assert not state[name][keep:].any()
+
+
+# RoPE is read as transformers reads it: asking it where it is installed, else by its precedence.
+ROUTES = ["transformers", "without-transformers"]
+
+
+def _route(monkeypatch, route):
+    if route == "without-transformers":
+        monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(hf, monkeypatch, route):
+    """transformers 5 writes rope_parameters; a rope_scaling beside it wins when transformers reads
+    the file (Llama 3 scaling here), so it is refused, not converted as the plain RoPE
+    rope_parameters states."""
+    src = hf["root"] / "llama" / "config.json"
+    saved = json.loads(src.read_text())
+    assert saved["rope_parameters"] == {"rope_theta": 50000.0, "rope_type": "default"}
+    _route(monkeypatch, route)
+    assert model_config(saved, where=str(src)).model.rotary_base == 50000
+    with pytest.raises(ConversionError, match=r"config.json: rope_scaling.rope_type is 'llama3': RoPE scaling 'llama3' "
+                                              r"is not supported.*transformers reads rope_scaling before rope_parameters"):
+        model_config({**saved, "rope_scaling": LLAMA3}, where=str(src))
+    with pytest.raises(ConversionError, match=r"config.json: rope_scaling.type is 'linear'"):
+        model_config({**saved, "rope_scaling": {"type": "linear", "factor": 2.0}}, where=str(src))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("change, message", [
+    ({"rope_theta": 20000.0}, r"config.json: rope_theta 20000.0 and rope_parameters.rope_theta 50000.0 contradict"),
+    ({"rope_scaling": {"rope_type": "default"}},  # transformers would read the default base 10000, not 50000
+     r"config.json: rope_scaling \{'rope_type': 'default'\} and rope_parameters \{.*\} differ"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0, "type": "yarn"}},
+     r"config.json: rope_parameters.type is 'yarn'"),
+])
+def test_contradicting_rope_keys_are_refused_naming_both(hf, monkeypatch, route, change, message):
+    src = hf["root"] / "llama" / "config.json"
+    _route(monkeypatch, route)
+    with pytest.raises(ConversionError, match=message):
+        model_config({**json.loads(src.read_text()), **change}, where=str(src))
+
+
+def test_convert_hf_refuses_llama3_scaling_in_one_line(tmp_path, hf, capsys):
+    """The config.json of the issue, through the command: exit 2, one line naming the file and the
+    key, nothing written."""
+    from megadistill import cli
+
+    src = tmp_path / "llama3"
+    src.mkdir()
+    config = json.loads((hf["root"] / "llama" / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "rope_scaling": LLAMA3}))
+    (src / "model.safetensors").symlink_to(hf["root"] / "llama" / "model.safetensors")
+    rc = cli.main(["convert-hf", str(src), "--output", str(tmp_path / "out"), "--tokenizer", str(hf["tokenizer"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"megadistill: error: {src / 'config.json'}: rope_scaling.rope_type is 'llama3'"), err
+    assert not (tmp_path / "out").exists()
+
+
+def _files(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def earlier_conversion(tmp_path, hf):
+    """A copy of the converted Llama teacher, as an earlier conversion's --output."""
+    import shutil
+
+    out = tmp_path / "teacher"
+    shutil.copytree(hf["root"] / "llama-teacher", out)
+    return out
+
+
+def test_convert_hf_refuses_an_output_that_holds_anything(tmp_path, hf, earlier_conversion, capsys):
+    """Another model, the same model or stray files in --output: refused in one line naming the
+    directory, before any work, and the earlier conversion is left byte for byte."""
+    from megadistill import cli
+
+    before = _files(earlier_conversion)
+    for model in ("qwen2", "llama"):
+        assert cli.main(["convert-hf", str(hf["root"] / model), "--output", str(earlier_conversion),
+                         "--tokenizer", str(hf["tokenizer"])]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"megadistill: error: --output {earlier_conversion} already holds an earlier conversion "
+                       f"(step_00000000, teacher.yaml): give a new --output, or pass --overwrite to move them aside "
+                       f"into {earlier_conversion}/superseded-<UTC time>/\n")
+    assert _files(earlier_conversion) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main(["convert-hf", str(hf["root"] / "llama"), "--output", str(other)]) == 2
+    assert f"--output {other} already holds files (notes.txt)" in capsys.readouterr().err
+    assert _files(other) == {"notes.txt": b"mine"}
+
+
+def test_overwrite_moves_the_earlier_conversion_aside(hf, earlier_conversion):
+    """--overwrite: the earlier conversion goes, whole and unchanged, into superseded-<UTC time>/
+    and the new model's conversion takes its place."""
+    from megadistill.checkpoint_dir import read_marker
+
+    before = _files(earlier_conversion)
+
+    def overwrite(out):
+        import contextlib
+        import io
+
+        from megadistill import cli
+
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            rc = cli.main(["convert-hf", str(hf["root"] / "qwen2"), "--output", str(out), "--overwrite"])
+        return rc, printed.getvalue()
+
+    rc, printed = run_distributed(overwrite, 1, earlier_conversion)[0]
+    assert rc == 0
+    aside = [p for p in earlier_conversion.iterdir() if p.name.startswith("superseded-")]
+    assert len(aside) == 1 and f"aside to {aside[0]}" in printed
+    assert _files(aside[0]) == before
+    assert sorted(p.name for p in earlier_conversion.iterdir()) == sorted([aside[0].name, "step_00000000", "teacher.yaml"])
+    assert read_marker(earlier_conversion / "step_00000000")["converted_from"]["model_type"] == "qwen2"
+    assert "(qwen2)" in (earlier_conversion / "teacher.yaml").read_text()
+
+
+def test_convert_hf_names_a_bad_path_in_one_line(tmp_path, hf, capsys):
+    """Before any work: --output below a file or a file itself, an input directory that is missing
+    or a file."""
+    from megadistill import cli
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    llama = str(hf["root"] / "llama")
+    for args, message in [
+        ([llama, "--output", str(file / "out")], f"--output {file / 'out'}: {file} is a file"),
+        ([llama, "--output", str(file / "a" / "b")], f"--output {file / 'a' / 'b'}: {file} is a file"),
+        ([llama, "--output", str(file)], f"--output {file} is a file: give a directory"),
+        ([str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")],
+         f"{tmp_path / 'nowhere'} does not exist: not a Hugging Face checkpoint directory"),
+        ([str(file), "--output", str(tmp_path / "out")], f"{file} is a file: not a Hugging Face checkpoint directory"),
+    ]:
+        assert cli.main(["convert-hf", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"megadistill: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and file.read_text() == "x"
+
+
+def test_a_failed_write_is_one_line_naming_the_output(tmp_path, hf):
+    """A file system error while the checkpoint is written (a full disk here) is one line naming
+    --output, not a traceback; the lock is released."""
+
+    def full_disk(out):
+        import contextlib
+        import io
+
+        from megatron.core import dist_checkpointing
+
+        from megadistill import cli
+
+        def save(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        dist_checkpointing.save = save  # this forked rank's copy only
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = cli.main(["convert-hf", str(hf["root"] / "llama"), "--output", str(out), "--tokenizer", str(hf["tokenizer"])])
+        return rc, err.getvalue()
+
+    out = tmp_path / "out"
+    rc, err = run_distributed(full_disk, 1, out)[0]
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"megadistill: error: --output {out}: ") and "No space left on device" in err, err
+    assert not (out / ".convert-hf.lock").exists() and not (out / "step_00000000").exists()

@@ -24,6 +24,9 @@ def test_the_example_set_is_complete():
 def test_every_example_is_a_valid_config(name):
     cfg = load_config(EXAMPLES / f"{name}.yaml")
     assert cfg.name == name and cfg.output_dir == f"runs/examples/{name}"
+    # As written, on one process and on two (DP 2) alike: the batch sizes divide either way.
+    for world_size in (1, 2):
+        load_config(EXAMPLES / f"{name}.yaml", world_size=world_size)
 
 
 def test_salt_examples_use_a_teacher_smaller_than_the_student():

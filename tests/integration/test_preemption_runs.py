@@ -1,6 +1,7 @@
 """Graceful stops (megadistill.preemption) end to end: a SIGTERM/SIGUSR1 mid-run finishes the step on
-every rank, saves, exits with EXIT_STOPPED, and the resumed run reproduces an uninterrupted one
-exactly; checkpoint.save_interval_minutes saves on a timer. (The units: tests/test_preemption.py.)"""
+every rank, saves, exits with EXIT_STOPPED (one process, or 2 ranks under `megadistill torchrun`
+whether the launcher or one rank got the signal), and the resumed run reproduces an uninterrupted
+one exactly; checkpoint.save_interval_minutes saves on a timer. (The units: tests/test_preemption.py.)"""
 
 from __future__ import annotations
 
@@ -50,21 +51,28 @@ def test_a_signal_stops_with_a_checkpoint_and_the_resumed_run_matches(tmp_path, 
     assert_same_losses(run_metrics(out), full_run)
 
 
-def test_two_ranks_agree_to_stop_when_only_one_got_the_signal(tmp_path, corpus, full_run):
-    # DP=2 on the same global batch: the losses equal the single-process run's only up to the
-    # order of the gradient reduction, so the reference here is an uninterrupted 2-rank run.
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    ref_cfg = tiny_run_yaml(tmp_path / "ref.yaml", ref, corpus)
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, corpus):
+    """The uninterrupted reference for 2-rank runs. DP=2 on the same global batch: the losses equal
+    the single-process run's only up to the order of the gradient reduction."""
+    tmp = tmp_path_factory.mktemp("ref2")
+    cfg = tiny_run_yaml(tmp / "ref.yaml", tmp / "ref", corpus)
+    with open(tmp / "ref.log", "w") as log:
+        assert launch_train(cfg, log, nproc=2).wait(timeout=300) == 0, (tmp / "ref.log").read_text()
+    return run_metrics(tmp / "ref")
+
+
+def _stop_and_resume_two_ranks(tmp_path, corpus, reference, signal_whom) -> str:
+    """A 2-rank run under ``megadistill torchrun``, ``signal_whom(launcher)`` after step 3: it must
+    exit 75 with a checkpoint of the step it stopped after, and the resumed run match ``reference``.
+    Returns the stopped attempt's log."""
+    out = tmp_path / "run"
     cfg = tiny_run_yaml(tmp_path / "run.yaml", out, corpus)
-    with open(tmp_path / "ref.log", "w") as log:
-        assert launch_train(ref_cfg, log, nproc=2).wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()
     with open(tmp_path / "stopped.log", "w") as log:
         proc = launch_train(cfg, log, nproc=2)
         try:
             wait_for_step(proc, out, 3)
-            workers = [p for p in _descendants(proc.pid) if "megadistill" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-            assert len(workers) >= 2, workers
-            os.kill(max(workers), signal.SIGTERM)  # one rank only
+            signal_whom(proc)
             rc = proc.wait(timeout=120)
         except BaseException:
             kill_9_tree(proc)
@@ -72,12 +80,30 @@ def test_two_ranks_agree_to_stop_when_only_one_got_the_signal(tmp_path, corpus, 
     text = (tmp_path / "stopped.log").read_text()
     stopped_at = max(run_metrics(out))
     assert 3 <= stopped_at < STEPS, text
-    assert rc != 0 and f"exitcode  : {EXIT_STOPPED}" in text, text  # torchrun reports each worker's status
+    assert rc == EXIT_STOPPED, text
     assert complete_checkpoints(out) == [stopped_at], text
     assert f"stopped by SIGTERM at step {stopped_at}" in text
     with open(tmp_path / "resumed.log", "w") as log:
         assert launch_train(cfg, log, nproc=2).wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()
-    assert_same_losses(run_metrics(out), run_metrics(ref))
+    assert_same_losses(run_metrics(out), reference)
+    return text
+
+
+def test_two_ranks_agree_to_stop_when_only_one_got_the_signal(tmp_path, corpus, two_rank_run):
+    def one_rank(proc):
+        workers = [p for p in _descendants(proc.pid) if "megadistill" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(workers) >= 2, workers
+        os.kill(max(workers), signal.SIGTERM)  # one rank only
+
+    _stop_and_resume_two_ranks(tmp_path, corpus, two_rank_run, one_rank)
+
+
+def test_sigterm_to_the_torchrun_launcher_exits_75(tmp_path, corpus, two_rank_run):
+    # What SLURM, Kubernetes or a shell's `kill` send to a job: the signal goes to the launcher.
+    # Plain torchrun exits 1 here (its SignalException) and would SIGKILL a save longer than its
+    # --shutdown-timeout; `megadistill torchrun` passes the signal on and exits with the workers' 75.
+    text = _stop_and_resume_two_ranks(tmp_path, corpus, two_rank_run, lambda proc: proc.send_signal(signal.SIGTERM))
+    assert "SignalException" not in text and "exit 75" in text
 
 
 def test_save_interval_minutes_saves_on_a_timer(tmp_path, corpus):

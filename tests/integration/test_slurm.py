@@ -109,6 +109,76 @@ def test_the_cli_renders(tmp_path, corpus):
     assert "megadistill slurm render" in (tmp_path / "j.sbatch").read_text()
 
 
+def test_render_quotes_the_job_name_and_refuses_what_sbatch_cannot_take(tmp_path, corpus):
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus)
+    cpu = Job(nodes=1, gpus_per_node=0, tasks_per_node=2)
+    # Blanks, ';', quotes and '#' (an unquoted '#' starts a comment in an #SBATCH line) are quoted.
+    text = render("train", str(cfg), cpu, overrides=["name='my run; \"x\" #1'"])
+    assert '#SBATCH --job-name="my run; \\"x\\" \\#1"\n' in text
+    assert _sbatch_options(render("precompute", str(cfg), Job(nodes=1, gpus_per_node=1)))["job-name"] == "out-precompute"
+    assert _sbatch_options(render("train", str(cfg), cpu, overrides=["output_dir=" + str(tmp_path / "a b%")]))["output"] \
+        == f'"{tmp_path}/a b%%/slurm/%x-%j.out"'  # a literal % of the path is %% in SLURM's log-name pattern
+    for override, message in [("name=a/b", r"name: 'a/b' holds a '/', which would put the job log"),
+                              ('name="a\\nb"', r"name: 'a\\nb' holds '\\n', which an #SBATCH line cannot hold"),
+                              ("name=' '", r"name: ' ' cannot be a SLURM job name")]:
+        with pytest.raises(ConfigError, match=message):
+            render("train", str(cfg), cpu, overrides=[override])
+    with pytest.raises(ConfigError, match=r"--partition: 'gpu\\n' holds"):
+        render("train", str(cfg), Job(nodes=1, gpus_per_node=0, partition="gpu\n"))
+
+
+@pytest.mark.parametrize("time, seconds", [("90", 5400), ("90:30", 5460), ("2:03:04", 7440), ("1-2", 93600),
+                                           ("1-2:30", 95400), ("1-2:30:15", 95460), ("0", None), ("INFINITE", None),
+                                           ("unlimited", None)])
+def test_time_limits_in_every_format_sbatch_takes(time, seconds, tmp_path, corpus):
+    from megadistill.slurm import time_limit_seconds
+
+    assert time_limit_seconds(time) == seconds  # rounded up to whole minutes, as SLURM does
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus)
+    assert _sbatch_options(render("train", str(cfg), Job(nodes=1, gpus_per_node=0, time=time)))["time"] == time
+
+
+def test_time_limits_sbatch_would_refuse_are_refused(tmp_path, corpus):
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus)
+    for bad in ("1h", "24:00:00:00", "1-", "-5", "1:2:3-4", "", " 10", "1.5"):
+        with pytest.raises(ConfigError, match=r"--time: .* is not a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH"):
+            render("train", str(cfg), Job(nodes=1, gpus_per_node=0, time=bad))
+    # The stop signal must come before the limit: 4 minutes, USR1 300 s before it.
+    with pytest.raises(ConfigError, match=r"--time 4 \(240 s, in whole minutes\) is not longer than --signal-seconds 300"):
+        render("train", str(cfg), Job(nodes=1, gpus_per_node=0, time="4"))
+    render("train", str(cfg), Job(nodes=1, gpus_per_node=0, time="4", signal_seconds=60))
+
+
+def test_render_refuses_an_output_it_cannot_write_before_writing_anything(tmp_path, corpus, capsys, monkeypatch):
+    from megadistill.cli import main
+
+    cfg = tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus)
+    (tmp_path / "file").write_text("x")
+    render_args = ["slurm", "render", str(cfg), "--nodes", "1", "--gpus-per-node", "0"]
+    for out, message in [
+        (tmp_path / "file" / "sub" / "j.sbatch",
+         f"--output {tmp_path}/file/sub/j.sbatch: cannot create {tmp_path}/file/sub: {tmp_path}/file is a file"),
+        (tmp_path, f"--output {tmp_path}: a directory, not a file: give the script's file name"),
+    ]:
+        assert main([*render_args, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"megadistill: error: {message}") and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()  # not even the log directory
+    assert main([*render_args, f"output_dir={tmp_path / 'file' / 'run'}"]) == 2
+    assert f"megadistill: error: output_dir {tmp_path}/file/run: cannot create {tmp_path}/file/run/slurm: " \
+           f"{tmp_path}/file is a file" in capsys.readouterr().err
+    # A directory this user may not write to (as root, os.access says yes to everything: pretend).
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path / "ro" and real_access(p, mode, **kw))
+    assert main([*render_args, "-o", str(tmp_path / "ro" / "sub" / "j.sbatch")]) == 2
+    assert (f"megadistill: error: --output {tmp_path}/ro/sub/j.sbatch: cannot create {tmp_path}/ro/sub: {tmp_path}/ro "
+            "is not writable (permission denied)") in capsys.readouterr().err
+    assert main([*render_args, "-o", str(tmp_path / "ro" / "j.sbatch")]) == 2
+    assert f"--output {tmp_path}/ro/j.sbatch: cannot write to {tmp_path}/ro: permission denied" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and list((tmp_path / "ro").iterdir()) == []
+
+
 # --------------------------------------------------------------------------- a real cluster
 
 
@@ -256,6 +326,60 @@ def cluster():
 def _job_log(out: Path, job: int) -> str:
     logs = list((out / "slurm").glob(f"*-{job}.out"))
     return logs[0].read_text() if logs else "(no job log)"
+
+
+def _limit_seconds(shown: str):
+    """squeue's ``%l`` ([days-]hours:minutes:seconds, or UNLIMITED) in seconds (None: no limit)."""
+    if shown == "UNLIMITED":
+        return None
+    days, _, clock = shown.rpartition("-")
+    parts = [int(x) for x in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return ((int(days or 0) * 24 + parts[0]) * 60 + parts[1]) * 60 + parts[2]
+
+
+def test_sbatch_takes_the_quoted_job_name_and_the_time_formats_render_accepts(tmp_path, corpus, cluster):
+    """What the rendering tests assume, asked of this SLURM's own sbatch (held jobs, never run): the
+    quoted #SBATCH --job-name comes back whole and names the log, each --time format means what
+    ``time_limit_seconds`` says, and formats it refuses sbatch refuses too."""
+    from megadistill.slurm import time_limit_seconds
+
+    name = "my run; \"x\" #1 \\ 'y' %x"
+    run = yaml.safe_load(tiny_run_yaml(tmp_path / "run.yaml", tmp_path / "out", corpus).read_text())
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**run, "name": name}))
+    script = write("train", str(tmp_path / "run.yaml"), Job(nodes=1, gpus_per_node=0, python=sys.executable,
+                                                            time="1-2:30:15"))[1]
+    held = []
+
+    def submit(*args) -> subprocess.CompletedProcess:
+        r = subprocess.run(["sbatch", "--hold", "--parsable", *args, str(script)], capture_output=True, text=True,
+                           cwd=tmp_path, env=cluster.env)
+        if r.returncode == 0:
+            held.append(r.stdout.strip().split(";")[0])
+        return r
+
+    def squeue(job: str, fmt: str) -> str:
+        return subprocess.run(["squeue", "-h", "-j", job, "-o", fmt], capture_output=True, text=True, env=cluster.env,
+                              check=True).stdout.rstrip("\n")
+
+    try:
+        assert submit().returncode == 0
+        assert squeue(held[0], "%j") == name
+        assert _limit_seconds(squeue(held[0], "%l")) == time_limit_seconds("1-2:30:15") == 95460
+        shown = subprocess.run(["scontrol", "show", "job", held[0]], capture_output=True, text=True, env=cluster.env,
+                               check=True).stdout
+        assert f"StdOut={tmp_path / 'out' / 'slurm' / name}-{held[0]}.out\n" in shown, shown
+        for time in ("90", "90:30", "2:03:04", "1-2", "1-2:30", "1-2:30:15", "0", "INFINITE", "unlimited"):
+            r = submit(f"--time={time}")
+            assert r.returncode == 0, (time, r.stderr)
+            assert _limit_seconds(squeue(held[-1], "%l")) == time_limit_seconds(time), time
+        for bad in ("1h", "1.5", "24:00:00:00"):
+            r = submit(f"--time={bad}")
+            assert r.returncode != 0 and "time" in r.stderr.lower(), (bad, r.stdout, r.stderr)
+    finally:
+        if held:
+            subprocess.run(["scancel", *held], env=cluster.env)
 
 
 def test_rendered_jobs_train_share_the_node_and_resume_after_scancel(tmp_path, corpus, cluster):

@@ -1,8 +1,10 @@
 """The training driver end to end: text files -> preprocess -> train (TP=2, PP=2, online teacher),
-TensorBoard tags, the CLI, and kill -9 + resume reproducing the uninterrupted run exactly."""
+TensorBoard tags, the CLI, and kill -9 + resume reproducing the uninterrupted run exactly (with a
+metrics log that holds every step once, the resumed attempt's line, each with its time)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -100,8 +102,15 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, mixed_corp
             time.sleep(0.05)
         kill_9_tree(proc)  # the launcher and every rank (torchrun gives each worker a session of its own)
     assert max(run_metrics(tmp_path / "killed")) < steps, "the run finished before it could be killed"
+    resumed_at = time.time()
     with open(tmp_path / "resumed.log", "w") as log:
         assert launch_train(cfgs["killed"], log, nproc).wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()
+    # The log itself holds every step once: the killed attempt's lines after its checkpoint (step 6)
+    # were dropped, the resumed attempt's are there, each line with its wall-clock time.
+    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, steps + 1))
+    assert all(isinstance(r["time"], float) for r in lines)
+    assert all((r["time"] >= resumed_at) == (r["step"] > 6) for r in lines), [(r["step"], r["time"], resumed_at) for r in lines]
     full, resumed = run_metrics(tmp_path / "full"), run_metrics(tmp_path / "killed")
     assert set(resumed) == set(range(1, steps + 1))
     for step in range(1, steps + 1):
@@ -192,6 +201,48 @@ def test_teacher_must_match_the_architecture_and_tokenizer_it_was_trained_with(t
     cfg = _from_text(online_kd_run(tmp_path / "tok", mixed_corpus, teacher_run[0] / "checkpoints"), mixed_corpus, _other_tokenizer(tmp_path))
     msg = run_distributed(_run_or_error, 1, cfg)[0]
     assert "was trained with another tokenizer" in msg, msg
+
+
+def test_a_resume_knows_its_teacher_by_content_not_by_path(tmp_path, mixed_corpus, teacher_run):
+    """A teacher directory overwritten by another model of the same shape (a second convert-hf into
+    the same --output, say) is refused on resume, naming the path and both sha256; the same teacher
+    moved elsewhere and named by teacher.checkpoint is accepted, and the resume is exact."""
+    import shutil
+
+    from megadistill.checkpoint_dir import read_marker
+
+    teacher = tmp_path / "teacher"  # a copy: the fixture's checkpoint is shared
+    shutil.copytree(teacher_run[0] / "checkpoints", teacher)
+    cfg = online_kd_run(tmp_path / "kd", mixed_corpus, teacher, steps=4, eval_interval=4,
+                        checkpoint=CheckpointConfig(save_interval=2))
+    assert run_distributed(_run_or_error, 1, cfg)[0] == 4
+    first = run_metrics(tmp_path / "kd")
+    ckpts = tmp_path / "kd" / "checkpoints"
+    recorded = read_marker(ckpts / "step_00000002")["teacher_identity"]
+    assert recorded["path"] == str((teacher / "step_00000015").resolve())
+
+    other = tmp_path / "other"  # another teacher: one step of TEACHER from a fresh start
+    assert run_distributed(_run_or_error, 1, tiny_run(other, mixed_corpus, model=TEACHER, steps=1))[0] == 1
+    used, elsewhere = teacher / "step_00000015", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(used, elsewhere / used.name)
+    shutil.copytree(other / "checkpoints" / "step_00000001", used)
+    resume = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=str(ckpts / "step_00000002")))
+    msg = run_distributed(_run_or_error, 1, resume)[0]
+    assert msg.startswith(f"ConfigError: cannot resume from {ckpts / 'step_00000002'}: its teacher changed: {used} "
+                          "holds sha256 "), msg
+    assert f"the run distilled from sha256 {recorded['content_sha256'][:12]}… ({recorded['path']})" in msg, msg
+    assert "\n" not in msg
+
+    moved = replace(resume, teacher=replace(cfg.teacher, checkpoint=str(elsewhere)))
+    assert run_distributed(_run_or_error, 1, moved)[0] == 4
+    again = run_metrics(tmp_path / "kd")
+    for step in (3, 4):
+        for key in ("total loss", "kd loss"):
+            assert again[step][key] == first[step][key], (step, key)
+    marker = read_marker(ckpts / "step_00000004")
+    assert marker["teacher_checkpoint"] == str(elsewhere / used.name)
+    assert marker["teacher_identity"] == {**recorded, "path": str((elsewhere / used.name).resolve())}
 
 
 def _run_overwriting(cfg):

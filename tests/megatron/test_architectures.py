@@ -121,7 +121,7 @@ def test_a_llama_like_student_distils_from_a_gpt_like_teacher_at_tp2(tmp_path, m
     assert m[6]["total loss"] < m[1]["total loss"] - 0.2 and m[6]["kd loss"] < m[1]["kd loss"]
     # Its checkpoint is a Llama-shaped megatron-core checkpoint: it can serve as a teacher, described by LLAMA.
     from megadistill.preflight import check_teacher_shape
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
 
     ckpt = resolve_teacher_checkpoint(str(tmp_path / "llama"))
     check_teacher_shape(LLAMA, ckpt)
@@ -144,7 +144,7 @@ def test_a_llama_like_student_distils_from_a_gpt_like_teacher_at_tp2(tmp_path, m
 )
 def test_teacher_model_is_checked_against_its_checkpoint_shapes(teacher_run, change, message):
     from megadistill.preflight import check_teacher_shape
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
 
     ckpt = resolve_teacher_checkpoint(str(teacher_run[0]))
     check_teacher_shape(TEACHER, ckpt)
@@ -154,7 +154,7 @@ def test_teacher_model_is_checked_against_its_checkpoint_shapes(teacher_run, cha
 
 def test_teacher_model_is_checked_against_its_run_record(teacher_run, mixed_corpus):
     from megadistill.resume import check_teacher_record
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
     from megadistill.hashing import file_sha256
 
     ckpt = str(resolve_teacher_checkpoint(str(teacher_run[0])))

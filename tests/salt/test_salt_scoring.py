@@ -139,7 +139,7 @@ def _teacher_scores_directly(cfg, indices):
     from megadistill.data.datasets import prepare_data
     from megadistill.megatron.gpt import build_gpt
     from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
-    from megadistill.checkpoint_dir import resolve_teacher_checkpoint
+    from megadistill.checkpoint_identity import resolve_teacher_checkpoint
     from megadistill.megatron.distributed import init_distributed
 
     init_distributed(cfg)

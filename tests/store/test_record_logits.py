@@ -79,6 +79,7 @@ def _same_store_but_run(a: dict, b: dict) -> None:
     a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
     for m in (a, b):
         m.pop("recording")
+        m.pop("manifest_sha256")  # over the keys that differ
         t = m["identity"]["teacher"]
         t.pop("path")
         t["recorded_by"].pop("name")
@@ -135,9 +136,10 @@ def test_recorded_targets_are_the_weights_of_the_step_each_sample_was_seen(recor
     from megadistill.store.inspect_store import teacher_summary
 
     assert teacher_summary(t).startswith("teacher: recorded while training, by run run (")
-    from megadistill.store.inspect_store import info
+    from megadistill.store.inspect_store import info, verify
 
     assert any(line.startswith("teacher: recorded while training") for line in info(store))  # store info
+    assert "OK" in verify(store)[0]  # a recorded store meets the cross-checks of its top-p/top-k too
     assert sorted(p.name for p in store.iterdir()) == ["manifest.json"] + [fmt.shard_name(i) for i in range(3)]
 
     ckpts = Path(cfg.output_dir) / "checkpoints"
@@ -230,11 +232,51 @@ def test_a_recording_killed_at_dp2_and_resumed_at_dp1_ends_with_the_same_store(t
     store = tmp_path / "store"
     assert not (store / "manifest.json").exists() and (store / fmt.shard_name(0)).is_file()
     assert {first for first, _, _, _ in list_pieces(store / "pending")} >= {12, 16, 20, 24}
+    # A finished shard damaged before the resume is trusted by content, not structure: its samples
+    # (seen before the checkpoint) cannot be recorded again, so the resume stops, naming it.
+    shard0 = store / fmt.shard_name(0)
+    good = shard0.read_bytes()
+    offset, _ = Shard(good, shard0.name).header["sections"]["logprobs"]
+    shard0.write_bytes(good[:offset] + bytes([good[offset] ^ 1]) + good[offset + 1 :])
+    with pytest.raises(Exception, match=r"record_logits.store .*shard-000000.bin is not trusted: its bytes do not hash "
+                                        r".*samples 0..11 were recorded before the checkpoint"):
+        run_distributed(run_training, 1, cfg)
+    shard0.write_bytes(good)  # restored from a copy
     run_distributed(run_training, 1, cfg)
     ckpt = Path(cfg.output_dir) / "checkpoints" / "step_00000004"
     run_distributed(_precompute, 1, _precompute_cfg(cfg, ckpt, tmp_path / "pre" / "store"))
     assert _shards(store) == _shards(tmp_path / "pre" / "store")
     assert sorted(p.name for p in store.iterdir()) == ["manifest.json"] + [fmt.shard_name(i) for i in range(3)]
+
+
+def test_a_damaged_piece_is_a_store_error_naming_it():
+    """Pieces are trusted by their zip CRC-32s: any damaged byte of the data is a ``StoreError``
+    naming the piece (before: zipfile's BadZipFile, EOFError or NotImplementedError escaped)."""
+    from megadistill.store.encode import SampleTargets
+    from megadistill.store.pieces import decode_piece, encode_piece
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 4, size=SEQ)
+    e = int(counts.sum())
+    sample = SampleTargets(b"h" * 16, counts, rng.uniform(0, 0.1, SEQ), rng.integers(0, 512, e), -rng.uniform(0, 5, e))
+    data = encode_piece(40, [sample])
+    escaped, silent = set(), []
+    for pos in range(0, len(data), 5):  # every zip structure and array: ~1/5 of the bytes keeps it short
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x55
+        try:
+            first, (got,) = decode_piece(bytes(damaged), "pending/piece-x.bin")
+        except StoreError as err:
+            assert str(err).startswith("piece pending/piece-x.bin is unreadable or damaged") and "\n" not in str(err)
+            continue
+        except Exception as err:
+            escaped.add(type(err).__name__)
+            continue
+        # Bytes the data does not depend on (zip timestamps, ...): the same targets come back.
+        if first != 40 or any(not np.array_equal(getattr(got, k), getattr(sample, k))
+                              for k in ("counts", "residual", "ids", "logprobs")):
+            silent.append(pos)
+    assert not escaped and not silent, (escaped, silent)
 
 
 def test_a_store_recorded_for_other_settings_is_refused(tmp_path, corpus, recorded):
@@ -246,19 +288,29 @@ def test_a_store_recorded_for_other_settings_is_refused(tmp_path, corpus, record
     assert not (tmp_path / "other" / "checkpoints").exists()
 
 
-def test_a_student_trains_from_the_recorded_store(tmp_path, corpus, recorded):
-    from megadistill.metrics import read_metrics
-
-    rec_cfg, store = recorded
-    student = replace(
-        rec_cfg, name="student", output_dir=str(tmp_path / "student"), model=STUDENT, record_logits=RecordLogitsConfig(),
+def _student(rec_cfg: RunConfig, out, store, teacher_checkpoint=None) -> RunConfig:
+    """A student of ``STUDENT`` distilling offline from the store recorded by ``rec_cfg``."""
+    return replace(
+        rec_cfg, name="student", output_dir=str(out), model=STUDENT, record_logits=RecordLogitsConfig(),
         optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_fraction=0.1),
-        teacher=TeacherConfig(mode="offline", model=RECORDER, store=str(store)),
+        teacher=TeacherConfig(mode="offline", model=RECORDER, checkpoint=teacher_checkpoint, store=str(store)),
         kd=KDConfig(top_p=TOP_P, top_k=TOP_K, truncation="ghost", alpha=AlphaSchedule("constant", alpha_max=0.5)),
         checkpoint=CheckpointConfig(save_interval=0),
     )
-    assert run_mismatches(StoreReader(store).manifest, student, 512) == []
+
+
+def test_a_student_trains_from_the_recorded_store(tmp_path, corpus, recorded):
+    from megadistill.checkpoint_dir import read_marker
+    from megadistill.metrics import read_metrics
+
+    rec_cfg, store = recorded
+    student = _student(rec_cfg, tmp_path / "student", store)
+    manifest = StoreReader(store).manifest
+    assert run_mismatches(manifest, student, 512) == []
     run_distributed(run_training, 2, student)
+    # Its checkpoints name the store's teacher: the recording run, with the checkpoint it ended with.
+    marker = read_marker(tmp_path / "student" / "checkpoints" / "step_00000004")
+    assert marker["teacher_identity"] == {**manifest["identity"]["teacher"], "recording": manifest["recording"]}
     m = read_metrics(tmp_path / "student")
     assert set(m) == {1, 2, 3, 4}
     for s in m:
@@ -270,6 +322,20 @@ def test_a_student_trains_from_the_recorded_store(tmp_path, corpus, recorded):
     # Another truncation than the recording's is refused before training.
     with pytest.raises(Exception, match="kd.top_k"):
         run_distributed(run_training, 1, replace(student, output_dir=str(tmp_path / "s2"), kd=replace(student.kd, top_k=5)))
+
+
+def test_a_student_naming_a_teacher_must_name_the_recording_run(tmp_path, corpus, recorded):
+    """A recorded store's teacher is its recording run: teacher.checkpoint, if given, must be the
+    checkpoint that run ended with (by the sha256 of its COMPLETE marker, which the store records)."""
+    from megadistill.preflight import _check_store
+
+    rec_cfg, store = recorded
+    ckpts = Path(rec_cfg.output_dir) / "checkpoints"
+    _check_store(_student(rec_cfg, tmp_path / "s", store, teacher_checkpoint=rec_cfg.output_dir))  # its last checkpoint
+    with pytest.raises(ConfigError, match=rf"teacher.checkpoint {ckpts}/step_00000002 \(COMPLETE sha256 \w{{12}}…\) is "
+                                          rf"not the teacher whose targets teacher.store {store} holds: run run recorded "
+                                          rf"them while training, ending with checkpoint {ckpts.resolve()}/step_00000004"):
+        _check_store(_student(rec_cfg, tmp_path / "s", store, teacher_checkpoint=str(ckpts / "step_00000002")))
 
 
 # --------------------------------------------------------------------------- kill -9 and resume

@@ -3,6 +3,7 @@ training from the store against online KD, and every corruption the reader must 
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from megadistill.store import codec
 from megadistill.store import format as fmt
 from megadistill.store.decode import Shard
 from megadistill.store.encode import SampleTargets, encode_shard
-from megadistill.store.format import StoreError
+from megadistill.store.format import StoreError, sign_manifest
 from megadistill.store.reader import StoreReader
 from megadistill.testing import run_distributed
 
@@ -152,6 +153,49 @@ def test_killed_precompute_resumes_to_identical_files(tmp_path, corpus, teacher_
         run_distributed(run_precompute, 1, other, logprob_dtype="fp32")
 
 
+def _damage_a_value(path: Path) -> None:
+    """Flip one bit of a log-prob in shard ``path`` (same size, header intact: it still decodes)."""
+    data = bytearray(path.read_bytes())
+    offset, _ = Shard(bytes(data), path.name).header["sections"]["logprobs"]
+    data[offset + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    shard = Shard(bytes(data), path.name)
+    shard.sample_flat(shard.first_sample)  # it still decodes: structure alone would trust it
+
+
+def test_a_shard_damaged_after_a_kill_is_computed_again(tmp_path, corpus, teacher_ckpt, store32,
+                                                         stop_precompute_after_shards):
+    """A resumed precompute trusts a shard it finds by its content (the sha256 sealed into it), never
+    by its structure: shard 0, damaged between the kill and the rerun, is computed again (the
+    warning naming it: ``test_finish_records_only_verified_checksums``), and the store ends byte
+    for byte as an uninterrupted one (and verifies)."""
+    from megadistill.store.inspect_store import verify
+
+    store = tmp_path / "store"
+    cfg = offline_run(tmp_path / "pre", corpus, teacher_ckpt, store)
+    with stop_precompute_after_shards(2), pytest.raises(Exception, match="stopped after 2 shard"):
+        run_distributed(run_precompute, 1, cfg, logprob_dtype="fp32")
+    _damage_a_value(store / fmt.shard_name(0))
+    run_distributed(run_precompute, 1, cfg, logprob_dtype="fp32")
+    assert store_files(store) == store_files(store32)
+    assert "OK" in verify(store)[0]
+
+
+def test_the_array_task_writing_the_manifest_trusts_only_verified_shards(tmp_path, corpus, teacher_ckpt, store32):
+    """Array task 1 completes the set, but task 2's shard was damaged since it was written: no
+    manifest describes it; the error names the shard and the task that recomputes it."""
+    store = tmp_path / "store"
+    cfg = offline_run(tmp_path / "pre", corpus, teacher_ckpt, store)
+    for task in (2, 0):
+        assert run_distributed(run_precompute, 1, cfg, logprob_dtype="fp32", shard_task=task, shard_tasks=3) == [None]
+    _damage_a_value(store / fmt.shard_name(2))
+    with pytest.raises(Exception, match=r"shard-000002.bin is not trusted: .*sealed.*--shard-task 2 --shard-tasks 3"):
+        run_distributed(run_precompute, 1, cfg, logprob_dtype="fp32", shard_task=1, shard_tasks=3)
+    assert "manifest.json" not in store_files(store)
+    manifest = run_distributed(run_precompute, 1, cfg, logprob_dtype="fp32", shard_task=2, shard_tasks=3)[0]
+    assert manifest == StoreReader(store32).manifest and store_files(store) == store_files(store32)
+
+
 def test_array_tasks_write_the_single_job_bytes(tmp_path, corpus, teacher_ckpt, store32):
     # A job array of 3 tasks over the 4 shards (task 0 takes shards 0 and 3), run out of order and
     # one after another: no manifest until the set is complete, then exactly the single job's files.
@@ -271,6 +315,179 @@ def test_truncated_shard_is_caught_on_open(damaged):
         StoreReader(damaged)
 
 
+def _small_store(root: Path, damage: int | None = None) -> Path:
+    """Three shards of 4 synthetic samples written through the writer (no teacher); shard
+    ``damage`` gets one bit flipped after it was written."""
+    from megadistill.store import writer
+
+    plan = {"format_version": fmt.FORMAT_VERSION, "kind": "top_p_k", "identity": {"dataset": {"seq_length": SEQ}},
+            "encoding": {"vocab_size": 600, "id_bits": codec.id_bits(600), "logprob_dtype": "fp16"},
+            "num_samples": 12, "samples_per_shard": 4}
+    writer.begin(root, plan)
+    for i, (first, count) in enumerate(writer.shard_ranges(12, 4)):
+        samples = _random_samples(count, 600, 6, np.random.default_rng(i), first=first)
+        writer.write_atomic(root / fmt.shard_name(i), encode_shard(first, samples, SEQ, 600, "fp16"))
+    if damage is not None:
+        _damage_a_value(root / fmt.shard_name(damage))
+    return root, plan
+
+
+def test_finish_records_only_verified_checksums(tmp_path, caplog):
+    """The manifest never describes a shard whose bytes no longer hash to the sha256 sealed into it
+    (before: ``finish`` hashed whatever was on disk, and ``store verify`` then passed)."""
+    from megadistill.store import writer
+
+    root, plan = _small_store(tmp_path / "s", damage=1)
+    with caplog.at_level("WARNING"):
+        assert writer.finished_shards(root, plan) == {0, 2}
+    assert "shard-000001.bin is not trusted and will be computed again" in caplog.text
+    with pytest.raises(StoreError, match=r"shard-000001.bin cannot go into the manifest: its bytes do not hash"):
+        writer.finish(root, plan)
+    assert not (root / "manifest.json").exists()
+    good, plan = _small_store(tmp_path / "t")
+    m = writer.finish(good, plan)
+    assert m["manifest_sha256"] == fmt.manifest_sha256(m) and StoreReader(good).protected
+
+
+def _edit_manifest(store: Path, edit, resign: bool = False) -> None:
+    """Apply ``edit`` to ``store``'s manifest as a hand would (and, with ``resign``, recompute its
+    checksum as a deliberate forger would)."""
+    import json
+
+    path = store / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    if resign:
+        m = fmt.sign_manifest(m)
+    path.write_text(json.dumps(m, indent=2))
+
+
+# key edited by hand: (the edit, what the one-line error says)
+HAND_EDITS = {
+    "num_samples": (lambda m: m.update(num_samples=40), r"manifest.json: num_samples 40 disagrees with its shards"),
+    "samples_per_shard": (lambda m: m.update(samples_per_shard=16), r"manifest.json: samples_per_shard 16 makes 2 shards"),
+    "top_k": (lambda m: m["truncation"].update(top_k=30), r"manifest.json fails its checksum .*edited or damaged"),
+}
+
+
+@pytest.mark.parametrize("key", list(HAND_EDITS))
+def test_a_hand_edited_manifest_is_refused_everywhere_it_is_read(damaged, tmp_path, corpus, teacher_ckpt, key, capsys):
+    """``store verify`` (the command: one line, status 2), preflight, training's reader and a
+    resume's store identity refuse it, naming the manifest (and the key the shards contradict);
+    before, they read it and training failed later (an IndexError for num_samples) or believed the
+    truncation."""
+    from megadistill import resume
+    from megadistill.cli import main
+    from megadistill.config import ConfigError
+    from megadistill.preflight import _check_store
+    from megadistill.store.inspect_store import verify
+    from megadistill.store.reader import OfflineTeacher
+
+    edit, message = HAND_EDITS[key]
+    _edit_manifest(damaged, edit)
+    assert main(["store", "verify", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megadistill: error: logits store") and err.count("\n") == 1 and re.search(message, err), err
+    with pytest.raises(StoreError, match=message):
+        verify(damaged)
+    with pytest.raises(ConfigError, match=message):
+        _check_store(offline_run(tmp_path, corpus, teacher_ckpt, damaged))
+    with pytest.raises(StoreError, match=message):
+        OfflineTeacher.for_run(offline_run(tmp_path, corpus, teacher_ckpt, damaged), 512)
+    with pytest.raises(ConfigError, match=message):  # a resume's store identity (not "another store")
+        resume._store_identity(offline_run(tmp_path, corpus, teacher_ckpt, damaged))
+
+
+def _max_count(store) -> int:
+    reader = StoreReader(store)
+    return max(int(reader.shard(i).counts.max()) for i in range(len(reader.manifest["shards"])))
+
+
+# key changed and the checksum recomputed: (the edit, what verify's cross-check says)
+RESIGNED = {
+    "top_k": (lambda m, k: m["truncation"].update(top_k=k - 1), r"keeps \d+ ids, more than truncation.top_k"),
+    "top_p lower": (lambda m, k: m["truncation"].update(top_p=0.1), r"more than truncation.top_p 0.1"),
+    "top_p higher": (lambda m, k: m["truncation"].update(top_p=0.6), r"less than truncation.top_p 0.6"),
+    "vocab_size": (lambda m, k: m["encoding"].update(vocab_size=500), r"header has vocab_size 512, the manifest 500"),
+    "kind": (lambda m, k: m.update(kind="rskd", sampling={"draws": 12}), r"header has kind 'top_p_k', the manifest 'rskd'"),
+}
+
+
+@pytest.mark.parametrize("key", list(RESIGNED))
+def test_a_re_signed_manifest_the_shards_contradict_fails_verify(damaged, key):
+    from megadistill.store.inspect_store import verify
+
+    k = _max_count(damaged)
+    edit, message = RESIGNED[key]
+    _edit_manifest(damaged, lambda m: edit(m, k), resign=True)
+    StoreReader(damaged)  # the checksum holds: only the shards can contradict it
+    with pytest.raises(StoreError, match=rf"logits store .*shard shard-00000\d.bin.*{message}"):
+        verify(damaged)
+
+
+def test_a_re_signed_rskd_manifest_with_other_draws_fails_verify(tmp_path, store_rskd):
+    from megadistill.store.inspect_store import verify
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_rskd, copy)
+    _edit_manifest(copy, lambda m: m["sampling"].update(draws=8), resign=True)
+    with pytest.raises(StoreError, match=r"shard shard-000000.bin contradicts manifest.json: its header has num_draws 12, "
+                                         r"the manifest 8"):
+        verify(copy)
+
+
+def _as_version_2(store: Path) -> None:
+    """Rewrite ``store`` as megadistill wrote it before format version 3: shards without their
+    sealed sha256, a manifest without its checksum."""
+    import hashlib
+    import json
+
+    m = json.loads((store / "manifest.json").read_text())
+    for e in m["shards"]:
+        path = store / e["file"]
+        data = path.read_bytes()[: -fmt.SEAL_BYTES].replace(b'"format_version": 3', b'"format_version": 2', 1)
+        path.write_bytes(data)
+        e["bytes"], e["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    m.pop("manifest_sha256")
+    m.update(format_version=2, total_bytes=sum(e["bytes"] for e in m["shards"]))
+    (store / "manifest.json").write_text(json.dumps(m, indent=1, sort_keys=True))
+
+
+def test_a_version_2_store_reads_with_a_note_and_its_shards_still_check_its_manifest(damaged, store32, tmp_path):
+    """A store written before format version 3 stays readable (and complete for a re-run of its
+    precompute); ``store info``/``verify`` say its manifest is unprotected, and what its shards
+    contradict is still refused. A version-2 precompute in progress is not continued."""
+    import json
+
+    from megadistill.store import writer
+    from megadistill.store.inspect_store import info, verify
+
+    _as_version_2(damaged)
+    reader = StoreReader(damaged)
+    assert not reader.protected and reader.shard(1).version == 2
+    for a, b in zip(reader.sample(9), StoreReader(store32).sample(9)):
+        assert np.array_equal(a, b)
+    plan = {k: v for k, v in reader.manifest.items() if k not in ("shards", "total_bytes")}
+    writer.begin(damaged, {**plan, "format_version": fmt.FORMAT_VERSION})  # finished: nothing to do
+    assert not (damaged / "precompute.json").exists()
+    begun = tmp_path / "begun"
+    begun.mkdir()
+    (begun / "precompute.json").write_text(json.dumps(plan))
+    with pytest.raises(StoreError, match="begun by a megadistill writing format version 2, this one writes 3"):
+        writer.begin(begun, {**plan, "format_version": fmt.FORMAT_VERSION})
+    note = "manifest.json is unprotected (format version 2"
+    assert any(note in line for line in info(damaged))
+    lines = verify(damaged)
+    assert "OK" in lines[0] and note in lines[1]
+    # Unprotected, but still not believed where the shards contradict it.
+    _edit_manifest(damaged, lambda m: m["truncation"].update(top_k=_max_count(damaged) - 1))
+    with pytest.raises(StoreError, match=r"more than truncation.top_k"):
+        verify(damaged)
+    _edit_manifest(damaged, lambda m: m.update(num_samples=40))
+    with pytest.raises(StoreError, match=r"num_samples 40 disagrees"):
+        StoreReader(damaged)
+
+
 def test_sample_not_in_the_store(store32):
     with pytest.raises(StoreError, match="holds samples 0..31; sample 32 is not in it"):
         StoreReader(store32).sample(32)
@@ -301,6 +518,51 @@ def test_missing_and_mismatched_store_fail_preflight(tmp_path, corpus, teacher_c
     other = replace(offline_run(tmp_path, corpus, teacher_ckpt, store32), data=replace(tiny_run(tmp_path, corpus).data, seq_length=16))
     with pytest.raises(ConfigError, match="data.seq_length is 16 but the store was made with 32"):
         _check_store(other)
+
+
+def test_a_student_distils_from_the_stores_teacher_and_records_it(tmp_path, corpus, teacher_ckpt, store32):
+    """teacher.checkpoint of an offline run, when given, must be the teacher that made the store's
+    targets, by content (a moved copy is); the run's checkpoints record the store's teacher."""
+    import json
+
+    from megadistill import resume
+    from megadistill.checkpoint_dir import latest_checkpoint, read_marker
+    from megadistill.config import ConfigError
+    from megadistill.preflight import _check_store
+
+    other = tmp_path / "other"  # another teacher of the same shape: one step from a fresh start
+    run_distributed(run_training, 1, tiny_run(other, corpus, model=TEACHER, steps=1))
+    wrong = offline_run(tmp_path / "wrong", corpus, str(other / "checkpoints"), store32)
+    refusal = (rf"teacher.checkpoint {other}/checkpoints/step_00000001 \(sha256 \w{{12}}…\) is not the teacher whose "
+               rf"targets teacher.store {store32} holds \(.*/step_00000040, sha256 \w{{12}}…\)")
+    with pytest.raises(ConfigError, match=refusal):
+        _check_store(wrong)  # preflight
+    with pytest.raises(Exception, match=refusal):
+        run_distributed(run_training, 1, wrong)  # and at the start
+    assert not (tmp_path / "wrong" / "checkpoints").exists()
+    shape = replace(offline_run(tmp_path, corpus, teacher_ckpt, store32).teacher, model=replace(TEACHER, num_layers=3))
+    with pytest.raises(ConfigError, match="teacher.model.num_layers is 3 but the teacher whose targets .* holds has 2"):
+        _check_store(replace(offline_run(tmp_path, corpus, teacher_ckpt, store32), teacher=shape))
+
+    # A store written before stores recorded content_sha256: only every file, read, can tell.
+    old = tmp_path / "old-store"
+    shutil.copytree(store32, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["identity"]["teacher"]["content_sha256"]
+    (old / "manifest.json").write_text(json.dumps(sign_manifest(manifest)))  # re-signed, as such a store's own
+    assert resume.store_teacher(offline_run(tmp_path, corpus, teacher_ckpt, old))["files_sha256"]
+    assert resume.store_teacher(offline_run(tmp_path, corpus, str(other / "checkpoints"), old), read_files=False)
+    with pytest.raises(ConfigError, match=r"is not the teacher whose targets"):
+        resume.store_teacher(offline_run(tmp_path, corpus, str(other / "checkpoints"), old))
+
+    moved = tmp_path / "moved"  # the store's teacher, elsewhere
+    shutil.copytree(teacher_ckpt, moved)
+    cfg = offline_run(tmp_path / "student", corpus, str(moved), store32)
+    _check_store(cfg)
+    run_distributed(run_training, 1, cfg)
+    marker = read_marker(latest_checkpoint(tmp_path / "student" / "checkpoints"))
+    assert marker["teacher_identity"] == StoreReader(store32).manifest["identity"]["teacher"]
+    assert marker["teacher_identity"]["content_sha256"] is not None
 
 
 # --------------------------------------------------------------------------- store info / verify / CLI
@@ -364,7 +626,7 @@ OFFLINE_VS_ONLINE = {("fp16", None): 5e-3, ("qlog64", "zstd"): 3e-4, ("qlog16", 
 @pytest.mark.parametrize("encoding, compression", list(OFFLINE_VS_ONLINE))
 def test_compact_store_trains_close_to_online_kd(tmp_path, corpus, teacher_ckpt, store32, online_metrics,
                                                   encoding, compression):
-    from megadistill.store.inspect_store import info
+    from megadistill.store.inspect_store import info, verify
     from megadistill.metrics import read_metrics
 
     store = tmp_path / "store"
@@ -374,6 +636,7 @@ def test_compact_store_trains_close_to_online_kd(tmp_path, corpus, teacher_ckpt,
     assert (enc["logprob_dtype"], enc["compression"], enc["residual_dtype"]) == \
         (encoding, compression, "fp16" if encoding == "fp16" else "fp32")
     assert f"{encoding} log-probs" in "\n".join(info(store))
+    assert "OK" in verify(store)[0]  # its top-p/top-k cross-checks hold within this encoding's precision
     run_distributed(run_training, 1, offline_run(tmp_path / "student", corpus, teacher_ckpt, store))
     a, b = online_metrics, read_metrics(tmp_path / "student")
     worst = max(abs(a[step]["kd loss"] - b[step]["kd loss"]) / a[step]["kd loss"] for step in a)

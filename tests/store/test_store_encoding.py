@@ -1,4 +1,4 @@
-"""Compact store encodings (format version 2): quantised log-probs (``qlog64``/``qlog16``), zstd
+"""Compact store encodings (format versions 2 and 3): quantised log-probs (``qlog64``/``qlog16``), zstd
 sections, the precision each encoding costs (measured against float64 targets, asserted against
 the bounds ``FORMAT.md`` states), the stored residual reaching the loss, and version-1 shards
 still read. Training from quantised stores against online KD is in ``test_store.py``."""
@@ -6,6 +6,7 @@ still read. Training from quantised stores against online KD is in ``test_store.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 
 import numpy as np
@@ -270,11 +271,30 @@ def test_corrupt_compressed_chunk_names_shard_and_sample():
 
 def test_newer_format_version_is_refused_clearly():
     buf = encode_shard(0, _exact_samples(300, 1, 0.9, 8), SEQ, 300, "fp16")
-    newer = buf.replace(b'"format_version": 2', b'"format_version": 9', 1)
-    with pytest.raises(StoreError, match="format version 9; this megadistill reads versions 1, 2"):
+    newer = buf.replace(b'"format_version": 3', b'"format_version": 9', 1)
+    assert newer != buf
+    with pytest.raises(StoreError, match="format version 9; this megadistill reads versions 1, 2, 3"):
         Shard(newer, "n")
-    with pytest.raises(StoreError, match="format version 9; this megadistill reads versions 1, 2"):
+    with pytest.raises(StoreError, match="format version 9; this megadistill reads versions 1, 2, 3"):
         fmt.check_manifest({"format_version": 9}, "store x")
+
+
+def test_a_shard_is_sealed_with_its_sha256_and_version_2_still_reads():
+    """Version 3 appends the sha256 of every other byte; a version-2 shard (the same bytes without
+    the seal) reads the same samples but proves nothing about its content."""
+    samples = _exact_samples(300, 2, 0.9, 8)
+    buf = encode_shard(5, samples, SEQ, 300, "qlog64", compression="zstd")
+    assert buf[-fmt.SEAL_BYTES:] == hashlib.sha256(buf[: -fmt.SEAL_BYTES]).digest()
+    assert fmt.sealed_sha256(buf) == hashlib.sha256(buf).hexdigest()
+    damaged = bytearray(buf)
+    damaged[len(buf) // 2] ^= 1
+    assert fmt.sealed_sha256(bytes(damaged)) is None and fmt.sealed_sha256(buf[:-1]) is None
+    v2 = buf[: -fmt.SEAL_BYTES].replace(b'"format_version": 3', b'"format_version": 2', 1)
+    old, new = Shard(v2, "v2"), Shard(buf, "v3")
+    assert (old.version, new.version) == (2, 3) and fmt.sealed_sha256(v2) is None
+    for i in (5, 6):
+        for a, b in zip(old.sample_flat(i), new.sample_flat(i)):
+            assert np.array_equal(a, b)
 
 
 def _v1_expected():
