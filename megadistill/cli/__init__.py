@@ -1,6 +1,7 @@
 """Every ``megadistill`` command line, one module per group of commands:
 
-- :mod:`~megadistill.cli.train`: ``train``;
+- :mod:`~megadistill.cli.train`: ``train``, and ``torchrun`` (torchrun that forwards the stop signals
+  to its workers and exits 75 after a graceful stop);
 - :mod:`~megadistill.cli.config`: ``config`` (check, print, ``--explain``);
 - :mod:`~megadistill.cli.data`: ``preprocess``, ``data verify``;
 - :mod:`~megadistill.cli.store`: ``precompute-logits``, ``store info|verify``;

@@ -77,7 +77,7 @@ first steps allocate beyond the model's own memory (allocator arenas, autograd a
 DeepSpeed's import and engine with its backend). Stated, not computed: measured as the peak RSS of
 a one-rank run of a 0.1 M-parameter model (``tests/plan/test_plan.py`` measures it again) minus its
 plan, with torch 2.13.0+cpu, megatron-core 0.16.1, DeepSpeed 0.19.8, Python 3.11 on x86-64 Linux;
-other versions differ by tens of MiB. A GPU rank holds it in host memory, not GPU memory: its fixed
+other versions and installs differ (a fresh install measured ~100 MiB more). A GPU rank holds it in host memory, not GPU memory: its fixed
 GPU part is the CUDA context and library workspaces (:data:`GPU_PROCESS_NOTE`)."""
 
 GPU_PROCESS_NOTE = "the CUDA context and library workspaces, typically 0.5-2 GiB of GPU memory"
