@@ -77,7 +77,24 @@ class Decision:
         return self.signal is not None or self.timed
 
 
-class StopRequests:
+class _Handlers:
+    """Signal handlers put in place over the process's previous ones, and put back."""
+
+    signals: list
+    _previous: dict
+
+    def _replace_handlers(self) -> None:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Put the previous handlers back."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+class StopRequests(_Handlers):
     """Signal handlers and the save timer of one run; see the module docstring.
 
     ``install()`` replaces the handlers of ``signals`` (only possible in the main thread; elsewhere
@@ -104,14 +121,8 @@ class StopRequests:
                 print("megadistill: warning: not in the main thread, so checkpoint.stop_signals are not "
                       "handled (a signal stops the run without a checkpoint)", file=sys.stderr)
             return self
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._replace_handlers()
         return self
-
-    def uninstall(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
 
     def finish(self, stopped: bool) -> None:
         """The loop is over: put the previous handlers back, or after a stop ignore the stop signals
@@ -181,7 +192,7 @@ def child_pids(pid: Optional[int] = None) -> list[int]:
     return sorted(found)
 
 
-class Forwarder:
+class Forwarder(_Handlers):
     """A launcher's stop signals, passed on to its workers (its child processes) unchanged: each
     worker's :class:`StopRequests` then stops the run at the end of a step, saves and exits with
     :data:`EXIT_STOPPED`, while the launcher keeps waiting for them (see the module docstring).
@@ -202,14 +213,8 @@ class Forwarder:
         self._previous: dict = {}
 
     def install(self) -> "Forwarder":
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._replace_handlers()
         return self
-
-    def uninstall(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         pids = self.children()
