@@ -124,8 +124,14 @@ _SLOW_SAVER = """
     (out / f"ready.{os.environ['RANK']}").touch()
     while not stop:
         time.sleep(0.05)
-    time.sleep(3)  # a save longer than the launcher's --shutdown-timeout 1
+    time.sleep(2)  # a save longer than the launcher's --shutdown-timeout 1
     (out / f"saved.{os.environ['RANK']}").touch()
+    if os.environ["RANK"] == "0":
+        # Rank 0 is still ending when rank 1 has exited 75 (as a train rank tears down its process
+        # groups and the interpreter after its stop handlers are gone): torchrun's teardown of the
+        # others would kill it here and report a failure.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(2)
     sys.exit(75)
 """
 

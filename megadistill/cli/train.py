@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -78,7 +79,8 @@ def _torchrun(args) -> int:
 
     forwarder = Forwarder(FORWARDED_SIGNALS, alone=alone).install()
     try:
-        record(torchrun.run)(targs)
+        with _stopping_workers_finish():
+            record(torchrun.run)(targs)
     except ChildFailedError as e:
         status = launcher_status(f.exitcode for f in e.failures.values())
         if status is None:
@@ -90,6 +92,34 @@ def _torchrun(args) -> int:
     finally:
         forwarder.uninstall()
     return 0
+
+
+@contextlib.contextmanager
+def _stopping_workers_finish():
+    """While torchrun runs in this process: a worker that exits with :data:`EXIT_STOPPED` does not
+    start torchrun's teardown of the others. torchrun ends every worker as soon as one exits
+    non-zero; in a graceful stop the ranks save collectively and exit 75 a few milliseconds apart,
+    so the teardown would kill a rank still writing its part of the checkpoint (and report a
+    failure). Every worker ends by itself here once one exited 75 and none failed otherwise; any
+    other failure is torchrun's as before. Wraps ``SubprocessContext._poll``, the one place
+    torchrun (torch 2.9-2.13) decides to close the workers; the test of `megadistill torchrun`'s
+    graceful stop checks it still does."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    poll = api.SubprocessContext._poll
+
+    def _poll(self):
+        codes = [h.proc.poll() for h in self.subprocess_handlers.values()]
+        ended = [c for c in codes if c is not None]
+        if None in codes and EXIT_STOPPED in ended and all(c in (0, EXIT_STOPPED) for c in ended):
+            return None  # the others are finishing the same stop: let them
+        return poll(self)
+
+    api.SubprocessContext._poll = _poll
+    try:
+        yield
+    finally:
+        api.SubprocessContext._poll = poll
 
 
 def add_commands(sub) -> None:
