@@ -2,7 +2,9 @@
 
 Written independently of ``megadistill.losses``: per token, it builds the teacher's and the
 student's category distributions explicitly (kept ids one by one, plus the ghost bucket) and lets
-autograd differentiate the textbook formulas.
+autograd differentiate the textbook formulas. The teacher at temperature τ is the full tempered
+softmax(z/τ) (truncation decided on softmax(z), τ = 1): renormalised over the kept ids, or with the
+truncated ids' tempered mass merged into the ghost bucket.
 """
 
 from __future__ import annotations
@@ -26,12 +28,29 @@ def kept_mask(teacher_logits: torch.Tensor, cfg: KDLossConfig) -> torch.Tensor:
     return teacher_logits >= threshold
 
 
-def teacher_categories(p1: torch.Tensor, kept: torch.Tensor, cfg: KDLossConfig):
-    """From τ=1 probabilities ``p1[n, V]`` (zero where not stored) → tempered ``q[n, V]``, ``q_ghost[n]``."""
-    w = torch.where(kept, p1 ** (1.0 / cfg.temperature), torch.zeros_like(p1))
+def truncated_tempered_mass(teacher_logits: torch.Tensor, kept: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[n]`` Σ over the truncated ids (``~kept[n, V]``) of ``p_j^(1/τ)``, p = softmax(z) of the full
+    ``teacher_logits[n, V]``: the ghost bucket's weight at τ, before normalising with the kept ids'."""
+    w = torch.exp(torch.log_softmax(teacher_logits.double(), -1) / temperature)
+    return torch.where(kept, torch.zeros_like(w), w).sum(-1)
+
+
+def teacher_categories(p1: torch.Tensor, kept: torch.Tensor, cfg: KDLossConfig, tail=None, drawn: bool = False):
+    """From τ=1 probabilities ``p1[n, V]`` (zero where not stored) → tempered ``q[n, V]``, ``q_ghost[n]``.
+
+    Kept ids weigh ``p_i^(1/τ)``. Renormalised, that is all. With a ghost bucket the bucket weighs
+    ``tail[n]`` = Σ_truncated p_j^(1/τ) (what the full teacher puts on the truncated ids at τ); None
+    is the τ = 1 residual ``1 - Σ_kept p`` and only valid at τ = 1. ``drawn``: ``p1`` is an RS-KD
+    empirical distribution already at the loss's τ, used as it is.
+    """
+    inv_t = 1.0 if drawn else 1.0 / cfg.temperature
+    w = torch.where(kept, p1**inv_t, torch.zeros_like(p1))
     if cfg.truncation == "ghost":
-        r = (1.0 - (p1 * kept).sum(-1)).clamp_min(0.0)
-        w_g = r ** (1.0 / cfg.temperature)
+        if tail is None:
+            if inv_t != 1.0:
+                raise ValueError(f"reference: a ghost bucket at temperature {cfg.temperature:g} needs the tempered tail")
+            tail = (1.0 - (p1 * kept).sum(-1)).clamp_min(0.0)
+        w_g = tail.to(p1.dtype)
     else:
         w_g = torch.zeros(p1.shape[0], dtype=p1.dtype)
     z = w.sum(-1) + w_g
@@ -75,33 +94,48 @@ def reference_loss(student: torch.Tensor, q: torch.Tensor, q_ghost, kept, cfg: K
 
 
 def reference_dense(student: torch.Tensor, teacher: torch.Tensor, cfg: KDLossConfig) -> torch.Tensor:
-    """Per-token loss ``[n]`` of full-vocab ``student[n, V]`` against teacher logits ``[n, V]``."""
+    """Per-token loss ``[n]`` of full-vocab ``student[n, V]`` against teacher logits ``[n, V]``.
+
+    Truncation is decided on softmax(z) (τ = 1); the target is then the full tempered teacher
+    softmax(z/τ): renormalised over the kept ids, or with the truncated ids' mass merged into the
+    ghost bucket."""
     if cfg.loss == "mse":
         scale = cfg.temperature**2 if cfg.scale_by_temperature_squared else 1.0
         return (((student - teacher) / cfg.temperature) ** 2).mean(-1) * scale
+    q_full = torch.softmax(teacher / cfg.temperature, -1)
     if not cfg.truncates:
-        return reference_loss(student, torch.softmax(teacher / cfg.temperature, -1), None, None, cfg)
+        return reference_loss(student, q_full, None, None, cfg)
     kept = kept_mask(teacher, cfg)
-    q, q_g = teacher_categories(torch.softmax(teacher, -1), kept, cfg)
+    q = torch.where(kept, q_full, torch.zeros_like(q_full))
+    if cfg.truncation == "ghost":
+        q_g = (q_full - q).sum(-1)
+    else:
+        q, q_g = q / q.sum(-1, keepdim=True), torch.zeros(q.shape[0], dtype=q.dtype)
     return reference_loss(student, q, q_g, kept, cfg)
 
 
-def reference_sparse(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, cfg: KDLossConfig):
-    """Per-token loss ``[n]`` against sparse ``ids[n, k]`` (-1 pads) with τ=1 ``logprobs[n, k]``."""
+def reference_sparse(
+    student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, cfg: KDLossConfig, tail=None, drawn: bool = False
+):
+    """Per-token loss ``[n]`` against sparse ``ids[n, k]`` (-1 pads) with τ=1 ``logprobs[n, k]``.
+
+    ``tail[n]``: Σ_truncated p_j^(1/τ) at the loss's τ (a ghost bucket at τ ≠ 1 needs it; see
+    :func:`truncated_tempered_mass`). ``drawn``: RS-KD targets, not tempered."""
     n, vocab = student.shape
     valid = ids >= 0
     p1 = torch.zeros(n, vocab, dtype=student.dtype)
     kept = torch.zeros(n, vocab, dtype=torch.bool)
     for i in range(n):
-        p1[i, ids[i][valid[i]]] = logprobs[i][valid[i]].exp()
+        p1[i, ids[i][valid[i]]] = logprobs[i][valid[i]].exp().to(student.dtype)
         kept[i, ids[i][valid[i]]] = True
-    q, q_g = teacher_categories(p1, kept, cfg)
+    q, q_g = teacher_categories(p1, kept, cfg, tail, drawn)
     return reference_loss(student, q, q_g, kept, cfg)
 
 
-def random_sparse_targets(seed: int, s: int, b: int, k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids[s, b, k], logprobs[s, b, k])``: the top-k ids of a random float64 teacher with their
-    log-probs, shuffled, about a fifth of the slots padded (id -1, log-prob 0; never the first)."""
+def random_sparse_teacher(seed: int, s: int, b: int, k: int, vocab: int):
+    """``(ids[s, b, k], logprobs[s, b, k], teacher[s, b, V])``: the top-k ids of a random float64
+    teacher ``teacher`` with their log-probs, shuffled, about a fifth of the slots padded (id -1,
+    log-prob 0; never the first)."""
     g = torch.Generator().manual_seed(seed)
     teacher = torch.randn(s * b, vocab, generator=g, dtype=torch.float64) * 3.0
     top = torch.topk(torch.log_softmax(teacher, -1), k, dim=-1)
@@ -111,4 +145,28 @@ def random_sparse_targets(seed: int, s: int, b: int, k: int, vocab: int) -> tupl
     pad[:, 0] = False
     ids = torch.where(pad, torch.full_like(ids, -1), ids)
     lp = torch.where(pad, torch.zeros_like(lp), lp)
-    return ids.reshape(s, b, k), lp.reshape(s, b, k)
+    return ids.reshape(s, b, k), lp.reshape(s, b, k), teacher.reshape(s, b, vocab)
+
+
+def random_sparse_targets(seed: int, s: int, b: int, k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, logprobs)`` of :func:`random_sparse_teacher`."""
+    return random_sparse_teacher(seed, s, b, k, vocab)[:2]
+
+
+def stored_mask(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[..., V]`` bool: the ids of ``ids[..., k]`` (-1 pads ignored)."""
+    valid = ids >= 0
+    hot = torch.zeros(*ids.shape[:-1], vocab + 1, dtype=torch.bool)
+    hot.scatter_(-1, torch.where(valid, ids, torch.full_like(ids, vocab)), True)
+    return hot[..., :vocab]
+
+
+def sparse_tails(teacher: torch.Tensor, ids: torch.Tensor, temperatures) -> torch.Tensor:
+    """``tails[..., T]`` float64: log Σ_{j not in ids} p_j^(1/τ) for each τ of ``temperatures``, from the
+    full ``teacher[..., V]`` logits (what a store holds beside the kept ids; -inf if none is left)."""
+    kept = stored_mask(ids, teacher.shape[-1])
+    flat_t, flat_k = teacher.reshape(-1, teacher.shape[-1]), kept.reshape(-1, teacher.shape[-1])
+    cols = [torch.log(truncated_tempered_mass(flat_t, flat_k, t)) for t in temperatures]
+    if not cols:
+        return torch.zeros(*ids.shape[:-1], 0, dtype=torch.float64)
+    return torch.stack(cols, -1).reshape(*ids.shape[:-1], len(cols))

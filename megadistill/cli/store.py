@@ -5,6 +5,16 @@ from __future__ import annotations
 
 
 
+def _temperature_list(text: str) -> list[float]:
+    """``--temperatures 1,2,4`` → ``[1.0, 2.0, 4.0]`` (checked further by ``store_temperatures``)."""
+    import argparse
+
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1,2,4") from None
+
+
 def _precompute(args) -> int:
     from megadistill import launch, preflight
     from megadistill.config import ConfigError, load_config
@@ -24,7 +34,8 @@ def _precompute(args) -> int:
     try:
         manifest = precompute(cfg, progress=not args.no_progress, samples_per_shard=args.samples_per_shard,
                               logprob_dtype=args.logprob_dtype, kind=args.format, draws=args.draws,
-                              compression="zstd" if args.zstd else None, shard_task=task, shard_tasks=tasks)
+                              compression="zstd" if args.zstd else None, shard_task=task, shard_tasks=tasks,
+                              temperatures=args.temperatures)
     except StoreError as e:
         raise ConfigError(str(e)) from e
     if manifest is None:
@@ -93,6 +104,11 @@ def add_commands(sub) -> None:
                         "an unbiased target)")
     p.add_argument("--draws", type=int, default=12, metavar="N",
                    help="rskd: samples per position (default 12), seeded by training.seed")
+    p.add_argument("--temperatures", type=_temperature_list, default=None, metavar="T1,T2,...",
+                   help="top_p_k: also record the truncated ids' tempered mass at each temperature, which a student "
+                        "with truncation ghost needs at that kd.temperature (4 bytes per token each; 1 is always "
+                        "served); rskd: the one temperature the draws are made at. Default: the temperatures the "
+                        "run's KD steps take (kd.temperature, kd.temperature_schedule)")
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, metavar="N")
     p.add_argument("--shard-tasks", type=int, default=None, metavar="N",
                    help="split the shards over N independent jobs (shard i goes to task i mod N); default: "
@@ -105,11 +121,12 @@ def add_commands(sub) -> None:
     p.set_defaults(fn=_precompute)
     s = sub.add_parser("store", help="inspect or check a logits store (store info|verify PATH)")
     ssub = s.add_subparsers(dest="store_command", required=True)
-    i = ssub.add_parser("info", help="settings, size, bytes/token and coverage of a store")
+    i = ssub.add_parser("info", help="settings, the temperatures it serves, size, bytes/token and coverage of a store")
     i.add_argument("path")
     i.set_defaults(fn=_info)
-    v = ssub.add_parser("verify", help="check the manifest's checksum, and every shard's checksum and contents against "
-                                       "the manifest (and, with --data, the dataset)")
+    v = ssub.add_parser("verify", help="check the manifest's checksum, and every shard's checksum and contents (ids, "
+                                       "log-probs, residuals, tempered tails) against the manifest (and, with --data, "
+                                       "the dataset)")
     v.add_argument("path")
     v.add_argument("--data", metavar="RUN_YAML", default=None,
                    help="also check each sample's token hash against this run's training data")

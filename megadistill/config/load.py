@@ -49,6 +49,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(tp)
+        if item:  # list[float]: each element as that type
+            return [_coerce(v, item[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return [str(v) for v in value]
     if tp is bool:
         if not isinstance(value, bool):

@@ -233,6 +233,9 @@ class RecordLogitsConfig:
     """top_p_k: then keep at most top_k of them (None = off; a student sets the same kd.top_k)."""
     draws: int = 12
     """rskd: samples drawn per position (seeded by training.seed)."""
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    """top_p_k: the kd.temperature values a student with truncation ghost may read the store at (1 is always
+    served; each other costs 4 bytes per token); rskd: exactly one, the temperature the draws are made at."""
     logprob_dtype: str = "fp16"
     """top_p_k: encoding of the stored log-probs and residuals (as precompute-logits --logprob-dtype)."""
     compression: Optional[str] = None

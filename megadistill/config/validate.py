@@ -276,6 +276,12 @@ def _validate_record_logits(cfg: RunConfig) -> None:
     if not 1 <= r.draws < 2**20:
         raise ConfigError(f"record_logits.draws must be in [1, 2**20), got {r.draws}")
     _positive(cfg, "record_logits", "samples_per_shard")
+    temps = r.temperatures
+    if not isinstance(temps, (list, tuple)) or not temps or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in temps):
+        raise ConfigError(f"record_logits.temperatures must be a non-empty list of finite numbers > 0, got {temps!r}")
+    if r.kind == "rskd" and len(set(temps)) != 1:
+        raise ConfigError(f"record_logits.temperatures: RS-KD draws are made at one temperature, got {list(temps)}")
     if r.logprob_dtype not in LOGPROB_ENCODINGS:
         raise ConfigError(f"record_logits.logprob_dtype: {r.logprob_dtype!r} is not one of {LOGPROB_ENCODINGS}")
     if r.compression not in COMPRESSIONS:

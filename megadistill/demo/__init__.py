@@ -7,7 +7,8 @@
    small LM (SALT_DS);
 3. train for the same steps: baseline, PD offline (PD*), PD online, PD from recorded logits, SALT,
    SALT_DS; baselines for 1.5x and 2x the steps (the equal-wall-clock comparison);
-4. the truncation side by side at τ = 2, α = 0.9: renormalised top-0.95-50, ghost bucket, RS-KD;
+4. the truncation side by side at τ = 2, α = 0.9, over several seeds: renormalised top-0.95-50, ghost
+   bucket, RS-KD (drawn at τ = 2), against LM only and the untruncated online teacher (the ceiling);
 5. write the report. The numbers are whatever the runs give.
 """
 
@@ -46,8 +47,10 @@ def _notes(scale: DemoScale, seeds: int, inputs) -> list[str]:
         f"); small LM: {s.small.num_layers} x {s.small.hidden_size}, {s.small_steps} steps.",
         f"SALT's KD phase: the first {round(s.salt_kd_fraction * s.student_steps)} steps ({s.salt_kd_fraction:.0%}; the "
         "paper: 36 K of ~208 K), α = 0.9; SALT_DS selects the top half of the sequences by the small LM's score.",
-        f"Truncation side by side: {s.truncation_steps} steps per run.",
-        f"Seeds: {seeds} (`--seeds N` repeats every main student run with another weights seed; the data order stays).",
+        f"Truncation side by side: {s.truncation_steps} steps per run, {max(seeds, s.truncation_seeds)} seeds of each "
+        "row; one RS-KD store (one set of draws) serves every seed.",
+        f"Seeds: {seeds} (`--seeds N` repeats every main student run with another weights seed; the data order stays; "
+        f"the baseline runs at least {s.baseline_seeds} seeds).",
         "Online logits are recorded during the large teacher's first half (the samples the students read), so that "
         "teacher is less trained there than the finished one PD offline/online distil.",
     ]

@@ -14,6 +14,7 @@ outside the baselines' range.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ MAIN = ("baseline", "pd_offline", "pd_online", "pd_recorded", "salt", "salt_ds")
 # One colour per run in every plot; PD offline dashed, since it lies on PD online (the same targets).
 STYLE = {"baseline": ("k", "-"), "pd_offline": ("tab:blue", "--"), "pd_online": ("tab:orange", "-"),
          "pd_recorded": ("tab:red", "-"), "salt": ("tab:green", "-"), "salt_ds": ("tab:purple", "-")}
-TRUNCATION = ("trunc_renormalize", "trunc_ghost", "trunc_rskd")
+TRUNCATION = ("trunc_renormalize", "trunc_ghost", "trunc_rskd", "trunc_untruncated")
+CEILING = "trunc_untruncated"
+"""The truncation side by side's reference ceiling: the same student and knobs with the full teacher."""
 
 
 def base_name(name: str) -> str:
@@ -38,6 +41,13 @@ def curve(rec: dict) -> list[tuple[int, float]]:
 
 def final_loss(rec: dict) -> float:
     return curve(rec)[-1][1]
+
+
+def mean_curve(records: dict[str, dict], name: str, group: str) -> list[tuple[int, float]]:
+    """The mean validation curve over ``name``'s seeds in ``group``, at the steps every seed validated."""
+    curves = [dict(curve(r)) for n, r in records.items() if base_name(n) == name and r["group"] == group]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return [(step, statistics.fmean(c[step] for c in curves)) for step in common]
 
 
 def steps_to_reach(points: list[tuple[int, float]], target: float) -> Optional[float]:
@@ -137,10 +147,105 @@ def equal_wall_clock(records: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def seed_stats(records: dict[str, dict], name: str) -> tuple[float, Optional[float], int]:
-    """``(mean, sample standard deviation or None, n)`` of the final loss over ``name``'s seeds."""
-    vals = [final_loss(r) for n, r in records.items() if base_name(n) == name and r["group"] == "main"]
+def seed_stats(records: dict[str, dict], name: str, group: str = "main") -> tuple[float, Optional[float], int]:
+    """``(mean, sample standard deviation or None, n)`` of the final loss over ``name``'s seeds in ``group``."""
+    vals = [final_loss(r) for n, r in records.items() if base_name(n) == name and r["group"] == group]
+    if not vals:
+        raise KeyError(f"no {group} run named {name!r} in the demo's records")
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def verdict(d: float, sd_a: Optional[float], sd_b: Optional[float]) -> str:
+    """How a difference of means ``d`` (run − reference, lower loss is better) reads against the seed
+    spread: the larger of the two sample standard deviations. Only a difference beyond it is called
+    better or worse."""
+    spread = max((x for x in (sd_a, sd_b) if x is not None), default=None)
+    word = "better" if d < 0 else "worse"
+    if spread is None:
+        return f"{word} (one seed each: spread unknown)"
+    if abs(d) > spread:
+        return f"**{word}**, beyond the seed spread ({spread:.4f})"
+    return f"no difference: within the seed spread ({spread:.4f})"
+
+
+def truncation_reference(records: dict[str, dict]) -> Optional[tuple[str, str]]:
+    """``(name, group)`` of the LM-only run the truncation rows are compared with: the side by side's
+    own baseline at its length, else the main baseline (the same length), or None."""
+    if "trunc_baseline" in records:
+        return "trunc_baseline", "truncation"
+    return ("baseline", "main") if "baseline" in records else None
+
+
+def truncation_rows(records: dict[str, dict]) -> list[dict]:
+    """The truncation side by side over seeds: the LM-only reference first, then every row of
+    ``TRUNCATION`` present, each with its mean final loss, sample standard deviation, seeds, and its
+    difference (and verdict) to the LM-only reference and to the untruncated ceiling."""
+    ref = truncation_reference(records)
+    names = [n for n in TRUNCATION if n in records]
+    if ref is None or not names:
+        return []
+    lm = seed_stats(records, *ref)
+    ceiling = seed_stats(records, CEILING, "truncation") if CEILING in records else None
+    rows = []
+    for name, group in (ref, (CEILING, "truncation"), *((n, "truncation") for n in TRUNCATION if n != CEILING)):
+        if name not in records:
+            continue
+        mean, sd, k = seed_stats(records, name, group)
+        row = {"name": name, "label": "LM only" if name == ref[0] else records[name]["label"].split(": ", 1)[-1],
+               "mean": mean, "sd": sd, "seeds": k, "d_lm": None, "verdict_lm": "–", "d_ceiling": None,
+               "verdict_ceiling": "–"}
+        if name != ref[0]:
+            row.update(d_lm=mean - lm[0], verdict_lm=verdict(mean - lm[0], sd, lm[1]))
+        if ceiling is not None and name not in (CEILING, ref[0]):
+            row.update(d_ceiling=mean - ceiling[0], verdict_ceiling=verdict(mean - ceiling[0], sd, ceiling[1]))
+        rows.append(row)
+    return rows
+
+
+def truncation_section(records: dict[str, dict]) -> list[str]:
+    """The report's truncation section (Markdown lines; none without truncation runs). Every finding
+    in it is computed from the rows."""
+    rows = truncation_rows(records)
+    if not rows:
+        return []
+    by = {r["name"]: r for r in rows}
+    ref = rows[0]
+    first = next(n for n in TRUNCATION if n in records)
+    seeds = sorted({r["seeds"] for r in rows[1:]})
+    L = ["## Truncation side by side: τ = 2, α = 0.9 constant", ""]
+    L.append(
+        f"{records[first]['steps']} steps each, {'/'.join(map(str, seeds))} seeds per row (the student's weights "
+        f"seed; the data order and the stores stay), LM-only reference `{ref['name']}` over {ref['seeds']} seeds. "
+        "Final validation loss, mean ± sample standard deviation over seeds. The untruncated teacher (online, every "
+        "id of the teacher, the same τ and α) is the reference ceiling: a truncated row's gap to it is what its "
+        "truncation costs. As in the main table, a difference counts only beyond the seed spread: the larger of the "
+        "two rows' standard deviations.")
+    L.append("")
+    L.append("| targets | final val loss | seeds | − LM only | vs LM only | − untruncated | vs untruncated |")
+    L.append("|---|---:|---:|---:|---|---:|---|")
+    for r in rows:
+        L.append(f"| {r['label']} | {r['mean']:.4f}" + (f" ± {r['sd']:.4f}" if r["sd"] is not None else "")
+                 + f" | {r['seeds']} | {_fmt(r['d_lm'], '+.4f')} | {r['verdict_lm']} | {_fmt(r['d_ceiling'], '+.4f')} "
+                 f"| {r['verdict_ceiling']} |")
+    L.append("")
+    ceiling = by.get(CEILING)
+    if ceiling is not None:
+        L.append(f"- The untruncated teacher vs LM only (τ = 2 at α = 0.9 without any truncation): "
+                 f"{ceiling['d_lm']:+.4f}, {_in_sentence(ceiling['verdict_lm'])}.")
+        for r in rows:
+            if r["name"] in (ref["name"], CEILING):
+                continue
+            L.append(f"- {r['label']}: {r['d_lm']:+.4f} vs LM only, of which {r['d_ceiling']:+.4f} vs the untruncated "
+                     f"teacher ({_in_sentence(r['verdict_ceiling'])}) and {ceiling['d_lm']:+.4f} the untruncated teacher's own.")
+        L.append("")
+    return L
+
+
+def _in_sentence(v: str) -> str:
+    """A ``verdict`` worded for the inside of a sentence: no emphasis, no nested brackets."""
+    v = re.sub(r"seed spread \(([0-9.]+)\)", r"seed spread of \1", v.replace("**", ""))
+    return v.replace("no difference: ", "no difference, ").replace(" (one seed each: spread unknown)",
+                                                                  ", with one seed each (spread unknown)")
 
 
 def _fmt(x: Optional[float], spec: str = ".4f") -> str:
@@ -155,7 +260,8 @@ def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
     a("# megadistill demo: both papers at toy scale")
     a("")
     steps_s = sum(r["seconds"] for r in records.values())
-    a(f"{meta['corpus']}. Scale `{meta['scale']}`; {meta['seeds']} seed(s) per student run. Its steps took "
+    a(f"{meta['corpus']}. Scale `{meta['scale']}`; {meta['seeds']} seed(s) per main student run (the baseline and the "
+      "truncation side by side may run more: their sections give the count). Its steps took "
       f"{steps_s / 60:.1f} min in all on {meta['cores']} CPU core(s) (this invocation {meta['seconds'] / 60:.1f} min: "
       "finished steps are reused). Every run shares one tokenizer, one sample order and one held-out validation set; "
       "students share one model shape and LR schedule (WSD). Wall-clock on a shared CPU varies by ±15 % or more "
@@ -187,16 +293,8 @@ def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
         for n in main:
             mean, sd, k = seed_stats(records, n)
             d = mean - b_mean
-            spread = max((x for x in (sd, b_sd) if x is not None), default=None)
-            if n == "baseline":
-                verdict = "–"
-            elif spread is None:
-                verdict = ("better" if d < 0 else "worse") + " (one seed each: spread unknown)"
-            elif abs(d) > spread:
-                verdict = f"**{'better' if d < 0 else 'worse'}**, beyond the seed spread ({spread:.4f})"
-            else:
-                verdict = f"{'better' if d < 0 else 'worse'}, within the seed spread ({spread:.4f})"
-            a(f"| `{n}` | {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" | {k} | {d:+.4f} | {verdict} |")
+            said = "–" if n == "baseline" else verdict(d, sd, b_sd)
+            a(f"| `{n}` | {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" | {k} | {d:+.4f} | {said} |")
         a("")
         a("## Steps to reach the baseline's final validation loss")
         a("")
@@ -254,18 +352,7 @@ def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
         else:
             a(f"- `{row['name']}` does **not** beat a baseline given the same time ({row['loss']:.4f} vs {row['baseline']:.4f}).")
     a("")
-    trunc = [n for n in TRUNCATION if n in records]
-    if trunc:
-        a("## Truncation side by side: τ = 2, α = 0.9 constant")
-        a("")
-        ref = records.get("trunc_baseline") or records.get("baseline")
-        a(f"{records[trunc[0]]['steps']} steps each; the reference is `{ref['name']}` ({final_loss(ref):.4f}).")
-        a("")
-        a("| targets | final val loss | − reference |")
-        a("|---|---:|---:|")
-        for n in trunc:
-            a(f"| {records[n]['label'].split(': ', 1)[-1]} | {final_loss(records[n]):.4f} | {final_loss(records[n]) - final_loss(ref):+.4f} |")
-        a("")
+    L += truncation_section(records)
     stores = [r for r in records.values() if "bytes_per_token" in r]
     if stores:
         a("## Logits stores")
@@ -321,15 +408,16 @@ def plot(records: dict[str, dict], out: Path) -> dict[str, str]:
            title="Equal wall-clock")
     made["equal wall-clock"] = _save(plt, fig, ax, out / "wall_clock.png", legend_size=8)
 
-    trunc = [n for n in TRUNCATION if n in records]
-    if trunc:
+    rows = truncation_rows(records)
+    if rows:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        ref = records.get("trunc_baseline") or records.get("baseline")
-        for n in [ref["name"], *trunc]:
-            xs, ys = zip(*curve(records[n]))
-            ax.plot(xs, ys, marker=".", label=records[n]["label"].split(": ", 1)[-1] if n in trunc else "baseline")
-        ax.set(xlabel="step", ylabel="validation loss", title="Truncation at τ = 2, α = 0.9")
-        made["truncation"] = _save(plt, fig, ax, out / "truncation.png")
+        ref_group = truncation_reference(records)[1]
+        for r in rows:
+            xs, ys = zip(*mean_curve(records, r["name"], ref_group if r is rows[0] else "truncation"))
+            ax.plot(xs, ys, marker=".", label=f"{r['label']} ({r['seeds']} seeds)",
+                    color="k" if r is rows[0] else None, linestyle="--" if r["name"] == CEILING else "-")
+        ax.set(xlabel="step", ylabel="validation loss (mean over seeds)", title="Truncation at τ = 2, α = 0.9")
+        made["truncation"] = _save(plt, fig, ax, out / "truncation.png", legend_size=8)
     return made
 
 

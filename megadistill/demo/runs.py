@@ -50,6 +50,9 @@ class DemoScale:
     """Steps of the small LM's pre-training."""
     truncation_steps: int
     """Steps of the truncation side-by-side runs (τ = 2, α = 0.9)."""
+    truncation_seeds: int = 3
+    """Seeds of every truncation side-by-side run at least (LM-only and untruncated references included):
+    a difference there counts only beyond their seed spread."""
     vocab_size: int = 2048
     """Tokenizer vocabulary trained on the corpus."""
     seq_length: int = 128
@@ -85,11 +88,12 @@ DEFAULT = DemoScale(
     name="default", student=_model(3, 192), teacher=_model(4, 256), small=_model(2, 128),
     student_steps=200, teacher_steps=400, small_steps=200, truncation_steps=100, eval_steps=4,
 )
-"""Sized for ≤ 20 minutes on 2 CPU cores (measured in the report)."""
+"""Sized for under 30 minutes on 2 CPU cores (the report measures it); the truncation side by side's
+15 runs of 100 steps are about a third of that."""
 
 FAST = DemoScale(
     name="fast", student=_model(2, 64), teacher=_model(2, 96), small=_model(1, 32),
-    student_steps=12, teacher_steps=24, small_steps=12, truncation_steps=8,
+    student_steps=12, teacher_steps=24, small_steps=12, truncation_steps=8, truncation_seeds=2,
     vocab_size=512, seq_length=32, batch_size=4, eval_points=3, eval_steps=2,
 )
 """A smoke version (minutes), for the test suite: every step and section, no meaningful numbers."""
@@ -131,7 +135,7 @@ class Step:
     label: str
     """What the report calls it."""
     options: dict = field(default_factory=dict)
-    """precompute: its keyword arguments (kind, draws)."""
+    """precompute: its keyword arguments (kind, draws, temperatures)."""
     seed: int = 0
     """Seed index (training.seed = DATA_SEED + seed; the data order stays)."""
     uses: tuple = ()
@@ -193,10 +197,14 @@ def plan(out: str | Path, scale: DemoScale, seeds: int = 1, data: Optional[DataC
     trunc_kd = KDConfig(loss="forward_kl", temperature=2.0, top_p=0.95, top_k=50,
                         alpha=AlphaSchedule(kind="constant", alpha_max=0.9))
     steps += [
+        # τ = 1 serves PD* (renormalised) and τ = 2 the ghost-bucket truncation runs (their exact tempered tail).
         Step("precompute_top_p_k", "precompute", "inference", offline("precompute_top_p_k", topk, PD_STAR),
-             "precompute top-0.95-50 (with the residual mass)", {"kind": "top_p_k"}, uses=("large_teacher",)),
+             "precompute top-0.95-50 (with the residual mass and the τ = 2 tail mass)",
+             {"kind": "top_p_k", "temperatures": (1.0, 2.0)}, uses=("large_teacher",)),
+        # Drawn from the τ = 2 teacher: the truncation runs' RS-KD targets are then unbiased at their τ.
         Step("precompute_rskd", "precompute", "inference", offline("precompute_rskd", rskd, trunc_kd),
-             f"precompute RS-KD ({s.rskd_draws} draws)", {"kind": "rskd", "draws": s.rskd_draws}, uses=("large_teacher",)),
+             f"precompute RS-KD ({s.rskd_draws} draws at τ = 2)",
+             {"kind": "rskd", "draws": s.rskd_draws, "temperatures": (2.0,)}, uses=("large_teacher",)),
     ]
     salt_alpha = AlphaSchedule(kind="salt", alpha_max=0.9, n_kd=max(1, round(s.salt_kd_fraction * n)))
     salt_kd = KDConfig(loss="forward_kl", temperature=1.0, alpha=salt_alpha)
@@ -235,17 +243,26 @@ def plan(out: str | Path, scale: DemoScale, seeds: int = 1, data: Optional[DataC
             steps.append(Step(name, "train", "student", run(name, s.student, math.ceil(mult * n)),
                               f"baseline, {mult:g}x the steps", group="baseline-long"))
     m = s.truncation_steps
-    for name, store, trunc, label in (
-        ("trunc_renormalize", topk, "renormalize", "top-0.95-50 renormalised"),
-        ("trunc_ghost", topk, "ghost", "top-0.95-50 + ghost bucket"),
-        ("trunc_rskd", rskd, "renormalize", f"RS-KD ({s.rskd_draws} draws)"),
-    ):
-        used = ("large_teacher", "precompute_rskd" if store == rskd else "precompute_top_p_k")
-        steps.append(Step(name, "train", "student", offline(name, store, replace(trunc_kd, truncation=trunc), m),
-                          f"τ=2, α=0.9: {label}", group="truncation", uses=used))
-    if m != n:  # the side-by-side's own baseline at its length
-        steps.append(Step("trunc_baseline", "train", "student", run("trunc_baseline", s.student, m),
-                          "τ=2, α=0.9: baseline (LM only)", group="truncation"))
+    full = replace(trunc_kd, top_p=1.0, top_k=None)  # the ceiling: every id of the teacher, nothing truncated
+    for seed in range(max(seeds, s.truncation_seeds)):
+        tag = "" if seed == 0 else f"@{seed}"
+        for name, store, trunc, label in (
+            ("trunc_renormalize", topk, "renormalize", "top-0.95-50 renormalised"),
+            ("trunc_ghost", topk, "ghost", "top-0.95-50 + ghost bucket"),
+            ("trunc_rskd", rskd, "renormalize", f"RS-KD ({s.rskd_draws} draws)"),
+        ):
+            used = ("large_teacher", "precompute_rskd" if store == rskd else "precompute_top_p_k")
+            steps.append(Step(f"{name}{tag}", "train", "student",
+                              offline(f"{name}{tag}", store, replace(trunc_kd, truncation=trunc), m, seed),
+                              f"τ=2, α=0.9: {label}", seed=seed, group="truncation", uses=used))
+        steps.append(Step(f"trunc_untruncated{tag}", "train", "student",
+                          run(f"trunc_untruncated{tag}", s.student, m, seed, kd=full,
+                              teacher=TeacherConfig(mode="online", model=s.teacher, checkpoint=teacher_ckpt)),
+                          "τ=2, α=0.9: untruncated teacher (online)", seed=seed, group="truncation",
+                          uses=("large_teacher",)))
+        if m != n:  # the side-by-side's own baseline at its length (else the main baseline's seeds serve)
+            steps.append(Step(f"trunc_baseline{tag}", "train", "student", run(f"trunc_baseline{tag}", s.student, m, seed),
+                              "τ=2, α=0.9: baseline (LM only)", seed=seed, group="truncation"))
     return steps
 
 

@@ -60,3 +60,14 @@ class KnobSchedule:
         """Whether a run starting (or resuming) at step ``start`` needs its teacher."""
         end = self.teacher_released_at
         return self.has_teacher and (end is None or start < end)
+
+    def kd_temperatures(self) -> tuple[float, ...]:
+        """Every τ a step with KD (α > 0) takes in this run, sorted, each once: what a store's
+        tempered targets must serve. One value for a constant τ; a linear or cosine τ schedule
+        takes up to one per KD step."""
+        if not self.has_teacher:
+            return ()
+        if self.temperature_schedule.kind == "constant":
+            # any() stops at the first KD step (step 0 for every α schedule but a late start).
+            return (float(self.temperature),) if any(self.at(s).uses_teacher for s in range(self.steps)) else ()
+        return tuple(sorted({k.temperature for k in map(self.at, range(self.steps)) if k.uses_teacher}))

@@ -27,13 +27,30 @@ import torch
 @dataclass
 class SparseLogits:
     """A sparse teacher distribution per token: global vocab ``ids[b, s, k]`` (-1 pads) and their
-    τ = 1 ``logprobs[b, s, k]``, identical on every tensor-parallel rank."""
+    log-probabilities ``logprobs[b, s, k]``, identical on every tensor-parallel rank.
+
+    Top-p-k targets (``drawn_at`` None) hold the τ = 1 log-probs of the kept ids; the loss tempers
+    them to its τ (``p_i^(1/τ)``). With a ghost bucket it also needs the truncated ids' mass at
+    that τ: ``residual`` at τ = 1, a column of ``tails`` at any τ in ``temperatures`` (the loss
+    refuses a τ it was not given: the tempered tail mass cannot be derived from the kept ids).
+    RS-KD targets (``drawn_at`` = τ_s) hold the empirical distribution of draws made at τ_s: an
+    unbiased estimate of the teacher at τ_s only, so the loss uses them as they are at τ = τ_s and
+    refuses any other τ."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     residual: Optional[torch.Tensor] = None
-    """``[b, s]`` the truncated mass ``1 - Σp`` as stored (the ghost bucket), or None: derived from
-    ``logprobs`` (exact only when they are)."""
+    """``[b, s]`` the truncated mass ``1 - Σp`` as stored (the ghost bucket at τ = 1), or None:
+    derived from ``logprobs`` (exact only when they are)."""
+    tails: Optional[torch.Tensor] = None
+    """``[b, s, T]`` ``log Σ_{truncated i} p_i^(1/τ_j)`` for ``temperatures[j]`` (``-inf`` where
+    nothing was truncated): the ghost bucket's unnormalised log-mass at τ_j, in the units of
+    ``logprobs / τ_j``. None: no tempered tails (a ghost bucket only at τ = 1)."""
+    temperatures: tuple = ()
+    """The τ_j of ``tails``' columns."""
+    drawn_at: Optional[float] = None
+    """RS-KD: the temperature the draws were made at (``logprobs`` = log(count / N)); None for
+    top-p-k targets."""
 
 
 Target = Union[torch.Tensor, SparseLogits]

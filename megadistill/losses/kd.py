@@ -387,6 +387,9 @@ def vocab_parallel_sparse_kd_loss(
     validate: bool = True,
     inplace: bool = False,
     residual: Optional[torch.Tensor] = None,
+    tails: Optional[torch.Tensor] = None,
+    temperatures: tuple = (),
+    drawn_at: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-token KD loss ``[s, b]`` against sparse teacher targets.
 
@@ -394,7 +397,9 @@ def vocab_parallel_sparse_kd_loss(
     log-probabilities of them, identical on every tensor-parallel rank. ``validate`` checks ids and
     probabilities (one pass over ``[s, b, k]``) and raises on corrupt targets, on every rank.
     ``inplace`` as in :func:`vocab_parallel_kd_loss`. ``residual[s, b]``: the truncated mass as
-    stored (the ghost bucket); None derives it from ``logprobs`` (see ``SparseTarget``).
+    stored (the ghost bucket at τ = 1); None derives it from ``logprobs``. ``tails[s, b, T]``: the
+    truncated ids' tempered log-mass at each of ``temperatures`` (the ghost bucket at τ ≠ 1);
+    ``drawn_at``: RS-KD draws' temperature (see ``SparseTarget``).
     """
     group = default_tp_group() if group == "default" else group
     if ids.shape[:-1] != student_logits.shape[:-1]:
@@ -404,7 +409,7 @@ def vocab_parallel_sparse_kd_loss(
         )
     target = SparseTarget(
         ids, logprobs, cfg, group, student_logits.shape[-1], student_logits.device, validate=validate,
-        residual=residual,
+        residual=residual, tails=tails, temperatures=temperatures, drawn_at=drawn_at,
     )
     return _VocabParallelObjective.apply(student_logits, target, None, 1.0, cfg, group, inplace, False)[0]
 
@@ -438,8 +443,8 @@ def vocab_parallel_distillation_loss(
 
     ``labels[s, b]`` are global vocab ids (None when α = 1: no LM term). ``target`` is the teacher:
     dense logits ``[s, b, v/tp]``, or sparse targets, any object with ``ids[s, b, k]``,
-    ``logprobs[s, b, k]`` and optionally ``residual[s, b]`` (as ``megadistill.kd.teacher.SparseLogits``;
-    see :func:`vocab_parallel_sparse_kd_loss`), or None when α = 0 (plain LM: then the total is
+    ``logprobs[s, b, k]`` and optionally ``residual[s, b]``, ``tails[s, b, T]`` with ``temperatures`` and
+    ``drawn_at`` (as ``megadistill.kd.teacher.SparseLogits``; see ``SparseTarget``), or None when α = 0 (plain LM: then the total is
     Megatron's ``vocab_parallel_cross_entropy``). The LM term is τ-free; τ applies to the KD term.
 
     The gradient of ``total`` — ``(1-α)(softmax(z) - onehot) + α·∂KD/∂z`` — is computed in the
@@ -468,7 +473,8 @@ def vocab_parallel_distillation_loss(
             )
         built = SparseTarget(
             target.ids, target.logprobs, cfg, group, student_logits.shape[-1], student_logits.device,
-            validate=validate, residual=getattr(target, "residual", None),
+            validate=validate, residual=getattr(target, "residual", None), tails=getattr(target, "tails", None),
+            temperatures=tuple(getattr(target, "temperatures", ())), drawn_at=getattr(target, "drawn_at", None),
         )
     parts = _VocabParallelObjective.apply(student_logits, built, labels, float(alpha), cfg, group, inplace, agreement)
     return DistillationTerms(*parts)

@@ -12,9 +12,11 @@ A target yields, per chunk of ``c`` tokens on a rank holding vocab ids ``[start,
   truncated ids.
 
 Truncation (top-p, then top-k) is decided on the teacher's own distribution (τ = 1), as an offline
-store would record it; temperature is applied afterwards to the kept log-probabilities and, with a
-ghost bucket, to the residual mass as one more category: ``q ∝ {p_i^(1/τ) : i kept} ∪ {r^(1/τ)}``.
-With every id kept this is exactly ``softmax(z / τ)``.
+store would record it; temperature is applied afterwards. Renormalised, the target is the kept ids'
+``p_i^(1/τ)`` normalised over the kept ids. With a ghost bucket it is the full tempered teacher
+``softmax(z / τ)`` with the truncated ids merged: ``q_i = p_i^(1/τ) / Z`` for kept i and ``q_ghost =
+Σ_{truncated} p_j^(1/τ) / Z``, ``Z = Σ_all p_j^(1/τ)`` (exact at any τ: the tail is summed at τ, not
+tempered as one category). With every id kept both are exactly ``softmax(z / τ)``.
 """
 
 from __future__ import annotations
@@ -159,32 +161,29 @@ class DenseTarget:
             sm = softmax_into(x, inv_t, group, q, m=m)
             return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, None, None, ids)
 
-        # exp(x - m) once serves the τ = 1 normaliser (for top-p), the truncated mass, and at
-        # τ = 1 the target itself.
+        # exp(x - m) once serves the τ = 1 normaliser (for top-p) and, at τ = 1, the target itself.
         e1 = exp_shifted_into(x, m, 1.0, q)
         log_s1 = torch.log(all_reduce_(e1.sum(-1), dist.ReduceOp.SUM, group))
-        lse1 = m + log_s1
-        kept = x >= _truncation_threshold(x, lse1, cfg, group).unsqueeze(-1)
-        log_r = None
-        if cfg.truncation == "ghost":
-            # The residual mass r = Σ_{truncated} p_i, summed over the truncated ids themselves
-            # (not 1 - Σ kept) so that a small r keeps its precision.
-            log_r = torch.log(all_reduce_(e1.masked_fill(kept, 0.0).sum(-1), dist.ReduceOp.SUM, group)) - log_s1
+        kept = x >= _truncation_threshold(x, m + log_s1, cfg, group).unsqueeze(-1)
         if inv_t != 1.0:
             exp_shifted_into(x, m, inv_t, q)
+        log_tail = None
+        if cfg.truncation == "ghost":
+            # The tempered teacher's mass on the truncated ids, Σ_truncated exp((x - m)/τ), summed
+            # over those ids themselves (not total - kept) so that a small tail keeps its precision.
+            log_tail = torch.log(all_reduce_(q.masked_fill(kept, 0.0).sum(-1), dist.ReduceOp.SUM, group))
         sm = normalize_(q, m, group, kept)
-        if log_r is None:
-            ghost = torch.full_like(lse1, NEG_INF)
+        if log_tail is None:
+            ghost = torch.full_like(sm.log_s, NEG_INF)
             return TeacherChunk(q, x, inv_t, sm.m, sm.log_s, sm.mass_local, kept, ghost, ids)
 
-        # Tempered as one more category: q_i ∝ p_i^(1/τ) for kept i, q_ghost ∝ r^(1/τ).
-        a_ghost = log_r * inv_t
-        log_kept = (sm.m - lse1) * inv_t + sm.log_s  # log Σ_kept p_i^(1/τ)
-        log_z = torch.logaddexp(log_kept, a_ghost)
-        shrink = torch.exp(log_kept - log_z)
+        # The full tempered distribution with the truncated ids merged into one bucket: kept ids
+        # keep softmax(x/τ)_i, the bucket holds the rest. (Tempering the τ = 1 residual as one
+        # category, r^(1/τ), is not this: at τ > 1 it starves a tail spread over many ids.)
+        log_z = torch.logaddexp(sm.log_s, log_tail)
+        shrink = torch.exp(sm.log_s - log_z)
         q.mul_(shrink.unsqueeze(-1))
-        log_s = sm.log_s - log_kept + log_z
-        return TeacherChunk(q, x, inv_t, sm.m, log_s, sm.mass_local * shrink, kept, a_ghost - log_z, ids)
+        return TeacherChunk(q, x, inv_t, sm.m, log_z, sm.mass_local * shrink, kept, log_tail - log_z, ids)
 
     def raise_if_corrupt(self, a: int, b: int) -> None:
         """Raise (on every rank) if tokens ``a:b`` of the teacher logits hold NaN or Inf."""
@@ -195,13 +194,16 @@ class SparseTarget:
     """Offline teacher targets: ``ids[s, b, k]`` (global vocab ids, -1 = padding) and their
     τ = 1 log-probabilities ``logprobs[s, b, k]``, replicated on every tensor-parallel rank.
 
-    Each rank scatters only the ids inside its own vocab range; the residual mass is the ghost
-    bucket (``truncation='ghost'``) or dropped by renormalising. ``residual[s, b]``, when given, is
-    that mass as the store recorded it (summed over the truncated ids by the teacher); otherwise it
-    is ``1 - Σ p`` of the given log-probs, which is exact only if they are: fp16 or quantised
-    log-probs shift their rounding error into it, and a small residual is then off by a large
-    factor. Renormalising does not use it. The ``[c, k]`` arithmetic runs in float64: a confident
-    teacher leaves a residual far below fp32's resolution of 1.
+    Each rank scatters only the ids inside its own vocab range; the truncated ids' mass is the
+    ghost bucket (``truncation='ghost'``) or dropped by renormalising (then any τ is exact: the
+    kept ``p_i^(1/τ)`` renormalised). The ghost bucket at τ is the full tempered teacher's mass on
+    the truncated ids, which the kept ids cannot give: at τ = 1 it is ``residual[s, b]`` when given
+    (summed over the truncated ids by the teacher), else ``1 - Σ p`` of the given log-probs (exact
+    only if they are: fp16 or quantised log-probs shift their rounding error into it); at τ ≠ 1 it
+    is the column of ``tails[s, b, T]`` (``log Σ_truncated p_i^(1/τ)``) whose ``temperatures[j]``
+    is τ, and a τ without one is an error. ``drawn_at`` (RS-KD) marks ``logprobs`` as an empirical
+    distribution of draws made at that τ: used as it is, at that τ only. The ``[c, k]`` arithmetic
+    runs in float64: a confident teacher leaves a residual far below fp32's resolution of 1.
     """
 
     def __init__(
@@ -214,12 +216,31 @@ class SparseTarget:
         device: torch.device,
         validate: bool = True,
         residual: Optional[torch.Tensor] = None,
+        tails: Optional[torch.Tensor] = None,
+        temperatures: tuple = (),
+        drawn_at: Optional[float] = None,
     ) -> None:
         if ids.shape != logprobs.shape:
             raise ValueError(f"sparse ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} differ in shape")
         if residual is not None and (residual.shape != ids.shape[:-1] or residual.device != device):
             raise ValueError(f"sparse residual {tuple(residual.shape)} on {residual.device} must be "
                              f"{tuple(ids.shape[:-1])} (the ids' tokens) on {device}")
+        if tails is not None and (tails.shape != (*ids.shape[:-1], len(temperatures)) or tails.device != device):
+            raise ValueError(f"sparse tails {tuple(tails.shape)} on {tails.device} must be "
+                             f"{(*ids.shape[:-1], len(temperatures))} (the ids' tokens x temperatures) on {device}")
+        tau = cfg.temperature
+        if drawn_at is not None and tau != drawn_at:
+            raise ValueError(
+                f"sparse targets drawn at temperature {drawn_at:g} (RS-KD) are an unbiased estimate of the teacher at "
+                f"that temperature only; the loss's temperature is {tau:g} (draw a store at it)"
+            )
+        if drawn_at is None and cfg.truncation == "ghost" and tau != 1.0 and (tails is None or tau not in tuple(temperatures)):
+            have = ", ".join(f"{t:g}" for t in (1.0, *temperatures)) if tails is not None else "1"
+            raise ValueError(
+                f"a ghost bucket at temperature {tau:g} needs the teacher's tempered mass on the truncated ids, "
+                f"which these sparse targets hold only at temperature(s) {have}; precompute them for {tau:g} "
+                "(precompute-logits --temperatures) or use truncation='renormalize'"
+            )
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"sparse ids must be an integer tensor, got {ids.dtype}")
         if ids.device != device or logprobs.device != device:
@@ -237,6 +258,11 @@ class SparseTarget:
         self.ids = ids.reshape(-1, ids.shape[-1]).long()
         self.logprobs = logprobs.detach().reshape(-1, logprobs.shape[-1]).double()
         self.residual = None if residual is None else residual.detach().reshape(-1).double()
+        self.log_tail = None  # [n] log Σ_truncated p_i^(1/τ) at the loss's τ ≠ 1 (ghost bucket)
+        if drawn_at is None and cfg.truncation == "ghost" and tau != 1.0:
+            col = tuple(temperatures).index(tau)
+            self.log_tail = tails.detach()[..., col].reshape(-1).double()
+        self.drawn_at = drawn_at
         self.cfg = cfg
         self.group = group
         self.v_local = v_local
@@ -278,6 +304,9 @@ class SparseTarget:
                 tok = int(bad.nonzero()[0, 0])
                 return (f"sparse teacher residual {float(r[tok]):.6g} at token {tok} is not a mass in [0, 1] "
                         f"leaving room for the stored probabilities (sum {float(mass[tok]):.6f})")
+        if self.log_tail is not None and bool(torch.isnan(self.log_tail).any() | (self.log_tail == float("inf")).any()):
+            tok = int((torch.isnan(self.log_tail) | (self.log_tail == float("inf"))).nonzero()[0, 0])
+            return f"sparse teacher tempered tail log-mass {float(self.log_tail[tok])} at token {tok} is not a log-mass"
         return None
 
     def chunk(
@@ -287,16 +316,20 @@ class SparseTarget:
         ``top1``: also the most likely stored id (the first slot among equals)."""
         ids, lp = self.ids[a:b], self.logprobs[a:b]
         valid = ids >= 0
-        inv_t = 1.0 / self.cfg.temperature
+        # RS-KD draws are already at the loss's τ (checked on construction): not tempered again.
+        inv_t = 1.0 if self.drawn_at is not None else 1.0 / self.cfg.temperature
         a_ids = (lp * inv_t).masked_fill(~valid, NEG_INF)
         if self.cfg.truncation == "ghost":
-            if self.residual is not None:
-                log_r = torch.log(self.residual[a:b])
+            if self.log_tail is not None:
+                # τ ≠ 1: log Σ_truncated p_i^(1/τ) as stored, the bucket's exact share of the tempered teacher.
+                a_ghost = self.log_tail[a:b]
+            elif self.residual is not None:
+                a_ghost = torch.log(self.residual[a:b])
             else:
-                # log r = log(1 - Σ p) = log(-expm1(log Σ p)), exact for a residual near 0.
+                # τ = 1 (or RS-KD, whose empirical distribution leaves nothing): log r = log(1 - Σ p)
+                # = log(-expm1(log Σ p)), exact for a residual near 0.
                 log_mass = torch.logsumexp(lp.masked_fill(~valid, NEG_INF), dim=-1).clamp_max(0.0)
-                log_r = torch.log(-torch.expm1(log_mass))
-            a_ghost = log_r * inv_t
+                a_ghost = torch.log(-torch.expm1(log_mass))
             # Ids covering the whole vocabulary leave no bucket, whatever rounding left in 1 - Σ p.
             a_ghost = a_ghost.masked_fill(valid.sum(-1) == self.vocab, NEG_INF)
             log_z = torch.logaddexp(torch.logsumexp(a_ids, dim=-1), a_ghost)

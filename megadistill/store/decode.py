@@ -1,4 +1,4 @@
-"""Decoding a shard: :class:`Shard`, a view of one shard's bytes (versions 1 to 3) that checks
+"""Decoding a shard: :class:`Shard`, a view of one shard's bytes (versions 1 to 4) that checks
 its header and sections and decodes one sample at a time (:mod:`megadistill.store.codec`), naming
 the shard and sample in a ``StoreError`` when the bytes are not what the header describes; and
 :func:`header_disagreements`, what a shard's header says against what a manifest (or a writer's
@@ -15,16 +15,20 @@ import numpy as np
 
 from megadistill.store.codec import FLOAT_DTYPES, LOGPROB_DTYPES, QLOG_STEP, dequantise_logprobs, entry_starts, unpack_ids
 from megadistill.store.format import (
-    KINDS, MAGIC, READABLE_VERSIONS, SAMPLE_HASH_BYTES, SEAL_BYTES, SEALED_VERSION, SECTIONS_V1, StoreError,
-    chunked_sections,
+    KINDS, MAGIC, READABLE_VERSIONS, SAMPLE_HASH_BYTES, SEAL_BYTES, SEALED_VERSION, SECTIONS_V1, TEMPERED_VERSION,
+    StoreError, chunked_sections,
 )
 
 
 class Shard:
     """A decoded view of one shard's bytes (a ``numpy.memmap`` or ``bytes``); nothing is copied
     until :meth:`sample` is called, and then only that sample's chunks (decompressed if need be).
-    Reads format versions 1 to 3 (a version-3 shard's trailing sha256 is not checked here: that
-    takes a pass over every byte, ``format.sealed_sha256``). ``name`` is used in error messages."""
+    Reads format versions 1 to 4 (a version-3+ shard's trailing sha256 is not checked here: that
+    takes a pass over every byte, ``format.sealed_sha256``). ``name`` is used in error messages.
+
+    ``tail_temperatures``: the τ of a top-p-k shard's ``tails`` columns (empty: no tails, as in
+    every shard before version 4); ``draw_temperature``: the τ an RS-KD shard's draws were made at
+    (1.0 before version 4; None for top-p-k)."""
 
     def __init__(self, buf, name: str) -> None:
         self.name = name
@@ -53,8 +57,9 @@ class Shard:
         n = self.num_samples
         if self.kind not in KINDS or self.logprob_dtype not in ((None,) if self.kind == "rskd" else tuple(LOGPROB_DTYPES)):
             raise StoreError(f"shard {name} is of unknown kind {self.kind!r} or log-prob encoding {self.logprob_dtype!r}")
+        self._read_temperatures(h)
         expected = SECTIONS_V1[self.kind] if self.version == 1 else \
-            ("sample_hash", "chunk_offsets") + chunked_sections(self.kind, self.logprob_dtype)
+            ("sample_hash", "chunk_offsets") + chunked_sections(self.kind, self.logprob_dtype, bool(self.tail_temperatures))
         if set(h["sections"]) != set(expected):
             raise StoreError(f"shard {name} lacks the sections of a version-{self.version} {self.kind} shard")
         self.hashes = sec["sample_hash"].reshape(n, SAMPLE_HASH_BYTES)
@@ -74,11 +79,31 @@ class Shard:
         else:
             self.compressed = tuple(h["compressed"])
             self.residual_dtype = h["residual_dtype"]
-            names = chunked_sections(self.kind, self.logprob_dtype)
+            names = chunked_sections(self.kind, self.logprob_dtype, bool(self.tail_temperatures))
             offsets = sec["chunk_offsets"]
             if len(offsets) != len(names) * (n + 1) * 8:
                 raise StoreError(f"shard {name} has {len(offsets)} bytes of chunk offsets for {n} samples (corrupt)")
             self._offsets = dict(zip(names, offsets.view("<u8").reshape(len(names), n + 1)))
+
+    def _read_temperatures(self, h: dict) -> None:
+        """The header's temperatures (version 4); older shards: no tails, draws at τ = 1."""
+        self.tail_temperatures: tuple[float, ...] = ()
+        self.draw_temperature: Optional[float] = 1.0 if self.kind == "rskd" else None
+        if self.version < TEMPERED_VERSION:
+            return
+        key = "draw_temperature" if self.kind == "rskd" else "tail_temperatures"
+        got = h.get(key)
+        ok = (isinstance(got, (int, float)) and not isinstance(got, bool) and np.isfinite(got) and got > 0) \
+            if self.kind == "rskd" else \
+            (isinstance(got, list) and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in got)
+             and all(np.isfinite(t) and t > 0 and t != 1.0 for t in got) and got == sorted(set(got)))
+        if not ok:
+            raise StoreError(f"shard {self.name}: header {key} {got!r} is not what a version-{self.version} "
+                             f"{self.kind} shard holds (corrupt)")
+        if self.kind == "rskd":
+            self.draw_temperature = float(got)
+        else:
+            self.tail_temperatures = tuple(float(t) for t in got)
 
     def _v1_offsets(self) -> None:
         """Version 1 keeps shard-wide arrays: express each sample's slice of them as a chunk."""
@@ -146,10 +171,13 @@ class Shard:
                              "with its id stream (corrupt)")
         return unpack_ids(self._chunk("ids", i), e, self.bits)
 
-    def sample_flat(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    def sample_flat(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray],
+                                               Optional[np.ndarray]]:
         """Global sample ``index`` as stored, flat: ``(counts[s], ids[Σ counts], logprobs[Σ counts]
-        float32, residual[s] float32 or None)``. RS-KD: the log-probs are those of the empirical
-        distribution, ``log(draws / num_draws)``, and the residual is None (there is none)."""
+        float32, residual[s] float32 or None, tails[s, T] float32 or None)``. ``tails[:, j]`` is
+        ``log Σ_truncated p_i^(1/τ_j)`` for ``tail_temperatures[j]`` (``-inf`` where nothing is
+        truncated), None for a shard without tail temperatures. RS-KD: the log-probs are those of
+        the empirical distribution, ``log(draws / num_draws)``, and residual and tails are None."""
         i = self._local_index(index)
         counts = self._counts(i).astype(np.int64)
         ids = self._ids(i, counts)
@@ -158,7 +186,7 @@ class Shard:
             draws = self._view("draws", i, self._ddt)
             if len(draws) != e:
                 raise StoreError(f"shard {self.name}, sample {index}: {len(draws)} draw counts for {e} ids (corrupt)")
-            return counts, ids, self._log_frac[np.minimum(draws, self.num_draws)], None
+            return counts, ids, self._log_frac[np.minimum(draws, self.num_draws)], None, None
         residual = self._view("residual", i, FLOAT_DTYPES[self.residual_dtype])
         if self.logprob_dtype in QLOG_STEP:
             try:
@@ -171,13 +199,21 @@ class Shard:
         if len(lp) != e or len(residual) != self.seq_length:
             raise StoreError(f"shard {self.name}, sample {index}: per-position counts disagree with its "
                              "log-probs or residuals (corrupt)")
-        return counts, ids, lp, residual.astype(np.float32)
+        tails = None
+        if self.tail_temperatures:
+            tails = self._view("tails", i, "<f4")
+            if len(tails) != self.seq_length * len(self.tail_temperatures):
+                raise StoreError(f"shard {self.name}, sample {index}: {len(tails)} tail values for {self.seq_length} "
+                                 f"positions x {len(self.tail_temperatures)} tail temperatures (corrupt)")
+            tails = tails.reshape(self.seq_length, len(self.tail_temperatures)).astype(np.float32)
+        return counts, ids, lp, residual.astype(np.float32), tails
 
-    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """Global sample ``index`` as ``(ids[s, k] int64 with -1 pads, logprobs[s, k] float32 with
-        -inf pads, residual[s] float32)``, k = its largest per-position count. RS-KD: the log-probs
-        are those of the empirical distribution, ``log(draws / num_draws)``, and the residual is 0."""
-        counts, ids, lp, residual = self.sample_flat(index)
+        -inf pads, residual[s] float32, tails[s, T] float32 or None)``, k = its largest per-position
+        count (tails: :meth:`sample_flat`). RS-KD: the log-probs are those of the empirical
+        distribution, ``log(draws / num_draws)``, the residual is 0 and the tails None."""
+        counts, ids, lp, residual, tails = self.sample_flat(index)
         if residual is None:
             residual = np.zeros(self.seq_length, dtype=np.float32)
         k = int(counts.max()) if counts.size else 0
@@ -187,7 +223,7 @@ class Shard:
         out_lp = np.full(self.seq_length * k, -np.inf, dtype=np.float32)
         out_ids[flat] = ids
         out_lp[flat] = lp
-        return out_ids.reshape(self.seq_length, k), out_lp.reshape(self.seq_length, k), residual
+        return out_ids.reshape(self.seq_length, k), out_lp.reshape(self.seq_length, k), residual, tails
 
     def sample_draws(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """RS-KD: global sample ``index``'s stored ``(ids[Σ counts], draws[Σ counts])``, flat."""
@@ -198,9 +234,10 @@ class Shard:
 
 def header_disagreements(shard: Shard, declared: dict, first: int, count: int) -> list[str]:
     """What ``shard``'s header says against what the store ``declared`` (a manifest or a writer's
-    plan: ``format_version``, ``kind``, ``encoding``, ``sampling``, ``identity.dataset.seq_length``)
-    and against the sample range ``[first, first + count)`` the store's layout gives it: one phrase
-    per disagreement (empty: none). A key the declaration lacks is not compared."""
+    plan: ``format_version``, ``kind``, ``encoding``, ``sampling``, ``truncation.temperatures``,
+    ``identity.dataset.seq_length``) and against the sample range ``[first, first + count)`` the
+    store's layout gives it: one phrase per disagreement (empty: none). A key the declaration lacks
+    is not compared (a declaration older than format version 4 has no temperatures)."""
     h, enc = shard.header, declared.get("encoding", {})
     out = []
     if (shard.first_sample, shard.num_samples) != (first, count):
@@ -216,11 +253,17 @@ def header_disagreements(shard: Shard, declared: dict, first: int, count: int) -
         "compression": (h.get("compression"), enc.get("compression")),
     }
     if shard.kind == "rskd":
-        said["num_draws"] = (shard.num_draws, declared.get("sampling", {}).get("draws"))
+        sampling = declared.get("sampling", {})
+        said["num_draws"] = (shard.num_draws, sampling.get("draws"))
         said["draw_dtype"] = (h.get("draw_dtype"), enc.get("draw_dtype"))
+        said["draw_temperature"] = (shard.draw_temperature, sampling.get("temperature"))
     else:
         said["logprob_dtype"] = (shard.logprob_dtype, enc.get("logprob_dtype"))
         said["residual_dtype"] = (shard.residual_dtype, enc.get("residual_dtype"))
+        temps = declared.get("truncation", {}).get("temperatures")
+        # The manifest lists every temperature served, 1.0 (the residual) included; the header the tails' columns.
+        said["tail_temperatures"] = (list(shard.tail_temperatures),
+                                     None if temps is None else sorted(float(t) for t in temps if t != 1.0))
     for key, (got, want) in said.items():
         absent = want is None and (key != "compression" or "compression" not in enc)
         if not absent and got != want:

@@ -9,9 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megadistill.config import RunConfig
+from megadistill.config import ConfigError, RunConfig
+from megadistill.kd.knobs import KnobSchedule
 from megadistill.store.codec import LOGPROB_DTYPES, QLOG_STEP, RESIDUAL_DTYPES, count_dtype, id_bits
-from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, MAGIC, MANIFEST, SEAL_BYTES, chunked_sections
+from megadistill.store.encode import shard_header
+from megadistill.store.format import (
+    DEFAULT_SAMPLES_PER_SHARD, MAGIC, MANIFEST, SEAL_BYTES, chunked_sections, served_temperatures,
+)
+from megadistill.store.recording_plan import recorded_temperatures
+from megadistill.store.temperatures import store_temperatures
 from megadistill.store.writer import shard_ranges
 
 # --------------------------------------------------------------------------- logits store
@@ -28,6 +34,8 @@ class StoreSettings:
     samples_per_shard: int = 1024
     top_p: float = 1.0
     top_k: Optional[int] = None
+    temperatures: tuple = (1.0,)
+    """top_p_k: the temperatures served (a tail per τ ≠ 1); rskd: the one the draws are made at."""
     source: str = "precompute-logits defaults"
 
 
@@ -49,22 +57,15 @@ class StoreEstimate:
 
 
 def _shard_header_bytes(kind: str, first: int, n: int, seq: int, vocab: int, logprob_dtype: Optional[str],
-                        count_str: str, compression: Optional[str], draws: Optional[int]) -> int:
-    """Bytes before a shard's first section: magic, uint32 length and the space-padded JSON header,
-    whose room is reserved with 16-digit offsets (``megadistill.store.encode._lay_out``), padded to 8."""
-    rskd = kind == "rskd"
-    lpd = None if rskd else logprob_dtype
-    names = chunked_sections(kind, lpd)
-    header = {
-        "format_version": FORMAT_VERSION, "kind": kind, "first_sample": first, "num_samples": n, "seq_length": seq,
-        "vocab_size": vocab, "id_bits": id_bits(vocab), "logprob_dtype": lpd,
-        "residual_dtype": None if rskd else RESIDUAL_DTYPES[lpd], "count_dtype": count_str,
-        "compression": compression, "compressed": [k for k in names if k != "ids"] if compression else [],
-        "chunked": list(names),
-        "sections": {k: [10**15, 10**15] for k in ("sample_hash", "chunk_offsets") + names},
-    }
-    if rskd:
-        header.update(num_draws=draws, draw_dtype=count_dtype(draws).str)
+                        count_str: str, compression: Optional[str], draws: Optional[int],
+                        tail_temperatures: tuple = (), draw_temperature: float = 1.0) -> int:
+    """Bytes before a shard's first section: magic, uint32 length and the space-padded JSON header
+    (``megadistill.store.encode.shard_header``), whose room is reserved with 16-digit offsets
+    (``megadistill.store.encode._lay_out``), padded to 8."""
+    lpd = None if kind == "rskd" else logprob_dtype
+    header = shard_header(kind, first, n, seq, vocab, lpd, count_str, compression, draws, tail_temperatures,
+                          draw_temperature)
+    header["sections"] = {k: [10**15, 10**15] for k in ("sample_hash", "chunk_offsets", *header["chunked"])}
     room = len(json.dumps(header, sort_keys=True)) + 8
     start = len(MAGIC) + 4 + room
     return start + (-start) % 8
@@ -72,13 +73,14 @@ def _shard_header_bytes(kind: str, first: int, n: int, seq: int, vocab: int, log
 
 def shard_bytes(kind: str, first: int, n: int, seq: int, vocab: int, per_position: int,
                 logprob_dtype: Optional[str] = "fp16", draws: Optional[int] = None,
-                compression: Optional[str] = None) -> int:
-    """Bytes of one uncompressed version-3 shard of ``n`` samples whose every position holds
+                compression: Optional[str] = None, tail_temperatures: tuple = (), draw_temperature: float = 1.0) -> int:
+    """Bytes of one uncompressed version-4 shard of ``n`` samples whose every position holds
     ``per_position`` ids (``FORMAT.md``, "Shard layout"): header; ``sample_hash`` 16·n;
     ``chunk_offsets`` 8·(n+1) per chunked section; per sample ``counts`` s·count_dtype, ``residual``
     s·(2 or 4), ``ids`` ceil(s·k·id_bits/8), ``logprobs`` s·k·(2 or 4), or for qlog one byte per
     entry but each position's first and no ``logprob_overflow`` (gaps >= 255 steps, rare: 4 bytes
-    each); RS-KD ``draws`` s·k·draw_dtype instead of residual and log-probs. Sections 8-aligned;
+    each); ``tails`` s·4 per tail temperature (τ ≠ 1); RS-KD ``draws`` s·k·draw_dtype instead of
+    residual, tails and log-probs. Sections 8-aligned;
     then the 32-byte sha256 seal.
     With zstd the result is the uncompressed size, an upper bound in practice."""
     def pad(x: int) -> int:
@@ -88,14 +90,16 @@ def shard_bytes(kind: str, first: int, n: int, seq: int, vocab: int, per_positio
     cdt = count_dtype(per_position)
     entries = seq * per_position
     lpd = None if kind == "rskd" else logprob_dtype
-    names = chunked_sections(kind, lpd)
-    size = _shard_header_bytes(kind, first, n, seq, vocab, lpd, cdt.str, compression, draws)
+    names = chunked_sections(kind, lpd, tails=bool(tail_temperatures))
+    size = _shard_header_bytes(kind, first, n, seq, vocab, lpd, cdt.str, compression, draws, tail_temperatures,
+                               draw_temperature)
     size += pad(16 * n) + pad(8 * len(names) * (n + 1))
     sections = {"counts": seq * cdt.itemsize, "ids": (entries * bits + 7) // 8}
     if kind == "rskd":
         sections["draws"] = entries * count_dtype(draws).itemsize
     else:
         sections["residual"] = seq * (2 if RESIDUAL_DTYPES[lpd] == "fp16" else 4)
+        sections["tails"] = seq * 4 * len(tail_temperatures)
         sections["logprobs"] = entries - seq if lpd in QLOG_STEP else entries * LOGPROB_DTYPES[lpd].itemsize
         if lpd in QLOG_STEP:
             sections["logprob_overflow"] = 0
@@ -117,11 +121,16 @@ def store_settings(cfg: RunConfig, *, kind: Optional[str] = None, logprob_dtype:
                            top_p=cfg.kd.top_p, top_k=cfg.kd.top_k,
                            source="precompute-logits flags" if any(x is not None for x in (kind, logprob_dtype, draws, zstd, samples_per_shard))
                            else "precompute-logits defaults")
+        try:  # precompute-logits' default: the temperatures the run's KD steps take
+            st.temperatures = store_temperatures(st.kind, None, KnobSchedule(cfg).kd_temperatures(), cfg.kd.truncation, "")
+        except ConfigError:
+            pass  # a store no precompute can make: preflight says so; size the τ = 1 part
     elif cfg.record_logits.store:
         r = cfg.record_logits
         path = r.store
         st = StoreSettings(kind=r.kind, logprob_dtype=r.logprob_dtype, draws=r.draws, compression=r.compression,
-                           samples_per_shard=r.samples_per_shard, top_p=r.top_p, top_k=r.top_k, source="record_logits")
+                           samples_per_shard=r.samples_per_shard, top_p=r.top_p, top_k=r.top_k,
+                           temperatures=recorded_temperatures(cfg), source="record_logits")
     else:
         return None
     manifest = Path(path) / MANIFEST
@@ -131,6 +140,7 @@ def store_settings(cfg: RunConfig, *, kind: Optional[str] = None, logprob_dtype:
             enc = mf["encoding"]
             st.kind, st.compression = mf["kind"], enc.get("compression")
             st.samples_per_shard = mf["samples_per_shard"]
+            st.temperatures = served_temperatures(mf)
             if st.kind == "rskd":
                 st.draws = mf["sampling"]["draws"]
             else:
@@ -174,7 +184,9 @@ def store_estimate(cfg: RunConfig, vocab: int, path: str, st: StoreSettings) -> 
         notes.append(f"{st.compression}: the uncompressed size (FORMAT.md's benchmark compresses to 0.7-0.8 of it)")
     if st.kind != "rskd" and st.logprob_dtype.startswith("qlog"):
         notes.append("qlog: gaps of 255 grid steps or more add 4 bytes each (not counted; rare)")
-    total = sum(shard_bytes(st.kind, first, n, d.seq_length, vocab, k, st.logprob_dtype, st.draws, st.compression)
+    tails = tuple(t for t in st.temperatures if t != 1.0) if st.kind == "top_p_k" else ()
+    total = sum(shard_bytes(st.kind, first, n, d.seq_length, vocab, k, st.logprob_dtype, st.draws, st.compression,
+                            tails, st.temperatures[0])
                 for first, n in shard_ranges(num, st.samples_per_shard))
     measured = None
     mf = Path(path) / "manifest.json"

@@ -23,26 +23,34 @@ with the sha256 of its other bytes (:func:`seal`, :func:`sealed_sha256`), writte
 rename as the shard, so a resumed writer trusts a shard it finds only if its bytes still hash to
 it; and the manifest carries ``manifest_sha256``, the sha256 of the canonical JSON of its other
 keys (:func:`manifest_sha256`), so a hand edit or damage is refused wherever it is read
-(:func:`check_manifest`). Versions 1 and 2 (no shard trailer, no manifest checksum) are still read.
-All integers are little-endian.
+(:func:`check_manifest`). Version 4 adds what a loss at a temperature τ ≠ 1 needs: a top-p-k
+shard may hold a ``tails`` section (per position and per τ of the manifest's
+``truncation.temperatures`` but 1, the truncated ids' tempered mass ``log Σ p_i^(1/τ)``), and an
+RS-KD store records the temperature its draws were made at (:func:`served_temperatures`). Versions
+1 and 2 (no shard trailer, no manifest checksum) and 3 (no tails: τ = 1 only) are still read. All
+integers are little-endian.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Optional
 
 import numpy as np
 
 from megadistill.store.codec import QLOG_STEP
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # From this version on a shard ends with the sha256 of its other bytes and the manifest carries
 # manifest_sha256: content, not structure, tells a finished shard or an unedited manifest.
 SEALED_VERSION = 3
 SEAL_BYTES = 32
+# From this version on a top-p-k shard may hold tempered tails and an RS-KD shard its draw temperature;
+# the manifest lists the temperatures the store serves.
+TEMPERED_VERSION = 4
 MAGIC = b"MDKDSHD1"  # unchanged across versions: the header's format_version tells them apart
 MANIFEST = "manifest.json"
 PLAN = "precompute.json"
@@ -50,8 +58,9 @@ KINDS = ("top_p_k", "rskd")
 COMPRESSIONS = (None, "zstd")
 SAMPLE_HASH_BYTES = 16
 DEFAULT_SAMPLES_PER_SHARD = 1024
-# Per-sample (chunked) sections of a version-2 shard, in file order, per kind and log-prob encoding.
-# An RS-KD shard stores per-id draw counts instead of log-probs, and no residual (its empirical
+# Per-sample (chunked) sections of a version-2+ shard, in file order, per kind and log-prob encoding
+# (and, version 4, whether it holds tempered tails: ``tails`` right after ``residual``). An RS-KD
+# shard stores per-id draw counts instead of log-probs, and no residual (its empirical
 # distribution has none).
 _CHUNKED = {
     "top_p_k": ("counts", "residual", "ids", "logprobs"),
@@ -72,10 +81,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.bin"
 
 
-def chunked_sections(kind: str, logprob_dtype: Optional[str]) -> tuple[str, ...]:
-    """Names of a version-2 shard's per-sample sections, in file order."""
+def chunked_sections(kind: str, logprob_dtype: Optional[str], tails: bool = False) -> tuple[str, ...]:
+    """Names of a version-2+ shard's per-sample sections, in file order; ``tails``: a version-4
+    top-p-k shard with tail temperatures (its ``tails`` section follows ``residual``)."""
+    names = _CHUNKED[kind]
+    if tails:
+        if kind != "top_p_k":
+            raise ValueError(f"a {kind} shard has no tails section")
+        names = names[:2] + ("tails",) + names[2:]
     extra = ("logprob_overflow",) if logprob_dtype in QLOG_STEP else ()
-    return _CHUNKED[kind] + extra
+    return names + extra
 
 
 def sample_hash(tokens, labels) -> bytes:
@@ -91,7 +106,7 @@ def bytes_sha256(buf) -> str:
 
 
 def seal(body: bytes) -> bytes:
-    """A version-3 shard's bytes: ``body`` followed by its sha256 (:data:`SEAL_BYTES` bytes)."""
+    """A sealed (version 3 on) shard's bytes: ``body`` followed by its sha256 (:data:`SEAL_BYTES` bytes)."""
     return body + hashlib.sha256(body).digest()
 
 
@@ -126,6 +141,48 @@ def is_protected(manifest: dict) -> bool:
     return "manifest_sha256" in manifest
 
 
+def served_temperatures(manifest: dict) -> tuple[float, ...]:
+    """The loss temperatures at which store ``manifest``'s targets are exact, sorted.
+
+    Top-p-k: those a ghost-bucket loss can use it at, ``truncation.temperatures`` (version 4; it
+    holds 1.0, served by the residual, and the τ of the shards' tails); ``(1.0,)`` for older
+    stores. A renormalising loss uses a top-p-k store at any τ (the kept ids' τ = 1 log-probs
+    determine their tempered, renormalised distribution): that is not this list's business.
+    RS-KD: ``(τ_s,)``, the temperature the draws were made at (``sampling.temperature``, 1.0 in
+    older stores), the only τ their empirical distribution is unbiased for."""
+    if manifest.get("kind", "top_p_k") == "rskd":
+        return (float(manifest.get("sampling", {}).get("temperature", 1.0)),)
+    return tuple(float(t) for t in manifest.get("truncation", {}).get("temperatures", (1.0,)))
+
+
+def tail_temperatures(manifest: dict) -> tuple[float, ...]:
+    """The τ of a top-p-k store's ``tails`` columns, in order: :func:`served_temperatures` but 1.0
+    (empty for RS-KD and older stores)."""
+    if manifest.get("kind", "top_p_k") == "rskd":
+        return ()
+    return tuple(t for t in served_temperatures(manifest) if t != 1.0)
+
+
+def _is_temperature(t) -> bool:
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+
+
+def _check_temperatures(manifest: dict, where: str) -> None:
+    """Version 4: the temperatures the store declares (a key another version lacks is not asked for)."""
+    bad = f"{where}: {MANIFEST}"
+    if manifest["kind"] == "rskd":
+        t = manifest.get("sampling", {}).get("temperature") if isinstance(manifest.get("sampling"), dict) else None
+        if not _is_temperature(t):
+            raise StoreError(f"{bad}: sampling.temperature {t!r} is not a temperature > 0 (the one the draws were made at)")
+        return
+    temps = manifest.get("truncation", {}).get("temperatures") if isinstance(manifest.get("truncation"), dict) else None
+    if not isinstance(temps, list) or not all(_is_temperature(t) for t in temps):
+        raise StoreError(f"{bad}: truncation.temperatures {temps!r} is not a list of temperatures > 0")
+    if temps != sorted(set(temps)) or 1.0 not in temps:
+        raise StoreError(f"{bad}: truncation.temperatures {temps!r} must be sorted, each once, and hold 1.0 "
+                         "(served by the residual)")
+
+
 def shard_ranges(num_samples: int, samples_per_shard: int) -> list[tuple[int, int]]:
     """``[(first_sample, count)]`` of every shard of a store of ``num_samples`` samples."""
     return [(a, min(samples_per_shard, num_samples - a)) for a in range(0, num_samples, samples_per_shard)]
@@ -135,7 +192,9 @@ def check_manifest(manifest: dict, where: str) -> None:
     """Raise ``StoreError`` (one line, naming the manifest and the key) unless ``manifest`` has the
     keys and version this reader needs, its coverage agrees with its shard list (shard ``i`` is
     ``shard_name(i)`` holding ``shard_ranges(num_samples, samples_per_shard)[i]``, sizes summing
-    to ``total_bytes``) and, from format version 3 on, its content hashes to its
+    to ``total_bytes``), from format version 4 on its temperatures are well formed
+    (``truncation.temperatures``: sorted temperatures > 0 holding 1.0; ``sampling.temperature`` > 0)
+    and, from format version 3 on, its content hashes to its
     ``manifest_sha256``. A manifest of an older version has no checksum and is read as it is."""
     if not isinstance(manifest, dict):
         raise StoreError(f"{where}: {MANIFEST} is not a JSON object")
@@ -148,6 +207,8 @@ def check_manifest(manifest: dict, where: str) -> None:
         if key not in manifest:
             raise StoreError(f"{where}: manifest lacks {key!r}")
     _check_coverage(manifest, where)
+    if manifest["format_version"] >= TEMPERED_VERSION:
+        _check_temperatures(manifest, where)
     if manifest["format_version"] >= SEALED_VERSION or is_protected(manifest):
         recorded, actual = manifest.get("manifest_sha256"), manifest_sha256(manifest)
         if recorded != actual:

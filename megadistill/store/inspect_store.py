@@ -8,12 +8,18 @@ from typing import Optional
 import numpy as np
 
 from megadistill.store.codec import QLOG_STEP, entry_starts
-from megadistill.store.format import MANIFEST, StoreError
+from megadistill.store.format import MANIFEST, TEMPERED_VERSION, StoreError, served_temperatures
 from megadistill.store.reader import StoreReader
 
 # Slack for the top-p checks (probability mass): the threshold was decided on float32 sums (~6e-8
 # relative per added probability) and fp16 residuals carry 2^-11 relative error.
 _MASS_SLACK, _MASS_SLACK_PER_ID = 1e-3, 1.2e-7
+# A stored residual r̂ of the exact r (round to nearest): |r̂ - r| <= rel·r + abs (fp16: 2^-11 relative for
+# normal numbers, half its smallest subnormal 2^-24 below; fp32 likewise), widened by 1e-9 relative for
+# the float64 sums r and the tails come from.
+_RESIDUAL_ERROR = {"fp16": (2**-11 + 1e-9, 2**-25), "fp32": (2**-24 + 1e-9, 2**-150)}
+# log of the smallest float64 above 0: a tail of -inf means every truncated p_i^(1/τ) was below it.
+_LOG_TINY64 = -745.2
 
 
 def teacher_summary(teacher: dict) -> str:
@@ -67,13 +73,21 @@ def _settings(m: dict) -> list[str]:
     zstd = ", zstd-compressed sections" if enc.get("compression") == "zstd" else ""
     if m["kind"] == "rskd":
         smp = m["sampling"]
-        return [f"sampling: RS-KD, {smp['draws']} draws per position from the τ = 1 distribution (seed {smp['seed']}); "
-                "targets are the empirical distributions count/draws",
+        tau = served_temperatures(m)[0]
+        return [f"sampling: RS-KD, {smp['draws']} draws per position from the τ = {tau:g} distribution (seed "
+                f"{smp['seed']}); targets are the empirical distributions count/draws, for a KD loss at τ {tau:g} only",
                 f"encoding: vocab {enc['vocab_size']} -> {enc['id_bits']}-bit ids, {enc['draw_dtype']} draw counts{zstd}"]
     trunc = m["truncation"]
     lp, res = enc["logprob_dtype"], enc.get("residual_dtype", enc["logprob_dtype"])
     what = f"{lp} log-probs and residuals" if lp == res else f"{lp} log-probs, {res} residuals"
+    temps = served_temperatures(m)
+    tails = [t for t in temps if t != 1.0]
+    held = (f"tempered tails for τ {', '.join(f'{t:g}' for t in tails)} (float32, {4 * len(tails)} B/token before "
+            "zstd)" if tails else "no tempered tails")
+    old = "" if m["format_version"] >= TEMPERED_VERSION else f" (format version {m['format_version']}: before tempered tails)"
     return [f"truncation: top_p={trunc['top_p']} top_k={trunc['top_k']} (ties with the last kept id kept)",
+            f"temperatures: a ghost-bucket loss at τ {', '.join(f'{t:g}' for t in temps)}{old}; a renormalising "
+            f"loss at any τ; {held}",
             f"encoding: vocab {enc['vocab_size']} -> {enc['id_bits']}-bit ids, {what}{zstd}"]
 
 
@@ -108,9 +122,10 @@ def encoding_error(counts, logprobs, residual, got_logprobs, got_residual) -> di
 
 def verify(path: str | Path, dataset=None) -> list[str]:
     """Check the manifest's checksum and every shard against the manifest: its sha256, its header
-    (sample range, kind, vocabulary, encoding, draws), and every sample decoded and held to what
-    the manifest declares (:func:`sample_problem`: ids inside the vocabulary, ids per position
-    within the truncation or the draws, finite log-probs, residuals in [0, 1]); with ``dataset``
+    (sample range, kind, vocabulary, encoding, draws, temperatures), and every sample decoded and
+    held to what the manifest declares (:func:`sample_problem`: ids inside the vocabulary, ids per
+    position within the truncation or the draws, finite log-probs, residuals in [0, 1], tempered
+    tails within the bounds the kept ids and the residual set); with ``dataset``
     (the run's training ``GPTDataset``), each sample's token hash against it. Raises
     ``StoreError`` at the first problem; returns a summary."""
     from megadistill.store.format import sample_hash
@@ -142,8 +157,9 @@ def sample_problem(shard, index: int, manifest: dict) -> str:
     log-probs, residuals in [0, 1]; more than ``top_k`` ids only where the extra ones tie the
     ``top_k``-th; with ``top_p`` < 1, the mass above a position's last kept log-prob below
     ``top_p`` and, where ``top_k`` did not cut, the kept mass ``1 - residual`` at least ``top_p``
-    (both to within the encoding's precision); with ``top_p`` = 1, at least ``top_k`` ids."""
-    counts, ids, lp, res = shard.sample_flat(index)
+    (both to within the encoding's precision); with ``top_p`` = 1, at least ``top_k`` ids; tempered
+    tails (:func:`tail_problem`) within what the kept ids and the residual imply."""
+    counts, ids, lp, res, tails = shard.sample_flat(index)
     vocab = manifest["encoding"]["vocab_size"]
     if not counts.size:
         return ""
@@ -167,6 +183,10 @@ def sample_problem(shard, index: int, manifest: dict) -> str:
         return "a non-finite log-prob"
     if not ((res >= 0) & (res <= 1)).all():
         return "a residual outside [0, 1]"
+    if tails is not None:
+        problem = tail_problem(shard, counts, lp, res, tails, vocab)
+        if problem:
+            return problem
     trunc = manifest.get("truncation")
     if not trunc:
         return ""
@@ -200,6 +220,78 @@ def sample_problem(shard, index: int, manifest: dict) -> str:
         t = int(np.argmax(counts < cap))
         what = f"truncation.top_k {top_k}" if top_k is not None else "no truncation (the whole vocabulary)"
         return f"position {t} keeps {int(counts[t])} ids, fewer than {what} in {MANIFEST} keeps at top_p 1"
+    return ""
+
+
+def tail_problem(shard, counts, lp, res, tails, vocab: int) -> str:
+    """What a sample's tempered tails ``tails[s, T]`` (``log Σ_truncated p_i^(1/τ)`` for
+    ``shard.tail_temperatures``) hold that no teacher distribution with these kept ids can give,
+    in a phrase naming the position and τ ("" if nothing). Flat ``counts[s]``, ``lp[Σ counts]``
+    (decoded), ``res[s]`` (decoded residuals).
+
+    Each check is an inequality every exact tail satisfies, widened by the rounding of what is
+    stored (the encoding's log-prob bound, the residual's dtype, the tail's float32); with n =
+    ``vocab - count`` (at least the number of truncated ids), a = 1/τ, r the residual and p_last the
+    last kept probability (every truncated p_i <= p_last: the truncation keeps the largest):
+
+    * finite or -inf; -inf where nothing is truncated (n = 0); -inf elsewhere only if every
+      truncated p_i^a underflowed float64, so r < n·e^(-745·τ);
+    * tail <= log n + a·log p_last;
+    * power means of the truncated p_i: for τ > 1, a·log r <= tail <= (1 - a)·log n + a·log r;
+      for τ < 1 the same two bounds the other way round."""
+    t = np.asarray(tails, dtype=np.float64)
+    if np.isnan(t).any() or (t == np.inf).any():
+        pos = int(np.argmax(np.isnan(t).any(-1) | (t == np.inf).any(-1)))
+        return f"position {pos} has a NaN or +inf tempered tail"
+    starts = entry_starts(counts)
+    n = np.maximum(vocab - counts, 0).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log_n = np.log(n)  # -inf where nothing can be truncated
+    lp = np.asarray(lp, dtype=np.float64)
+    last = lp[starts + counts - 1]
+    rel, ab = _RESIDUAL_ERROR[shard.residual_dtype]
+    r = np.asarray(res, dtype=np.float64)
+    r_lo, r_hi = np.maximum(r - ab, 0.0) / (1 + rel), (r + ab) / (1 - rel)
+    if shard.logprob_dtype in QLOG_STEP:
+        # The grid's bound, plus the decoder's level log(1 - r̂) moving with the residual's rounding.
+        with np.errstate(divide="ignore"):
+            lp_err = QLOG_STEP[shard.logprob_dtype] + 1e-6 + np.where(
+                r_hi < 1, (rel * r + ab) / np.maximum(1 - r_hi, 1e-300), np.inf)
+    else:
+        lp_err = np.abs(last) * (2**-10 if shard.logprob_dtype == "fp16" else 2**-24) + 2**-24
+    with np.errstate(divide="ignore"):
+        log_lo, log_hi = np.log(r_lo), np.log(r_hi)
+    for j, tau in enumerate(shard.tail_temperatures):
+        with np.errstate(invalid="ignore"):  # (1 - a)·log n + a·log r is NaN only where n = 0, checked apart
+            problem = _tail_column_problem(tau, t[:, j], n, log_n, last, lp_err, r, r_lo, log_lo, log_hi, counts)
+        if problem:
+            return problem
+    return ""
+
+
+def _tail_column_problem(tau, col, n, log_n, last, lp_err, r, r_lo, log_lo, log_hi, counts) -> str:
+    """:func:`tail_problem` for the tails at one τ, ``col[s]``."""
+    a = 1.0 / tau
+    finite = np.isfinite(col)
+    slack = np.where(finite, np.abs(col), 0.0) * 2**-23 + 1e-6  # the tail's float32 rounding, float64 sums
+    say = f"tempered tail at τ {tau:g}"
+    bad = np.flatnonzero(finite & (n == 0))
+    if bad.size:
+        return f"position {int(bad[0])} keeps the whole vocabulary but has a finite {say}"
+    bad = np.flatnonzero(~finite & (r_lo > n * np.exp(_LOG_TINY64 * tau)))
+    if bad.size:
+        p = int(bad[0])
+        return f"position {p} has a {say} of -inf (nothing truncated) but residual {r[p]:.4g}"
+    checks = (
+        (col > log_n + a * (last + lp_err) + slack, "above what its last kept log-prob allows"),
+        (col < (a * log_lo if tau > 1 else (1 - a) * log_n + a * log_lo) - slack, "below what its residual allows"),
+        (col > (a * log_hi if tau < 1 else (1 - a) * log_n + a * log_hi) + slack, "above what its residual allows"),
+    )
+    for mask, what in checks:
+        bad = np.flatnonzero(finite & (n > 0) & mask)
+        if bad.size:
+            p = int(bad[0])
+            return f"position {p} has a {say} of {col[p]:.6g}, {what} (residual {r[p]:.4g}, {int(counts[p])} ids kept)"
     return ""
 
 

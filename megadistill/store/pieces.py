@@ -52,7 +52,7 @@ def encode_piece(first: int, samples: list[SampleTargets]) -> bytes:
     """A piece's bytes: ``samples`` (global indices ``first`` on) without any lossy encoding.
     Arrays: ``hashes[n, 16]`` uint8, ``counts[n, s]``, ``ids[E]`` (E = Σ counts over the piece, flat,
     position-major as in ``SampleTargets``), ``entry_offsets[n + 1]``; top-p-k: ``residual[n, s]``,
-    ``logprobs[E]`` float64; RS-KD: ``draws[E]``."""
+    ``logprobs[E]`` float64 and, with tempered tails, ``tails[n, s, T]`` float64; RS-KD: ``draws[E]``."""
     import io
 
     rskd = samples[0].draws is not None
@@ -69,6 +69,8 @@ def encode_piece(first: int, samples: list[SampleTargets]) -> bytes:
     else:
         arrays["residual"] = np.stack([np.asarray(t.residual, dtype=np.float64) for t in samples])
         arrays["logprobs"] = np.concatenate([np.asarray(t.logprobs, dtype=np.float64) for t in samples])
+        if samples[0].tails is not None:
+            arrays["tails"] = np.stack([np.asarray(t.tails, dtype=np.float64) for t in samples])
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -90,7 +92,7 @@ def decode_piece(data: bytes, name: str) -> tuple[int, list[SampleTargets]]:
                                              draws=a["draws"][e]))
             else:
                 samples.append(SampleTargets(a["hashes"][j].tobytes(), a["counts"][j], a["residual"][j], a["ids"][e],
-                                             a["logprobs"][e]))
+                                             a["logprobs"][e], tails=a["tails"][j] if "tails" in a else None))
     except (OSError, ValueError, KeyError, IndexError, EOFError, NotImplementedError, zipfile.BadZipFile) as e:
         # zipfile checks each member's CRC-32 as it is read: damage surfaces here, by content.
         raise StoreError(f"piece {name} is unreadable or damaged ({type(e).__name__}: {e})") from e

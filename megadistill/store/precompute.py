@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,25 +37,28 @@ from megadistill.checkpoint_identity import checkpoint_identity
 from megadistill.collective import on_rank0 as _on_rank0
 from megadistill.config import ConfigError
 from megadistill.hashing import file_sha256
+from megadistill.kd.knobs import KnobSchedule
 from megadistill.store.sparse import rskd_uniforms, sample_rskd, select_top_p_k
 from megadistill.store.codec import LOGPROB_DTYPES, count_dtype, id_bits
 from megadistill.store.encode import SampleTargets, encode_shard
+from megadistill.store.temperatures import store_temperatures
 from megadistill.store.format import DEFAULT_SAMPLES_PER_SHARD, FORMAT_VERSION, KINDS, StoreError, sample_hash, shard_name
 
 def _plan(cfg, ckpt: Path, tokenizer_sha256: str, dataset: dict, vocab: int, samples_per_shard: int,
-          logprob_dtype: str, kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None) -> dict:
+          logprob_dtype: str, kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None,
+          temperatures: tuple = (1.0,)) -> dict:
     from megadistill.config import to_dict
     from megadistill.store.codec import RESIDUAL_DTYPES
 
     k = cfg.kd
     if kind == "rskd":
-        # No truncation: the targets are samples of the full τ = 1 distribution.
-        how = {"sampling": {"draws": draws, "seed": cfg.training.seed, "temperature": 1.0,
+        # No truncation: the targets are samples of the full distribution at the one temperature.
+        how = {"sampling": {"draws": draws, "seed": cfg.training.seed, "temperature": temperatures[0],
                             "method": "inverse CDF over the global vocabulary, u = splitmix64(seed, sample, position, draw)"}}
         enc = {"vocab_size": vocab, "id_bits": id_bits(vocab), "draw_dtype": count_dtype(draws).str,
                "ids_per_position": "variable (distinct ids drawn, <= draws)", "compression": compression}
     else:
-        how = {"truncation": {"top_p": k.top_p, "top_k": k.top_k, "ties": "kept"}}
+        how = {"truncation": {"top_p": k.top_p, "top_k": k.top_k, "ties": "kept", "temperatures": list(temperatures)}}
         enc = {"vocab_size": vocab, "id_bits": id_bits(vocab), "logprob_dtype": logprob_dtype,
                "residual_dtype": RESIDUAL_DTYPES[logprob_dtype], "ids_per_position": "variable (per-position counts)",
                "compression": compression}
@@ -157,11 +160,14 @@ def teacher_forwards(teacher, micro_batches: list[dict], seq_length: int, on_log
 
 def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
                logprob_dtype: str = "fp16", kind: str = "top_p_k", draws: int = 12, compression: Optional[str] = None,
-               shard_task: int = 0, shard_tasks: int = 1) -> Optional[dict]:
+               shard_task: int = 0, shard_tasks: int = 1, temperatures: Optional[Sequence[float]] = None) -> Optional[dict]:
     """Write run ``cfg``'s teacher targets to ``cfg.teacher.store`` (collective over all ranks);
     returns the manifest. Resumes a store begun for the same plan; refuses one made for another.
     ``kind="rskd"`` stores ``draws`` samples per position (seeded by ``training.seed``) instead of
     the top-p-k truncation.
+    ``temperatures`` (``store.temperatures.store_temperatures``; None: the τ the run's KD steps
+    take): top-p-k stores also record the truncated ids' tempered mass at each τ ≠ 1, which a
+    ghost-bucket student at that τ needs; RS-KD draws are made at the one temperature given.
     ``shard_task`` of ``shard_tasks`` (a job array's task): only that task's shares of the shards
     (:func:`task_shards`) are computed; the manifest is written if every shard is then present, and
     None is returned while other tasks' shards are still missing."""
@@ -190,6 +196,9 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
         raise ConfigError(f"RS-KD draws per position must be in [1, 2**20), got {draws}")
     if samples_per_shard < 1:
         raise ConfigError(f"samples per shard must be >= 1, got {samples_per_shard}")
+    temps = store_temperatures(kind, temperatures, KnobSchedule(cfg).kd_temperatures(), cfg.kd.truncation,
+                               "precompute-logits --temperatures")
+    tail_temps = tuple(t for t in temps if t != 1.0) if kind == "top_p_k" else ()
     if shard_tasks < 1 or not 0 <= shard_task < shard_tasks:
         raise ConfigError(f"shard task {shard_task} of {shard_tasks}: need shard tasks >= 1 and 0 <= shard task < shard tasks")
     pp = cfg.parallel.pipeline_model_parallel_size
@@ -212,7 +221,7 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
 
     def begin():
         plan = _plan(cfg, Path(ckpt), file_sha256(tok_path), dataset, vocab, samples_per_shard, logprob_dtype,
-                     kind, draws, compression)
+                     kind, draws, compression, temps)
         if writer.read_manifest(store) is not None and writer.read_manifest(store).get("identity") == plan["identity"]:
             writer.begin(store, plan)  # checks the rest of the plan too
             return plan, None
@@ -246,20 +255,22 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
         flat = logits.reshape(b * s, -1)
         if kind == "rskd":
             u = rskd_uniforms(cfg.training.seed, np.repeat(np.arange(mb["first"], mb["first"] + b), s), np.tile(np.arange(s), b), draws)
-            ids, vals = sample_rskd(flat, torch.from_numpy(u), group)
-            res = None
+            ids, vals = sample_rskd(flat, torch.from_numpy(u), group, temperature=temps[0])
+            res = tails = None
         else:
-            ids, vals, res = select_top_p_k(flat, kd, group)
+            ids, vals, res, tails = select_top_p_k(flat, kd, group, tail_temps)
         if not writes:  # the TP peers only took part in the collectives
             return
         ids, vals = ids.reshape(b, s, -1).cpu().numpy(), vals.reshape(b, s, -1).cpu().numpy()
         res = None if res is None else res.reshape(b, s).cpu().numpy()
+        tails = None if tails is None or not tail_temps else tails.reshape(b, s, -1).cpu().numpy()
         for j in range(b):
             valid = ids[j] >= 0
             if kind == "rskd":
                 samples.append(SampleTargets(mb["hashes"][j], valid.sum(-1), None, ids[j][valid], None, draws=vals[j][valid]))
             else:
-                samples.append(SampleTargets(mb["hashes"][j], valid.sum(-1), res[j], ids[j][valid], vals[j][valid]))
+                samples.append(SampleTargets(mb["hashes"][j], valid.sum(-1), res[j], ids[j][valid], vals[j][valid],
+                                             tails=None if tails is None else tails[j]))
 
     with torch.no_grad():
         for i in mine:
@@ -271,7 +282,9 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
             if writes:
                 writer.write_atomic(store / shard_name(i), encode_shard(first, samples, d.seq_length, vocab, logprob_dtype,
                                                                         kind, draws if kind == "rskd" else None,
-                                                                        compression=compression))
+                                                                        compression=compression,
+                                                                        tail_temperatures=tail_temps,
+                                                                        draw_temperature=temps[0] if kind == "rskd" else 1.0))
     bar.close()
     dist.barrier()
 

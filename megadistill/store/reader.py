@@ -3,13 +3,16 @@
 Checks, each a ``StoreError`` naming the shard and the sample:
 
 * on open: the manifest's version and keys, its own checksum (``manifest_sha256``, format version 3
-  on: a hand-edited manifest is refused) and its shard list against its sample counts; every
-  shard file present with the size the manifest records (a truncated or missing shard fails
-  before the first step);
+  on: a hand-edited manifest is refused), its temperatures (version 4) and its shard list against
+  its sample counts; every shard file present with the size the manifest records (a truncated or
+  missing shard fails before the first step);
 * on a shard's first use (once per process): its sha256 against the manifest, and its header
-  (sample range, kind, vocabulary, encoding) against the manifest;
+  (sample range, kind, vocabulary, encoding, temperatures) against the manifest;
 * per sample: that the store holds it, and that its token hash equals the hash of the batch's own
   ``tokens``/``labels`` (other data, seed, sequence length or tokenizer than the precompute's).
+
+:func:`run_mismatches` says how a run differs from what a store was made for, including whether
+the store serves every temperature of the run's KD steps exactly (:func:`serving_mismatch`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import numpy as np
 import torch
 
 from megadistill.config import data_seed
+from megadistill.kd.knobs import KnobSchedule
 from megadistill.store.decode import Shard, header_disagreements
 from megadistill.store.format import (
-    MANIFEST, PLAN, StoreError, bytes_sha256, check_manifest, is_protected, load_json, sample_hash, shard_of,
+    MANIFEST, PLAN, TEMPERED_VERSION, StoreError, bytes_sha256, check_manifest, is_protected, load_json, sample_hash,
+    served_temperatures, shard_of, tail_temperatures,
 )
 
 
@@ -52,6 +57,10 @@ class StoreReader:
         self.protected = is_protected(manifest)
         self.num_samples = int(manifest["num_samples"])
         self.samples_per_shard = int(manifest["samples_per_shard"])
+        # The τ of the tails' columns (each shard's header is held to them on first use) and, RS-KD,
+        # the τ the draws were made at.
+        self.tail_temperatures = tail_temperatures(manifest)
+        self.draw_temperature = served_temperatures(manifest)[0] if manifest["kind"] == "rskd" else None
         self.verify = verify
         self._shards: dict[int, Shard] = {}
         # A prefetch thread and the training thread may open a shard at once: verify it only once.
@@ -121,34 +130,83 @@ class StoreReader:
             )
 
     def sample(self, index: int, tokens=None, labels=None):
-        """``(ids[s, k], logprobs[s, k], residual[s])`` of global sample ``index`` (see
-        ``Shard.sample``); with ``tokens``/``labels`` given, checks they are the stored sample's."""
+        """``(ids[s, k], logprobs[s, k], residual[s], tails[s, T] or None)`` of global sample
+        ``index`` (see ``Shard.sample``); with ``tokens``/``labels`` given, checks they are the
+        stored sample's."""
         shard = self._shard_of_sample(index)
         if tokens is not None:
             self.check(index, tokens, labels)
         return shard.sample(index)
 
-    def batch(self, indices, tokens=None, labels=None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Samples ``indices[b]`` as ``(ids[b, s, k], logprobs[b, s, k], residual[b, s])``, padded to
-        the batch's largest count with -1 / -inf; ``tokens``/``labels`` ``[b, s]`` are checked per
-        sample. ``residual`` is the stored truncated mass (float32), None for an RS-KD store (an
-        empirical distribution has no truncated mass: the loss then treats it as renormalised)."""
+    def batch(self, indices, tokens=None, labels=None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray],
+                                                                 Optional[np.ndarray]]:
+        """Samples ``indices[b]`` as ``(ids[b, s, k], logprobs[b, s, k], residual[b, s], tails[b, s, T])``,
+        padded to the batch's largest count with -1 / -inf; ``tokens``/``labels`` ``[b, s]`` are
+        checked per sample. ``residual`` is the stored truncated mass (float32), None for an RS-KD
+        store (an empirical distribution has no truncated mass: the loss then treats it as
+        renormalised). ``tails`` (float32) are the truncated ids' tempered log-mass at
+        :attr:`tail_temperatures`, None for a store without tail temperatures."""
         rows = [self.sample(int(i), None if tokens is None else tokens[j], None if labels is None else labels[j])
                 for j, i in enumerate(indices)]
         k = max(r[0].shape[-1] for r in rows)
         ids = np.full((len(rows), rows[0][0].shape[0], k), -1, dtype=np.int64)
         lp = np.full(ids.shape, -np.inf, dtype=np.float32)
-        for j, (i, p, _) in enumerate(rows):
+        for j, (i, p, _, _) in enumerate(rows):
             ids[j, :, : i.shape[-1]] = i
             lp[j, :, : p.shape[-1]] = p
         residual = None if self.manifest["kind"] == "rskd" else np.stack([r[2] for r in rows])
-        return ids, lp, residual
+        tails = np.stack([r[3] for r in rows]) if self.tail_temperatures else None
+        return ids, lp, residual, tails
+
+
+def _listed(values, most: int = 8) -> str:
+    """Temperatures for a message: all of them, or the first few, the last and how many."""
+    values = list(values)
+    if len(values) <= most:
+        return ", ".join(f"{t:g}" for t in values)
+    return ", ".join(f"{t:g}" for t in values[: most - 2]) + f", ..., {values[-1]:g} ({len(values)} values)"
+
+
+def serving_mismatch(manifest: dict, truncation: str, run_temperatures) -> Optional[str]:
+    """Why store ``manifest`` cannot give exact targets to a KD loss with ``kd.truncation``
+    ``truncation`` at each of ``run_temperatures`` (the τ its KD steps take), or None.
+
+    RS-KD: the draws' empirical distribution is unbiased for the teacher at τ_s only, so every τ
+    must be τ_s. Top-p-k with a ghost bucket: every τ must be one the store recorded the tempered
+    tail mass at (:func:`megadistill.store.format.served_temperatures`: 1 alone before format
+    version 4). Renormalised truncation uses the kept ids' τ = 1 log-probs at any τ exactly."""
+    served = served_temperatures(manifest)
+    wanted = sorted({float(t) for t in run_temperatures})
+    have = f"{_listed(served)}" + ("" if manifest["format_version"] >= TEMPERED_VERSION else
+                                   f" (format version {manifest['format_version']}, made before stores recorded temperatures)")
+    if manifest["kind"] == "rskd":
+        if all(t == served[0] for t in wanted):
+            return None
+        fix = (f"make the store with precompute-logits --format rskd --temperatures {wanted[0]:g}" if len(wanted) == 1
+               else "draws serve one constant τ: use a top_p_k store for a τ schedule")
+        return (f"the run's KD steps take τ {_listed(wanted)} (kd.temperature, kd.temperature_schedule) but the store's "
+                f"RS-KD draws were made at τ {have}, an unbiased target at that τ only: {fix}, or train at τ {served[0]:g}")
+    if truncation != "ghost":
+        return None
+    missing = [t for t in wanted if t not in served]
+    if not missing:
+        return None
+    need = sorted(set(served) | set(wanted))
+    if all(float(f"{t:g}") == t for t in need):
+        fix = f"make the store with precompute-logits --temperatures {','.join(f'{t:g}' for t in need)}"
+    else:  # a schedule's values, which a short decimal would miss: precompute's default is exactly them
+        fix = "make the store with precompute-logits on this run's settings without --temperatures (it then records " \
+              "every τ the run's KD steps take)"
+    return (f"kd.truncation ghost at τ {_listed(wanted)} (kd.temperature, kd.temperature_schedule) needs the teacher's "
+            f"tempered mass on the truncated ids at each τ, but the store holds it for τ {have} only (missing: "
+            f"{_listed(missing)}): {fix}, or use kd.truncation renormalize")
 
 
 def run_mismatches(manifest: dict, cfg, vocab_size: Optional[int] = None,
                    tokenizer_sha256: Optional[str] = None) -> list[str]:
     """How run ``cfg`` disagrees with the store ``manifest`` was made for: one message per problem
-    (empty: the store fits). Checks what the config names; the per-sample token hashes, checked
+    (empty: the store fits). Checks what the config names, and that the store serves every τ
+    the run's KD steps take (:func:`serving_mismatch`); the per-sample token hashes, checked
     while reading, catch any other difference in the data."""
     ident, problems = manifest["identity"], []
     ds = ident["dataset"]
@@ -180,6 +238,9 @@ def run_mismatches(manifest: dict, cfg, vocab_size: Optional[int] = None,
             f"the run's tokenizer (sha256 {tokenizer_sha256[:12]}…) is not the store's "
             f"({str(ident.get('tokenizer_sha256'))[:12]}…)"
         )
+    serving = serving_mismatch(manifest, cfg.kd.truncation, KnobSchedule(cfg).kd_temperatures())
+    if serving:
+        problems.append(serving)
     return problems
 
 
@@ -187,10 +248,13 @@ class OfflineTeacher:
     """A ``TeacherSource`` reading sparse targets from a store: no teacher model is built.
 
     ``split(batch, output)`` looks the batch's global sample ``indices[b]`` up and returns
-    ``(output, SparseLogits(ids[b, s, k], logprobs[b, s, k], residual[b, s]))`` on the output's
-    device, the same targets on every tensor-parallel rank; ``residual`` is the stored truncated
-    mass (the loss's ghost bucket), None for an RS-KD store. ``vocab_size`` (the student's padded vocabulary) must
-    be the store's.
+    ``(output, SparseLogits(ids[b, s, k], logprobs[b, s, k], residual[b, s], tails[b, s, T],
+    temperatures, drawn_at))`` on the output's device, the same targets on every tensor-parallel
+    rank; ``residual`` is the stored truncated mass (the loss's ghost bucket at τ = 1), None for
+    an RS-KD store; ``tails`` the truncated ids' tempered log-mass at each of ``temperatures``
+    (the store's tail temperatures; None and () for a store without); ``drawn_at`` the τ an RS-KD
+    store's draws were made at (None for top-p-k). ``vocab_size`` (the student's padded
+    vocabulary) must be the store's.
 
     Prefetch: a step's micro-batches are built before the step and ``split`` is called on them in
     order, after each one's forward, so decoding them there would stall the step. After serving a
@@ -248,12 +312,14 @@ class OfflineTeacher:
         s, self._seconds = self._seconds, 0.0
         return s
 
-    def _decode(self, indices: tuple, tokens=None, labels=None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """``(ids[b, s, k], logprobs[b, s, k], residual[b, s] or None)`` tensors of samples ``indices[b]``."""
-        ids, lp, res = self.reader.batch(list(indices), tokens, labels)
-        return torch.from_numpy(ids), torch.from_numpy(lp), None if res is None else torch.from_numpy(res)
+    def _decode(self, indices: tuple, tokens=None, labels=None) -> tuple:
+        """``(ids[b, s, k], logprobs[b, s, k], residual[b, s] or None, tails[b, s, T] or None)``
+        tensors of samples ``indices[b]``."""
+        ids, lp, res, tails = self.reader.batch(list(indices), tokens, labels)
+        return (torch.from_numpy(ids), torch.from_numpy(lp), None if res is None else torch.from_numpy(res),
+                None if tails is None else torch.from_numpy(tails))
 
-    def _prefetch(self, indices: tuple) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def _prefetch(self, indices: tuple) -> tuple:
         """:meth:`_decode` in the prefetch thread; a failure becomes a ``StoreError`` naming the shard
         file(s) of ``indices`` (raised where ``split`` takes the result)."""
         try:
@@ -320,12 +386,15 @@ class OfflineTeacher:
             self.hits += 1
             for j, i in enumerate(indices):
                 self.reader.check(i, tokens[j], labels[j])
-            ids, lp, res = got
+            ids, lp, res, tails = got
         else:
             self.misses += 1
-            ids, lp, res = self._decode(tuple(indices), tokens, labels)
+            ids, lp, res, tails = self._decode(tuple(indices), tokens, labels)
         dev = output.device
-        target = SparseLogits(ids.to(dev), lp.to(dev), None if res is None else res.to(dev))
+        reader = self.reader
+        target = SparseLogits(ids.to(dev), lp.to(dev), None if res is None else res.to(dev),
+                              None if tails is None else tails.to(dev),
+                              reader.tail_temperatures if tails is not None else (), reader.draw_temperature)
         self._seconds += time.perf_counter() - t0
         return output, target
 

@@ -51,7 +51,7 @@ from megadistill.collective import on_rank0 as _on_rank0
 from megadistill.store.encode import SampleTargets, encode_shard
 from megadistill.store.format import StoreError, sample_hash, shard_name, shard_of
 from megadistill.store.pieces import PENDING, assemble_shard, encode_piece, list_pieces, piece_name
-from megadistill.store.recording_plan import data_files, dataset_identity, recording_plan
+from megadistill.store.recording_plan import data_files, dataset_identity, recorded_temperatures, recording_plan
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class LogitsRecorder:
         self.seed = cfg.training.seed
         # The selection precompute-logits applies (only top_p/top_k matter to select_top_p_k).
         self.truncation = KDLossConfig(top_p=r.top_p, top_k=r.top_k)
+        temps = recorded_temperatures(cfg)
+        self.draw_temperature = temps[0]
+        self.tail_temperatures = tuple(t for t in temps if t != 1.0) if r.kind == "top_p_k" else ()
         self.ckpt_root = Path(cfg.output_dir) / "checkpoints"
         self.num_samples = cfg.training.train_steps * cfg.data.global_batch_size
         self.ranges = writer.shard_ranges(self.num_samples, self.samples_per_shard)
@@ -255,12 +258,12 @@ class LogitsRecorder:
         kept_indices = [indices[j] for j in keep]
         if self.kind == "rskd":
             u = rskd_uniforms(self.seed, np.repeat(np.asarray(kept_indices), s), np.tile(np.arange(s), b), self.draws)
-            ids, counts = sample_rskd(x, torch.from_numpy(u), self.tp_group)
+            ids, counts = sample_rskd(x, torch.from_numpy(u), self.tp_group, temperature=self.draw_temperature)
             ids, counts = ids.reshape(b, s, -1).cpu().numpy(), counts.reshape(b, s, -1).cpu().numpy()
         else:
-            ids, lp, res = select_top_p_k(x, self.truncation, self.tp_group)
+            ids, lp, res, tails = select_top_p_k(x, self.truncation, self.tp_group, self.tail_temperatures)
             ids, lp = ids.reshape(b, s, -1).cpu().numpy(), lp.reshape(b, s, -1).cpu().numpy()
-            res = res.reshape(b, s).cpu().numpy()
+            res, tails = res.reshape(b, s).cpu().numpy(), tails.reshape(b, s, -1).cpu().numpy()
         if not self.writes:
             return
         tokens, labels = batch["tokens"].cpu().numpy(), batch["labels"].cpu().numpy()
@@ -271,7 +274,8 @@ class LogitsRecorder:
             if self.kind == "rskd":
                 samples.append(SampleTargets(h, valid.sum(-1), None, ids[j][valid], None, draws=counts[j][valid]))
             else:
-                samples.append(SampleTargets(h, valid.sum(-1), res[j], ids[j][valid], lp[j][valid]))
+                samples.append(SampleTargets(h, valid.sum(-1), res[j], ids[j][valid], lp[j][valid],
+                                             tails=tails[j] if self.tail_temperatures else None))
         self._write_pieces(kept_indices, samples)
 
     def _write_pieces(self, indices: list[int], samples: list[SampleTargets]) -> None:
@@ -319,4 +323,5 @@ class LogitsRecorder:
         first, count = self.ranges[index]
         return assemble_shard(self.store, index, first, count, pieces, lambda first, samples: encode_shard(
             first, samples, self.seq_length, self.vocab_size, self.logprob_dtype, self.kind, self.draws,
-            compression=self.compression))
+            compression=self.compression, tail_temperatures=self.tail_temperatures,
+            draw_temperature=self.draw_temperature))

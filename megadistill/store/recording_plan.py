@@ -20,6 +20,7 @@ from pathlib import Path
 
 from megadistill.store.codec import RESIDUAL_DTYPES, count_dtype, id_bits
 from megadistill.store.format import FORMAT_VERSION
+from megadistill.store.temperatures import store_temperatures
 
 SAMPLING_METHOD = "inverse CDF over the global vocabulary, u = splitmix64(seed, sample, position, draw)"
 
@@ -68,18 +69,26 @@ def dataset_identity(cfg) -> dict:
     }
 
 
+def recorded_temperatures(cfg) -> tuple[float, ...]:
+    """The sorted temperatures a recorded store is made for (``record_logits.temperatures``; top-p-k
+    ones always include 1), as ``precompute-logits --temperatures`` would make them."""
+    r = cfg.record_logits
+    return store_temperatures(r.kind, r.temperatures, (), "ghost", "record_logits.temperatures")
+
+
 def recording_plan(cfg, vocab_size: int, tokenizer_sha256: str, dataset: dict) -> dict:
     """The store's plan (its manifest without ``shards``/``recording``) for recording run ``cfg``."""
     from megadistill.config import to_dict
 
     # The same settings, in the same keys, as precompute-logits records (tests compare the two).
     r = cfg.record_logits
+    temps = recorded_temperatures(cfg)
     if r.kind == "rskd":
-        how = {"sampling": {"draws": r.draws, "seed": cfg.training.seed, "temperature": 1.0, "method": SAMPLING_METHOD}}
+        how = {"sampling": {"draws": r.draws, "seed": cfg.training.seed, "temperature": temps[0], "method": SAMPLING_METHOD}}
         enc = {"vocab_size": vocab_size, "id_bits": id_bits(vocab_size), "draw_dtype": count_dtype(r.draws).str,
                "ids_per_position": "variable (distinct ids drawn, <= draws)", "compression": r.compression}
     else:
-        how = {"truncation": {"top_p": r.top_p, "top_k": r.top_k, "ties": "kept"}}
+        how = {"truncation": {"top_p": r.top_p, "top_k": r.top_k, "ties": "kept", "temperatures": list(temps)}}
         enc = {"vocab_size": vocab_size, "id_bits": id_bits(vocab_size), "logprob_dtype": r.logprob_dtype,
                "residual_dtype": RESIDUAL_DTYPES[r.logprob_dtype], "ids_per_position": "variable (per-position counts)",
                "compression": r.compression}

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megadistill.losses.config import KDLossConfig
 from megadistill.losses.parallel import all_gather_last_dim, all_reduce_, group_rank, group_size
-from megadistill.losses.softmax import global_max
+from megadistill.losses.softmax import exp_shifted_into, global_max
 from megadistill.losses.targets import _truncation_threshold
 
 
@@ -69,14 +69,19 @@ def _kept_positions(x: torch.Tensor, lse1: torch.Tensor, cfg: KDLossConfig, grou
     return rows[order], cols[order]
 
 
-def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_top_p_k(
+    logits: torch.Tensor, cfg: KDLossConfig, group, temperatures: tuple = ()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's kept ids of each token, as the online KD loss keeps them.
 
     ``logits[c, v/tp]`` is this rank's vocab shard (ids ``[rank·v/tp, (rank+1)·v/tp)``). Returns,
     identical on every rank of ``group``: ``ids[c, k]`` (global ids, by descending log-prob, ties by
-    ascending id, -1 pads), their τ = 1 ``logprobs[c, k]`` (float64, -inf pads) and the truncated
-    mass ``residual[c]`` (float64, summed over the truncated ids themselves). ``k`` is the largest
-    kept count of the chunk. Without truncation every id is kept.
+    ascending id, -1 pads), their τ = 1 ``logprobs[c, k]`` (float64, -inf pads), the truncated
+    mass ``residual[c]`` (float64, summed over the truncated ids themselves) and ``tails[c, T]``
+    (float64): ``log Σ_truncated p_i^(1/τ)`` for each τ of ``temperatures`` (``-inf`` where nothing
+    is truncated), what a ghost bucket at τ needs beside the kept log-probs (the loss's
+    normaliser at τ is ``logsumexp(logprobs/τ) ⊕ tails``). ``k`` is the largest kept count of the
+    chunk. Without truncation every id is kept.
     """
     x = logits.float()
     c, v_local = x.shape
@@ -96,6 +101,19 @@ def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torc
         e1d.view(-1).index_fill_(0, flat, 0.0)  # what remains is the truncated ids' mass
         residual = all_reduce_(e1d.sum(-1), dist.ReduceOp.SUM, group) / s1d
         del e1d
+        # Σ_truncated exp((x - m)/τ), computed as the online loss computes it (the same shifted
+        # exponentials, summed over the truncated ids themselves), then shifted to p's units,
+        # - (lse1 - m)/τ. In the logits' precision, at least fp32: fp32 is what the store keeps
+        # (float64 powers of e1d would cost 5x as much per temperature); float64 logits (tests)
+        # give float64 tails.
+        xt, mt = (logits, md) if logits.dtype == torch.float64 else (x, m)
+        tails = s1d.new_empty((c, len(temperatures)))
+        buf = torch.empty_like(xt) if temperatures else None
+        for j, t in enumerate(temperatures):
+            e = exp_shifted_into(xt, mt, 1.0 / t, buf)
+            e.view(-1).index_fill_(0, flat, 0.0)
+            tails[:, j] = torch.log(all_reduce_(e.sum(-1), dist.ReduceOp.SUM, group).double()) - (lse1d - md) / t
+        del buf
         counts = torch.bincount(rows, minlength=c)  # [c]
         k_local = max(1, int(all_reduce_(counts.max().reshape(1), dist.ReduceOp.MAX, group)))
         # slot = rank of the id among its row's kept ids (rows are sorted, ids ascending in a row).
@@ -107,6 +125,7 @@ def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torc
         lp.view(-1).index_copy_(0, dst, x.take(flat).double() - lse1d[rows])
     else:
         residual = torch.zeros_like(s1d)
+        tails = s1d.new_full((c, len(temperatures)), -np.inf)
         del e1d
         gids = (torch.arange(v_local, device=x.device) + rank_offset).expand(c, v_local)
         lp = x.double() - lse1d.unsqueeze(-1)
@@ -117,7 +136,7 @@ def select_top_p_k(logits: torch.Tensor, cfg: KDLossConfig, group) -> tuple[torc
     neg_lp, order = torch.sort(lp.neg_(), dim=-1, stable=True)
     gids = gids.gather(-1, order)
     k = int((gids >= 0).sum(-1).max())
-    return gids[:, :k], neg_lp[:, :k].neg_(), residual
+    return gids[:, :k], neg_lp[:, :k].neg_(), residual, tails
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -148,8 +167,10 @@ def rskd_uniforms(seed: int, samples, positions, draws: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def sample_rskd(logits: torch.Tensor, u: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """RS-KD draws from the teacher's τ = 1 distribution by inverse CDF over the *global* vocabulary.
+def sample_rskd(logits: torch.Tensor, u: torch.Tensor, group, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """RS-KD draws from the teacher's distribution at ``temperature`` τ, ``softmax(z/τ)``, by inverse
+    CDF over the *global* vocabulary: the empirical distribution of the draws is then an unbiased
+    estimate of the tempered teacher (tempering τ = 1 draws afterwards is not).
 
     ``logits[c, v/tp]`` is this rank's vocab shard, ``u[c, N]`` the draws' uniforms
     (:func:`rskd_uniforms`). The CDF is laid out rank after rank in id order: every rank learns every
@@ -166,7 +187,7 @@ def sample_rskd(logits: torch.Tensor, u: torch.Tensor, group) -> tuple[torch.Ten
     c, v_local = x.shape
     tp, rank = group_size(group), group_rank(group)
     m = global_max(logits.float(), group).double()
-    cdf = torch.cumsum(torch.exp(x - m.unsqueeze(-1)), dim=-1)  # [c, v/tp]
+    cdf = torch.cumsum(torch.exp((x - m.unsqueeze(-1)) / temperature), dim=-1)  # [c, v/tp]
     masses = all_gather_last_dim(cdf[:, -1:].contiguous(), group)  # [c, tp]
     ends = torch.cumsum(masses, dim=-1)
     starts = ends - masses

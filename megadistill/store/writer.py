@@ -23,8 +23,8 @@ import numpy as np
 
 from megadistill.store.decode import Shard, header_disagreements
 from megadistill.store.format import (
-    FORMAT_VERSION, MANIFEST, PLAN, StoreError, dump_json, load_json, load_manifest, sealed_sha256, shard_name,
-    shard_ranges, sign_manifest,
+    FORMAT_VERSION, MANIFEST, PLAN, TEMPERED_VERSION, StoreError, dump_json, load_json, load_manifest, sealed_sha256,
+    shard_name, shard_ranges, sign_manifest,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,10 +60,10 @@ def begin(store: Path, plan: dict) -> None:
     store.mkdir(parents=True, exist_ok=True)
     # A finished store of an older, still readable format version is complete as it is; a plan in
     # progress is continued only by the version that began it (its shards are that version's).
-    for existing, ignored in ((read_manifest(store), {"format_version"}), (load_json(store / PLAN), set())):
+    for existing, ignored in ((_as_current(read_manifest(store)), {"format_version"}), (load_json(store / PLAN), set())):
         if existing is not None:
             diff = sorted(k for k in plan if k not in ignored and existing.get(k) != plan[k])
-            if diff == ["format_version"]:
+            if "format_version" in diff:  # its other keys are that version's: the version is what to say
                 raise StoreError(
                     f"logits store {store} holds a store begun by a megadistill writing format version "
                     f"{existing.get('format_version')!r}, this one writes {plan['format_version']!r}: finish it with "
@@ -77,6 +77,17 @@ def begin(store: Path, plan: dict) -> None:
     # A finished store needs no plan: a re-run (or a late array task) must not leave one behind.
     if load_json(store / PLAN) is None and load_json(store / MANIFEST) is None:
         write_atomic(store / PLAN, dump_json(plan))
+
+
+def _as_current(manifest: Optional[dict]) -> Optional[dict]:
+    """A finished store's manifest with what its format version left implicit made explicit, so that
+    a plan of this version compares with it: before version 4, a top-p-k store served τ = 1 alone
+    (``truncation.temperatures`` [1.0])."""
+    if manifest is None or manifest.get("format_version", FORMAT_VERSION) >= TEMPERED_VERSION:
+        return manifest
+    if manifest.get("kind", "top_p_k") == "top_p_k" and isinstance(manifest.get("truncation"), dict):
+        return {**manifest, "truncation": {"temperatures": [1.0], **manifest["truncation"]}}
+    return manifest
 
 
 def verified_shards(store: Path, plan: dict) -> tuple[dict[int, dict], dict[int, str]]:

@@ -358,3 +358,14 @@ def test_megadistill_config_says_the_warning_once(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("kd.alpha.n_kd 11 is larger than training.train_steps 10") == 1, r.stderr
+
+
+def test_list_of_numbers_keys_are_read_as_numbers():
+    # record_logits.temperatures is a list[float]: YAML numbers (and YAML 1.1's "2e0" strings) become
+    # floats, whatever is not a number is refused naming the element (lists of names stay strings).
+    cfg = config_from_dict({"record_logits": {"store": "/s", "temperatures": [1, "2e0", 0.5]}})
+    assert cfg.record_logits.temperatures == [1.0, 2.0, 0.5]
+    assert all(isinstance(t, float) for t in cfg.record_logits.temperatures)
+    with pytest.raises(ConfigError, match=r"^record_logits.temperatures\[1\]: expected a number, got 'two'"):
+        config_from_dict({"record_logits": {"store": "/s", "temperatures": [1, "two"]}})
+    assert config_from_dict({"checkpoint": {"stop_signals": ["SIGTERM"]}}).checkpoint.stop_signals == ["SIGTERM"]

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megadistill.demo import report
@@ -87,15 +88,126 @@ def test_the_cost_table_splits_teacher_work_among_its_users(demo):
     recs = data["records"]
     cost = report.costs(recs)
     rows = {r[0]: r for r in _table(text, "## Wall-clock, including the teacher's cost")}
-    # The top-p-k store is read by PD offline and two truncation runs: each carries a third.
-    share = recs["precompute_top_p_k"]["seconds"] / 3
-    for name in ("pd_offline", "trunc_renormalize", "trunc_ghost"):
+    # The top-p-k store is read by PD offline and, at every truncation seed, the renormalised and ghost runs.
+    k = FAST.truncation_seeds
+    share = recs["precompute_top_p_k"]["seconds"] / (1 + 2 * k)
+    for name in ("pd_offline", "trunc_renormalize", "trunc_ghost", "trunc_ghost@1"):
         assert cost[name].inference == pytest.approx(share)
-        assert float(rows[name][2]) == pytest.approx(share, abs=0.051)
+        if name in rows:
+            assert float(rows[name][2]) == pytest.approx(share, abs=0.051)
     assert cost["pd_online"].inference == 0 and cost["baseline"].teacher_training == 0
+    assert cost["trunc_untruncated"].inference == 0 and float(rows["trunc_untruncated"][2]) == 0
+    # Three main PD runs, and the three truncated rows and the untruncated ceiling at every seed.
     teacher_users = [n for n, r in recs.items() if r["role"] == "student" and "large_teacher" in r["uses"]]
-    assert len(teacher_users) == 6
-    assert cost["pd_online"].teacher_training == pytest.approx(recs["large_teacher"]["seconds"] / 6)
+    assert len(teacher_users) == 3 + 4 * k
+    assert cost["pd_online"].teacher_training == pytest.approx(recs["large_teacher"]["seconds"] / (3 + 4 * k))
+
+
+def test_the_truncation_table_follows_from_the_records(demo):
+    _, text, data = demo
+    recs = data["records"]
+    body = text.split("## Truncation side by side", 1)[1].split("\n## ", 1)[0]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in body.splitlines()
+             if line.startswith("| ") and not line.startswith("| targets")]
+    final = {n: float(r["val_losses"][str(r["steps"])]) for n, r in recs.items() if r["kind"] == "train"}
+
+    def seeds_of(name):
+        return [final[n] for n in recs if n.split("@")[0] == name]
+
+    order = ["trunc_baseline", "trunc_untruncated", "trunc_renormalize", "trunc_ghost", "trunc_rskd"]
+    assert len(cells) == len(order)
+    lm, top = np.mean(seeds_of("trunc_baseline")), np.mean(seeds_of("trunc_untruncated"))
+    for name, (label, loss, k, d_lm, _, d_top, _) in zip(order, cells):
+        vals = seeds_of(name)
+        assert len(vals) == FAST.truncation_seeds == int(k), name
+        mean, sd = loss.split(" ± ")
+        assert float(mean) == pytest.approx(np.mean(vals), abs=5e-5), name
+        assert float(sd) == pytest.approx(np.std(vals, ddof=1), abs=5e-5), name
+        if name != "trunc_baseline":
+            assert float(d_lm) == pytest.approx(np.mean(vals) - lm, abs=2e-4), name
+        if name not in ("trunc_baseline", "trunc_untruncated"):
+            assert float(d_top) == pytest.approx(np.mean(vals) - top, abs=2e-4), name
+    assert [c[0] for c in cells[:2]] == ["LM only", "untruncated teacher (online)"]
+
+
+def _synthetic(runs: dict[str, list[float]], group: str = "truncation") -> dict[str, dict]:
+    """Records of ``{name: [final loss per seed]}`` (a two-point validation curve each)."""
+    recs = {}
+    for name, losses in runs.items():
+        for seed, loss in enumerate(losses):
+            n = name if seed == 0 else f"{name}@{seed}"
+            recs[n] = {"name": n, "label": f"τ=2, α=0.9: {name} targets", "group": "main" if name == "baseline" else group,
+                       "steps": 100, "seed": seed, "val_losses": {"50": loss + 1.0, "100": loss}}
+    return recs
+
+
+def test_the_truncation_verdict_counts_a_difference_only_beyond_the_seed_spread():
+    lm = [5.30, 5.32, 5.31]  # sd 0.01
+    top = [5.70, 5.74, 5.72]  # sd 0.02
+    runs = {
+        "trunc_baseline": lm, "trunc_untruncated": top,
+        "trunc_ghost": [5.69, 5.75, 5.73],  # 0.003 above the ceiling, sd 0.031: the same as the ceiling
+        "trunc_renormalize": [6.20, 6.30, 6.25],  # far beyond both
+        "trunc_rskd": [5.29, 5.33, 5.345],  # 0.012 above LM only: beyond LM only's sd (0.01), within its own (0.028)
+    }
+    rows = {r["name"]: r for r in report.truncation_rows(_synthetic(runs))}
+    assert list(rows) == ["trunc_baseline", "trunc_untruncated", "trunc_renormalize", "trunc_ghost", "trunc_rskd"]
+    for name, vals in runs.items():
+        r = rows[name]
+        assert r["mean"] == pytest.approx(np.mean(vals)) and r["sd"] == pytest.approx(np.std(vals, ddof=1))
+        assert r["seeds"] == 3
+    assert rows["trunc_ghost"]["d_ceiling"] == pytest.approx(np.mean(runs["trunc_ghost"]) - np.mean(top))
+    assert rows["trunc_ghost"]["verdict_ceiling"].startswith("no difference")
+    assert rows["trunc_ghost"]["verdict_lm"].startswith("**worse**")
+    assert rows["trunc_renormalize"]["verdict_ceiling"].startswith("**worse**")
+    # The spread is the larger of the two rows' standard deviations, not the reference's alone.
+    assert abs(rows["trunc_rskd"]["d_lm"]) > np.std(lm, ddof=1)
+    assert rows["trunc_rskd"]["verdict_lm"].startswith("no difference")
+    assert rows["trunc_rskd"]["verdict_ceiling"].startswith("**better**")
+    assert rows["trunc_untruncated"]["verdict_lm"].startswith("**worse**") and rows["trunc_untruncated"]["d_ceiling"] is None
+    # The report's table and sentences say the same, with the spread they were judged by.
+    text = "\n".join(report.truncation_section(_synthetic(runs)))
+    row = next(line for line in text.splitlines() if line.startswith("| trunc_ghost targets |"))
+    spread = max(np.std(runs["trunc_ghost"], ddof=1), np.std(top, ddof=1))
+    assert row.split("|")[7].strip() == f"no difference: within the seed spread ({spread:.4f})"
+    said = next(line for line in text.splitlines() if line.startswith("- trunc_ghost targets:"))
+    assert f"no difference, within the seed spread of {spread:.4f}" in said
+    assert "better" not in said and "worse" not in said
+    # Without a side by side baseline of its own, the main baseline's seeds are the reference.
+    main = _synthetic({"baseline": lm, "trunc_untruncated": top})
+    assert [r["name"] for r in report.truncation_rows(main)] == ["baseline", "trunc_untruncated"]
+    # One seed each: no spread to judge by, and the verdict says so.
+    assert "spread unknown" in report.truncation_rows(_synthetic({"trunc_baseline": [5.3], "trunc_ghost": [5.4]}))[1]["verdict_lm"]
+
+
+def test_the_plan_runs_every_truncation_row_over_seeds_with_the_untruncated_ceiling(tmp_path):
+    from megadistill.demo.runs import DATA_SEED
+
+    for scale, seeds in ((FAST, 1), (DEFAULT, 1), (FAST, 4)):
+        steps = {st.name: st for st in plan(tmp_path, scale, seeds)}
+        n = max(seeds, scale.truncation_seeds)
+        for base in ("trunc_renormalize", "trunc_ghost", "trunc_rskd", "trunc_untruncated", "trunc_baseline"):
+            names = sorted(k for k, st in steps.items() if k.split("@")[0] == base)
+            assert len(names) == n, (scale.name, base)
+            for k in names:
+                st = steps[k]
+                assert st.group == "truncation" and st.cfg.training.train_steps == scale.truncation_steps
+                assert st.cfg.training.seed == DATA_SEED + st.seed and st.cfg.data.seed == DATA_SEED
+            assert sorted(steps[k].seed for k in names) == list(range(n))
+        top = steps["trunc_untruncated"]
+        teacher = steps["large_teacher"]
+        kd = top.cfg.kd
+        assert (top.cfg.teacher.mode, top.cfg.teacher.model) == ("online", scale.teacher)
+        assert top.cfg.teacher.checkpoint == str(Path(teacher.cfg.output_dir) / "checkpoints")
+        assert (kd.top_p, kd.top_k, kd.temperature) == (1.0, None, 2.0)
+        # The same τ and α as the truncated rows: only the truncation differs.
+        ghost = steps["trunc_ghost"].cfg.kd
+        assert (ghost.temperature, ghost.alpha, ghost.loss) == (kd.temperature, kd.alpha, kd.loss)
+        assert (ghost.top_p, ghost.top_k, ghost.truncation) == (0.95, 50, "ghost")
+        assert steps["precompute_top_p_k"].options == {"kind": "top_p_k", "temperatures": (1.0, 2.0)}
+        rskd = steps["precompute_rskd"]
+        assert rskd.options == {"kind": "rskd", "draws": scale.rskd_draws, "temperatures": (2.0,)}
+        assert rskd.cfg.kd.temperature == 2.0
 
 
 def test_store_sizes_are_the_files_on_disk(demo):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kd_reference import reference_sparse
+from kd_reference import reference_sparse, sparse_tails
 from megatron.core import parallel_state
 
 from megadistill.kd.teacher import InModelTargets, NoTeacher, SparseLogits
@@ -131,7 +131,9 @@ def _sparse_loss_worker(alpha: float):
     cfg = KDLossConfig(truncation="ghost", temperature=1.5)
     loss = DistillationLoss(cfg, KDStep(alpha=alpha, temperature=cfg.temperature))
     shard = student[..., r * V // tp : (r + 1) * V // tp].clone().requires_grad_(True)
-    total, n, report = loss(labels, mask, SparseLogits(ids, logprobs), shard * 1.0)
+    # A ghost bucket at τ = 1.5 needs the truncated ids' tempered mass, as a store made for 1.5 holds it.
+    tails = sparse_tails(teacher, ids, (cfg.temperature,))
+    total, n, report = loss(labels, mask, SparseLogits(ids, logprobs, None, tails, (cfg.temperature,)), shard * 1.0)
     total.backward()
     grads = [torch.empty_like(shard.grad) for _ in range(tp)]
     torch.distributed.all_gather(grads, shard.grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
@@ -157,7 +159,8 @@ def test_megatron_loss_takes_sparse_targets(tp, alpha):
     mask[0, 4] = 0
     cfg = KDLossConfig(truncation="ghost", temperature=1.5)
     s = student.reshape(-1, V).clone().requires_grad_(True)
-    kd = reference_sparse(s, ids.reshape(-1, K), logprobs.reshape(-1, K), cfg)
+    tail = sparse_tails(teacher, ids, (cfg.temperature,)).exp().reshape(-1)
+    kd = reference_sparse(s, ids.reshape(-1, K), logprobs.reshape(-1, K), cfg, tail=tail)
     ce = torch.nn.functional.cross_entropy(s, labels.reshape(-1), reduction="none")
     m = mask.reshape(-1).double()
     ref = ((1 - alpha) * ce * m + alpha * kd * m).sum()

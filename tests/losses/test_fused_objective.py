@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from kd_reference import random_sparse_targets
+from kd_reference import random_sparse_teacher, sparse_tails
 from megadistill.kd.teacher import SparseLogits
 from megadistill.losses import (
     KDLossConfig,
@@ -95,10 +95,12 @@ def _inputs(seed: int, dtype=torch.float64):
 
 
 def _sparse(seed: int):
-    """Random top-K sparse targets with a stored residual slightly off 1 - Σ p, as an fp16 store gives."""
-    ids, lp = random_sparse_targets(seed, S, B, K, V)
+    """Random top-K sparse targets with a stored residual slightly off 1 - Σ p, as an fp16 store gives,
+    and the truncated ids' tempered mass at every τ ≠ 1 of ``TAUS`` (the ghost bucket there)."""
+    ids, lp, teacher = random_sparse_teacher(seed, S, B, K, V)
     residual = (1.0 - lp.exp().masked_fill(ids < 0, 0.0).sum(-1)) * 0.999
-    return SparseLogits(ids, lp, residual)
+    temperatures = tuple(t for t in TAUS if t != 1.0)
+    return SparseLogits(ids, lp, residual, sparse_tails(teacher, ids, temperatures), temperatures)
 
 
 def _lm_reference(student: torch.Tensor, labels: torch.Tensor):
@@ -114,7 +116,8 @@ def _unfused(cfg, student, target, labels, alpha):
     group = parallel_state.get_tensor_model_parallel_group()
     mine = _shard(student).clone().requires_grad_(True)
     if isinstance(target, SparseLogits):
-        kd = vocab_parallel_sparse_kd_loss(mine, target.ids, target.logprobs, cfg, residual=target.residual)
+        kd = vocab_parallel_sparse_kd_loss(mine, target.ids, target.logprobs, cfg, residual=target.residual,
+                                           tails=target.tails, temperatures=target.temperatures)
         t_top1 = target.ids.gather(
             -1, target.logprobs.masked_fill(target.ids < 0, float("-inf")).argmax(-1, keepdim=True)
         ).squeeze(-1)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megadistill.losses import KDLoss, KDLossConfig, check_vocab_partition, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
+from megadistill.kd.teacher import SparseLogits
+from megadistill.losses import (
+    KDLoss,
+    KDLossConfig,
+    check_vocab_partition,
+    vocab_parallel_distillation_loss,
+    vocab_parallel_kd_loss,
+    vocab_parallel_sparse_kd_loss,
+)
 from megadistill.testing import run_distributed
 
 
@@ -86,6 +94,40 @@ def test_sparse_targets_reject_mse_and_renormalised_reverse_kl():
         vocab_parallel_sparse_kd_loss(_logits(1, 1, 8), ids, lp, KDLossConfig(loss="mse"), group=None)
     with pytest.raises(ValueError, match="use truncation='ghost'"):
         vocab_parallel_sparse_kd_loss(_logits(1, 1, 8), ids, lp, KDLossConfig(loss="reverse_kl"), group=None)
+
+
+def test_sparse_ghost_at_a_temperature_without_its_tail_is_refused():
+    # The tempered mass of the truncated ids cannot be derived from the kept ones: a ghost bucket at
+    # τ ≠ 1 needs the store's column for that τ, and approximating it (r^(1/τ)) is what issue 21 removed.
+    ids, lp = torch.tensor([[[1, 4]]]), torch.log(torch.tensor([[[0.5, 0.2]]], dtype=torch.float64))
+    s = _logits(1, 1, 8)
+    ghost2 = KDLossConfig(truncation="ghost", temperature=2.0)
+    with pytest.raises(ValueError, match=r"ghost bucket at temperature 2 .* hold only at temperature\(s\) 1;"):
+        vocab_parallel_sparse_kd_loss(s, ids, lp, ghost2, group=None)
+    tails = torch.full((1, 1, 2), -1.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"ghost bucket at temperature 2 .* temperature\(s\) 1, 0.5, 4;"):
+        vocab_parallel_sparse_kd_loss(s, ids, lp, ghost2, group=None, tails=tails, temperatures=(0.5, 4.0))
+    # The trainer's path (SparseLogits through the fused objective) refuses it the same way.
+    with pytest.raises(ValueError, match=r"ghost bucket at temperature 2 .* temperature\(s\) 1, 0.5, 4;"):
+        vocab_parallel_distillation_loss(s, None, SparseLogits(ids, lp, None, tails, (0.5, 4.0)), ghost2, 1.0, group=None)
+    with pytest.raises(ValueError, match=r"sparse tails \(1, 1, 2\) .* must be \(1, 1, 1\)"):
+        vocab_parallel_sparse_kd_loss(s, ids, lp, ghost2, group=None, tails=tails, temperatures=(2.0,))
+    # With the column, or renormalised (exact at any τ from the kept ids alone), it is served.
+    assert torch.isfinite(vocab_parallel_sparse_kd_loss(s, ids, lp, ghost2, group=None, tails=tails, temperatures=(0.5, 2.0))).all()
+    assert torch.isfinite(vocab_parallel_sparse_kd_loss(s, ids, lp, KDLossConfig(temperature=2.0), group=None)).all()
+
+
+def test_rskd_targets_are_refused_at_another_temperature():
+    # RS-KD counts estimate the teacher at the temperature they were drawn at, and only there.
+    ids, lp = torch.tensor([[[1, 4]]]), torch.log(torch.tensor([[[0.75, 0.25]]], dtype=torch.float64))
+    s = _logits(1, 1, 8)
+    for cfg in (KDLossConfig(truncation="ghost"), KDLossConfig(truncation="renormalize", temperature=0.5)):
+        with pytest.raises(ValueError, match=rf"drawn at temperature 2 \(RS-KD\).*the loss's temperature is {cfg.temperature:g}"):
+            vocab_parallel_sparse_kd_loss(s, ids, lp, cfg, group=None, drawn_at=2.0)
+        with pytest.raises(ValueError, match=r"drawn at temperature 2 \(RS-KD\)"):
+            vocab_parallel_distillation_loss(s, None, SparseLogits(ids, lp, drawn_at=2.0), cfg, 1.0, group=None)
+    assert torch.isfinite(vocab_parallel_sparse_kd_loss(s, ids, lp, KDLossConfig(truncation="ghost", temperature=2.0),
+                                                        group=None, drawn_at=2.0)).all()
 
 
 def test_nll_alias_and_module_form():

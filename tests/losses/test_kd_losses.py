@@ -7,7 +7,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from kd_reference import random_sparse_targets, reference_dense, reference_sparse
+from kd_reference import random_sparse_teacher, reference_dense, reference_sparse, sparse_tails
 from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 from megadistill.testing import run_distributed
 
@@ -43,6 +43,9 @@ def dense_configs():
     out.append(KDLossConfig(loss="mse", temperature=2.0, chunk_tokens=5))
     out.append(KDLossConfig(loss="mse", scale_by_temperature_squared=True, temperature=3.0))
     return out
+
+
+SPARSE_TAIL_TEMPERATURES = (0.5, 2.0)
 
 
 def sparse_configs():
@@ -103,10 +106,13 @@ def _sparse_worker():
     errors = []
     for i, cfg in enumerate(sparse_configs()):
         student, _, grad_out = _inputs(300 + i)
-        ids, lp = random_sparse_targets(500 + i, S, B, 7, V)
+        ids, lp, teacher = random_sparse_teacher(500 + i, S, B, 7, V)
+        # The truncated ids' tempered mass at several τ, as a store holds it; the loss picks its τ's column.
+        tails = sparse_tails(teacher, ids, SPARSE_TAIL_TEMPERATURES)
+        tail = tails[..., SPARSE_TAIL_TEMPERATURES.index(cfg.temperature)].exp().reshape(-1) if cfg.temperature != 1.0 else None
         le, ge, scale = _ours_vs_reference(
-            lambda s: vocab_parallel_sparse_kd_loss(s, ids, lp, cfg),
-            lambda s: reference_sparse(s, ids.reshape(-1, 7), lp.reshape(-1, 7), cfg),
+            lambda s: vocab_parallel_sparse_kd_loss(s, ids, lp, cfg, tails=tails, temperatures=SPARSE_TAIL_TEMPERATURES),
+            lambda s: reference_sparse(s, ids.reshape(-1, 7), lp.reshape(-1, 7), cfg, tail=tail),
             student,
             grad_out,
         )

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from kd_reference import reference_dense
+from kd_reference import reference_dense, sparse_tails
 from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 from megadistill.losses.targets import DenseTarget, SparseTarget
 from megadistill.testing import run_distributed
@@ -90,8 +90,11 @@ def _equivalences_worker():
                 # Every id, in a random order per token, with its τ=1 log-probability.
                 order = torch.argsort(torch.rand(S, B, V, generator=torch.Generator().manual_seed(i)), -1)
                 lp = torch.log_softmax(teacher, -1).gather(-1, order)
+                # Nothing truncated: the tempered tail is empty (-inf), as select_top_p_k stores it.
+                tails = torch.full((S, B, 1), float("-inf"), dtype=torch.float64)
                 out, grad = _loss_and_grad(
-                    lambda x: vocab_parallel_sparse_kd_loss(x, order, lp, cfg), _shard(student), grad_out
+                    lambda x: vocab_parallel_sparse_kd_loss(x, order, lp, cfg, tails=tails, temperatures=(temperature,)),
+                    _shard(student), grad_out,
                 )
                 rows.append((f"sparse all ids {mode} {cfg.loss} τ={temperature}", (out - ref).abs().max(), (grad - ref_grad).abs().max()))
     return [(n, float(a), float(b)) for n, a, b in rows]
@@ -127,10 +130,15 @@ def _ghost_mass_worker():
         dist.all_gather(parts, t1.kept, group=group)
         kept_full = torch.cat(parts, -1)
         residual = (full * ~kept_full).sum(-1)
-        sums.append((float((kept_mass + ghost - 1).abs().max()), float(ghost.min()), float((t1.logq_ghost.exp() - residual).abs().max())))
+        # At cfg's τ it holds the tempered teacher's mass on the same (τ = 1) truncated ids.
+        dist.all_gather(parts, t.kept, group=group)
+        tempered_tail = (torch.softmax(teacher.reshape(n, V) / cfg.temperature, -1) * ~torch.cat(parts, -1)).sum(-1)
+        residual_err = max(float((t1.logq_ghost.exp() - residual).abs().max()), float((ghost - tempered_tail).abs().max()))
+        sums.append((float((kept_mass + ghost - 1).abs().max()), float(ghost.min()), residual_err))
         ids = torch.topk(teacher, 4, -1).indices
         lp = torch.log_softmax(teacher, -1).gather(-1, ids)
-        ts = SparseTarget(ids, lp, cfg, group, V // 2, ids.device).chunk(0, n, torch.float64)
+        tails = sparse_tails(teacher, ids, (cfg.temperature,))
+        ts = SparseTarget(ids, lp, cfg, group, V // 2, ids.device, tails=tails, temperatures=(cfg.temperature,)).chunk(0, n, torch.float64)
         kept_mass = ts.q.sum(-1)
         dist.all_reduce(kept_mass, group=group)
         sums.append((float((kept_mass + ts.logq_ghost.exp() - 1).abs().max()), float(ts.logq_ghost.exp().min()), 0.0))

@@ -11,6 +11,7 @@ steps: this bounds a short run only.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import replace
 
@@ -257,7 +258,10 @@ def _loss_in_both_dtypes(target_kind: str):
     else:  # an offline store's sparse top-k, log-probs stored in fp16 as the store does
         ids = torch.randperm(v, generator=g)[:k].expand(s, b, k).contiguous()
         lp = torch.log_softmax(torch.randn(s, b, k, generator=g), -1) - 0.1
-        sparse = SparseLogits(ids, lp.half(), None)
+        # The ghost bucket at τ = 2 is the truncated ids' tempered mass, stored per token: here as if
+        # the residual 1 - e^-0.1 were spread evenly over the v - k truncated ids.
+        tails = torch.full((s, b, 1), math.log((v - k) * ((1 - math.exp(-0.1)) / (v - k)) ** 0.5))
+        sparse = SparseLogits(ids, lp.half(), None, tails, (2.0,))
         targets = (sparse, sparse)
     out = []
     for x, t in zip((student, student.float()), targets):

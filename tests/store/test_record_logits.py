@@ -129,7 +129,7 @@ def test_recorded_targets_are_the_weights_of_the_step_each_sample_was_seen(recor
     reader = StoreReader(store)
     m = reader.manifest
     assert m["num_samples"] == 4 * G and [s["num_samples"] for s in m["shards"]] == [12, 12, 8]
-    assert m["truncation"] == {"top_p": TOP_P, "top_k": TOP_K, "ties": "kept"}
+    assert m["truncation"] == {"top_p": TOP_P, "top_k": TOP_K, "ties": "kept", "temperatures": [1.0]}
     t = m["identity"]["teacher"]
     assert t["recorded_by"]["name"] == "run" and t["steps"]["last"] == 3 and t["model"]["hidden_size"] == 96
     assert m["recording"]["final_checkpoint"].endswith("step_00000004")
@@ -150,7 +150,7 @@ def test_recorded_targets_are_the_weights_of_the_step_each_sample_was_seen(recor
         pre[step] = StoreReader(where)
     for step in (1, 2, 3):
         for i in range(step * G, (step + 1) * G):
-            ids, lp, res = reader.sample(i)
+            ids, lp, res, _ = reader.sample(i)
             want = pre[step].sample(i)
             assert np.array_equal(ids, want[0]), (step, i)
             assert np.allclose(lp, want[1], atol=1e-6, rtol=0) and np.allclose(res, want[2], atol=1e-6), (step, i)
@@ -205,8 +205,8 @@ def test_tp2_and_pp2_recordings_match_a_tp1_precompute(tmp_path, corpus, layout)
     a, b = StoreReader(tmp_path / "store"), StoreReader(tmp_path / "pre" / "store")
     assert a.manifest["encoding"] == b.manifest["encoding"]
     for i in range(4 * G):
-        ia, la, ra = a.sample(i)
-        ib, lb, rb = b.sample(i)
+        ia, la, ra, _ = a.sample(i)
+        ib, lb, rb, _ = b.sample(i)
         assert np.array_equal(ia, ib), i
         assert np.allclose(la, lb, atol=1e-5) and np.allclose(ra, rb, atol=1e-5), i
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from store_testing import kd_config, offline_run, store_files
+from store_testing import as_version, kd_config, offline_run, store_files
 from tiny_runs import SEQ, TEACHER, run_precompute, run_training, tiny_run
 
 from megadistill.config import KDConfig, ParallelConfig, TeacherConfig, TrainingConfig
@@ -68,7 +68,8 @@ def test_fp32_round_trip_is_exact_and_fp16_within_one_ulp():
     for dtype in ("fp32", "fp16"):
         shard = Shard(encode_shard(100, samples, SEQ, 151_936, dtype), "x")
         for i in range(5):
-            ids, lp, res = shard.sample(100 + i)
+            ids, lp, res, tails = shard.sample(100 + i)
+            assert tails is None  # made without tail temperatures
             want_ids, want_lp = _decoded(samples, i)
             assert np.array_equal(ids, want_ids)
             valid = ids >= 0
@@ -110,11 +111,14 @@ def test_store_covers_the_run_with_a_manifest(store32):
     reader = StoreReader(store32)
     m = reader.manifest
     assert m["num_samples"] == 32 and [s["file"] for s in m["shards"]] == [fmt.shard_name(i) for i in range(4)]
-    assert m["encoding"]["id_bits"] == 9 and m["truncation"] == {"top_p": 0.3, "top_k": 24, "ties": "kept"}
+    # A run at τ = 1: the store serves a ghost bucket at τ = 1 (the residual) and holds no tails.
+    assert m["encoding"]["id_bits"] == 9 and m["truncation"] == {"top_p": 0.3, "top_k": 24, "ties": "kept",
+                                                                 "temperatures": [1.0]}
     assert set(m["identity"]) == {"teacher", "tokenizer_sha256", "dataset"}
     assert m["identity"]["dataset"]["seq_length"] == SEQ and m["identity"]["dataset"]["num_documents"] > 0
     assert set(store_files(store32)) == {"manifest.json"} | {fmt.shard_name(i) for i in range(4)}
-    ids, lp, res = reader.sample(13)
+    ids, lp, res, tails = reader.sample(13)
+    assert tails is None and reader.tail_temperatures == ()
     valid = ids >= 0
     assert ids.shape[0] == SEQ and 1 <= valid.sum(-1).min() and valid.sum(-1).max() <= ids.shape[1]
     mass = np.where(valid, np.exp(lp), 0).sum(-1)
@@ -133,8 +137,8 @@ def test_tp2_precompute_equals_tp1(tmp_path, corpus, teacher_ckpt, store32):
     run_distributed(run_precompute, 2, cfg, tp=2, logprob_dtype="fp32")
     a, b = StoreReader(store32), StoreReader(tmp_path / "store")
     for i in range(32):
-        ia, la, ra = a.sample(i)
-        ib, lb, rb = b.sample(i)
+        ia, la, ra, _ = a.sample(i)
+        ib, lb, rb, _ = b.sample(i)
         assert np.array_equal(ia, ib), i
         assert np.allclose(la, lb, atol=1e-5) and np.allclose(ra, rb, atol=1e-5)
 
@@ -287,6 +291,122 @@ def test_deepspeed_student_trains_from_the_store_as_megatron_does(tmp_path, corp
             assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step][key], b[step][key])
 
 
+# --------------------------------------------------------------------------- temperatures (format version 4)
+
+
+def _manifest(kind="top_p_k", version=4, temperatures=(1.0,)) -> dict:
+    """The keys of a manifest ``serving_mismatch`` reads."""
+    m = {"format_version": version, "kind": kind}
+    if kind == "rskd":
+        m["sampling"] = {"draws": 12, "temperature": temperatures[0]}
+    else:
+        m["truncation"] = {"top_p": 0.3, "top_k": 24, "ties": "kept"}
+        if version >= 4:
+            m["truncation"]["temperatures"] = list(temperatures)
+    return m
+
+
+def test_a_store_serves_exactly_the_temperatures_it_was_made_for():
+    """Ghost bucket: every τ of the run among the store's (τ = 1 alone before version 4); RS-KD:
+    every τ equal to the draws'; renormalised truncation: any τ."""
+    from megadistill.store.reader import serving_mismatch
+
+    v3, v4 = _manifest(version=3), _manifest(temperatures=(0.5, 1.0, 2.0))
+    assert fmt.served_temperatures(v3) == (1.0,) and fmt.tail_temperatures(v3) == ()
+    assert fmt.served_temperatures(v4) == (0.5, 1.0, 2.0) and fmt.tail_temperatures(v4) == (0.5, 2.0)
+    assert fmt.served_temperatures(_manifest("rskd", 3)) == (1.0,)
+    assert serving_mismatch(v3, "ghost", (1.0,)) is None
+    assert re.fullmatch(
+        r"kd.truncation ghost at τ 2 \(kd.temperature, kd.temperature_schedule\) needs the teacher's tempered mass on "
+        r"the truncated ids at each τ, but the store holds it for τ 1 \(format version 3, made before stores recorded "
+        r"temperatures\) only \(missing: 2\): make the store with precompute-logits --temperatures 1,2, or use "
+        r"kd.truncation renormalize", serving_mismatch(v3, "ghost", (2.0,)))
+    for truncation in ("renormalize", "renormalize_both"):
+        assert serving_mismatch(v3, truncation, (2.0,)) is None and serving_mismatch(v4, truncation, (3.0,)) is None
+    assert serving_mismatch(v4, "ghost", (0.5, 2.0)) is None
+    assert "holds it for τ 0.5, 1, 2 only (missing: 4)" in serving_mismatch(v4, "ghost", (1.0, 4.0))
+    many = tuple(1 + i / 10 for i in range(11))
+    assert "at τ 1, 1.1, 1.2, 1.3, 1.4, 1.5, ..., 2 (11 values)" in serving_mismatch(v4, "ghost", many)
+    rskd2 = _manifest("rskd", temperatures=(2.0,))
+    assert serving_mismatch(rskd2, "ghost", (2.0,)) is None and serving_mismatch(rskd2, "renormalize", ()) is None
+    for run, fix in (((1.0,), "--format rskd --temperatures 1,"), ((2.0, 3.0), "use a top_p_k store for a τ schedule")):
+        problem = serving_mismatch(rskd2, "renormalize", run)
+        assert "but the store's RS-KD draws were made at τ 2, an unbiased target at that τ only" in problem
+        assert fix in problem and problem.endswith("or train at τ 2")
+    assert "draws were made at τ 1 (format version 3" in serving_mismatch(_manifest("rskd", 3), "ghost", (2.0,))
+
+
+def test_run_mismatches_names_the_temperatures_a_run_needs(tmp_path, corpus, teacher_ckpt, store32):
+    """The serving check inside ``run_mismatches`` (preflight and ``OfflineTeacher.for_run``): the
+    run's τ are ``KnobSchedule.kd_temperatures`` (every value of a linear schedule), the store's
+    its manifest's; a version-3 store serves a ghost bucket at τ = 1 only, a renormalising run at
+    any τ."""
+    from megadistill.kd.knobs import KnobSchedule
+    from megadistill.schedules import TemperatureSchedule
+    from megadistill.store.reader import run_mismatches
+
+    m = StoreReader(store32).manifest
+    v3 = {**m, "format_version": 3, "truncation": {k: v for k, v in m["truncation"].items() if k != "temperatures"}}
+
+    def run(**kd):
+        return offline_run(tmp_path, corpus, teacher_ckpt, store32, kd=kd_config(**kd))
+
+    assert run_mismatches(m, run()) == [] and run_mismatches(v3, run()) == []
+    (problem,) = run_mismatches(v3, run(temperature=2.0))
+    assert "ghost at τ 2" in problem and "for τ 1 (format version 3" in problem and "--temperatures 1,2" in problem
+    assert run_mismatches(v3, run(temperature=2.0, truncation="renormalize")) == []
+    linear = run(temperature_schedule=TemperatureSchedule("linear", final=2.0))
+    assert KnobSchedule(linear).kd_temperatures() == pytest.approx((1.0, 4 / 3, 5 / 3, 2.0), rel=1e-15)
+    made_for_1_2 = {**m, "truncation": {**m["truncation"], "temperatures": [1.0, 2.0]}}
+    (problem,) = run_mismatches(made_for_1_2, linear)
+    assert "ghost at τ 1, 1.33333, 1.66667, 2" in problem and "for τ 1, 2 only (missing: 1.33333, 1.66667)" in problem
+    assert "precompute-logits on this run's settings without --temperatures" in problem  # 1.33333 would not do
+    schedule = {**m, "truncation": {**m["truncation"], "temperatures": list(KnobSchedule(linear).kd_temperatures())}}
+    assert run_mismatches(schedule, linear) == []
+
+
+def test_a_store_made_for_tau_2_trains_as_online_kd_does_at_tau_2(tmp_path, corpus, teacher_ckpt, store32):
+    """Ghost truncation at τ = 2 from an fp32 store made for temperatures (1, 2): the per-step
+    losses of online KD with the same truncation at τ = 2, within 1e-6 relative (the store's
+    float32 log-probs and tails against the online loss's own float32 logits). The store
+    verifies (its tails within the bounds the kept ids and residuals set). A store made for
+    τ = 1 alone is refused for that run before it trains, by preflight and by the run itself,
+    naming both temperature lists and the fix."""
+    from megadistill.config import ConfigError
+    from megadistill.metrics import read_metrics
+    from megadistill.preflight import _check_store
+    from megadistill.store.inspect_store import info, verify
+
+    kd2, store = kd_config(temperature=2.0), tmp_path / "store"
+    run_distributed(run_precompute, 1, offline_run(tmp_path / "pre", corpus, teacher_ckpt, store, kd=kd2),
+                    logprob_dtype="fp32", temperatures=(1.0, 2.0))
+    reader = StoreReader(store)
+    assert reader.manifest["truncation"]["temperatures"] == [1.0, 2.0] and reader.tail_temperatures == (2.0,)
+    ids, lp, res, tails = reader.batch([0, 1])
+    assert tails.shape == (2, SEQ, 1) and np.isfinite(tails).all()  # top-0.3-24 truncates every position here
+    assert "OK" in verify(store)[0]
+    assert "a ghost-bucket loss at τ 1, 2; a renormalising loss at any τ; tempered tails for τ 2" in "\n".join(info(store))
+
+    online, offline = tmp_path / "online", tmp_path / "offline"
+    run_distributed(run_training, 1, tiny_run(online, corpus, kd=kd2,
+                                              teacher=TeacherConfig(mode="online", model=TEACHER, checkpoint=teacher_ckpt)))
+    run_distributed(run_training, 1, offline_run(offline, corpus, teacher_ckpt, store, kd=kd2))
+    a, b = read_metrics(online), read_metrics(offline)
+    assert set(a) == set(b) == {1, 2, 3, 4}
+    for step in a:
+        for key in ("kd loss", "total loss"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-6 * abs(a[step][key]), (step, key, a[step][key], b[step][key])
+
+    wrong = offline_run(tmp_path / "wrong", corpus, teacher_ckpt, store32, kd=kd2)
+    refusal = (r"kd.truncation ghost at τ 2 .* but the store holds it for τ 1 only \(missing: 2\): make the store with "
+               r"precompute-logits --temperatures 1,2")
+    with pytest.raises(ConfigError, match=refusal):
+        _check_store(wrong)
+    with pytest.raises(Exception, match=rf"teacher.store {store32} was not made for this run: {refusal}"):
+        run_distributed(run_training, 1, wrong)
+    assert read_metrics(tmp_path / "wrong") == {}
+
+
 # --------------------------------------------------------------------------- corruption
 
 
@@ -321,6 +441,7 @@ def _small_store(root: Path, damage: int | None = None) -> Path:
     from megadistill.store import writer
 
     plan = {"format_version": fmt.FORMAT_VERSION, "kind": "top_p_k", "identity": {"dataset": {"seq_length": SEQ}},
+            "truncation": {"temperatures": [1.0]},
             "encoding": {"vocab_size": 600, "id_bits": codec.id_bits(600), "logprob_dtype": "fp16"},
             "num_samples": 12, "samples_per_shard": 4}
     writer.begin(root, plan)
@@ -409,7 +530,10 @@ RESIGNED = {
     "top_p lower": (lambda m, k: m["truncation"].update(top_p=0.1), r"more than truncation.top_p 0.1"),
     "top_p higher": (lambda m, k: m["truncation"].update(top_p=0.6), r"less than truncation.top_p 0.6"),
     "vocab_size": (lambda m, k: m["encoding"].update(vocab_size=500), r"header has vocab_size 512, the manifest 500"),
-    "kind": (lambda m, k: m.update(kind="rskd", sampling={"draws": 12}), r"header has kind 'top_p_k', the manifest 'rskd'"),
+    "kind": (lambda m, k: m.update(kind="rskd", sampling={"draws": 12, "temperature": 1.0}),
+             r"header has kind 'top_p_k', the manifest 'rskd'"),
+    "temperatures": (lambda m, k: m["truncation"].update(temperatures=[1.0, 2.0]),
+                     r"header has tail_temperatures \[\], the manifest \[2.0\]"),
 }
 
 
@@ -436,23 +560,6 @@ def test_a_re_signed_rskd_manifest_with_other_draws_fails_verify(tmp_path, store
         verify(copy)
 
 
-def _as_version_2(store: Path) -> None:
-    """Rewrite ``store`` as megadistill wrote it before format version 3: shards without their
-    sealed sha256, a manifest without its checksum."""
-    import hashlib
-    import json
-
-    m = json.loads((store / "manifest.json").read_text())
-    for e in m["shards"]:
-        path = store / e["file"]
-        data = path.read_bytes()[: -fmt.SEAL_BYTES].replace(b'"format_version": 3', b'"format_version": 2', 1)
-        path.write_bytes(data)
-        e["bytes"], e["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    m.pop("manifest_sha256")
-    m.update(format_version=2, total_bytes=sum(e["bytes"] for e in m["shards"]))
-    (store / "manifest.json").write_text(json.dumps(m, indent=1, sort_keys=True))
-
-
 def test_a_version_2_store_reads_with_a_note_and_its_shards_still_check_its_manifest(damaged, store32, tmp_path):
     """A store written before format version 3 stays readable (and complete for a re-run of its
     precompute); ``store info``/``verify`` say its manifest is unprotected, and what its shards
@@ -462,19 +569,24 @@ def test_a_version_2_store_reads_with_a_note_and_its_shards_still_check_its_mani
     from megadistill.store import writer
     from megadistill.store.inspect_store import info, verify
 
-    _as_version_2(damaged)
+    as_version(damaged, 2)
     reader = StoreReader(damaged)
     assert not reader.protected and reader.shard(1).version == 2
     for a, b in zip(reader.sample(9), StoreReader(store32).sample(9)):
         assert np.array_equal(a, b)
     plan = {k: v for k, v in reader.manifest.items() if k not in ("shards", "total_bytes")}
-    writer.begin(damaged, {**plan, "format_version": fmt.FORMAT_VERSION})  # finished: nothing to do
+    # Finished, it served τ = 1 alone: complete for a plan of this version made for τ = 1 (nothing to
+    # do), another store for τ = 2.
+    at = {**plan, "format_version": fmt.FORMAT_VERSION}
+    writer.begin(damaged, {**at, "truncation": {**plan["truncation"], "temperatures": [1.0]}})
     assert not (damaged / "precompute.json").exists()
+    with pytest.raises(StoreError, match=r"made for another run \(differs in: truncation\)"):
+        writer.begin(damaged, {**at, "truncation": {**plan["truncation"], "temperatures": [1.0, 2.0]}})
     begun = tmp_path / "begun"
     begun.mkdir()
     (begun / "precompute.json").write_text(json.dumps(plan))
-    with pytest.raises(StoreError, match="begun by a megadistill writing format version 2, this one writes 3"):
-        writer.begin(begun, {**plan, "format_version": fmt.FORMAT_VERSION})
+    with pytest.raises(StoreError, match="begun by a megadistill writing format version 2, this one writes 4"):
+        writer.begin(begun, {**at, "truncation": {**plan["truncation"], "temperatures": [1.0]}})
     note = "manifest.json is unprotected (format version 2"
     assert any(note in line for line in info(damaged))
     lines = verify(damaged)
@@ -681,7 +793,8 @@ def test_rskd_precompute_resumes_identically_and_trains(tmp_path, corpus, teache
     assert store_files(tmp_path / "store") == store_files(store_rskd)
     text = "\n".join(info(store_rskd))
     assert "RS-KD, 12 draws" in text and "|u1 draw counts" in text and "OK" in verify(store_rskd)[0]
-    ids, lp, res = StoreReader(store_rskd).sample(5)
+    ids, lp, res, tails = StoreReader(store_rskd).sample(5)
+    assert tails is None and StoreReader(store_rskd).draw_temperature == 1.0
     valid = ids >= 0
     assert (valid.sum(-1) <= 12).all() and (res == 0).all()
     assert np.allclose(np.where(valid, np.exp(lp), 0).sum(-1), 1.0, atol=1e-6)

@@ -1,7 +1,9 @@
-"""Compact store encodings (format versions 2 and 3): quantised log-probs (``qlog64``/``qlog16``), zstd
+"""Compact store encodings (format versions 2 to 4): quantised log-probs (``qlog64``/``qlog16``), zstd
 sections, the precision each encoding costs (measured against float64 targets, asserted against
-the bounds ``FORMAT.md`` states), the stored residual reaching the loss, and version-1 shards
-still read. Training from quantised stores against online KD is in ``test_store.py``."""
+the bounds ``FORMAT.md`` states), the stored residual reaching the loss, tempered tails (version
+4: their round trip, validation, the header against the manifest, ``store verify``'s bounds), and
+shards of versions 1 to 3 still read. Training from quantised stores against online KD is in
+``test_store.py``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from store_testing import older_shard
 
 from megadistill.losses.config import KDLossConfig
 from megadistill.losses.kd import vocab_parallel_sparse_kd_loss
@@ -39,22 +42,24 @@ def _teacher_logits(tokens: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return z[:, torch.randperm(vocab, generator=g)]
 
 
-def _exact_samples(vocab: int, n: int, top_p: float, top_k, seed: int = 0) -> list[SampleTargets]:
-    """``n`` samples of float64 top-p-k targets (the precompute's own selection)."""
-    ids, lp, res = select_top_p_k(_teacher_logits(n * SEQ, vocab, seed), KDLossConfig(top_p=top_p, top_k=top_k), None)
-    ids, lp, res = ids.numpy(), lp.numpy(), res.numpy()
+def _exact_samples(vocab: int, n: int, top_p: float, top_k, seed: int = 0, temperatures: tuple = ()) -> list[SampleTargets]:
+    """``n`` samples of float64 top-p-k targets (the precompute's own selection), with their
+    tempered tails at ``temperatures`` if any."""
+    ids, lp, res, tails = select_top_p_k(_teacher_logits(n * SEQ, vocab, seed), KDLossConfig(top_p=top_p, top_k=top_k),
+                                         None, temperatures)
+    ids, lp, res, tails = ids.numpy(), lp.numpy(), res.numpy(), tails.numpy()
     out = []
     for j in range(n):
         sl = slice(j * SEQ, (j + 1) * SEQ)
         valid = ids[sl] >= 0
         out.append(SampleTargets(fmt.sample_hash(np.arange(SEQ) + j, np.arange(SEQ)), valid.sum(-1), res[sl],
-                                 ids[sl][valid], lp[sl][valid]))
+                                 ids[sl][valid], lp[sl][valid], tails=tails[sl] if temperatures else None))
     return out
 
 
 def _error(samples, shard) -> dict:
     got = [shard.sample_flat(j) for j in range(len(samples))]
-    for s, (counts, ids, _, _) in zip(samples, got, strict=True):
+    for s, (counts, ids, _, _, _) in zip(samples, got, strict=True):
         assert np.array_equal(counts, s.counts) and np.array_equal(ids, s.ids)  # ids are always exact
     cat = np.concatenate
     return encoding_error(cat([s.counts for s in samples]), cat([s.logprobs for s in samples]),
@@ -121,7 +126,7 @@ def test_quantised_codes_escape_large_gaps_and_sum_to_the_kept_mass():
     assert 0.45 / 64 < np.abs(rel_err).max() <= 0.5 / 64 + 1e-12
     samples = _exact_samples(32000, 2, 0.95, 100)
     shard = Shard(encode_shard(0, samples, SEQ, 32000, "qlog64", compression="zstd"), "q")
-    counts, _, lp, res = shard.sample_flat(0)
+    counts, _, lp, res, _ = shard.sample_flat(0)
     starts = np.cumsum(counts) - counts
     # The decoded log-probs are placed so that the kept mass is exactly 1 - residual (float32).
     assert np.allclose(np.add.reduceat(np.exp(lp.astype(np.float64)), starts) + res, 1.0, atol=2e-6)
@@ -137,7 +142,7 @@ def test_compact_encoding_reaches_the_issue_target_at_32k():
     """top-0.95-100 at vocab 32000 (the issue's ≤ 150 B/token target) at a real sequence length,
     on the benchmark's kind of logits: qlog64 + zstd meets it, fp16 does not."""
     seq = 1024
-    ids, lp, res = select_top_p_k(_teacher_logits(seq, 32000, seed=1), KDLossConfig(top_p=0.95, top_k=100), None)
+    ids, lp, res, _ = select_top_p_k(_teacher_logits(seq, 32000, seed=1), KDLossConfig(top_p=0.95, top_k=100), None)
     valid = ids.numpy() >= 0
     s = SampleTargets(fmt.sample_hash(np.zeros(seq), np.zeros(seq)), valid.sum(-1), res.numpy(), ids.numpy()[valid],
                       lp.numpy()[valid])
@@ -178,9 +183,11 @@ def test_stored_residual_is_the_ghost_bucket():
         vocab_parallel_sparse_kd_loss(student, ids, lp, cfg, group=None, residual=torch.tensor([[1.2]], dtype=torch.float64))
 
 
-def _megatron_loss_with_residual(ids, lp16, res, teacher, student, k):
-    """DistillationLoss (the Megatron loss) at this TP size with fp16-rounded stored targets: with
-    the stored residual, without it, and the dense online target (top-k, ghost) they stand for."""
+def _megatron_loss_with_residual(ids, lp16, res, tails, teacher, student, k):
+    """DistillationLoss (the Megatron loss) at this TP size with fp16-rounded stored targets: at
+    τ = 1 with the stored residual, without it, and the dense online target (top-k, ghost) they
+    stand for; at τ = 1.5 with the stored float32 tails (which the ghost bucket then uses instead
+    of the residual) and the dense target."""
     from megatron.core import parallel_state
 
     from megadistill.kd.teacher import SparseLogits
@@ -190,58 +197,98 @@ def _megatron_loss_with_residual(ids, lp16, res, teacher, student, k):
     tp, r = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     v = student.shape[-1] // tp
     cut = slice(r * v, (r + 1) * v)
-    cfg = KDLossConfig(truncation="ghost", temperature=1.5, top_k=k)
-    loss = DistillationLoss(cfg, KDStep(alpha=1.0, temperature=cfg.temperature))
     labels, mask = torch.zeros(student.shape[:2], dtype=torch.long), torch.ones(student.shape[:2])
     out = {}
-    for name, target in (("stored", SparseLogits(ids, lp16, res)), ("derived", SparseLogits(ids, lp16)),
-                         ("dense", teacher[..., cut].clone())):
-        _, _, report = loss(labels, mask, target, student[..., cut].clone())
-        out[name] = float(report["kd loss"][0])
+    for tau, targets in ((1.0, (("stored", SparseLogits(ids, lp16, res)), ("derived", SparseLogits(ids, lp16)))),
+                         (1.5, (("tails", SparseLogits(ids, lp16, res, tails, (1.5,))),))):
+        cfg = KDLossConfig(truncation="ghost", temperature=tau, top_k=k)
+        loss = DistillationLoss(cfg, KDStep(alpha=1.0, temperature=cfg.temperature))
+        for name, target in (*targets, (f"dense {tau:g}", teacher[..., cut].clone())):
+            _, _, report = loss(labels, mask, target, student[..., cut].clone())
+            out[name] = float(report["kd loss"][0])
     return out
 
 
-def test_megatron_loss_uses_the_stored_residual_at_tp2():
+def test_megatron_loss_uses_the_stored_residual_and_tails_at_tp2():
     g = torch.Generator().manual_seed(4)
     vocab, k = 64, 6
     teacher = torch.randn(2, 8, vocab, generator=g, dtype=torch.float64) * 2
     student = torch.randn(2, 8, vocab, generator=g, dtype=torch.float64)
-    ids, lp, res = select_top_p_k(teacher.reshape(16, vocab), KDLossConfig(top_k=k), None)
-    # As an fp16 store hands them out: log-probs rounded down, the residual as stored.
+    ids, lp, res, tails = select_top_p_k(teacher.reshape(16, vocab), KDLossConfig(top_k=k), None, (1.5,))
+    # As an fp16 store hands them out: log-probs rounded down, the residual as stored, float32 tails.
     lp16 = torch.from_numpy(codec.encode_logprobs(lp.numpy(), "fp16").astype(np.float64)).reshape(2, 8, -1)
     res16 = torch.from_numpy(codec.encode_residual(res.numpy(), "fp16").astype(np.float64)).reshape(2, 8)
+    tails32 = tails.float().double().reshape(2, 8, 1)
     ids = ids.reshape(2, 8, -1)
-    for got in run_distributed(_megatron_loss_with_residual, 2, ids, lp16, res16, teacher, student, k, tp=2):
-        err_stored, err_derived = abs(got["stored"] - got["dense"]), abs(got["derived"] - got["dense"])
-        assert err_stored < 1e-3 * got["dense"] and err_stored < 0.5 * err_derived, got
+    for got in run_distributed(_megatron_loss_with_residual, 2, ids, lp16, res16, tails32, teacher, student, k, tp=2):
+        err_stored, err_derived = abs(got["stored"] - got["dense 1"]), abs(got["derived"] - got["dense 1"])
+        assert err_stored < 1e-3 * got["dense 1"] and err_stored < 0.5 * err_derived, got
+        assert abs(got["tails"] - got["dense 1.5"]) < 1e-3 * got["dense 1.5"], got
 
 
-def test_offline_teacher_hands_out_the_stored_residual(tmp_path):
+def _finished_store(root, samples, kind="top_p_k", enc="qlog64", temperatures=(1.0,), vocab=300, **manifest):
+    """A finished version-4 store of ``samples`` (global 0..) in one shard, written through the writer
+    (no teacher): top-p-k with ``enc`` log-probs and tails at ``temperatures`` but 1, or RS-KD
+    (12 draws) drawn at ``temperatures[0]``. ``manifest`` keys replace the plan's."""
     from megadistill.store import writer
+
+    rskd = kind == "rskd"
+    how = {"sampling": {"draws": 12, "temperature": temperatures[0]}} if rskd else \
+        {"truncation": {"top_p": 0.9, "top_k": 8, "ties": "kept", "temperatures": list(temperatures)}}
+    enc_keys = {"draw_dtype": "|u1"} if rskd else {"logprob_dtype": enc, "residual_dtype": codec.RESIDUAL_DTYPES[enc]}
+    plan = {"format_version": fmt.FORMAT_VERSION, "kind": kind, "identity": {"dataset": {"seq_length": SEQ}},
+            "encoding": {"vocab_size": vocab, "id_bits": codec.id_bits(vocab), "compression": "zstd", **enc_keys},
+            "num_samples": len(samples), "samples_per_shard": len(samples), **how, **manifest}
+    writer.begin(root, plan)
+    if rskd:
+        rs = [SampleTargets(s.hash, s.counts, None, s.ids, None, draws=_draws(s.counts)) for s in samples]
+        data = encode_shard(0, rs, SEQ, vocab, None, kind="rskd", num_draws=12, compression="zstd",
+                            draw_temperature=temperatures[0])
+    else:
+        data = encode_shard(0, samples, SEQ, vocab, enc, compression="zstd",
+                            tail_temperatures=tuple(t for t in temperatures if t != 1.0))
+    writer.write_atomic(root / fmt.shard_name(0), data)
+    writer.finish(root, plan)
+    return root
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_offline_teacher_hands_out_the_stored_residual_and_tails(tmp_path, prefetch):
+    """What ``OfflineTeacher.split`` hands the loss, synchronously and from the prefetch thread: the
+    stored residual; the tails and their temperatures (a store with τ ≠ 1); the draw temperature
+    (RS-KD)."""
     from megadistill.store.reader import OfflineTeacher
 
-    samples = _exact_samples(300, 4, 0.9, 8)
-    for kind, enc in (("top_p_k", "qlog64"), ("rskd", None)):
-        root = tmp_path / kind
-        plan = {"format_version": fmt.FORMAT_VERSION, "kind": kind, "identity": {"dataset": {"seq_length": SEQ}},
-                "encoding": {"vocab_size": 300, "id_bits": codec.id_bits(300)}, "num_samples": 4, "samples_per_shard": 4}
-        writer.begin(root, plan)
-        if kind == "rskd":
-            rs = [SampleTargets(s.hash, s.counts, None, s.ids, None, draws=_draws(s.counts)) for s in samples]
-            data = encode_shard(0, rs, SEQ, 300, None, kind="rskd", num_draws=12, compression="zstd")
-        else:
-            data = encode_shard(0, samples, SEQ, 300, enc, compression="zstd")
-        writer.write_atomic(root / fmt.shard_name(0), data)
-        writer.finish(root, plan)
-        teacher = OfflineTeacher(root, 300, SEQ, prefetch=0)
-        idx = torch.tensor([1, 2])
-        batch = {"indices": idx, "tokens": torch.arange(SEQ)[None] + idx[:, None], "labels": torch.arange(SEQ).repeat(2, 1)}
-        target = teacher.split(batch, torch.zeros(1))[1]
-        if kind == "rskd":
-            assert target.residual is None  # an empirical distribution: nothing truncated
-        else:
-            want = np.stack([samples[1].residual, samples[2].residual]).astype(np.float32)
+    temps = (0.5, 1.0, 2.0)
+    samples = _exact_samples(300, 4, 0.9, 8, temperatures=(0.5, 2.0))
+    cases = (("top_p_k", "qlog64", temps), ("top_p_k", "fp16", (1.0,)), ("rskd", None, (2.0,)), ("rskd", None, (1.0,)))
+    for kind, enc, t in cases:
+        root = _finished_store(tmp_path / f"{kind}-{enc}-{len(t)}-{t[0]}", samples if len(t) > 1 else
+                               [SampleTargets(s.hash, s.counts, s.residual, s.ids, s.logprobs) for s in samples],
+                               kind, enc, t)
+        teacher = OfflineTeacher(root, 300, SEQ, prefetch=prefetch)
+        for first in (0, 2):  # with prefetch, the second batch comes from the background thread
+            idx = torch.tensor([first, first + 1])
+            batch = {"indices": idx, "tokens": torch.arange(SEQ)[None] + idx[:, None],
+                     "labels": torch.arange(SEQ).repeat(2, 1)}
+            target = teacher.split(batch, torch.zeros(1))[1]
+            if kind == "rskd":
+                # An empirical distribution: nothing truncated, unbiased at the draws' τ only.
+                assert target.residual is None and target.tails is None and target.temperatures == ()
+                assert target.drawn_at == t[0]
+                continue
+            want = codec.encode_residual(np.stack([samples[first].residual, samples[first + 1].residual]),
+                                         codec.RESIDUAL_DTYPES[enc]).astype(np.float32)
             assert target.residual.shape == (2, SEQ) and np.array_equal(target.residual.numpy(), want)
+            assert target.drawn_at is None
+            if len(t) == 1:
+                assert target.tails is None and target.temperatures == ()
+            else:
+                want = np.stack([samples[first].tails, samples[first + 1].tails]).astype(np.float32)
+                assert target.temperatures == (0.5, 2.0) and target.tails.dtype == torch.float32
+                assert target.tails.shape == (2, SEQ, 2) and np.array_equal(target.tails.numpy(), want)
+        assert teacher.hits == (1 if prefetch else 0)
+        teacher.close()
 
 
 def _draws(counts):
@@ -252,6 +299,172 @@ def _draws(counts):
         d[0] += 12 - c
         out.append(d)
     return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- tempered tails (format version 4)
+
+TAIL_TEMPERATURES = (0.5, 2.0, 4.0)
+
+
+@pytest.mark.parametrize("enc", ["fp32", "fp16", "qlog64"])
+def test_tails_round_trip_as_float32_in_every_encoding(enc):
+    """The tails section holds each τ's ``log Σ_truncated p^(1/τ)`` as float32, with or without zstd
+    (lossless), whatever the log-prob encoding, and hands them out with the sample."""
+    samples = _exact_samples(300, 2, 0.9, 8, temperatures=TAIL_TEMPERATURES)
+    plain_bytes = encode_shard(3, samples, SEQ, 300, enc, tail_temperatures=TAIL_TEMPERATURES)
+    for compression in (None, "zstd"):
+        shard = Shard(encode_shard(3, samples, SEQ, 300, enc, compression=compression,
+                                   tail_temperatures=TAIL_TEMPERATURES), "t")
+        assert shard.version == 4 and shard.tail_temperatures == TAIL_TEMPERATURES
+        assert shard.header["chunked"][:3] == ["counts", "residual", "tails"]
+        assert ("tails" in shard.compressed) == (compression == "zstd")
+        for j, s in enumerate(samples):
+            tails = shard.sample_flat(3 + j)[4]
+            assert tails.dtype == np.float32 and np.array_equal(tails, s.tails.astype(np.float32))
+            ids, lp, res, padded = shard.sample(3 + j)
+            assert np.array_equal(padded, tails)
+    # Uncompressed, the section costs exactly 4 bytes per position and τ (plus its chunk offsets).
+    no_tails = encode_shard(3, [SampleTargets(s.hash, s.counts, s.residual, s.ids, s.logprobs) for s in samples],
+                            SEQ, 300, enc)
+    assert Shard(no_tails, "n").sample(3)[3] is None and "tails" not in Shard(no_tails, "n").header["sections"]
+    assert Shard(plain_bytes, "p").header["sections"]["tails"][1] == 2 * SEQ * len(TAIL_TEMPERATURES) * 4
+
+
+def test_stored_tails_are_the_exact_tempered_tail_mass_and_minus_inf_without_truncation():
+    """Against the float64 definition from the full distribution (top-k 3 of 40 ids), stored as
+    float32; a position keeping the whole vocabulary stores -inf. fp32 logits: the tails are
+    computed in fp32 (the store's precision), so they agree to ~1e-7 in log (relative) mass."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(SEQ, 40, generator=g) * 2
+    ids, lp, res, tails = select_top_p_k(logits, KDLossConfig(top_k=3), None, TAIL_TEMPERATURES)
+    p = torch.softmax(logits.double(), -1)
+    kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, ids.clamp(min=0), ids >= 0)
+    for j, tau in enumerate(TAIL_TEMPERATURES):
+        want = torch.log(torch.where(kept, 0.0, p ** (1 / tau)).sum(-1))
+        assert torch.allclose(tails[:, j], want, rtol=0, atol=1e-6)
+        assert torch.allclose(select_top_p_k(logits.double(), KDLossConfig(top_k=3), None, TAIL_TEMPERATURES)[3][:, j],
+                              want, rtol=1e-12, atol=0)  # float64 logits: float64 tails
+    valid = (ids >= 0).numpy()
+    s = SampleTargets(b"h" * 16, valid.sum(-1), res.numpy(), ids.numpy()[valid], lp.numpy()[valid], tails=tails.numpy())
+    got = Shard(encode_shard(0, [s], SEQ, 40, "fp32", tail_temperatures=TAIL_TEMPERATURES), "f").sample_flat(0)[4]
+    assert np.array_equal(got, tails.numpy().astype(np.float32))
+    everything = SampleTargets(b"h" * 16, np.full(SEQ, 1), np.zeros(SEQ), np.zeros(SEQ, dtype=np.int64), np.zeros(SEQ),
+                               tails=np.full((SEQ, 3), -np.inf))
+    got = Shard(encode_shard(0, [everything], SEQ, 1, "fp32", tail_temperatures=TAIL_TEMPERATURES), "e").sample_flat(0)[4]
+    assert (got == -np.inf).all()
+
+
+def _with_tails(sample, tails):
+    return SampleTargets(sample.hash, sample.counts, sample.residual, sample.ids, sample.logprobs, tails=tails)
+
+
+def test_encoding_refuses_malformed_tails_and_temperatures():
+    s = _exact_samples(300, 1, 0.9, 8, temperatures=(2.0,))[0]
+    ok = s.tails
+    nan, inf = ok.copy(), ok.copy()
+    nan[7, 0], inf[9, 0] = np.nan, np.inf
+    bad_tails = [(ok[:-1], r"tails \(63, 1\) are not \[64, 1\]"), (np.concatenate([ok, ok], -1), r"are not \[64, 1\]"),
+                 (nan, "NaN or \\+inf"), (inf, "NaN or \\+inf"), (None, "a sample has no tails")]
+    for tails, message in bad_tails:
+        with pytest.raises(ValueError, match=message):
+            encode_shard(0, [_with_tails(s, tails)], SEQ, 300, "fp32", tail_temperatures=(2.0,))
+    with pytest.raises(ValueError, match="has tails but the shard has no tail temperatures"):
+        encode_shard(0, [s], SEQ, 300, "fp32")
+    for temps in ((1.0, 2.0), (2.0, 0.5), (2.0, 2.0), (-1.0,), (float("inf"),), (True,)):
+        with pytest.raises(ValueError, match="tail temperatures .* must be finite, > 0, not 1"):
+            encode_shard(0, [_with_tails(s, np.repeat(ok, len(temps), -1))], SEQ, 300, "fp32", tail_temperatures=temps)
+    rs = SampleTargets(s.hash, s.counts, None, s.ids, None, draws=_draws(s.counts))
+    with pytest.raises(ValueError, match="an RS-KD shard has no tails"):
+        encode_shard(0, [rs], SEQ, 300, None, kind="rskd", num_draws=12, tail_temperatures=(2.0,))
+    for t in (0.0, float("nan"), -2.0):
+        with pytest.raises(ValueError, match="RS-KD draw temperature"):
+            encode_shard(0, [rs], SEQ, 300, None, kind="rskd", num_draws=12, draw_temperature=t)
+    assert Shard(encode_shard(0, [rs], SEQ, 300, None, kind="rskd", num_draws=12, draw_temperature=2.0),
+                 "r").draw_temperature == 2.0
+
+
+def test_the_header_temperatures_are_held_to_the_manifest(tmp_path):
+    """A shard's tail temperatures against ``truncation.temperatures`` (which also lists 1, the
+    residual's), its draw temperature against ``sampling.temperature``; an older declaration,
+    without them, is not compared. A store whose re-signed manifest lists other temperatures is
+    refused on the shard's first use."""
+    import json
+
+    from megadistill.store.decode import header_disagreements
+    from megadistill.store.reader import StoreReader
+
+    samples = _exact_samples(300, 2, 0.9, 8, temperatures=(2.0,))
+    shard = Shard(encode_shard(0, samples, SEQ, 300, "fp32", tail_temperatures=(2.0,)), "t")
+    assert header_disagreements(shard, {"kind": "top_p_k", "truncation": {"temperatures": [1.0, 2.0]}}, 0, 2) == []
+    assert header_disagreements(shard, {"kind": "top_p_k", "truncation": {"top_k": 8}}, 0, 2) == []
+    assert header_disagreements(shard, {"truncation": {"temperatures": [1.0, 2.0, 4.0]}}, 0, 2) == \
+        ["its header has tail_temperatures [2.0], the manifest [2.0, 4.0]"]
+    assert header_disagreements(shard, {"truncation": {"temperatures": [1.0]}}, 0, 2) == \
+        ["its header has tail_temperatures [2.0], the manifest []"]
+    rs = [SampleTargets(s.hash, s.counts, None, s.ids, None, draws=_draws(s.counts)) for s in samples]
+    rskd = Shard(encode_shard(0, rs, SEQ, 300, None, kind="rskd", num_draws=12, draw_temperature=2.0), "r")
+    assert header_disagreements(rskd, {"sampling": {"draws": 12, "temperature": 2.0}}, 0, 2) == []
+    assert header_disagreements(rskd, {"sampling": {"draws": 12, "temperature": 1.0}}, 0, 2) == \
+        ["its header has draw_temperature 2.0, the manifest 1.0"]
+
+    root = _finished_store(tmp_path / "s", samples, temperatures=(1.0, 2.0))
+    StoreReader(root).sample(1)
+    m = json.loads((root / fmt.MANIFEST).read_text())
+    m["truncation"]["temperatures"] = [0.5, 1.0, 2.0]
+    (root / fmt.MANIFEST).write_text(json.dumps(fmt.sign_manifest(m)))
+    with pytest.raises(StoreError, match=r"shard-000000.bin contradicts manifest.json: its header has tail_temperatures "
+                                         r"\[2.0\], the manifest \[0.5, 2.0\]"):
+        StoreReader(root).sample(1)
+
+
+MANIFEST_TEMPERATURES = [
+    ("top_p_k", {"truncation": {"top_k": 8}}, r"truncation.temperatures None is not a list of temperatures > 0"),
+    ("top_p_k", {"truncation": {"temperatures": [1.0, "2"]}}, r"truncation.temperatures \[1.0, '2'\] is not a list"),
+    ("top_p_k", {"truncation": {"temperatures": [0.0, 1.0]}}, r"truncation.temperatures \[0.0, 1.0\] is not a list"),
+    ("top_p_k", {"truncation": {"temperatures": [2.0, 1.0]}}, r"truncation.temperatures \[2.0, 1.0\] must be sorted, each once, and hold 1.0"),
+    ("top_p_k", {"truncation": {"temperatures": [2.0]}}, r"truncation.temperatures \[2.0\] must be sorted, each once, and hold 1.0"),
+    ("top_p_k", {"truncation": {"temperatures": [1.0, 1.0]}}, r"truncation.temperatures \[1.0, 1.0\] must be sorted, each once, and hold 1.0"),
+    ("rskd", {"sampling": {"draws": 12}}, r"sampling.temperature None is not a temperature > 0"),
+    ("rskd", {"sampling": {"draws": 12, "temperature": -1.0}}, r"sampling.temperature -1.0 is not a temperature > 0"),
+]
+
+
+@pytest.mark.parametrize("kind, keys, message", MANIFEST_TEMPERATURES)
+def test_a_version_4_manifest_must_declare_its_temperatures(kind, keys, message):
+    m = {"format_version": 4, "kind": kind, "identity": {}, "encoding": {}, "num_samples": 0, "samples_per_shard": 1,
+         "shards": [], **keys}
+    with pytest.raises(StoreError, match=rf"store x: manifest.json: {message}"):
+        fmt.check_manifest(fmt.sign_manifest(m), "store x")
+    fmt.check_manifest({**m, "format_version": 3, "manifest_sha256": fmt.manifest_sha256({**m, "format_version": 3})},
+                       "store x")  # older stores declare none
+
+
+def test_verify_holds_tails_to_the_kept_ids_and_the_residual(tmp_path):
+    """``store verify`` passes exact tails (every encoding's rounding within its stated slack) and
+    names the sample, position and τ of a tail no teacher distribution can give: one moved by 20
+    nats up or down (past the power-mean bounds, whose width is |1 - 1/τ|·log(vocab) ≤ 5.8 here)."""
+    from megadistill.store.inspect_store import verify
+
+    temps = (0.5, 1.0, 2.0, 4.0)
+    samples = _exact_samples(300, 3, 0.9, 8, temperatures=(0.5, 2.0, 4.0))
+    for enc in ("fp32", "fp16", "qlog64"):
+        root = _finished_store(tmp_path / enc, samples, enc=enc, temperatures=temps)
+        assert "OK" in verify(root)[0]
+    for column, shift in ((0, 20.0), (1, -20.0), (2, 20.0)):
+        bad = [_with_tails(s, s.tails.copy()) for s in samples]
+        truncated = np.flatnonzero(np.isfinite(bad[2].tails[:, column]))[3]
+        bad[2].tails[truncated, column] += shift
+        root = _finished_store(tmp_path / f"bad{column}", bad, temperatures=temps)
+        tau = (0.5, 2.0, 4.0)[column]
+        with pytest.raises(StoreError, match=rf"shard-000000.bin, sample 2: position {truncated} has a tempered tail "
+                                             rf"at τ {tau:g} of .*, (above|below) what its (residual|last kept log-prob) allows"):
+            verify(root)
+    # -inf where something was truncated (a residual far above what underflow explains).
+    bad = [_with_tails(s, s.tails.copy()) for s in samples]
+    truncated = np.flatnonzero(samples[1].residual > 1e-3)[0]
+    bad[1].tails[truncated, 1] = -np.inf
+    with pytest.raises(StoreError, match=rf"sample 1: position {truncated} has a tempered tail at τ 2 of -inf"):
+        verify(_finished_store(tmp_path / "inf", bad, temperatures=temps))
 
 
 # --------------------------------------------------------------------------- format versions and corruption
@@ -271,17 +484,18 @@ def test_corrupt_compressed_chunk_names_shard_and_sample():
 
 def test_newer_format_version_is_refused_clearly():
     buf = encode_shard(0, _exact_samples(300, 1, 0.9, 8), SEQ, 300, "fp16")
-    newer = buf.replace(b'"format_version": 3', b'"format_version": 9', 1)
+    newer = buf.replace(b'"format_version": 4', b'"format_version": 9', 1)
     assert newer != buf
-    with pytest.raises(StoreError, match="format version 9; this megadistill reads versions 1, 2, 3"):
+    with pytest.raises(StoreError, match="format version 9; this megadistill reads versions 1, 2, 3, 4"):
         Shard(newer, "n")
-    with pytest.raises(StoreError, match="format version 9; this megadistill reads versions 1, 2, 3"):
+    with pytest.raises(StoreError, match="format version 9; this megadistill reads versions 1, 2, 3, 4"):
         fmt.check_manifest({"format_version": 9}, "store x")
 
 
-def test_a_shard_is_sealed_with_its_sha256_and_version_2_still_reads():
-    """Version 3 appends the sha256 of every other byte; a version-2 shard (the same bytes without
-    the seal) reads the same samples but proves nothing about its content."""
+def test_a_shard_is_sealed_with_its_sha256_and_versions_2_and_3_still_read():
+    """Version 3 on appends the sha256 of every other byte; a version-2 shard (the same bytes without
+    the seal) reads the same samples but proves nothing about its content. Shards before version 4
+    have no tails, and their RS-KD draws were made at τ = 1."""
     samples = _exact_samples(300, 2, 0.9, 8)
     buf = encode_shard(5, samples, SEQ, 300, "qlog64", compression="zstd")
     assert buf[-fmt.SEAL_BYTES:] == hashlib.sha256(buf[: -fmt.SEAL_BYTES]).digest()
@@ -289,12 +503,17 @@ def test_a_shard_is_sealed_with_its_sha256_and_version_2_still_reads():
     damaged = bytearray(buf)
     damaged[len(buf) // 2] ^= 1
     assert fmt.sealed_sha256(bytes(damaged)) is None and fmt.sealed_sha256(buf[:-1]) is None
-    v2 = buf[: -fmt.SEAL_BYTES].replace(b'"format_version": 3', b'"format_version": 2', 1)
-    old, new = Shard(v2, "v2"), Shard(buf, "v3")
-    assert (old.version, new.version) == (2, 3) and fmt.sealed_sha256(v2) is None
+    v2, v3 = older_shard(buf, 2), older_shard(buf, 3)
+    old, older, new = Shard(v3, "v3"), Shard(v2, "v2"), Shard(buf, "v4")
+    assert (older.version, old.version, new.version) == (2, 3, 4) and fmt.sealed_sha256(v2) is None
+    assert fmt.sealed_sha256(v3) == hashlib.sha256(v3).hexdigest()
+    assert older.tail_temperatures == old.tail_temperatures == new.tail_temperatures == ()
     for i in (5, 6):
-        for a, b in zip(old.sample_flat(i), new.sample_flat(i)):
-            assert np.array_equal(a, b)
+        for a, b, c in zip(older.sample_flat(i), old.sample_flat(i), new.sample_flat(i), strict=True):
+            assert np.array_equal(a, b) and np.array_equal(b, c)
+    rs = [SampleTargets(s.hash, s.counts, None, s.ids, None, draws=_draws(s.counts)) for s in samples]
+    rskd = Shard(older_shard(encode_shard(5, rs, SEQ, 300, None, kind="rskd", num_draws=12), 3), "r3")
+    assert rskd.version == 3 and rskd.draw_temperature == 1.0 and rskd.sample(5)[3] is None
 
 
 def _v1_expected():
@@ -321,8 +540,10 @@ def test_version_1_shards_still_read():
     top = Shard(base64.b64decode(_V1_TOP_P_K), "v1")
     rskd = Shard(base64.b64decode(_V1_RSKD), "v1r")
     assert top.version == rskd.version == 1 and top.logprob_dtype == "fp16" and top.entries == 40
+    assert top.tail_temperatures == () and rskd.draw_temperature == 1.0
     for j, (counts, ids, lp, res, draws) in enumerate(_v1_expected()):
-        c, got_ids, got_lp, got_res = top.sample_flat(10 + j)
+        c, got_ids, got_lp, got_res, tails = top.sample_flat(10 + j)
+        assert tails is None
         assert np.array_equal(c, counts) and np.array_equal(got_ids, ids)
         err = lp - got_lp
         assert (err >= 0).all() and (err <= np.abs(lp) * 2**-10 + 2**-24).all()  # fp16, rounded down

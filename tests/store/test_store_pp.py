@@ -85,8 +85,8 @@ def test_tp2_precompute_equals_tp1_within_the_logits_rounding(tmp_path, corpus, 
     run_distributed(_precompute, 2, cfg, tp=2, logprob_dtype="fp32")
     a, b = StoreReader(top), StoreReader(tmp_path / "top")
     for i in range(32):
-        ia, la, ra = a.sample(i)
-        ib, lb, rb = b.sample(i)
+        ia, la, ra, _ = a.sample(i)
+        ib, lb, rb, _ = b.sample(i)
         assert np.array_equal(ia, ib), i  # ids, their order and (through the -1 pads) the counts
         assert np.array_equal(np.isinf(la), np.isinf(lb)), i
         fin = np.isfinite(la)
@@ -150,10 +150,10 @@ def test_select_top_p_k_matches_the_reference(scale, ties):
     if not ties:
         x = x + 1e-3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
     for cfg in CFGS:
-        ids, lp, res = select_top_p_k(x, cfg, None)
+        ids, lp, res, _ = select_top_p_k(x, cfg, None)
         assert ids.shape[1] == max(len(r[0]) for r in _reference_top_p_k(x, cfg))
         _check_against_reference(ids, lp, res, _reference_top_p_k(x, cfg))
-    ids, lp, res = select_top_p_k(x, KDLossConfig(top_p=1.0, top_k=None), None)  # no truncation: every id
+    ids, lp, res, _ = select_top_p_k(x, KDLossConfig(top_p=1.0, top_k=None), None)  # no truncation: every id
     assert ids.shape == (96, 256) and (res == 0).all()
     assert np.array_equal(np.sort(ids.numpy(), axis=-1), np.tile(np.arange(256), (96, 1)))
 
@@ -166,7 +166,7 @@ def test_a_kept_id_tied_outside_the_candidate_blocks_is_kept():
     sevens = [5, 13, 22, 31, 38, 47, 51, 60]
     x[0, sevens] = 7.0
     cfg = KDLossConfig(top_p=1.0, top_k=4)
-    ids, lp, res = select_top_p_k(x, cfg, None)
+    ids, lp, res, _ = select_top_p_k(x, cfg, None)
     assert ids[0].tolist() == [0, 1, 2] + sevens and (lp[0, 3:] == lp[0, 3]).all()
     assert ((ids[1:] >= 0).sum(-1) == 4).all() and (ids[1:, 4:] == -1).all()
     _check_against_reference(ids, lp, res, _reference_top_p_k(x, cfg))

@@ -56,9 +56,9 @@ def test_rskd_shard_round_trip_is_exact():
     for j, s in enumerate(samples):
         ids, d = shard.sample_draws(40 + j)
         assert np.array_equal(ids, s.ids) and np.array_equal(d, s.draws)
-        dense_ids, lp, res = shard.sample(40 + j)
+        dense_ids, lp, res, tails = shard.sample(40 + j)
         valid = dense_ids >= 0
-        assert np.array_equal(dense_ids[valid], s.ids) and (res == 0).all()
+        assert np.array_equal(dense_ids[valid], s.ids) and (res == 0).all() and tails is None
         # The stored target is the empirical distribution count / N, exactly (up to float32 rounding of its log).
         assert np.allclose(np.exp(lp[valid].astype(np.float64)), s.draws / draws, rtol=1e-6, atol=0)
         assert np.allclose(np.where(valid, np.exp(lp), 0).sum(-1), 1.0, atol=1e-6)
@@ -167,7 +167,7 @@ def test_rskd_gradient_is_unbiased_and_top_k_is_not():
     assert (err < 4.5 * se + 1e-6).all(), float((err / se).max())
     assert 0.7 < float(((err / se) ** 2).mean()) < 1.3
 
-    top_ids, top_lp, _ = select_top_p_k(teacher, KDLossConfig(top_k=5), None)
+    top_ids, top_lp, _, _ = select_top_p_k(teacher, KDLossConfig(top_k=5), None)
     biased = _grad(student[:, None], lambda z: vocab_parallel_sparse_kd_loss(
         z, top_ids[:, None], top_lp.float()[:, None], cfg, group=None))[:, 0]
     bias = (biased.double() - dense.double()).abs()
@@ -185,7 +185,8 @@ def _make_store(root: Path, kind: str, n: int = 24, per_shard: int = 8, vocab: i
     rng = np.random.default_rng(0)
     plan = {"format_version": fmt.FORMAT_VERSION, "kind": kind, "identity": {"dataset": {"seq_length": SEQ}},
             "encoding": {"vocab_size": vocab, "id_bits": codec.id_bits(vocab)}, "num_samples": n,
-            "samples_per_shard": per_shard}
+            "samples_per_shard": per_shard,
+            **({"sampling": {"draws": 12, "temperature": 1.0}} if kind == "rskd" else {"truncation": {"temperatures": [1.0]}})}
     writer.begin(root, plan)
     for i, (first, count) in enumerate(writer.shard_ranges(n, per_shard)):
         if kind == "rskd":
