@@ -1,6 +1,7 @@
 """Benchmark: the offline logits store end to end, side by side in one run.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/offline.py [--steps 12] [--format top_p_k|rskd] [--repeats 3]
+        [--tempered 2 ...]
 
 1. **Precompute vs the teacher's forward alone**: ``megadistill.store.precompute.precompute`` over
    ``steps × 16`` samples, against a loop of only the teacher's forwards over the same micro-batches
@@ -47,8 +48,8 @@ def _corpus(root: Path):
     return embedded_corpus(root, VOCAB)
 
 
-def _cfg(out: Path, corpus, steps: int, **kw) -> RunConfig:
-    return short_run(out, corpus, steps, STUDENT, SEQ, MBS, GBS, **kw)
+def _cfg(out: Path, corpus, steps: int, model: ModelConfig = STUDENT, **kw) -> RunConfig:
+    return short_run(out, corpus, steps, model, SEQ, MBS, GBS, **kw)
 
 
 def _kd() -> KDConfig:
@@ -112,18 +113,18 @@ def _teacher_forward_seconds(cfg, threads, kind="top_p_k", draws=12) -> tuple[np
     return fwd, select
 
 
-def _precompute_seconds(cfg, threads, kind, draws) -> tuple[np.ndarray, np.ndarray]:
+def _precompute_seconds(cfg, threads, kind, draws, temperatures=None) -> tuple[np.ndarray, np.ndarray]:
     """(whole precompute call, its setup alone): the setup is timed as a second call on the finished
     store, which builds data, model and checkpoint, checks the plan and returns. Each as (wall,
-    CPU) seconds."""
+    CPU) seconds. ``temperatures``: precompute's (None: the run's τ)."""
     from megadistill.store.precompute import precompute
 
     torch.set_num_threads(threads)
     t0 = _clock()
-    precompute(cfg, progress=False, kind=kind, draws=draws)
+    precompute(cfg, progress=False, kind=kind, draws=draws, temperatures=temperatures)
     whole = _clock() - t0
     t0 = _clock()
-    precompute(cfg, progress=False, kind=kind, draws=draws)
+    precompute(cfg, progress=False, kind=kind, draws=draws, temperatures=temperatures)
     return whole, _clock() - t0
 
 
@@ -146,6 +147,9 @@ def main() -> None:
                    help="alternate the forwards-alone and precompute measurements this many times; report the fastest "
                         "of each and the median of the per-repeat ratios (on a shared machine, the least disturbed)")
     p.add_argument("--precompute-only", action="store_true", help="skip the student step comparison")
+    p.add_argument("--tempered", type=float, nargs="*", default=[], metavar="TAU",
+                   help="top_p_k: also precompute the same store with tails at these temperatures (besides 1), "
+                        "alternated with the plain one in every repeat, and report the loop ratio")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
         root = Path(tmp)
@@ -157,12 +161,17 @@ def main() -> None:
         off = lambda out: _cfg(out, corpus, args.steps, kd=_kd(),  # noqa: E731
                                teacher=TeacherConfig(mode="offline", model=TEACHER, checkpoint=ckpt, store=str(store)))
         pre = off(root / "pre")
-        fwds, selects, wholes, setups = [], [], [], []
+        fwds, selects, wholes, setups, tempered = [], [], [], [], []
         for _ in range(args.repeats):
             fwd, select = run_distributed(_teacher_forward_seconds, 1, pre, args.threads, args.format, args.draws)[0]
             shutil.rmtree(store, ignore_errors=True)
             whole, setup = run_distributed(_precompute_seconds, 1, pre, args.threads, args.format, args.draws)[0]
             fwds.append(fwd), selects.append(select), wholes.append(whole), setups.append(setup)
+            if args.tempered:
+                shutil.rmtree(store, ignore_errors=True)
+                tw, ts = run_distributed(_precompute_seconds, 1, pre, args.threads, args.format, args.draws,
+                                         [1.0, *args.tempered])[0]
+                tempered.append(tw - ts)
         from megadistill.store.inspect_store import info
 
         size_line = [line for line in info(store) if line.startswith("size")][0]
@@ -192,6 +201,11 @@ def main() -> None:
               f"forward+select+encode+write loop {loop:.2f} s")
         print(f"[{clock}] median ratio to the forwards: selection alone {r_sel:.2f}x, precompute whole call "
               f"{r_whole:.2f}x, loop {r_loop:.2f}x (target <= 1.3x)")
+    if tempered:
+        ratio = [t[0] / lo[0] for t, lo in zip(tempered, loops)]
+        print(f"tails at τ = {', '.join(f'{t:g}' for t in args.tempered)}: precompute loop wall "
+              f"{', '.join(f'{t[0]:.2f}' for t in tempered)} s; per-repeat ratio to the plain loop "
+              f"{', '.join(f'{r:.3f}' for r in ratio)} (median {statistics.median(ratio):.3f}x)")
     if plain:
         mp, mk = statistics.median(plain), statistics.median(kd)
         print(f"student step (median of {len(plain)}): plain LM {mp * 1e3:.0f} ms, offline KD {mk * 1e3:.0f} ms "

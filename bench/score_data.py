@@ -43,8 +43,8 @@ def _corpus(root: Path):
     return embedded_corpus(root, VOCAB)
 
 
-def _cfg(out: Path, corpus, steps: int, **kw) -> RunConfig:
-    return short_run(out, corpus, steps, SMALL_LM, SEQ, MBS, MBS, **kw)
+def _cfg(out: Path, corpus, steps: int, model: ModelConfig = SMALL_LM, **kw) -> RunConfig:
+    return short_run(out, corpus, steps, model, SEQ, MBS, MBS, **kw)
 
 
 def _train(cfg, threads):

@@ -85,7 +85,8 @@ def run_demo(out: str | Path = "runs/demo", scale: float = 1.0, seeds: int = 1, 
     records = {}
     for i, st in enumerate(steps, start=1):
         print(f"[demo] {i}/{len(steps)} {st.label} [{time.perf_counter() - t0:.0f} s so far]", flush=True)
-        records[st.name] = run_step(out, st, progress=progress)
+        records[st.name] = run_step(out, st, progress=progress,
+                                    upstream=tuple(records[u]["config_sha256"] for u in st.uses))
     meta = {"corpus": _corpus_line(inputs, s), "scale": s.name, "seeds": seeds, "cores": os.cpu_count(),
             "seconds": time.perf_counter() - t0, "notes": _notes(s, seeds, inputs), "out": str(out)}
     plots = report.plot(records, out)

@@ -26,8 +26,12 @@ class DemoError(RuntimeError):
     """A demo step failed; names the step and where its output is."""
 
 
-def config_sha256(step: Step) -> str:
-    blob = json.dumps({"cfg": to_dict(step.cfg), "kind": step.kind, "options": step.options}, sort_keys=True, default=str)
+def config_sha256(step: Step, upstream: tuple = ()) -> str:
+    """The identity of ``step``'s result: its config, kind and options, and ``upstream``, the
+    identities of the steps it reads (``step.uses``: a teacher, a store, scores), so that a step
+    whose teacher or store was made again is made again too, even with its own config unchanged."""
+    blob = json.dumps({"cfg": to_dict(step.cfg), "kind": step.kind, "options": step.options,
+                       **({"upstream": list(upstream)} if upstream else {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -90,13 +94,14 @@ def record_path(out: Path, name: str) -> Path:
     return out / "records" / f"{name}.json"
 
 
-def load_record(out: Path, step: Step):
-    """The step's finished record, or None (absent, or made for another config)."""
+def load_record(out: Path, step: Step, upstream: tuple = ()):
+    """The step's finished record, or None (absent, or made for another config or from other
+    upstream results, ``config_sha256``)."""
     p = record_path(out, step.name)
     if not p.is_file():
         return None
     rec = json.loads(p.read_text())
-    return rec if rec.get("config_sha256") == config_sha256(step) else None
+    return rec if rec.get("config_sha256") == config_sha256(step, upstream) else None
 
 
 def outputs(step: Step) -> list[Path]:
@@ -112,11 +117,12 @@ def outputs(step: Step) -> list[Path]:
     return paths
 
 
-def _claim_outputs(out: Path, step: Step) -> None:
-    """Make ``step``'s outputs this config's: outputs begun for the same config stay (to resume);
-    any others (another config's, an earlier demo version's) are renamed aside."""
+def _claim_outputs(out: Path, step: Step, upstream: tuple = ()) -> None:
+    """Make ``step``'s outputs this config's: outputs begun for the same config (and upstream
+    results) stay (to resume); any others (another config's, an earlier demo version's) are
+    renamed aside."""
     marker = out / "records" / f"{step.name}.started"
-    sha = config_sha256(step)
+    sha = config_sha256(step, upstream)
     if marker.is_file() and marker.read_text().strip() == sha:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -137,12 +143,13 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_step(out: Path, step: Step, progress: bool = True) -> dict:
-    """Run ``step`` in a forked process (or reuse its record); returns the record."""
-    found = load_record(out, step)
+def run_step(out: Path, step: Step, progress: bool = True, upstream: tuple = ()) -> dict:
+    """Run ``step`` in a forked process (or reuse its record); returns the record. ``upstream``:
+    the ``config_sha256`` of the steps it reads (``step.uses``), part of its identity."""
+    found = load_record(out, step, upstream)
     if found is not None:
         return found
-    _claim_outputs(out, step)
+    _claim_outputs(out, step, upstream)
     result = out / "records" / f".{step.name}.result.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
@@ -156,7 +163,7 @@ def run_step(out: Path, step: Step, progress: bool = True) -> dict:
         raise DemoError(f"demo step {step.name} ({step.label}) failed: {why}; its output is in {step.cfg.output_dir}"
                         + (f"\n{got['trace']}" if "trace" in got else ""))
     rec = {**got["ok"], "name": step.name, "label": step.label, "kind": step.kind, "role": step.role,
-           "group": step.group, "seed": step.seed, "uses": list(step.uses), "config_sha256": config_sha256(step),
+           "group": step.group, "seed": step.seed, "uses": list(step.uses), "config_sha256": config_sha256(step, upstream),
            "train_steps": step.cfg.training.train_steps}
     _write_json(record_path(out, step.name), rec)
     return rec

@@ -88,8 +88,8 @@ DEFAULT = DemoScale(
     name="default", student=_model(3, 192), teacher=_model(4, 256), small=_model(2, 128),
     student_steps=200, teacher_steps=400, small_steps=200, truncation_steps=100, eval_steps=4,
 )
-"""Sized for under 30 minutes on 2 CPU cores (the report measures it); the truncation side by side's
-15 runs of 100 steps are about a third of that."""
+"""Sized for 15-25 minutes on 2 CPU cores (15.6 measured; the report measures it); the truncation side
+by side's 15 runs of 100 steps are about a third of that."""
 
 FAST = DemoScale(
     name="fast", student=_model(2, 64), teacher=_model(2, 96), small=_model(1, 32),

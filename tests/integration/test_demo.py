@@ -270,3 +270,21 @@ def test_outputs_of_another_config_are_moved_aside_and_never_overwritten(tmp_pat
     changed = replace(step, options={"kind": "top_p_k", "draws": 3})
     _claim_outputs(tmp_path, changed)
     assert not run_dir.exists() and len(list(tmp_path.rglob("partial.txt"))) == 1
+
+
+def test_a_step_is_made_again_when_a_step_it_reads_was(tmp_path):
+    # The runs reading a store are made again when the store is, even with their own config
+    # unchanged (before: a changed precompute left the PD runs' records, trained on the old store).
+    from dataclasses import replace
+
+    from megadistill.demo.runner import _write_json, config_sha256, load_record, record_path
+
+    steps = {s.name: s for s in plan(tmp_path, FAST)}
+    pre, pd = steps["precompute_top_p_k"], steps["pd_offline"]
+    assert "precompute_top_p_k" in pd.uses
+    ups = {u: config_sha256(steps[u]) for u in pd.uses}
+    upstream = tuple(ups[u] for u in pd.uses)
+    _write_json(record_path(tmp_path, pd.name), {"config_sha256": config_sha256(pd, upstream)})
+    assert load_record(tmp_path, pd, upstream) is not None
+    ups["precompute_top_p_k"] = config_sha256(replace(pre, options={**pre.options, "temperatures": (1.0, 4.0)}))
+    assert load_record(tmp_path, pd, tuple(ups[u] for u in pd.uses)) is None
