@@ -170,3 +170,14 @@ def sparse_tails(teacher: torch.Tensor, ids: torch.Tensor, temperatures) -> torc
     if not cols:
         return torch.zeros(*ids.shape[:-1], 0, dtype=torch.float64)
     return torch.stack(cols, -1).reshape(*ids.shape[:-1], len(cols))
+
+
+def vocab_shard(x: torch.Tensor) -> torch.Tensor:
+    """This tensor-parallel rank's slice ``x[..., v/tp]`` of a full-vocabulary ``x[..., v]`` (ranks
+    hold contiguous id ranges, as megatron-core's vocab-parallel layers do)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    r = parallel_state.get_tensor_model_parallel_rank()
+    w = x.shape[-1] // tp
+    return x[..., r * w : (r + 1) * w]

@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from kd_reference import random_sparse_teacher, sparse_tails
+from kd_reference import random_sparse_teacher, sparse_tails, vocab_shard
 from megadistill.kd.teacher import SparseLogits
 from megadistill.losses import (
     KDLossConfig,
@@ -70,12 +70,6 @@ def cases():
     return out
 
 
-def _shard(x: torch.Tensor) -> torch.Tensor:
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    r = parallel_state.get_tensor_model_parallel_rank()
-    w = x.shape[-1] // tp
-    return x[..., r * w : (r + 1) * w]
-
 
 def _inputs(seed: int, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
@@ -114,7 +108,7 @@ def _lm_reference(student: torch.Tensor, labels: torch.Tensor):
 def _unfused(cfg, student, target, labels, alpha):
     """``(total, kd, lm, agree, ∂(Σ total·g)/∂shard)`` with g = 1, from the separate pieces."""
     group = parallel_state.get_tensor_model_parallel_group()
-    mine = _shard(student).clone().requires_grad_(True)
+    mine = vocab_shard(student).clone().requires_grad_(True)
     if isinstance(target, SparseLogits):
         kd = vocab_parallel_sparse_kd_loss(mine, target.ids, target.logprobs, cfg, residual=target.residual,
                                            tails=target.tails, temperatures=target.temperatures)
@@ -122,25 +116,25 @@ def _unfused(cfg, student, target, labels, alpha):
             -1, target.logprobs.masked_fill(target.ids < 0, float("-inf")).argmax(-1, keepdim=True)
         ).squeeze(-1)
     else:
-        kd = vocab_parallel_kd_loss(mine, _shard(target), cfg)
-        t_top1 = vocab_parallel_argmax(_shard(target), group)
+        kd = vocab_parallel_kd_loss(mine, vocab_shard(target), cfg)
+        t_top1 = vocab_parallel_argmax(vocab_shard(target), group)
     (g_kd,) = torch.autograd.grad(kd.sum(), mine)
     lm, g_lm = _lm_reference(student, labels)
-    agree = vocab_parallel_argmax(_shard(student), group) == t_top1
+    agree = vocab_parallel_argmax(vocab_shard(student), group) == t_top1
     if alpha == 0.0:
-        total, grad = lm, _shard(g_lm)
+        total, grad = lm, vocab_shard(g_lm)
     elif alpha == 1.0:
         total, grad = kd.detach(), g_kd
     else:
-        total, grad = alpha * kd.detach() + (1 - alpha) * lm, alpha * g_kd + (1 - alpha) * _shard(g_lm)
+        total, grad = alpha * kd.detach() + (1 - alpha) * lm, alpha * g_kd + (1 - alpha) * vocab_shard(g_lm)
     return total, kd.detach(), lm, agree, grad
 
 
 def _fused(cfg, student, target, labels, alpha, grad_out, inplace):
-    leaf = _shard(student).clone().requires_grad_(True)
+    leaf = vocab_shard(student).clone().requires_grad_(True)
     # In place needs logits made by a differentiable op, as the output layer's.
     x = leaf * 1.0 if inplace else leaf
-    tgt = target if isinstance(target, SparseLogits) or target is None else _shard(target)
+    tgt = target if isinstance(target, SparseLogits) or target is None else vocab_shard(target)
     terms = vocab_parallel_distillation_loss(x, labels if alpha < 1 else None, tgt, cfg, alpha, inplace=inplace)
     terms.total.backward(grad_out)
     return terms, leaf.grad
@@ -173,7 +167,7 @@ def _plain_lm_worker():
     for dtype in (torch.float32, torch.float64):
         student, _, labels, grad_out = _inputs(7, dtype)
         terms, fgrad = _fused(cfg, student, None, labels, 0.0, grad_out, inplace=True)
-        x = _shard(student).clone().requires_grad_(True)
+        x = vocab_shard(student).clone().requires_grad_(True)
         ce = vocab_parallel_cross_entropy(x * 1.0, labels)  # in place on its input, as in training
         ce.backward(grad_out.to(ce.dtype))
         lm, g_lm = _lm_reference(student.double(), labels)
@@ -182,7 +176,7 @@ def _plain_lm_worker():
             float((terms.total.double() - ce.double()).abs().max()),
             float((fgrad.double() - x.grad.double()).abs().max()),
             float((terms.total.double() - lm).abs().max()),
-            float((fgrad.double() - _shard(g_lm) * grad_out.double().unsqueeze(-1)).abs().max()),
+            float((fgrad.double() - vocab_shard(g_lm) * grad_out.double().unsqueeze(-1)).abs().max()),
             terms.kd is None and terms.agree is None and torch.equal(terms.total, terms.lm),
         ))
     return out

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core import parallel_state
 
-from kd_reference import random_sparse_teacher, reference_dense, reference_sparse, sparse_tails
+from kd_reference import random_sparse_teacher, reference_dense, reference_sparse, sparse_tails, vocab_shard
 from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 from megadistill.testing import run_distributed
 
@@ -66,16 +65,10 @@ def _inputs(seed: int, vocab: int = V):
     return student, teacher, grad_out
 
 
-def _shard(x: torch.Tensor) -> torch.Tensor:
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    r = parallel_state.get_tensor_model_parallel_rank()
-    w = x.shape[-1] // tp
-    return x[..., r * w : (r + 1) * w]
-
 
 def _ours_vs_reference(loss_fn, ref_fn, student, grad_out):
     """(loss error, gradient error) of this rank's shard against the full-vocabulary reference."""
-    mine = _shard(student).clone().requires_grad_(True)
+    mine = vocab_shard(student).clone().requires_grad_(True)
     loss = loss_fn(mine)
     loss.backward(grad_out)
     full = student.clone().requires_grad_(True)
@@ -83,7 +76,7 @@ def _ours_vs_reference(loss_fn, ref_fn, student, grad_out):
     (ref * grad_out.reshape(-1)).sum().backward()
     return (
         float((loss.detach().reshape(-1) - ref.detach()).abs().max()),
-        float((mine.grad - _shard(full.grad)).abs().max()),
+        float((mine.grad - vocab_shard(full.grad)).abs().max()),
         float(ref.detach().abs().max()),
     )
 
@@ -93,7 +86,7 @@ def _dense_worker(vocab: int = V, configs=None):
     for i, cfg in enumerate(configs or dense_configs()):
         student, teacher, grad_out = _inputs(100 + i, vocab)
         le, ge, scale = _ours_vs_reference(
-            lambda s: vocab_parallel_kd_loss(s, _shard(teacher), cfg),
+            lambda s: vocab_parallel_kd_loss(s, vocab_shard(teacher), cfg),
             lambda s: reference_dense(s, teacher.reshape(-1, vocab), cfg),
             student,
             grad_out,
@@ -151,7 +144,7 @@ def test_top_p_alone_gathers_enough_candidates_for_a_flat_teacher():
             student, teacher, grad_out = _inputs(700 + i, 512)
             teacher = teacher / 10.0  # flat
             le, ge, scale = _ours_vs_reference(
-                lambda s: vocab_parallel_kd_loss(s, _shard(teacher), cfg),
+                lambda s: vocab_parallel_kd_loss(s, vocab_shard(teacher), cfg),
                 lambda s: reference_dense(s, teacher.reshape(-1, 512), cfg),
                 student,
                 grad_out,

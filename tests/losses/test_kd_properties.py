@@ -8,19 +8,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from kd_reference import reference_dense, sparse_tails
+from kd_reference import reference_dense, sparse_tails, vocab_shard
 from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 from megadistill.losses.targets import DenseTarget, SparseTarget
 from megadistill.testing import run_distributed
 
 S, B, V = 4, 3, 32
 
-
-def _shard(x):
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    r = parallel_state.get_tensor_model_parallel_rank()
-    w = x.shape[-1] // tp
-    return x[..., r * w : (r + 1) * w]
 
 
 def _loss_and_grad(fn, student_shard, grad_out):
@@ -36,17 +30,17 @@ def _one_hot_worker():
     target = torch.randint(0, V, (S, B), generator=g)
     grad_out = torch.rand(S, B, generator=g) + 0.5
     # Megatron's cross entropy subtracts the max from fp32 logits in place: give it its own copy.
-    ce, ce_grad = _loss_and_grad(lambda x: vocab_parallel_cross_entropy(x.clone(), target), _shard(logits), grad_out)
+    ce, ce_grad = _loss_and_grad(lambda x: vocab_parallel_cross_entropy(x.clone(), target), vocab_shard(logits), grad_out)
     one_hot = torch.where(torch.nn.functional.one_hot(target, V).bool(), 0.0, -1e4)
     out = {}
     for loss in ("forward_kl", "soft_ce"):
         cfg = KDLossConfig(loss=loss)
-        kd, kd_grad = _loss_and_grad(lambda x: vocab_parallel_kd_loss(x, _shard(one_hot), cfg), _shard(logits), grad_out)
+        kd, kd_grad = _loss_and_grad(lambda x: vocab_parallel_kd_loss(x, vocab_shard(one_hot), cfg), vocab_shard(logits), grad_out)
         out[f"dense {loss}"] = (float((kd - ce).abs().max()), float((kd_grad - ce_grad).abs().max()))
     for mode in ("renormalize", "ghost"):
         cfg = KDLossConfig(truncation=mode)
         ids, lp = target.unsqueeze(-1), torch.zeros(S, B, 1)
-        kd, kd_grad = _loss_and_grad(lambda x: vocab_parallel_sparse_kd_loss(x, ids, lp, cfg), _shard(logits), grad_out)
+        kd, kd_grad = _loss_and_grad(lambda x: vocab_parallel_sparse_kd_loss(x, ids, lp, cfg), vocab_shard(logits), grad_out)
         out[f"sparse {mode}"] = (float((kd - ce).abs().max()), float((kd_grad - ce_grad).abs().max()))
     out["ce scale"] = (float(ce.abs().max()), 0.0)
     return out
@@ -79,13 +73,13 @@ def _equivalences_worker():
             student, teacher, grad_out = _inputs(10 * i + int(temperature))
             dense_cfg = KDLossConfig(**lo, temperature=temperature)
             ref, ref_grad = _loss_and_grad(
-                lambda x: vocab_parallel_kd_loss(x, _shard(teacher), dense_cfg), _shard(student), grad_out
+                lambda x: vocab_parallel_kd_loss(x, vocab_shard(teacher), dense_cfg), vocab_shard(student), grad_out
             )
             for mode in ("renormalize", "ghost"):
                 if lo["loss"] == "reverse_kl" and mode == "renormalize":
                     continue
                 cfg = KDLossConfig(**lo, temperature=temperature, top_k=V, top_p=1.0, truncation=mode)
-                out, grad = _loss_and_grad(lambda x: vocab_parallel_kd_loss(x, _shard(teacher), cfg), _shard(student), grad_out)
+                out, grad = _loss_and_grad(lambda x: vocab_parallel_kd_loss(x, vocab_shard(teacher), cfg), vocab_shard(student), grad_out)
                 rows.append((f"top-{V} p=1 {mode} {cfg.loss} τ={temperature}", (out - ref).abs().max(), (grad - ref_grad).abs().max()))
                 # Every id, in a random order per token, with its τ=1 log-probability.
                 order = torch.argsort(torch.rand(S, B, V, generator=torch.Generator().manual_seed(i)), -1)
@@ -94,7 +88,7 @@ def _equivalences_worker():
                 tails = torch.full((S, B, 1), float("-inf"), dtype=torch.float64)
                 out, grad = _loss_and_grad(
                     lambda x: vocab_parallel_sparse_kd_loss(x, order, lp, cfg, tails=tails, temperatures=(temperature,)),
-                    _shard(student), grad_out,
+                    vocab_shard(student), grad_out,
                 )
                 rows.append((f"sparse all ids {mode} {cfg.loss} τ={temperature}", (out - ref).abs().max(), (grad - ref_grad).abs().max()))
     return [(n, float(a), float(b)) for n, a, b in rows]
@@ -117,13 +111,13 @@ def _ghost_mass_worker():
         KDLossConfig(top_p=0.9, truncation="ghost"),
     ):
         group = parallel_state.get_tensor_model_parallel_group()
-        t = DenseTarget(_shard(teacher), cfg, group).chunk(0, n, torch.float64)
+        t = DenseTarget(vocab_shard(teacher), cfg, group).chunk(0, n, torch.float64)
         kept_mass = t.q.sum(-1)
         dist.all_reduce(kept_mass, group=group)
         ghost = t.logq_ghost.exp()
         # At τ = 1 the ghost holds exactly the truncated ids' softmax mass.
         cfg1 = KDLossConfig(top_p=cfg.top_p, top_k=cfg.top_k, truncation="ghost")
-        t1 = DenseTarget(_shard(teacher), cfg1, group).chunk(0, n, torch.float64)
+        t1 = DenseTarget(vocab_shard(teacher), cfg1, group).chunk(0, n, torch.float64)
         full = torch.softmax(teacher.reshape(n, V), -1)
         kept_full = torch.zeros(n, V, dtype=torch.bool)
         parts = [torch.empty_like(t1.kept) for _ in range(2)]

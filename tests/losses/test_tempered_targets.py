@@ -17,7 +17,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from kd_reference import kept_mask, reference_loss, reference_sparse
+from kd_reference import kept_mask, reference_loss, reference_sparse, vocab_shard
 from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 from megadistill.losses.parallel import all_gather_last_dim
 from megadistill.losses.targets import DenseTarget, SparseTarget
@@ -59,12 +59,6 @@ def _configs(losses=LOSSES):
     return out
 
 
-def _shard(x: torch.Tensor) -> torch.Tensor:
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    r = parallel_state.get_tensor_model_parallel_rank()
-    w = x.shape[-1] // tp
-    return x[..., r * w : (r + 1) * w]
-
 
 def _worker(losses):
     """Per config of ``_configs(losses)``, for the dense and the sparse target: ``(q[n, V], kept[n, V],
@@ -72,24 +66,24 @@ def _worker(losses):
     gradient shard ``[n, v/tp]``."""
     teacher, student, grad_out = _inputs()
     group = parallel_state.get_tensor_model_parallel_group()
-    n, v_local = S * B, _shard(teacher).shape[-1]
+    n, v_local = S * B, vocab_shard(teacher).shape[-1]
     rows, stored = {}, {}
     for cfg in _configs(losses):
         key = (cfg.top_p, cfg.top_k)
         if key not in stored:  # what a store holds for this truncation, at every τ of TAIL_TAUS
-            ids, lp, residual, tails = select_top_p_k(_shard(teacher).reshape(n, v_local), cfg, group, TAIL_TAUS)
+            ids, lp, residual, tails = select_top_p_k(vocab_shard(teacher).reshape(n, v_local), cfg, group, TAIL_TAUS)
             stored[key] = (ids.reshape(S, B, -1), lp.reshape(S, B, -1),
                            dict(residual=residual.reshape(S, B), tails=tails.reshape(S, B, -1), temperatures=TAIL_TAUS))
         ids, lp, sparse = stored[key]
         for kind in ("dense", "sparse"):
             if kind == "dense":
-                target = DenseTarget(_shard(teacher), cfg, group)
-                loss_fn = lambda x: vocab_parallel_kd_loss(x, _shard(teacher), cfg)  # noqa: E731
+                target = DenseTarget(vocab_shard(teacher), cfg, group)
+                loss_fn = lambda x: vocab_parallel_kd_loss(x, vocab_shard(teacher), cfg)  # noqa: E731
             else:
                 target = SparseTarget(ids, lp, cfg, group, v_local, lp.device, **sparse)
                 loss_fn = lambda x: vocab_parallel_sparse_kd_loss(x, ids, lp, cfg, **sparse)  # noqa: E731
             t = target.chunk(0, n, torch.float64)
-            x = _shard(student).clone().requires_grad_(True)
+            x = vocab_shard(student).clone().requires_grad_(True)
             loss = loss_fn(x)
             loss.backward(grad_out)
             rows[(repr(cfg), kind)] = (
