@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
+from megadistill import _compat
 from megadistill.checkpoint_dir import (
     COMPLETE_MARKER,
     CorruptCheckpointError,
@@ -89,6 +90,8 @@ def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha2
         "teacher_identity": teacher_identity,
         "teacher_store_sha256": _store_identity(cfg),
         "corpus_sha256": corpus_identity(cfg),
+        # Which checkpoint format (megatron-core 0.19's has no common.pt, which 0.16 cannot read).
+        "megatron_core": _compat.installed_version(),
     }
 
 

@@ -19,6 +19,71 @@ from megadistill.testing import run_distributed  # noqa: E402
 # conftest.py; the plain helpers (run configs, launching a run, reading metrics) in tiny_runs.py.
 
 
+# --------------------------------------------------------------------------- GPU machines
+#
+# Tests marked ``gpu`` (``@pytest.mark.gpu``, or ``gpu(devices=2)``) need that many CUDA devices and
+# skip, with the reason, without them. They are also the only tests that see a GPU: on a machine
+# with one, the session hides CUDA before the first test (megadistill.testing.hide_cuda), so every
+# other test takes the CPU/gloo path it takes in CI. Its forked ranks would hide CUDA anyway; what
+# the session adds is the processes tests start (``megadistill train``, torchrun, examples): they
+# inherit CUDA_VISIBLE_DEVICES="" and DS_ACCELERATOR=cpu, instead of finding the GPU, choosing nccl,
+# and putting two ranks on one device. GPU tests run their work in processes of their own, started
+# with the ``gpu_env`` fixture's environment (the one pytest started with).
+
+_GPU_ENV = dict(os.environ)
+_GPUS = 0
+_NO_GPU_REASON = ""
+
+
+def _cuda_devices() -> tuple[int, str]:
+    """(CUDA devices this machine offers, why none when 0). Asked in a child process: the pytest
+    parent must not initialise CUDA, or the ranks it forks could not hide it cleanly."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.version.cuda is None:
+        return 0, f"needs a CUDA GPU: torch {torch.__version__} is a CPU build"
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        n = int(r.stdout.split()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        n = 0
+    return n, "" if n else "needs a CUDA GPU: torch.cuda.is_available() is False here"
+
+
+def pytest_configure(config):
+    global _GPUS, _NO_GPU_REASON
+    config.addinivalue_line(
+        "markers", "gpu(devices=1): needs CUDA GPUs (skipped with the reason without them); the only tests that see them"
+    )
+    _GPUS, _NO_GPU_REASON = _cuda_devices()
+    if _GPUS:
+        from megadistill.testing import hide_cuda
+
+        hide_cuda()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        mark = item.get_closest_marker("gpu")
+        if mark is None:
+            continue
+        need = mark.kwargs.get("devices", 1)
+        if _GPUS == 0:
+            item.add_marker(pytest.mark.skip(reason=_NO_GPU_REASON))
+        elif _GPUS < need:
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPUs, this machine has {_GPUS}"))
+
+
+@pytest.fixture
+def gpu_env() -> dict:
+    """The environment pytest started with (GPUs visible): for the processes a ``gpu`` test starts."""
+    return dict(_GPU_ENV)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Corpus:
     """60,000 characters of the embedded corpus in one text file, preprocessed once per module

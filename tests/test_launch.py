@@ -225,17 +225,21 @@ def test_gpu_evidence_lists_every_variable():
 # --------------------------------------------------------------------------- the CPU layer's policy
 
 
-def test_cpu_layer_only_for_gloo_without_cuda_and_only_on_megatron_core_0_16(monkeypatch):
+def test_cpu_layer_only_for_gloo_without_cuda_and_only_on_supported_megatron_core(monkeypatch):
     from megadistill.megatron import cpu
     from megadistill.testing import cpu_patches
 
     assert cpu_patches is cpu and cpu_patches.apply is cpu.apply  # the tests' alias
     assert cpu.needed("gloo", cuda_available=False)
     assert not cpu.needed("nccl", cuda_available=False) and not cpu.needed("gloo", cuda_available=True)
-    cpu.check_megatron_version("0.16.1", env={})
+    for version in ("0.16.1", "0.16.0", "0.19.2", "0.19.0", "0.19.2+4f1c2aa"):
+        cpu.check_megatron_version(version, env={})
     cpu.check_megatron_version()  # the installed one
-    with pytest.raises(cpu.UnsupportedMegatronVersion, match=r"patches megatron-core 0.16.x, but megatron-core 0.17.0 is installed"):
+    supported = r"supports megatron-core 0.16.x or 0.19.x, but megatron-core"
+    with pytest.raises(cpu.UnsupportedMegatronVersion, match=supported + r" 0.17.0 is installed \(0.17/0.18 are expected"):
         cpu.check_megatron_version("0.17.0", env={})
+    with pytest.raises(cpu.UnsupportedMegatronVersion, match=supported + " 0.20.0 is installed: its CUDA-only call sites"):
+        cpu.check_megatron_version("0.20.0", env={})
     with pytest.raises(LaunchError, match="MEGADISTILL_CPU_ANY_MCORE=1"):
         cpu.check_megatron_version("0.15.3", env={})
     with pytest.warns(UserWarning, match="applying it anyway"):

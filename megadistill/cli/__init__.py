@@ -53,6 +53,11 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf", category=UserWarning)
     # megatron-core's TransformerConfig re-validates its own default cuda_graph_scope when copied.
     warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
+    # megatron-core 0.19's repeated notices a user cannot act on (GPTModel's deprecation, DDP's
+    # parameter layout, the async-save path); no megatron import here.
+    from megadistill import _compat
+
+    _compat.quiet_known_messages()
 
 
 def main(argv: list[str] | None = None) -> int:

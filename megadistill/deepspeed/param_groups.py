@@ -1,7 +1,7 @@
 """Optimizer parameter groups with Megatron's semantics, for a DeepSpeed engine.
 
-``megatron.core.optimizer.get_megatron_optimizer`` (0.16.1, ``_get_param_groups`` with its
-standard overrides) puts every bias (``*.bias``) and every 1-D parameter (norm weights) in a group
+``megatron.core.optimizer.get_megatron_optimizer`` (0.16.1 and 0.19.2: ``_get_param_groups`` with
+the standard overrides, ``get_standard_config_overrides``) puts every bias (``*.bias``) and every 1-D parameter (norm weights) in a group
 with ``wd_mult = 0`` and the rest in a group with ``wd_mult = 1``, in that order (the override-free
 group first), and records ``max_lr`` / ``min_lr`` in each group. ``OptimizerParamScheduler`` reads
 those keys: it sets each group's ``lr`` from ``max_lr``/``min_lr`` and its ``weight_decay`` to

@@ -130,6 +130,7 @@ def convert(
         raise ConversionError(f"dtype {dtype or ckpt.config.get('dtype') or ckpt.config.get('torch_dtype')!r} is not fp32, "
                               "bf16 or fp16 (--dtype)")
     teacher = replace(arch.model, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    from megadistill.megatron.checkpoint import version_marker
     from megadistill.megatron.gpt import DTYPES
 
     state = convert_state_dict(ckpt, replace(arch, model=teacher), rows, DTYPES[precision])
@@ -143,6 +144,7 @@ def convert(
             "files": {name: (ckpt.directory / name).stat().st_size for name in sorted(set(ckpt.weight_map.values()))},
             "hf_vocab_size": arch.hf_vocab_size, "vocab_rows": rows, "dtype": precision,
         },
+        **version_marker(),  # the megatron-core that wrote it (0.19's format is not 0.16's)
     }
     text = snippet(out, teacher, arch, rows, tokenizer, tokenizer_type, tok.vocab_size if tok is not None else None,
                    tensor_parallel_size, ckpt.directory)

@@ -5,8 +5,9 @@ Layout under a checkpoint root::
 
     root/step_00000300/          a complete checkpoint (torch_dist format + our marker)
         COMPLETE                 written last, before the rename (``megadistill.checkpoint_dir``):
-                                 {"step", "layout", and the caller's ``marker``}
-        common.pt, metadata.json, __*.distcp ...
+                                 {"step", "layout", "megatron_core" (the version that wrote it),
+                                 and the caller's ``marker``}
+        metadata.json, .metadata, __*.distcp, and with megatron-core 0.16 common.pt
     root/step_00000400.tmp/      a save in progress, or one that was killed: never loaded
 
 Every rank takes part in :func:`save_checkpoint` and :func:`load_checkpoint` (both are
@@ -39,10 +40,16 @@ for Megatron-LM). :func:`load_checkpoint` verifies every file against its checks
 megatron-core reads any (``checkpoint_dir.verify``), and an error megatron-core or torch raise
 while reading names the file.
 
-megatron-core's writer forks one process per write bucket for every save; they die with the rank
-(``megadistill.processes.children_die_with_this_process``). Its results queue would be a
-*spawn*-context ``Manager``, a server process per rank that outlives a rank killed with SIGKILL: a
-fork-context queue is installed instead (:func:`install_write_results_queue`).
+megatron-core 0.16's writer forks one process per write bucket for every save; they die with the
+rank (``megadistill.processes.children_die_with_this_process``); 0.19's writes from threads. Its
+results queue would be a *spawn*-context ``Manager``, a server process per rank that outlives a rank
+killed with SIGKILL: a fork-context queue is installed instead (:func:`install_write_results_queue`).
+
+Across megatron-core versions (``megadistill._compat``): 0.16 keeps the common (non-tensor) state
+in ``common.pt``; 0.19 keeps it as an object inside the ``__*.distcp`` files and writes no
+``common.pt``. 0.19 reads both kinds (a 0.16 checkpoint resumes under 0.19 with the same losses);
+0.16 cannot read 0.19's, and :func:`load_checkpoint` (and the teacher's loader) refuses one with
+:class:`IncompatibleCheckpointError`, naming both versions, before megatron-core tries.
 
 Exact resume: build model -> DDP -> optimizer -> scheduler exactly as for a fresh run, call
 :func:`load_checkpoint`, and continue with step ``extra["step"] + 1`` at the saved data position.
@@ -54,10 +61,12 @@ call ``optimizer.reload_model_params()``.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import multiprocessing.queues
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -71,9 +80,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.utils import unwrap_model
 
-from megadistill import rng
-from megadistill.checkpoint_dir import commit, verify
+from megadistill import _compat, rng
+from megadistill.checkpoint_dir import COMPLETE_MARKER, commit, verify
+from megadistill.config import ConfigError
 from megadistill.megatron.optimizer_state import (
+    check_learning_rates,
     is_distributed_optimizer,
     load_optimizer_state,
     optimizer_sharded_state_dict,
@@ -87,6 +98,12 @@ FORMAT_VERSION = 1
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")  # optimizer tensors in a checkpoint
 _META_KEY = "megadistill"
 _OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+_MCORE_KEY = "megatron_core"  # the marker's (and the common state's) record of the writing megatron-core
+_COMMON_STATE_OBJECT = "common_state"  # megatron-core >= 0.17: the common state, inside the torch_dist files
+
+
+class IncompatibleCheckpointError(ConfigError):
+    """A checkpoint written by a megatron-core whose format the installed one cannot read."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +133,16 @@ def save_checkpoint(
     ``marker`` (JSON-serialisable) is added to the ``COMPLETE`` marker (``checkpoint_dir.commit``).
     """
     state = _training_state(step, model, optimizer, scheduler, extra, optimizer_sharding)
-    return commit(root, step, lambda tmp: _save(state, tmp), {"layout": _layout(), **(marker or {})})
+    recorded = {"layout": _layout(), **version_marker(), **(marker or {})}
+    return commit(root, step, lambda tmp: _save(state, tmp), recorded)
+
+
+def version_marker() -> dict:
+    """``{"megatron_core": <installed version>}``: what a checkpoint's ``COMPLETE`` marker records
+    of the megatron-core that wrote it (``save_checkpoint`` adds it; a caller that commits
+    :func:`write_checkpoint` itself adds it to its marker), so that another version can tell
+    whether it reads the format, without reading the checkpoint."""
+    return {_MCORE_KEY: _compat.installed_version()}
 
 
 def write_checkpoint(directory: str | Path, step: int, model, optimizer, scheduler=None, extra: Optional[dict] = None,
@@ -161,6 +187,7 @@ def _training_state(step: int, model, optimizer, scheduler, extra: Optional[dict
         "has_optimizer": optimizer is not None,
         "has_scheduler": scheduler is not None,
         "optimizer_sharding": optimizer_sharding if is_distributed_optimizer(optimizer) else None,
+        _MCORE_KEY: _compat.installed_version(),
     }
     return state
 
@@ -174,17 +201,27 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
     first (the optimizer must not have stepped; the scheduler must be new). Raises
     ``FileNotFoundError`` for a missing or incomplete checkpoint,
     ``checkpoint_dir.CorruptCheckpointError`` (naming the files) when its files are not the ones
-    saved, and ``ValueError`` when the model (or, for ``dp_reshardable``, the TP/PP layout) does
-    not match the checkpoint or a file cannot be read (naming it).
+    saved, :class:`IncompatibleCheckpointError` (a ValueError) when the installed megatron-core
+    cannot read the format of the one that wrote it, and ``ValueError`` when the model (or, for
+    ``dp_reshardable``, the TP/PP layout; or the optimizer's ``lr``/``min_lr``) does not match the
+    checkpoint or a file cannot be read (naming it).
     ``restore_rng=False`` leaves the RNG states alone (e.g. to load weights only, for a new run).
     ``model`` may also be a bare (unwrapped) model: e.g. a student checkpoint loaded as a teacher.
     """
     path = Path(path)
-    verify(path)  # before megatron-core reads anything; agreed on every rank
+    marker = verify(path)  # before megatron-core reads anything; agreed on every rank
+    check_readable_format(path, marker)
     with _reading(path / CONFIG_FNAME):
         if maybe_load_config(str(path)) is None:
             raise FileNotFoundError(f"{path / CONFIG_FNAME} is missing")
-    with _reading(path / COMMON_STATE_FNAME):
+    common_file = path / COMMON_STATE_FNAME
+    if common_file.is_file():
+        reading = _reading(common_file)
+    else:  # megatron-core >= 0.17 keeps the common state inside the torch_dist files
+        with _reading(path / ".metadata"):  # their index first: a bad one is named as such
+            _dcp_index(path)
+        reading = _reading(path, f"the common state ('{_COMMON_STATE_OBJECT}' in __*.distcp)")
+    with reading, single_process_reads():
         common = dist_checkpointing.load_common_state_dict(str(path))
     meta = common.get(_META_KEY)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -235,9 +272,11 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
             path, saved_layout, layout,
         )
 
-    with _reading(path, "the tensors and objects (__*.distcp, .metadata)"):
+    with _reading(path, "the tensors and objects (__*.distcp, .metadata)"), single_process_reads():
         loaded = dist_checkpointing.load(request, str(path))
 
+    if optimizer is not None:  # before megatron-core's optimizer load, which fails obscurely (0.19) or not at all (0.16)
+        check_learning_rates(optimizer, loaded["optimizer"], f"checkpoint {path}")
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         chunk.load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
@@ -254,6 +293,71 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def check_readable_format(path: str | Path, marker: Optional[dict] = None) -> None:
+    """Raise :class:`IncompatibleCheckpointError`, one line naming both versions, if the checkpoint
+    directory ``path`` was written by a megatron-core whose format the installed one cannot read:
+    one without ``common.pt`` (written by 0.17 or later), read by 0.16. The writer's version is
+    the one the ``COMPLETE`` marker records (``marker``; read from ``path`` when not given), else
+    the format tells only "0.17 or later". Anything else -- a readable checkpoint, or a directory
+    that is no torch_dist checkpoint at all -- passes, for the reader to report."""
+    path = Path(path)
+    installed = _compat.installed_version()
+    if _compat.reads_checkpoint_without_common_pt(installed) or (path / COMMON_STATE_FNAME).is_file():
+        return
+    if not _holds_common_state_object(path):
+        return  # not the newer format: a missing common.pt is reported by the reader (or verify) as before
+    if marker is None:
+        marker = _marker_or_nothing(path)
+    writer = marker.get(_MCORE_KEY)
+    written_by = f"megatron-core {writer}" if writer else "megatron-core 0.17 or later"
+    raise IncompatibleCheckpointError(
+        f"checkpoint {path} was written by {written_by}, which keeps its common state inside __*.distcp "
+        f"instead of common.pt; the installed megatron-core {installed} cannot read that format: load it with "
+        f"megatron-core {_compat.SUPPORTED[-1]}.x (or any from 0.17 on)"
+    )
+
+
+@contextmanager
+def single_process_reads():
+    """Without torch DCP's two warnings for a read that is single-process by design: megatron-core
+    0.19 reads the common state on each rank alone (``no_dist=True``; in ``load_common_state_dict``
+    and at the start of every ``dist_checkpointing.load``), and torch warns, every time, that it
+    assumes a single process and that ``load``'s argument order changed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=r"The argument order of load has been changed")
+        yield
+
+
+def _marker_or_nothing(path: Path) -> dict:
+    """The ``COMPLETE`` marker of ``path`` as JSON, whatever the directory is called (a teacher's
+    need not be ``step_*``), or {} without a readable one: only read for the writer's version."""
+    try:
+        marker = json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _holds_common_state_object(path: Path) -> bool:
+    """Whether the torch_dist index (``.metadata``) of ``path`` lists megatron-core >= 0.17's
+    ``common_state`` object. False when there is no readable index."""
+    if not (path / ".metadata").is_file():
+        return False
+    try:
+        keys = _dcp_index(path).state_dict_metadata
+    except Exception:  # an unreadable index: the reader names it
+        return False
+    return any(k == _COMMON_STATE_OBJECT or k.startswith(_COMMON_STATE_OBJECT + "/") for k in keys)
+
+
+def _dcp_index(path: Path):
+    """torch DCP's index of the checkpoint ``path`` (its ``.metadata``: every tensor and object key)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata()
 
 
 # torch.load's advice for a file it refuses to unpickle (weights_only=False "will likely succeed")
@@ -278,8 +382,10 @@ def _reading(file: Path, what: str = ""):
             )
         else:
             error = ValueError(f"cannot read {file}: corrupt or not a megadistill checkpoint ({reason})")
-        if unsafe:
-            raise error from None  # the chained original would show torch's advice after all
+        # The chained original would show torch's advice after all, or (a torch DCP failure, whose
+        # text carries each rank's traceback) torch's own weights_only=False call as if it were one.
+        if unsafe or _UNSAFE_ADVICE in str(e):
+            raise error from None
         raise error from e
 
 

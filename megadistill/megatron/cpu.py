@@ -1,4 +1,4 @@
-"""CPU compatibility layer: run megatron-core 0.16.1 on a CPU-only torch with gloo.
+"""CPU compatibility layer: run megatron-core (0.16.x or 0.19.x) on a CPU-only torch with gloo.
 
 When it applies: only when asked for. The test harness and the CPU demo call :func:`apply`
 themselves; the training driver calls :func:`apply_if_needed` with the process group's backend,
@@ -7,8 +7,9 @@ at all is decided before that by ``megadistill.launch.choose_backend``, which re
 was given GPUs torch cannot see (so a GPU job with a broken CUDA never lands here). Real runs
 belong on GPUs; nothing here is reached when CUDA is available.
 
-The patches name megatron-core 0.16.x call sites. :func:`apply` checks the installed version
-(``megatron.core.package_info.__version__``) and refuses another one with
+The patches name megatron-core call sites of the supported releases (0.16.x and 0.19.x; which
+``torch.cuda`` calls each one makes comes from :func:`megadistill._compat.cpu_cuda_calls`).
+:func:`apply` checks the installed version and refuses any other with
 :class:`UnsupportedMegatronVersion`: a moved site would otherwise fail obscurely, or silently
 misbehave (an RNG state that is never set). ``MEGADISTILL_CPU_ANY_MCORE=1`` tries anyway.
 
@@ -23,16 +24,19 @@ CUDA is available; importing this module changes nothing until :func:`apply` is 
 It touches megatron-core's modules only; the real ``torch`` / ``torch.cuda`` modules are left
 alone, except for the duration of three megatron functions (sites 4 and 5).
 
-Patched sites (megatron-core 0.16.1; each one is reached by tests/megatron/test_cpu_harness.py or, for
-Megatron's DDP and optimizers, tests/megatron/test_cpu_ddp_optimizer.py, and removing any of them makes
-that test fail with "Torch not compiled with CUDA enabled" or a ``torch.cuda.FloatTensor``
-type error):
+Patched sites (megatron-core 0.16.1 and 0.19.2, the same in both but where said; each one is
+reached by tests/megatron/test_cpu_harness.py or, for Megatron's DDP and optimizers,
+tests/megatron/test_cpu_ddp_optimizer.py, and removing any of them makes that test fail with
+"Torch not compiled with CUDA enabled" or a ``torch.cuda.FloatTensor`` type error):
 
 1. ``torch.cuda.current_device()`` used as a *device*, ``device="cuda"`` literals and
    ``torch.cuda.synchronize()``. The module-global ``torch`` of each module below is replaced by
    :class:`_CpuTorch`, a thin proxy whose ``torch.cuda`` answers ``current_device()`` with the
    CPU device (and ``synchronize()`` with a no-op), and whose tensor factories map
-   ``device="cuda"`` to CPU; every other attribute is the real torch one.
+   ``device="cuda"`` to CPU; every other attribute is the real torch one. From 0.17 on, the
+   proxy also answers ``current_stream()``/``default_stream()`` with a stream whose waits are
+   no-ops (DDP's ``start_grad_sync`` takes the current stream on every gradient sync, to wait on
+   CUDA-graph events megadistill never records); on 0.16 those stay the real, failing calls.
 
    - ``utils.py``: ``GlobalMemoryBuffer.get_tensor`` (attention's score buffer), and
      ``local_multi_tensor_l2_norm`` (the grad norm's fallback without Apex / Transformer Engine);
@@ -47,7 +51,8 @@ type error):
    - ``pipeline_parallel/schedules.py``: ``total_num_tokens = torch.zeros(..., device="cuda")``
      at the start of every schedule;
    - ``distributed/param_and_grad_buffer.py``: DDP's contiguous param and grad buffers (the
-     distributed optimizer's shards are views of them) on ``current_device()``;
+     distributed optimizer's shards are views of them) on ``current_device()``, and (0.19)
+     ``torch.cuda.current_stream()`` at the top of ``start_grad_sync``;
    - ``optimizer/optimizer.py``: ``MixedPrecisionOptimizer`` (the base of
      ``DistributedOptimizer``) keeps ``found_inf``, ``_dummy_overflow_buf`` and ``_scale_one`` on
      ``device='cuda'``, ``FP32Optimizer`` its ``_scale``;
@@ -139,40 +144,36 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from megadistill import _compat
 from megadistill.launch import LaunchError
 
 _CPU = torch.device("cpu")
 _applied = False
 
-SUPPORTED_MCORE = "0.16"
-"""The megatron-core minor version whose call sites this layer patches."""
 ANY_MCORE_VARIABLE = "MEGADISTILL_CPU_ANY_MCORE"
 """Set to 1 to apply the layer to another megatron-core version anyway (at your own risk)."""
 
 
 class UnsupportedMegatronVersion(LaunchError):
-    """The installed megatron-core is not the one the CPU layer was written for."""
+    """The installed megatron-core is not one the CPU layer was written for."""
 
 
 def check_megatron_version(version: Optional[str] = None, env: Mapping[str, str] = os.environ) -> None:
     """Raise :class:`UnsupportedMegatronVersion` unless megatron-core ``version`` (default: the
-    installed one) is 0.16.x, or ``MEGADISTILL_CPU_ANY_MCORE=1`` (then only warn)."""
+    installed one) is a supported release (``megadistill._compat.SUPPORTED``: 0.16.x, 0.19.x), or
+    ``MEGADISTILL_CPU_ANY_MCORE=1`` (then only warn)."""
     if version is None:
-        from megatron.core import package_info
-
-        version = package_info.__version__
-    if version == SUPPORTED_MCORE or version.startswith(SUPPORTED_MCORE + "."):
+        version = _compat.installed_version()
+    problem = _compat.unsupported_message(version, "megadistill's CPU compatibility layer")
+    if problem is None:
         return
-    message = (
-        f"megadistill's CPU compatibility layer patches megatron-core {SUPPORTED_MCORE}.x, but megatron-core "
-        f"{version} is installed: its CUDA-only call sites may have moved, so a CPU run could fail obscurely "
-        f"or silently misbehave"
-    )
+    message = f"{problem}: its CUDA-only call sites may have moved, so a CPU run could fail obscurely or silently misbehave"
     if env.get(ANY_MCORE_VARIABLE, "").strip() == "1":
         warnings.warn(f"{message} ({ANY_MCORE_VARIABLE}=1: applying it anyway)", stacklevel=3)
         return
     raise UnsupportedMegatronVersion(
-        f"{message}. Install megatron-core=={SUPPORTED_MCORE}.* for CPU runs, or set {ANY_MCORE_VARIABLE}=1 to try anyway"
+        f"{message}. Install megatron-core {_compat.supported_text()} for CPU runs, or set {ANY_MCORE_VARIABLE}=1 "
+        "to try anyway"
     )
 
 
@@ -224,35 +225,66 @@ def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
     return call
 
 
+class _CpuStream:
+    """What ``torch.cuda.current_stream()`` returns on CPU: every wait is already satisfied (CPU ops
+    and gloo's waited requests are complete when they return)."""
+
+    def wait_event(self, event: Any = None) -> None:
+        pass
+
+    def wait_stream(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 class _CpuCuda:
     """What ``torch.cuda`` looks like from inside a patched megatron module.
 
-    Only the calls megatron makes on its CPU-reachable paths are redirected; any other attribute is
-    the real ``torch.cuda`` one (so an unexpected CUDA call still fails loudly).
+    Only the calls the installed megatron-core makes on its CPU-reachable paths are redirected
+    (``calls``, from ``megadistill._compat.cpu_cuda_calls``); any other attribute is the real
+    ``torch.cuda`` one, so an unexpected CUDA call still fails loudly. Each stand-in is the
+    ``_cpu_<name>`` static method below.
     """
+
+    def __init__(self, calls: frozenset[str]) -> None:
+        for name in calls:
+            setattr(self, name, getattr(self, f"_cpu_{name}"))  # AttributeError: a call with no stand-in
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch.cuda, name)
 
     # -- device and synchronisation ------------------------------------------------------------
     @staticmethod
-    def current_device() -> torch.device:
+    def _cpu_current_device() -> torch.device:
         # In the patched modules the result is used only as a ``device=`` argument (random.py's
         # generator-index uses are in the helpers replaced by apply()). CPU is the only device.
         return _CPU
 
     @staticmethod
-    def synchronize(device: Any = None) -> None:
+    def _cpu_synchronize(device: Any = None) -> None:
         # CPU ops and gloo's waited requests are already complete when they return.
         pass
 
+    @staticmethod
+    def _cpu_current_stream(device: Any = None) -> _CpuStream:
+        return _CPU_STREAM
+
+    @staticmethod
+    def _cpu_default_stream(device: Any = None) -> _CpuStream:
+        return _CPU_STREAM
+
     # -- RNG: the CPU default generator stands in for the CUDA one -----------------------------
     @staticmethod
-    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    def _cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:
         return torch.get_rng_state()
 
     @staticmethod
-    def manual_seed(seed: int) -> None:
+    def _cpu_manual_seed(seed: int) -> None:
         torch.manual_seed(seed)
 
 
@@ -264,8 +296,8 @@ class _CpuTorch:
     tensor factories in ``_FACTORIES``.
     """
 
-    def __init__(self) -> None:
-        self.cuda = _CpuCuda()
+    def __init__(self, cuda_calls: frozenset[str]) -> None:
+        self.cuda = _CpuCuda(cuda_calls)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(torch, name)
@@ -389,17 +421,23 @@ def _with_tensor_type_as_cuda(method: Callable[..., Any]) -> Callable[..., Any]:
 
 def apply() -> None:
     """Apply the CPU patches once per process (idempotent; does nothing when CUDA is available).
-    Raises :class:`UnsupportedMegatronVersion` on a megatron-core other than 0.16.x."""
+    Raises :class:`UnsupportedMegatronVersion` on a megatron-core that is not a supported release
+    (``megadistill._compat.SUPPORTED``) unless ``MEGADISTILL_CPU_ANY_MCORE=1``."""
     global _applied
     if _applied or torch.cuda.is_available():
         return
-    check_megatron_version()
+    version = _compat.installed_version()
+    check_megatron_version(version)
+    try:
+        cuda_calls = _compat.cpu_cuda_calls(version)
+    except ValueError:  # an unparsable version let through by MEGADISTILL_CPU_ANY_MCORE=1: the newest sites
+        cuda_calls = _compat.cpu_cuda_calls(_compat.SUPPORTED[-1])
 
     # Sites 1 and 2: module-local ``torch`` proxies.
     for name in _PROXIED_MODULES:
         module = importlib.import_module(name)
         if module.torch is torch:
-            module.torch = _CpuTorch()
+            module.torch = _CpuTorch(cuda_calls)
 
     # Site 6b: not megatron's spawn-context Manager for the write results (module docstring).
     from megadistill.megatron.checkpoint import install_write_results_queue

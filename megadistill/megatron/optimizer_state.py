@@ -1,6 +1,6 @@
 """The optimizer's part of a megatron training checkpoint: its sharded state dict for
 ``dist_checkpointing`` and restoring it, around megatron-core's distributed-optimizer quirks
-(written against 0.16.1). Every quirk of its optimizer checkpointing that
+(written against 0.16.1; all of them are still there in 0.19.2). Every quirk of its optimizer checkpointing that
 :mod:`megadistill.megatron.checkpoint` works around is here, and only here.
 
 (a) ``DistributedOptimizer.sharded_state_dict`` defaults to the 'fully_sharded_model_space'
@@ -35,6 +35,11 @@
     shifted, partly zero-filled, with only a log warning (fixed upstream in NVIDIA/Megatron-LM
     PR #5077). ``_check_fully_reshardable`` refuses to save from such a layout. (Loading into
     one is fine: the receive buffers are disjoint views or fresh tensors, filled by key.)
+(g) A load into an optimizer built with another learning rate (``OptimizerConfig.lr`` /
+    ``min_lr``, recorded as ``max_lr``/``min_lr`` in every param group): megatron-core 0.16 loads
+    it and the saved values silently win; 0.19 matches param groups by those values and fails
+    with a KeyError or ValueError that names neither. :func:`check_learning_rates` refuses it
+    on every version, with one line naming both values.
 """
 
 from __future__ import annotations
@@ -135,15 +140,55 @@ def load_optimizer_state(optimizer, state) -> None:
     """Restore the optimizer state ``dist_checkpointing.load`` returned for the request
     :func:`optimizer_sharded_state_dict` made; each parameter gets its own ``step`` tensor (c)."""
     leaves = _megatron_optimizers(optimizer)
-    if len(leaves) > 1:  # ChainedOptimizer: one sub-state per optimizer, keyed by index
-        subs = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
-    else:
-        subs = [state]
-    for opt, sub in zip(leaves, subs, strict=True):
+    for opt, sub in zip(leaves, _leaf_states(leaves, state), strict=True):
         _load_leaf_optimizer_state(opt, sub)
     if len(leaves) > 1:
         optimizer._synchronize_steps()
     _unshare_steps(optimizer)  # (c)
+
+
+_LR_KEYS = ("max_lr", "min_lr")
+
+
+def check_learning_rates(optimizer, state, where: str) -> None:
+    """(g): raise ValueError unless the param groups of the loaded optimizer ``state`` (from
+    ``dist_checkpointing.load``) have the learning rates ``optimizer``'s have. ``where`` names the
+    checkpoint in the message."""
+    leaves = _megatron_optimizers(optimizer)
+    subs = _leaf_states(leaves, state)
+    for opt, sub in zip(leaves, subs, strict=True):
+        saved_groups = _saved_param_groups(sub)
+        if saved_groups is None:
+            continue  # nothing recorded to compare with
+        saved = sorted({tuple(g.get(k) for k in _LR_KEYS) for g in saved_groups}, key=str)
+        live = sorted({tuple(g.get(k) for k in _LR_KEYS) for g in opt.param_groups}, key=str)
+        if saved != live:
+            raise ValueError(
+                f"{where} was saved by an optimizer with (max_lr, min_lr) {_pairs(saved)}, this optimizer has "
+                f"{_pairs(live)}: build it with the saved optimizer lr and min_lr (megatron-core would keep the "
+                "saved ones, or refuse), or load the model alone (optimizer=None) to train on with a new learning rate"
+            )
+
+
+def _pairs(pairs: list) -> str:
+    return ", ".join(f"({a:g}, {b:g})" if isinstance(a, float) and isinstance(b, float) else str((a, b)) for a, b in pairs)
+
+
+def _saved_param_groups(state) -> list | None:
+    """The param groups in one optimizer's loaded state: under ``optimizer`` (distributed and
+    mixed-precision optimizers) or at the top (``FP32Optimizer``)."""
+    if not isinstance(state, dict):
+        return None
+    inner = state.get("optimizer", state)
+    groups = inner.get("param_groups") if isinstance(inner, dict) else None
+    return groups if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None
+
+
+def _leaf_states(leaves: list, state) -> list:
+    """One loaded sub-state per leaf optimizer (a ChainedOptimizer's are keyed by index)."""
+    if len(leaves) > 1:
+        return [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
+    return [state]
 
 
 def _load_leaf_optimizer_state(opt, state: dict) -> None:

@@ -18,6 +18,8 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
 
+from megadistill.megatron.checkpoint import check_readable_format, single_process_reads
+
 # Keys that carry the vocabulary dimension in a GPT checkpoint, in order of preference.
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -55,14 +57,18 @@ def load_teacher_checkpoint(model: GPTModel, checkpoint_dir: str | Path, prefix:
     """Load a megatron-core distributed checkpoint into ``model``, resharded to this run's TP/PP.
 
     ``prefix`` is the checkpoint's key prefix for the model (e.g. ``"model."``). Raises if the
-    directory is missing or its vocabulary differs from the model's.
+    directory is missing, its vocabulary differs from the model's, or it was written by a
+    megatron-core whose format the installed one cannot read
+    (``megadistill.megatron.checkpoint.IncompatibleCheckpointError``).
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"teacher checkpoint directory {checkpoint_dir} does not exist")
+    check_readable_format(checkpoint_dir)  # one written by a newer megatron-core: named, not a confusing read error
     check_same_vocab(model.vocab_size, checkpoint_vocab_size(checkpoint_dir, prefix), f"teacher checkpoint {checkpoint_dir}")
     sharded = model.sharded_state_dict(prefix=prefix)
-    state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+    with single_process_reads():
+        state = dist_checkpointing.load(sharded, str(checkpoint_dir))
     # A training checkpoint also holds optimizer, RNG and driver state: keep the model's keys only.
     state = {k[len(prefix):]: v for k, v in state.items() if k in sharded}
     model.load_state_dict(state, strict=True)

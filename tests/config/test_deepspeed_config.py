@@ -173,14 +173,17 @@ def test_config_and_train_reject_a_key_deepspeed_does_not_know(tmp_path, capsys,
 
 def _groups_vs_megatron():
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-    from megatron.core.optimizer import _get_param_groups
+    from megatron.core.optimizer import _get_param_groups, get_standard_config_overrides
 
     from megadistill.deepspeed.param_groups import megatron_param_groups
     from megadistill.testing.models import tiny_gpt
 
     model = tiny_gpt(2, 32, 4, 128, 16)
     ours = megatron_param_groups(model, lr=1e-3, min_lr=1e-4)
-    theirs = _get_param_groups([model], MegatronOptimizerConfig(lr=1e-3, min_lr=1e-4), None)
+    config = MegatronOptimizerConfig(lr=1e-3, min_lr=1e-4)
+    # The overrides get_megatron_optimizer applies (biases and 1-D parameters undecayed): passed
+    # explicitly, as megatron-core 0.19 no longer applies them for None (0.16 did; both accept them).
+    theirs = _get_param_groups([model], config, get_standard_config_overrides(config))
     keys = ("wd_mult", "lr_mult", "max_lr", "min_lr")
     return (
         [([id(p) for p in g["params"]], {k: g[k] for k in keys}) for g in ours],

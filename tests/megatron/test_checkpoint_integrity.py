@@ -23,7 +23,7 @@ import pytest
 import torch
 from checkpoint_training import build_training, train_steps
 
-from megadistill import checkpoint_dir
+from megadistill import _compat, checkpoint_dir
 from megadistill.checkpoint_dir import COMPLETE_MARKER, CorruptCheckpointError, verify
 from megadistill.megatron.checkpoint import load_checkpoint, save_checkpoint
 from megadistill.testing import run_distributed
@@ -39,7 +39,8 @@ def _save(root: str) -> str:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    """A committed 2-rank checkpoint: __{0,1}_{0,1}.distcp, .metadata, common.pt, metadata.json."""
+    """A committed 2-rank checkpoint: .metadata, metadata.json and __<rank>_<i>.distcp, with
+    megatron-core 0.16 also common.pt (0.16 writes two .distcp per rank, 0.19 one)."""
     return Path(run_distributed(_save, 2, str(tmp_path_factory.mktemp("saved")))[0])
 
 
@@ -94,7 +95,10 @@ def test_the_marker_records_every_file_with_its_sha256(saved):
     files = marker["integrity"]["files"]
     on_disk = sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
     assert sorted(files) == on_disk
-    assert {".metadata", "common.pt", "metadata.json", "__0_0.distcp", "__1_0.distcp"} <= set(files)
+    assert {".metadata", "metadata.json", "__0_0.distcp", "__1_0.distcp"} <= set(files)
+    version = _compat.installed_version()
+    assert marker["megatron_core"] == version  # the writer's version, readable without megatron-core
+    assert ("common.pt" in files) == _compat.writes_common_pt(version)
     for name, (size, digest) in files.items():  # what `sha256sum` prints
         assert [size, digest] == [(saved / name).stat().st_size, hashlib.sha256((saved / name).read_bytes()).hexdigest()]
     assert marker["integrity"]["algorithm"] == "sha256"
@@ -116,7 +120,7 @@ def test_every_kind_of_corrupted_file_is_detected(saved, tmp_path):
                 vague.append((name, corrupt.__name__, str(e)))
         else:
             silent.append((name, corrupt.__name__))
-    assert len(cases) >= 40
+    assert len(names) >= 4 and len(cases) == 5 * len(names) + 5  # 0.16: 6 files (and common.pt); 0.19: 4
     assert silent == [], f"loaded silently: {silent}"
     assert vague == [], f"errors that do not name the file: {vague}"
 
@@ -206,12 +210,12 @@ def _legacy_load_errors(paths: dict) -> dict:
 def test_unverifiable_checkpoints_fail_naming_the_file(saved, tmp_path):
     """A checkpoint without checksums loads with a warning; what megatron-core or torch then
     raise names the file, and never passes on torch's advice to load with weights_only=False."""
-    cases = {
-        "common.pt": _garbage,
-        ".metadata": _garbage,
-        "metadata.json": _empty,
-        "__0_1.distcp": _truncate,
-    }
+    last_distcp = sorted(p.name for p in saved.glob("__*.distcp"))[-1]  # __1_0 (0.19) or __1_1 (0.16)
+    cases = {".metadata": _garbage, "metadata.json": _empty, last_distcp: _truncate}
+    if (saved / "common.pt").is_file():  # megatron-core 0.16
+        cases["common.pt"] = _garbage
+    else:  # 0.19: the common state is an object in rank 0's file
+        cases["__0_0.distcp"] = _garbage
     paths = {}
     for name, corrupt in cases.items():
         copy = _legacy(_copy(saved, tmp_path, name.strip(".")))
@@ -221,12 +225,16 @@ def test_unverifiable_checkpoints_fail_naming_the_file(saved, tmp_path):
     errors = run_distributed(_legacy_load_errors, 1, paths)[0]
     assert errors.pop("intact") is None  # unverified, but loads
     for name, (kind, message, chained) in errors.items():
-        where = Path(paths[name]) / name if name != "__0_1.distcp" else Path(paths[name])
+        where = Path(paths[name]) / name if not name.endswith(".distcp") else Path(paths[name])
         assert kind == "ValueError" and "cannot read " in message and str(where) in message, (name, message)
         assert ("a corrupt file" if name.endswith(".distcp") else "corrupt or not a megadistill checkpoint") in message
         for advice in ("`weights_only` set to `False`", "weights_only=False"):  # torch's words
             assert advice not in message + chained, (name, message, chained)
-    assert "not a file torch.load reads safely" in errors["common.pt"][1]
+    if "common.pt" in errors:
+        assert "not a file torch.load reads safely" in errors["common.pt"][1]
+    else:  # a file that does not exist is never named as the culprit
+        assert "the common state ('common_state' in __*.distcp)" in errors["__0_0.distcp"][1]
+        assert all("common.pt" not in message for _, message, _ in errors.values())
 
 
 # -- kill -9 during a save ---------------------------------------------------------------------
@@ -313,7 +321,8 @@ def _waiting(pid: int) -> bool:
 
 # The results queue megatron-core would create itself (a GPU machine), or the CPU layer's; the
 # rank is killed as soon as its writers run, or once it waits for them (then, before the fix, the
-# last writer to finish waits forever to wake it).
+# last writer to finish waits forever to wake it). megatron-core 0.19 forks no writers (it writes
+# from threads): there the saver must start no process at all, and is killed mid-save.
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 @pytest.mark.parametrize("results_queue, kill_when", [("megatron", "writing"), ("cpu-layer", "waiting")])
 def test_kill_9_during_a_save_leaves_no_process_behind(tmp_path, results_queue, kill_when):
@@ -331,14 +340,22 @@ def test_kill_9_during_a_save_leaves_no_process_behind(tmp_path, results_queue, 
         # Into the second save: whatever the first one started is running by then.
         assert proc.stdout.readline().strip() == "saved 0"
         seen |= _descendants(proc.pid)
-        deadline = time.time() + 120
-        writers: set[int] = set()
-        while time.time() < deadline:
-            writers = _descendants(proc.pid) - seen  # megatron's writer processes, forked for each save
-            if any(_alive(p) for p in writers) and (kill_when == "writing" or _waiting(proc.pid)):
-                break
-            time.sleep(0.002)
-        assert writers, "the saver forked no writer"
+        if _compat.forks_checkpoint_writers(_compat.installed_version()):
+            deadline = time.time() + 120
+            writers: set[int] = set()
+            while time.time() < deadline:
+                writers = _descendants(proc.pid) - seen  # megatron's writer processes, forked for each save
+                if any(_alive(p) for p in writers) and (kill_when == "writing" or _waiting(proc.pid)):
+                    break
+                time.sleep(0.002)
+            assert writers, "the saver forked no writer"
+        else:  # 0.19 writes from threads: watched over a few saves, it starts no process to leave behind
+            deadline = time.time() + 1.0
+            writers = set()
+            while time.time() < deadline:
+                writers |= _descendants(proc.pid)
+                time.sleep(0.002)
+            assert writers == set(), [_describe(p) for p in writers]
         seen |= writers
         seen |= _descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)  # mid-save: its writers are running
