@@ -152,6 +152,13 @@ def cpu_cuda_calls(version: str) -> frozenset[str]:
     return calls
 
 
+def imports_triton(version: str) -> bool:
+    """Whether ``import megatron.core`` of ``version`` imports triton (its MoE paged-stash ops,
+    reached from the pipeline schedules and GPTModel): from 0.17 on. That import is most of the
+    larger per-process memory a CPU rank of 0.19 holds (``megadistill.plan.memory``)."""
+    return parse(version)[:2] >= _FIRST_WITH_STREAM_CALL
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 COMMON_PT = "common.pt"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megadistill import _compat
 from megadistill.config import ModelConfig, RunConfig
 from megadistill.plan.parameters import BYTES, _widths, stage_parameters
 
@@ -71,7 +72,8 @@ def in_flight_micro_batches(pp: int, stage: int, micro_batches: int) -> int:
 # --------------------------------------------------------------------------- fixed per process
 
 CPU_PROCESS_BYTES = {"megatron": 394 * 2**20, "deepspeed": 417 * 2**20}
-"""Host memory a CPU (gloo) training rank holds whatever its model, by ``optimizer.backend``: the
+"""Host memory a CPU (gloo) training rank holds whatever its model, by ``optimizer.backend``, with
+megatron-core 0.16 (:data:`CPU_PROCESS_BYTES_TRITON` from 0.17 on): the
 interpreter with torch, megatron-core and megadistill imported (~360 MiB), the data, and what the
 first steps allocate beyond the model's own memory (allocator arenas, autograd and gloo buffers;
 DeepSpeed's import and engine with its backend). Stated, not computed: measured as the peak RSS of
@@ -80,13 +82,22 @@ plan, with torch 2.13.0+cpu, megatron-core 0.16.1, DeepSpeed 0.19.8, Python 3.11
 other versions and installs differ (a fresh install measured ~100 MiB more). A GPU rank holds it in host memory, not GPU memory: its fixed
 GPU part is the CUDA context and library workspaces (:data:`GPU_PROCESS_NOTE`)."""
 
+CPU_PROCESS_BYTES_TRITON = {"megatron": 560 * 2**20, "deepspeed": 585 * 2**20}
+"""The same with megatron-core 0.17 or later, whose import brings triton (and more of the library):
+measured with 0.19.2 in a fresh install (ci-local: process peaks of 611 and 636 MiB for the
+0.1 M-parameter model, its plan 4 MiB), stated at ~50 MiB below that, as installs vary by tens of MiB."""
+
 GPU_PROCESS_NOTE = "the CUDA context and library workspaces, typically 0.5-2 GiB of GPU memory"
 """A GPU rank's fixed part, which depends on the GPU, driver and libraries: not computed."""
 
 
 def cpu_process_bytes(cfg: RunConfig) -> int:
-    """:data:`CPU_PROCESS_BYTES` of the run's backend."""
-    return CPU_PROCESS_BYTES[cfg.optimizer.backend]
+    """:data:`CPU_PROCESS_BYTES` of the run's backend, for the installed megatron-core."""
+    try:
+        triton = _compat.imports_triton(_compat.installed_version())
+    except _compat.UnknownMegatronVersion:
+        triton = False
+    return (CPU_PROCESS_BYTES_TRITON if triton else CPU_PROCESS_BYTES)[cfg.optimizer.backend]
 
 
 # --------------------------------------------------------------------------- memory per rank
