@@ -295,9 +295,9 @@ def _checkpoint_architecture(meta: dict, p: str, model: ModelConfig) -> dict:
     found = {}
     layers = p + "decoder.layers."
     qkv = meta.get(layers + "self_attention.linear_qkv.weight")
-    if qkv is not None and model.hidden_size % model.num_attention_heads == 0:
+    if qkv is not None and (model.kv_channels or model.hidden_size % model.num_attention_heads == 0):
         # [layers, (heads + 2 x query groups) x head_dim, hidden]: the key/value heads per layer.
-        head_dim = model.hidden_size // model.num_attention_heads
+        head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
         extra = qkv.global_shape[1] - model.num_attention_heads * head_dim
         if extra > 0 and extra % (2 * head_dim) == 0:
             found["num_query_groups"] = extra // (2 * head_dim)

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 ARCHITECTURE_KEYS = (
     "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups", "activation",
     "normalization", "layernorm_epsilon", "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias",
-    "rotary_base", "rotary_percent",
+    "rotary_base", "rotary_percent", "rope_scaling_factor", "kv_channels", "qk_layernorm",
 )
 """What a teacher's ``teacher.model`` must share with the run that trained its checkpoint (the
 shapes, and what changes the function the weights compute: norm, activation, RoPE). A record

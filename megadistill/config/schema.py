@@ -53,6 +53,12 @@ class ModelConfig:
     """RoPE base (theta)."""
     rotary_percent: float = 1.0
     """Fraction of each head's dimensions RoPE rotates, in (0, 1]."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama 3.x RoPE scaling (megatron-core's: wavelengths above 8192 positions divided by this factor, below 2048 kept, smoothly in between); null = plain RoPE."""
+    kv_channels: Optional[int] = None
+    """Dimensions of each query/key/value head (null = hidden_size / num_attention_heads; Qwen3 uses 128 at every width)."""
+    qk_layernorm: bool = False
+    """Normalise each query and key head (with the model's normalization) before RoPE, as Qwen3 does."""
     add_bias_linear: bool = True
     """Biases in every linear layer (attention and MLP); false as in Llama."""
     add_qkv_bias: bool = False

@@ -242,7 +242,12 @@ def _validate_architecture(cfg: RunConfig, key: str, m: ModelConfig) -> None:
                               "(each tensor-parallel rank holds whole key/value heads)")
     if not 0.0 < m.rotary_percent <= 1.0:
         raise ConfigError(f"{key}.rotary_percent must be in (0, 1], got {m.rotary_percent}")
-    head_dim = m.hidden_size // m.num_attention_heads
+    if m.kv_channels is not None and (isinstance(m.kv_channels, bool) or not isinstance(m.kv_channels, int)
+                                      or m.kv_channels <= 0):
+        raise ConfigError(f"{key}.kv_channels must be a positive integer or null, got {m.kv_channels!r}")
+    if m.rope_scaling_factor is not None and not m.rope_scaling_factor >= 1.0:
+        raise ConfigError(f"{key}.rope_scaling_factor must be >= 1 or null, got {m.rope_scaling_factor!r}")
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     if int(head_dim * m.rotary_percent) % 2:
         raise ConfigError(f"{key}.rotary_percent {m.rotary_percent} rotates {int(head_dim * m.rotary_percent)} of the "
                           f"{head_dim} dimensions of a head: RoPE needs an even number")

@@ -64,8 +64,8 @@ def layer_spec(model_cfg, key: str = "model"):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         # TE's fused layer-norm-linear modules read config.normalization themselves.
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
+    return get_gpt_layer_local_spec(normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm)
 
 
 def transformer_config(model_cfg, cfg, dtype: torch.dtype) -> TransformerConfig:
@@ -76,6 +76,8 @@ def transformer_config(model_cfg, cfg, dtype: torch.dtype) -> TransformerConfig:
         hidden_size=model_cfg.hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.kv_channels,  # None: hidden_size / num_attention_heads
+        qk_layernorm=model_cfg.qk_layernorm,
         ffn_hidden_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
         normalization=model_cfg.normalization,
         layernorm_epsilon=model_cfg.layernorm_epsilon,
@@ -126,6 +128,9 @@ def build_gpt(model_cfg, cfg, vocab_size: int) -> GPTModel:
         position_embedding_type="rope",
         rotary_percent=model_cfg.rotary_percent,
         rotary_base=model_cfg.rotary_base,
+        # megatron-core's Llama 3.x scaling (low/high frequency factors 1 and 4, original context 8192).
+        rope_scaling=model_cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=model_cfg.rope_scaling_factor or 8.0,
     )
     # Megatron-core allocates a few modules (the local spec's torch norms) in fp32 whatever
     # params_dtype says; Float16Module would cast a student anyway, a teacher has no such wrapper.

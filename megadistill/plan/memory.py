@@ -42,7 +42,7 @@ def layer_activation_bytes(m: ModelConfig, seq: int, micro_batch: int, tp: int =
     rep = sbh / t if sequence_parallel else sbh  # tensors every TP rank holds whole without SP
     hidden_mask = rep if m.hidden_dropout > 0 else 0
     scores = heads * s * s * b / t
-    attention = (2 * e * rep + e * s * b * (h + w["kv"]) / t + e * scores + e * s * b * w["kv"] / t + e * sbh / t
+    attention = (2 * e * rep + e * s * b * (w["q"] + w["kv"]) / t + e * scores + e * s * b * w["kv"] / t + e * s * b * w["q"] / t
                  + hidden_mask + ((1 + e) * scores if m.attention_dropout > 0 else 0))
     mlp = 2 * e * rep + e * s * b * (w["fc1"] + w["ffn"]) / t + hidden_mask
     return int(attention + mlp)
@@ -217,7 +217,7 @@ def _teacher_forward_bytes(m: ModelConfig, s: int, b: int, tp: int, e: int) -> i
     norm output (e·2sbh) plus the larger of attention (QKV output, then scores and probabilities
     ``2·a·s²b/t``) and the MLP (fc1 output and activation output)."""
     w, h = _widths(m), m.hidden_size
-    attention = e * s * b * (h + 2 * w["kv"]) / tp + 2 * e * m.num_attention_heads * s * s * b / tp
+    attention = e * s * b * (w["q"] + 2 * w["kv"]) / tp + 2 * e * m.num_attention_heads * s * s * b / tp
     mlp = e * s * b * (w["fc1"] + w["ffn"]) / tp
     return int(2 * e * s * b * h + max(attention, mlp))
 

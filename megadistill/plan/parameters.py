@@ -18,10 +18,10 @@ def _widths(m: ModelConfig) -> dict:
     """The tensor widths megatron-core derives from a ``ModelConfig``: head dim, key/value groups,
     the MLP's hidden size and the width of its first linear layer (doubled for SwiGLU's gate)."""
     heads = m.num_attention_heads
-    head_dim = m.hidden_size // heads
+    head_dim = m.kv_channels or m.hidden_size // heads
     groups = m.num_query_groups or heads
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
-    return {"head_dim": head_dim, "groups": groups, "kv": groups * head_dim, "ffn": ffn,
+    return {"head_dim": head_dim, "groups": groups, "q": heads * head_dim, "kv": groups * head_dim, "ffn": ffn,
             "fc1": 2 * ffn if m.activation == "swiglu" else ffn}
 
 
@@ -30,16 +30,19 @@ def layer_parameters(m: ModelConfig, tp: int = 1) -> int:
 
     Column-parallel weights (QKV, fc1) and their biases are split over TP; row-parallel weights
     (attention projection, fc2) are split, their biases are not (each rank adds the full bias after
-    the all-reduce); norms are replicated. QKV is ``h x (h + 2·groups·head_dim)`` (GQA shrinks K, V).
+    the all-reduce); norms are replicated. QKV is ``h x (heads·head_dim + 2·groups·head_dim)`` (GQA
+    shrinks K, V); query/key norms (``qk_layernorm``) are ``head_dim`` wide each.
     """
     h, w = m.hidden_size, _widths(m)
-    norm = h * (2 if m.normalization == "LayerNorm" else 1)  # LayerNorm has a bias, RMSNorm none
-    qkv_out = h + 2 * w["kv"]
+    per_norm = 2 if m.normalization == "LayerNorm" else 1  # LayerNorm has a bias, RMSNorm none
+    norm = h * per_norm
+    qk_norms = 2 * w["head_dim"] * per_norm if m.qk_layernorm else 0
+    qkv_out = w["q"] + 2 * w["kv"]
     qkv = h * qkv_out // tp + (qkv_out // tp if (m.add_bias_linear or m.add_qkv_bias) else 0)
-    proj = h * h // tp + (h if m.add_bias_linear else 0)
+    proj = w["q"] * h // tp + (h if m.add_bias_linear else 0)
     fc1 = h * w["fc1"] // tp + (w["fc1"] // tp if m.add_bias_linear else 0)
     fc2 = w["ffn"] * h // tp + (h if m.add_bias_linear else 0)
-    return 2 * norm + qkv + proj + fc1 + fc2
+    return 2 * norm + qk_norms + qkv + proj + fc1 + fc2
 
 
 def stage_parameters(m: ModelConfig, vocab: int, tp: int = 1, pp: int = 1, stage: int = 0) -> int:
@@ -77,8 +80,8 @@ def forward_flops_per_token(m: ModelConfig, vocab: int, seq: int) -> int:
     output layer; norms, biases and the embedding lookup are negligible) plus attention's QKᵀ and
     AV, ``2·2·s·h`` per layer (counted over the full square, as Megatron-LM does)."""
     h, w = m.hidden_size, _widths(m)
-    matmul = h * (h + 2 * w["kv"]) + h * h + h * w["fc1"] + w["ffn"] * h
-    return 2 * (m.num_layers * matmul + vocab * h) + 4 * m.num_layers * seq * h
+    matmul = h * (w["q"] + 2 * w["kv"]) + w["q"] * h + h * w["fc1"] + w["ffn"] * h
+    return 2 * (m.num_layers * matmul + vocab * h) + 4 * m.num_layers * seq * w["q"]
 
 
 def teacher_flop_overhead(cfg: RunConfig, vocab: int) -> float:
