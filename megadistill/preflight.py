@@ -156,7 +156,7 @@ def _check_teacher(cfg: RunConfig) -> None:
     ckpt = resolve_teacher_checkpoint(t.checkpoint)
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from megadistill.megatron.teacher import checkpoint_vocab_size
+    from megadistill.megatron.teacher import check_teacher_vocab, checkpoint_vocab_size, teacher_vocab_size
 
     # Its files are verified by checksum once the ranks exist (resume.decide), shared among them.
     backend = read_marker(ckpt).get("backend", "megatron") if is_complete(ckpt) else "megatron"
@@ -169,13 +169,26 @@ def _check_teacher(cfg: RunConfig) -> None:
         teacher_vocab = checkpoint_vocab_size(ckpt, prefix=CHECKPOINT_MODEL_PREFIX)
     except (ValueError, CheckpointingException) as e:  # no GPT embedding in it, or not a dist checkpoint
         raise ConfigError(f"teacher.checkpoint {ckpt}: {e}") from e
-    student_vocab = _student_vocab(cfg)
-    if teacher_vocab != student_vocab:
+    tokens = _tokenizer_vocab(cfg)
+    student_vocab = run_vocab_size(cfg, tokens)
+    try:
+        teacher_vocab_size(ckpt, tokens)  # a teacher recorded as made for another tokenizer size is refused
+        # The rows are checked as the run's loader checks them: against the size the checkpoint
+        # records (the online teacher loads without being told the tokenizer's).
+        real = teacher_vocab_size(ckpt)
+    except ValueError as e:
+        raise ConfigError(f"teacher.checkpoint: {e}") from e
+    if real is None and teacher_vocab != student_vocab:
         raise ConfigError(
-            f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the "
-            f"student's {student_vocab} (padded to a multiple of model.make_vocab_size_divisible_by x TP); use the teacher's "
+            f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the student's "
+            f"{student_vocab} (padded to a multiple of model.make_vocab_size_divisible_by x TP), and the checkpoint "
+            "records no tokenizer vocabulary size that would tell its padding rows from real ones; use the teacher's "
             "tokenizer (data.tokenizer_model)"
         )
+    try:
+        check_teacher_vocab(student_vocab, teacher_vocab, real, "it")
+    except ValueError as e:
+        raise ConfigError(f"teacher.checkpoint {ckpt}: {e}") from e
     check_teacher_shape(t.model, ckpt)
 
 
@@ -223,14 +236,19 @@ def _check_scores(cfg: RunConfig) -> None:
 
 
 def _student_vocab(cfg: RunConfig) -> int:
-    """The run's padded vocabulary: of the given tokenizer (data.tokenizer_model), or of
+    """The run's padded vocabulary (:func:`_tokenizer_vocab` padded)."""
+    return run_vocab_size(cfg, _tokenizer_vocab(cfg))
+
+
+def _tokenizer_vocab(cfg: RunConfig) -> int:
+    """The run's unpadded vocabulary: the given tokenizer's ids (data.tokenizer_model), or
     data.vocab_size for one still to be trained."""
     if cfg.data.tokenizer_model is None:
-        return run_vocab_size(cfg, cfg.data.vocab_size)
+        return cfg.data.vocab_size
     from megadistill.data.tokenizer import tokenizer_vocab_size
 
     try:
-        return run_vocab_size(cfg, tokenizer_vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type))
+        return tokenizer_vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
     except (DataError, FileNotFoundError) as e:
         raise ConfigError(f"data.tokenizer_model: {e}") from e
 

@@ -12,7 +12,7 @@ def _convert(args) -> int:
     try:
         result = convert(args.path, args.output, model_type=args.model_type, tokenizer=args.tokenizer,
                          tokenizer_type=args.tokenizer_type, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, overwrite=args.overwrite)
+                         dtype=args.dtype, overwrite=args.overwrite)
     except DataError as e:  # the tokenizer
         raise ConversionError(str(e)) from e
     if result.superseded is not None:
@@ -34,7 +34,8 @@ def add_commands(sub) -> None:
             "equivalent megatron-core GPT model as a teacher checkpoint under OUTPUT (OUTPUT/step_00000000, loaded "
             "resharded at any TP/PP with teacher.checkpoint: OUTPUT), and OUTPUT/teacher.yaml: the teacher block and "
             "the data.tokenizer_* lines to merge into a run file. The student uses the teacher's tokenizer; the "
-            "vocabulary is padded as a run with --make-vocab-size-divisible-by and --tensor-parallel-size pads it. "
+            "vocabulary is padded as a run with --make-vocab-size-divisible-by pads it at TP=1; a run at any TP loads it "
+            "(padding rows added as zeros or dropped). "
             "An OUTPUT that already holds anything (an earlier conversion, even of the same model, or other files) is "
             "refused unless --overwrite is given."
         ),
@@ -53,9 +54,7 @@ def add_commands(sub) -> None:
                    help="how to read --tokenizer (default: huggingface for a directory or .json file)")
     c.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="D",
                    help="the run's model.make_vocab_size_divisible_by (default 128)")
-    c.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T",
-                   help="pad the vocabulary as a run at this TP does (default 1; the snippet lists the TP sizes it fits)")
     c.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="dtype of the written weights (default: config.json's dtype)")
+                   help="dtype of the written weights (default: config.json's dtype / torch_dtype, else fp32)")
     c.set_defaults(fn=_convert)
 

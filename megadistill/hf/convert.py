@@ -13,9 +13,15 @@ megatron-core distributed checkpoint with its ``COMPLETE`` marker (file checksum
 any TP/PP. ``DIR/teacher.yaml`` holds the matching ``teacher`` block and ``data.tokenizer_*``
 lines.
 
-Vocabulary: the embedding and output layer get ``padded_vocab_size(V_tok, T, D)`` rows, the padded
-vocabulary of a run whose tokenizer has ``V_tok`` ids, ``make_vocab_size_divisible_by: D`` and TP
-``T`` (what the student builds: the shapes must agree, and a teacher's vocabulary check is exact).
+Vocabulary: the embedding and output layer get ``padded_vocab_size(V_tok, 1, D)`` rows, the padded
+vocabulary of a run at TP=1 whose tokenizer has ``V_tok`` ids and ``make_vocab_size_divisible_by:
+D``; the marker records ``V_tok`` (``vocab_size``), which lets the checkpoint load at any TP, whose
+padding differs (:mod:`megadistill.megatron.teacher`).
+
+Memory: tensors are read from the safetensors files one at a time and converted into one state dict
+(:func:`megadistill.hf.weights.convert_state_dict`); the ``GPTModel`` whose checkpoint is written
+takes those very tensors as its parameters (built on the meta device, :func:`_model_of`), so the
+conversion holds the model about once (``bench/convert_memory.py`` measures it).
 
 Whatever cannot be converted is refused with a ``ConversionError`` (:mod:`megadistill.hf.errors`)
 naming the file and key.
@@ -90,15 +96,15 @@ def convert(
     tokenizer: Optional[PathLike] = None,
     tokenizer_type: Optional[str] = None,
     make_vocab_size_divisible_by: int = 128,
-    tensor_parallel_size: int = 1,
     dtype: Optional[str] = None,
     overwrite: bool = False,
 ) -> ConversionResult:
     """Convert the Hugging Face checkpoint ``source`` into a teacher checkpoint under ``output``.
 
     ``tokenizer`` (default: the one inside ``source``, see :func:`find_tokenizer`) is the
-    student's: its vocabulary size fixes the padded vocabulary, ``padded_vocab_size(V_tok,
-    tensor_parallel_size, make_vocab_size_divisible_by)``, and its SHA-256 goes into the marker.
+    student's: its vocabulary size ``V_tok`` fixes the padded vocabulary, ``padded_vocab_size(V_tok,
+    1, make_vocab_size_divisible_by)`` (a run at another TP pads it otherwise and loads it all the
+    same), and it and its SHA-256 go into the marker.
     ``dtype`` (fp32, bf16, fp16) is the checkpoint's (default: ``config.json``'s ``dtype`` /
     ``torch_dtype``, else fp32); a teacher is cast to ``teacher.model.precision`` as it loads.
     ``output`` must be new or empty; ``overwrite`` moves what it holds aside instead (module
@@ -110,10 +116,9 @@ def convert(
     _check_output(out, overwrite)  # before any work
     ckpt = read_checkpoint(source)
     arch = model_config(ckpt.config, model_type, str(ckpt.directory / CONFIG_FILE))
-    for name, value in (("--make-vocab-size-divisible-by", make_vocab_size_divisible_by),
-                        ("--tensor-parallel-size", tensor_parallel_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConversionError(f"{name} must be a positive integer, got {value!r}")
+    d = make_vocab_size_divisible_by
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ConversionError(f"--make-vocab-size-divisible-by must be a positive integer, got {d!r}")
     if tokenizer is None:
         tokenizer, found_type = find_tokenizer(ckpt.directory)
         tokenizer_type = tokenizer_type or found_type
@@ -124,7 +129,7 @@ def convert(
         raise ConversionError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but {ckpt.directory / CONFIG_FILE} "
                               f"vocab_size is {arch.hf_vocab_size}: ids past it have no embedding")
     base_vocab = tok.vocab_size if tok is not None else arch.hf_vocab_size
-    rows = padded_vocab_size(base_vocab, tensor_parallel_size, make_vocab_size_divisible_by)
+    rows = padded_vocab_size(base_vocab, 1, make_vocab_size_divisible_by)
     precision = _DTYPES.get(dtype or ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "float32")
     if precision is None:
         raise ConversionError(f"dtype {dtype or ckpt.config.get('dtype') or ckpt.config.get('torch_dtype')!r} is not fp32, "
@@ -139,6 +144,8 @@ def convert(
         "backend": "megatron",
         "config": {"model": to_dict(teacher)},
         "tokenizer_sha256": tok.sha256 if tok is not None else None,
+        # The real rows (the ids the tokenizer produces): a run at any TP tells padding by it.
+        "vocab_size": base_vocab,
         "converted_from": {
             "format": "huggingface", "model_type": arch.model_type, "path": str(ckpt.directory.resolve()),
             "files": {name: (ckpt.directory / name).stat().st_size for name in sorted(set(ckpt.weight_map.values()))},
@@ -147,7 +154,7 @@ def convert(
         **version_marker(),  # the megatron-core that wrote it (0.19's format is not 0.16's)
     }
     text = snippet(out, teacher, arch, rows, tokenizer, tokenizer_type, tok.vocab_size if tok is not None else None,
-                   tensor_parallel_size, ckpt.directory)
+                   ckpt.directory)
     with _claim(out, overwrite) as superseded, _one_process_group():
         try:
             path = _write(out, teacher, precision, rows, state, marker)
@@ -220,35 +227,77 @@ def _claim(out: Path, overwrite: bool):
 
 
 def _write(out: Path, teacher: ModelConfig, precision: str, rows: int, state: dict, marker: dict) -> Path:
-    """Build the teacher ``GPTModel`` (TP=1, local spec), load ``state`` into it (strict: every
-    name and shape must be the model's) and commit it as step 0 under ``out``."""
+    """Commit ``state`` as step 0 under ``out``: the checkpoint of the teacher ``GPTModel`` (TP=1,
+    local spec) whose parameters are ``state``'s tensors themselves (:func:`_model_of`)."""
     from megatron.core import dist_checkpointing
 
     from megadistill.checkpoint_dir import commit
-    from megadistill.config import DataConfig, RunConfig, TeacherConfig
     from megadistill.megatron.checkpoint import _layout, install_write_results_queue
-    from megadistill.megatron.gpt import build_gpt
     from megadistill.processes import children_die_with_this_process
+
+    model = _model_of(teacher, precision, rows, state)
+
+    def write(tmp: Path) -> None:
+        install_write_results_queue()
+        with children_die_with_this_process():
+            # The writer clones only tensors that are views of a larger storage; the converted
+            # tensors own theirs, so it writes them in place (the 0.16 writer's forked children
+            # read them copy-on-write).
+            dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+
+    return commit(out, 0, write, {"layout": _layout(), **marker})
+
+
+def _model_of(teacher: ModelConfig, precision: str, rows: int, state: dict):
+    """The teacher ``GPTModel`` (TP=1, local spec) whose parameters are the tensors of ``state``
+    (each ``[out, in]`` / ``[n]`` in the dtype of ``precision``), not copies of them.
+
+    Built on the meta device (no storage, no random initialisation), then given ``state``'s
+    tensors by assignment: the model adds no memory to what ``state`` holds, which a model built
+    on the CPU and loaded by copy would double (and its fp32 initialisation triple). Every name,
+    shape and dtype must be the model's (a mapping bug otherwise, not the user's input: a
+    ``RuntimeError`` naming the keys), and no parameter may stay on the meta device.
+    """
+    from unittest import mock
+
+    import torch
+
+    from megadistill.config import DataConfig, RunConfig, TeacherConfig
+    from megadistill.megatron import gpt
 
     # The local spec: its state dict names are the ones convert_state_dict writes; the checkpoint
     # layout (megatron-core's sharded names) is the same for Transformer Engine layers.
     built = replace(teacher, precision=precision, transformer_impl="local")
     cfg = RunConfig(teacher=TeacherConfig(mode="online", model=built),
                     data=DataConfig(seq_length=min(built.max_position_embeddings or 128, 128)))
-    model = build_gpt(cfg.teacher.model, cfg, rows)
-    own = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    transformer_config = gpt.transformer_config
+
+    def created_without_a_device(*args, **kwargs):
+        # megatron-core creates weights on the GPU where one is present (an explicit device, which
+        # torch.device("meta") does not override); with CPU initialisation it names none.
+        config = transformer_config(*args, **kwargs)
+        config.use_cpu_initialization = True
+        return config
+
+    # build_gpt's own model (its names and shapes), every tensor created on the meta device; it
+    # ends by moving the model to this rank's device, which cannot copy meta tensors: that device
+    # is the meta device too while the model is built.
+    with torch.device("meta"), mock.patch.object(gpt, "device", lambda: torch.device("meta")), \
+            mock.patch.object(gpt, "transformer_config", created_without_a_device):
+        model = gpt.build_gpt(cfg.teacher.model, cfg, rows)
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:  # a mapping bug, not the user's input
         raise RuntimeError(f"converted state dict does not fit the GPT model: missing {missing}, unexpected {unexpected}")
-    model.load_state_dict(state, strict=False)  # _extra_state entries keep the model's own
-    del state
-
-    def write(tmp: Path) -> None:
-        install_write_results_queue()
-        with children_die_with_this_process():
-            dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
-
-    return commit(out, 0, write, {"layout": _layout(), **marker})
+    differ = [f"{k} {tuple(state[k].shape)} {state[k].dtype} (model {tuple(v.shape)} {v.dtype})"
+              for k, v in own.items() if state[k].shape != v.shape or state[k].dtype != v.dtype]
+    if differ:
+        raise RuntimeError(f"converted tensors differ from the GPT model's in shape or dtype: {', '.join(differ)}")
+    model.load_state_dict(state, strict=False, assign=True)  # _extra_state entries keep the model's own
+    left = sorted(k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and v.is_meta)
+    if left:
+        raise RuntimeError(f"converted GPT model still has tensors without storage (meta): {left}")
+    return model
 
 
 @contextmanager
@@ -283,13 +332,12 @@ def _one_process_group():
 
 
 def snippet(out: Path, teacher: ModelConfig, arch: TeacherArchitecture, rows: int, tokenizer, tokenizer_type,
-            tokenizer_vocab: Optional[int], tensor_parallel_size: int, source: Path) -> str:
+            tokenizer_vocab: Optional[int], source: Path) -> str:
     """The YAML to merge into a run file: ``teacher`` (mode, checkpoint, model) and the student's
     ``data.tokenizer_*`` and ``model.make_vocab_size_divisible_by``, with comments."""
     import yaml
 
     base = tokenizer_vocab if tokenizer_vocab is not None else arch.hf_vocab_size
-    loads = [t for t in (1, 2, 4, 8, 16) if padded_vocab_size(base, t, teacher.make_vocab_size_divisible_by) == rows]
     body = {
         "teacher": {"mode": "online", "checkpoint": str(out.resolve()), "model": to_dict(teacher)},
         "model": {"make_vocab_size_divisible_by": teacher.make_vocab_size_divisible_by},
@@ -299,9 +347,9 @@ def snippet(out: Path, teacher: ModelConfig, arch: TeacherArchitecture, rows: in
     lines = [
         f"# megadistill convert-hf {source.resolve()} ({arch.model_type}) -> {out.resolve()}",
         f"# Vocabulary: {base} ids ({'the tokenizer' if tokenizer_vocab is not None else 'config.json vocab_size'}), "
-        f"{rows} rows (a multiple of make_vocab_size_divisible_by {teacher.make_vocab_size_divisible_by} x TP "
-        f"{tensor_parallel_size}); the student shares them, which holds at tensor_model_parallel_size "
-        f"{', '.join(map(str, loads))}. For another TP, convert again with --tensor-parallel-size.",
+        f"{rows} rows (a multiple of make_vocab_size_divisible_by {teacher.make_vocab_size_divisible_by}); at "
+        "any tensor_model_parallel_size the teacher loads with the student's padding (zero rows added, or "
+        "padding rows dropped).",
     ]
     if tokenizer is None:
         lines.append("# No tokenizer was found beside the weights: set data.tokenizer_model (and data.tokenizer_type) "

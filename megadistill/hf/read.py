@@ -35,7 +35,9 @@ class HFCheckpoint:
     """Tensor name -> safetensors file (under ``directory``)."""
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, read from its safetensors file."""
+        """The tensor ``name``, read from its safetensors file. safetensors (0.8) maps it privately
+        from the file rather than copying it: its pages are read (and count as resident) when
+        touched, and stay the file's page cache until something writes to it."""
         from safetensors import safe_open
 
         file = self.directory / self.weight_map[name]

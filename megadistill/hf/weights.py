@@ -1,8 +1,9 @@
-"""Hugging Face Llama-family tensors -> megatron-core ``GPTModel`` tensors (local layer spec,
-TP=1 names), for :func:`megadistill.hf.convert.convert`.
+"""Hugging Face Llama-family tensors (Llama, Qwen2, Qwen3, Mistral) -> megatron-core ``GPTModel``
+tensors (local layer spec, TP=1 names), for :func:`megadistill.hf.convert.convert`.
 
 The mapping, per layer (``h`` hidden size, ``nq`` query heads, ``ng`` key/value heads, ``d`` head
-dimension, ``f`` MLP size; Hugging Face ``nn.Linear`` weights are ``[out, in]``, as megatron-core's):
+dimension: ``teacher.model.kv_channels``, else ``h / nq``; ``f`` MLP size; Hugging Face
+``nn.Linear`` weights are ``[out, in]``, as megatron-core's):
 
 - ``self_attn.{q,k,v}_proj.weight`` ``[nq·d, h]``, ``[ng·d, h]``, ``[ng·d, h]`` ->
   ``self_attention.linear_qkv.weight`` ``[(nq + 2·ng)·d, h]`` in megatron-core's grouped layout:
@@ -10,6 +11,9 @@ dimension, ``f`` MLP size; Hugging Face ``nn.Linear`` weights are ``[out, in]``,
   Face's ``repeat_kv`` gives query head ``i`` the key/value head ``i // (nq/ng)``); Qwen2's
   ``{q,k,v}_proj.bias`` likewise into ``linear_qkv.bias``;
 - ``self_attn.o_proj.weight`` ``[h, nq·d]`` -> ``self_attention.linear_proj.weight``;
+- Qwen3's ``self_attn.q_norm.weight`` / ``k_norm.weight`` ``[d]`` -> ``self_attention.q_layernorm.weight``
+  / ``k_layernorm.weight`` (``qk_layernorm``: one RMSNorm over each head's ``d`` dimensions, shared by
+  all heads, before RoPE, in both);
 - ``mlp.{gate,up}_proj.weight`` ``[f, h]`` each -> ``mlp.linear_fc1.weight`` ``[2·f, h]`` (gate
   first: megatron-core's gated unit computes ``silu(first half) * second half``);
   ``mlp.down_proj.weight`` ``[h, f]`` -> ``mlp.linear_fc2.weight``;
@@ -29,9 +33,9 @@ reshards a vocabulary); rows past the padded size, which the tokenizer never pro
 its embedding beyond its tokenizer), are dropped.
 
 Refused with a ``ConversionError`` naming the file and key: a tied model that ships a different
-``lm_head``, an untied one without it, tensors missing or of the wrong shape, and tensors the
-mapping does not know.
-"""
+``lm_head``, an untied one without it, tensors missing or of the wrong shape (a ``head_dim`` the
+tensors do not have, say), and tensors the mapping does not know (a family's extra weights, such
+as Qwen3's query/key norms read as another ``--model-type``)."""
 
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def convert_state_dict(ckpt: HFCheckpoint, arch: TeacherArchitecture, vocab_rows
     dtype = dtype or torch.float32
     m = arch.model
     heads, groups = m.num_attention_heads, m.num_query_groups
-    d = m.hidden_size // heads
+    d = m.kv_channels or m.hidden_size // heads  # Qwen3's heads are wider than hidden / heads
     h, f = m.hidden_size, m.ffn_hidden_size
     used: set[str] = set()
     index = ckpt.directory / (SAFETENSORS_INDEX if (ckpt.directory / SAFETENSORS_INDEX).is_file() else SAFETENSORS_FILE)
@@ -81,7 +85,13 @@ def convert_state_dict(ckpt: HFCheckpoint, arch: TeacherArchitecture, vocab_rows
 
     out: dict[str, torch.Tensor] = {}
     emb = get("model.embed_tokens.weight", (arch.hf_vocab_size, h))
+    has_head = "lm_head.weight" in ckpt.weight_map
+    if arch.tied and has_head:  # checked now, so that the Hugging Face embedding is not held to the end
+        if not torch.equal(get("lm_head.weight", (arch.hf_vocab_size, h)), emb):
+            raise ConversionError(f"{ckpt.directory / CONFIG_FILE}: tie_word_embeddings is true but {index} holds an "
+                                  "lm_head.weight that differs from model.embed_tokens.weight")
     out["embedding.word_embeddings.weight"] = _resize_rows(emb, vocab_rows)
+    del emb
     for i in range(m.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn = src + "self_attn."
@@ -94,6 +104,9 @@ def convert_state_dict(ckpt: HFCheckpoint, arch: TeacherArchitecture, vocab_rows
                 get(attn + "q_proj.bias", (heads * d,)), get(attn + "k_proj.bias", (groups * d,)),
                 get(attn + "v_proj.bias", (groups * d,)))
         out[dst + "self_attention.linear_proj.weight"] = get(attn + "o_proj.weight", (h, heads * d))
+        if m.qk_layernorm:
+            out[dst + "self_attention.q_layernorm.weight"] = get(attn + "q_norm.weight", (d,))
+            out[dst + "self_attention.k_layernorm.weight"] = get(attn + "k_norm.weight", (d,))
         mlp = src + "mlp."
         out[dst + "mlp.linear_fc1.weight"] = torch.cat(
             [get(mlp + "gate_proj.weight", (f, h)), get(mlp + "up_proj.weight", (f, h))], dim=0)
@@ -105,14 +118,7 @@ def convert_state_dict(ckpt: HFCheckpoint, arch: TeacherArchitecture, vocab_rows
         out[dst + "input_layernorm.weight"] = get(src + "input_layernorm.weight", (h,))
         out[dst + "pre_mlp_layernorm.weight"] = get(src + "post_attention_layernorm.weight", (h,))
     out["decoder.final_layernorm.weight"] = get("model.norm.weight", (h,))
-    has_head = "lm_head.weight" in ckpt.weight_map
-    if arch.tied:
-        if has_head:
-            head = get("lm_head.weight", (arch.hf_vocab_size, h))
-            if not torch.equal(head, emb):
-                raise ConversionError(f"{ckpt.directory / CONFIG_FILE}: tie_word_embeddings is true but {index} holds an "
-                                      "lm_head.weight that differs from model.embed_tokens.weight")
-    else:
+    if not arch.tied:
         if not has_head:
             raise ConversionError(f"{ckpt.directory / CONFIG_FILE}: tie_word_embeddings is false but {index} holds no "
                                   "lm_head.weight (set tie_word_embeddings true if the model reuses its embedding)")
@@ -128,6 +134,8 @@ def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t`` ``[V, h]`` -> ``[rows, h]``: zero rows appended, or rows past ``rows`` dropped."""
     import torch
 
-    if rows <= t.shape[0]:
+    if rows == t.shape[0]:
+        return t  # a tensor read from its file, held nowhere else: no copy needed
+    if rows < t.shape[0]:
         return t[:rows].clone()
     return torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])

@@ -107,8 +107,9 @@ def hf(tmp_path_factory):
     return {"root": root, "tokenizer": tokenizer, "tokens": tokens, "logits": logits, "converted": converted}
 
 
-def _teacher_logits(snippet: str, tokens: torch.Tensor):
-    """This rank's full-vocabulary logits ``[b, s, v]`` of the converted teacher, loaded as a run loads it."""
+def _teacher_logits(snippet: str, tokens: torch.Tensor, rows: int = 512):
+    """This rank's full-vocabulary logits ``[b, s, rows]`` of the converted teacher, loaded as a run
+    loads it into a teacher of ``rows`` vocabulary rows."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -121,7 +122,7 @@ def _teacher_logits(snippet: str, tokens: torch.Tensor):
     cfg = config_from_dict({**block, "parallel": {"tensor_model_parallel_size": tp},
                             "data": {**block["data"], "seq_length": tokens.shape[1]}})
     ckpt = resolve_teacher_checkpoint(cfg.teacher.checkpoint)
-    model = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, 512), ckpt))
+    model = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, rows), ckpt))
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         local = model(tokens, positions, None)  # [b, s, v/tp]
@@ -161,14 +162,76 @@ def test_the_snippet_and_marker_describe_the_teacher(hf):
     marker = read_marker(llama.checkpoint)
     assert marker["tokenizer_sha256"] == marker_sha(hf)
     assert marker["config"]["model"] == m and marker["backend"] == "megatron"
-    assert llama.vocab_rows == 512
+    assert llama.vocab_rows == 512 and marker["vocab_size"] == 512  # the tokenizer's ids: padding is told by it
+    comment = llama.snippet_text.split("\n")[1]
+    assert "512 ids (the tokenizer), 512 rows" in comment and "at any tensor_model_parallel_size" in comment
+    assert "--tensor-parallel-size" not in llama.snippet_text
+
+
+def test_a_converted_teacher_loads_with_another_padding(hf):
+    """A run whose padding gives 768 rows (TP=2 here) loads the 512-row teachers: the Hugging Face
+    logits on every id, zero logits on the 256 padding ids (their rows are zero). The tokenizer's
+    size comes from the checkpoint's marker, as in training."""
+    for kind in ("llama", "qwen2"):
+        for got in run_distributed(_teacher_logits, 2, hf["converted"][kind].snippet_text, hf["tokens"], 768, tp=2):
+            assert got.shape[-1] == 768 and not got[..., 512:].any()
+            assert (got[..., :512] - hf["logits"][kind]).abs().max().item() <= 1e-4, kind
+
+
+def _model_and_state(source: Path) -> tuple:
+    from megadistill.hf.convert import _model_of
+    from megadistill.hf.weights import convert_state_dict
+
+    ckpt = read_checkpoint(source)
+    arch = model_config(ckpt.config)
+    state = convert_state_dict(ckpt, arch, 512)
+    model = _model_of(arch.model, "fp32", 512, state)
+    own = model.state_dict()
+    return {k: own[k].data_ptr() == t.data_ptr() for k, t in state.items()}
+
+
+def test_the_written_model_holds_the_converted_tensors_not_copies(hf):
+    """The model whose checkpoint convert-hf writes takes the converted tensors as its parameters
+    (built on the meta device, then assigned): every parameter is the very tensor, so the
+    conversion does not hold the model twice."""
+    for kind in ("llama", "qwen2"):
+        shared = run_distributed(_model_and_state, 1, hf["root"] / kind)[0]
+        assert shared and all(shared.values()), kind
+
+
+def _convert_in_dtypes(source: Path, out: Path, tokenizer: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    dtypes = {}
+    for name, dtype in (("kept", None), ("asked", "fp32")):
+        ckpt = convert(source, out / name, tokenizer=tokenizer, dtype=dtype).checkpoint
+        dtypes[name] = {str(t.dtype) for t in dist_checkpointing.load_tensors_metadata(str(ckpt)).values()}
+    return dtypes
+
+
+def test_a_bf16_teacher_stays_bf16_unless_asked(tmp_path, hf):
+    """A Hugging Face model saved in bf16 converts into a bf16 checkpoint (the written tensors' dtype,
+    as the checkpoint's metadata records it); --dtype fp32 writes fp32."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "llama-bf16"
+    src.mkdir()
+    config = json.loads((hf["root"] / "llama" / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    weights = load_file(hf["root"] / "llama" / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    dtypes = run_distributed(_convert_in_dtypes, 1, src, tmp_path, hf["tokenizer"])[0]
+    assert dtypes == {"kept": {"torch.bfloat16"}, "asked": {"torch.float32"}}
 
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gemma"}, "model_type 'gemma' is not one the converter maps"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "RoPE scaling 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
-    ({"head_dim": 32}, "head_dim 32 differs"),
+    ({"head_dim": 15}, "head_dim 15 is odd"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 2.0, "original_max_position_embeddings": 8192}},
+     "rope_parameters.high_freq_factor is 2.0: megatron-core's Llama 3 scaling fixes it at 4"),
     ({"attention_bias": True}, "attention_bias True with mlp_bias False"),
 ])
 def test_an_unmappable_config_is_refused_naming_the_key(tmp_path, hf, change, message):
@@ -261,22 +324,24 @@ def _route(monkeypatch, route):
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
+          "original_max_position_embeddings": 8192}
 
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(hf, monkeypatch, route):
     """transformers 5 writes rope_parameters; a rope_scaling beside it wins when transformers reads
-    the file (Llama 3 scaling here), so it is refused, not converted as the plain RoPE
-    rope_parameters states."""
+    the file (Llama 3 scaling here), so the pair is refused, not converted as the plain RoPE
+    rope_parameters states; an unsupported rope_scaling type is named."""
     src = hf["root"] / "llama" / "config.json"
     saved = json.loads(src.read_text())
     assert saved["rope_parameters"] == {"rope_theta": 50000.0, "rope_type": "default"}
     _route(monkeypatch, route)
     assert model_config(saved, where=str(src)).model.rotary_base == 50000
-    with pytest.raises(ConversionError, match=r"config.json: rope_scaling.rope_type is 'llama3': RoPE scaling 'llama3' "
-                                              r"is not supported.*transformers reads rope_scaling before rope_parameters"):
+    with pytest.raises(ConversionError, match=r"config.json: rope_scaling \{'rope_type': 'llama3', .*\} and "
+                                              r"rope_parameters \{.*'default'\} differ \(transformers reads rope_scaling"):
         model_config({**saved, "rope_scaling": LLAMA3}, where=str(src))
+    agreed = {**LLAMA3, "rope_theta": 50000.0}  # the same Llama 3 settings in both: read as Llama 3
+    assert model_config({**saved, "rope_scaling": agreed, "rope_parameters": agreed}).model.rope_scaling_factor == 8.0
     with pytest.raises(ConversionError, match=r"config.json: rope_scaling.type is 'linear'"):
         model_config({**saved, "rope_scaling": {"type": "linear", "factor": 2.0}}, where=str(src))
 
@@ -296,20 +361,23 @@ def test_contradicting_rope_keys_are_refused_naming_both(hf, monkeypatch, route,
         model_config({**json.loads(src.read_text()), **change}, where=str(src))
 
 
-def test_convert_hf_refuses_llama3_scaling_in_one_line(tmp_path, hf, capsys):
-    """The config.json of the issue, through the command: exit 2, one line naming the file and the
-    key, nothing written."""
+def test_convert_hf_refuses_inexpressible_llama3_scaling_in_one_line(tmp_path, hf, capsys):
+    """Llama 3 scaling megatron-core cannot express (another original context), through the
+    command: exit 2, one line naming the file, the key and its value, nothing written."""
     from megadistill import cli
 
     src = tmp_path / "llama3"
     src.mkdir()
     config = json.loads((hf["root"] / "llama" / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, "rope_scaling": LLAMA3}))
+    del config["rope_parameters"]
+    (src / "config.json").write_text(json.dumps({**config, "rope_theta": 50000.0, "max_position_embeddings": 131072,
+                                                 "rope_scaling": {**LLAMA3, "original_max_position_embeddings": 4096}}))
     (src / "model.safetensors").symlink_to(hf["root"] / "llama" / "model.safetensors")
     rc = cli.main(["convert-hf", str(src), "--output", str(tmp_path / "out"), "--tokenizer", str(hf["tokenizer"])])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"megadistill: error: {src / 'config.json'}: rope_scaling.rope_type is 'llama3'"), err
+    assert err == (f"megadistill: error: {src / 'config.json'}: rope_scaling.original_max_position_embeddings is 4096: "
+                   "megatron-core's Llama 3 scaling fixes it at 8192\n"), err
     assert not (tmp_path / "out").exists()
 
 
