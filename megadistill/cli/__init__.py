@@ -7,6 +7,7 @@
 - :mod:`~megadistill.cli.store`: ``precompute-logits``, ``store info|verify``;
 - :mod:`~megadistill.cli.salt`: ``score-data`` (SALT_DS);
 - :mod:`~megadistill.cli.hf`: ``convert-hf``;
+- :mod:`~megadistill.cli.export_hf`: ``export-hf``;
 - :mod:`~megadistill.cli.plan`: ``plan``;
 - :mod:`~megadistill.cli.slurm`: ``slurm render``;
 - :mod:`~megadistill.cli.demo`: ``demo``.
@@ -23,7 +24,7 @@ import argparse
 import sys
 
 from megadistill.checkpoint_dir import CorruptCheckpointError
-from megadistill.cli import config, data, demo, hf, plan, salt, slurm, store, train
+from megadistill.cli import config, data, demo, export_hf, hf, plan, salt, slurm, store, train
 from megadistill.config import ConfigError
 from megadistill.data.errors import DataError
 from megadistill.launch import LaunchError
@@ -33,7 +34,7 @@ from megadistill.store.format import StoreError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megadistill", description="Knowledge distillation for LLM pre-training on Megatron-core.")
     sub = p.add_subparsers(dest="command", required=True)
-    for commands in (train, data, config, demo, store, salt, slurm, hf, plan):
+    for commands in (train, data, config, demo, store, salt, slurm, hf, export_hf, plan):
         commands.add_commands(sub)
     return p
 

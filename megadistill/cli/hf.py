@@ -28,7 +28,7 @@ def add_commands(sub) -> None:
 
     c = sub.add_parser(
         "convert-hf",
-        help="Hugging Face Llama/Qwen2/Mistral checkpoint -> teacher checkpoint + teacher.model YAML",
+        help="Hugging Face Llama/Qwen2/Qwen3/Mistral checkpoint -> teacher checkpoint + teacher.model YAML",
         description=(
             "Read a Hugging Face checkpoint directory (config.json + safetensors, sharded or not) and write the "
             "equivalent megatron-core GPT model as a teacher checkpoint under OUTPUT (OUTPUT/step_00000000, loaded "

@@ -375,7 +375,38 @@ def render(records: dict[str, dict], meta: dict, plots: dict[str, str]) -> str:
     a("")
     a(f"TensorBoard logs of every run: `tensorboard --logdir {meta['out']}`.")
     a("")
+    L += export_section(records, meta["out"])
     return "\n".join(L)
+
+
+def best_student(records: dict[str, dict]) -> Optional[str]:
+    """The run (any seed) with the lowest final validation loss among the main comparison's students,
+    those the report ranks at equal steps (the longer baselines trained for more steps); None
+    without one."""
+    students = [n for n, r in records.items()
+                if r["role"] == "student" and r.get("group", "main") == "main" and r.get("val_losses")]
+    return min(students, key=lambda n: (final_loss(records[n]), n)) if students else None
+
+
+def export_section(records: dict[str, dict], out: str) -> list[str]:
+    """The closing section: the command that writes the best student out as a Hugging Face model
+    (a run's directory is ``<out>/<name>``, see ``megadistill.demo.runs``)."""
+    best = best_student(records)
+    if best is None:
+        return []
+    run = Path(out) / best
+    return [
+        "## The best student as a Hugging Face model",
+        "",
+        f"`{best}` ended with the lowest validation loss of the students at equal steps "
+        f"({final_loss(records[best]):.4f}). Its last checkpoint, as a Hugging Face model directory (config.json, "
+        "safetensors, tokenizer):",
+        "",
+        "```",
+        f"megadistill export-hf {run} --output {Path(out) / 'hf' / best}",
+        "```",
+        "",
+    ]
 
 
 def plot(records: dict[str, dict], out: Path) -> dict[str, str]:

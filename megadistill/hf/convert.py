@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Qwen2 / Mistral checkpoints -> megadistill teacher checkpoints: the
+"""Hugging Face Llama / Qwen2 / Qwen3 / Mistral checkpoints -> megadistill teacher checkpoints: the
 ``convert-hf`` command's steps in order, and the writing of their result.
 
 ``megadistill convert-hf PATH --output DIR`` reads a Hugging Face checkpoint directory
@@ -37,7 +37,6 @@ before the new conversion is written. Nothing is deleted. While it writes, a con
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +46,7 @@ from megadistill.checkpoint_dir import SUPERSEDED, move_aside
 from megadistill.config import ModelConfig, padded_vocab_size, to_dict
 from megadistill.hf.architecture import TeacherArchitecture, model_config
 from megadistill.hf.errors import ConversionError
+from megadistill.hf.output import check_output_path
 from megadistill.hf.read import CONFIG_FILE, PathLike, read_checkpoint
 from megadistill.hf.weights import convert_state_dict
 
@@ -155,7 +155,9 @@ def convert(
     }
     text = snippet(out, teacher, arch, rows, tokenizer, tokenizer_type, tok.vocab_size if tok is not None else None,
                    ckpt.directory)
-    with _claim(out, overwrite) as superseded, _one_process_group():
+    from megadistill.megatron.one_process import one_process_group
+
+    with _claim(out, overwrite) as superseded, one_process_group("convert-hf"):
         try:
             path = _write(out, teacher, precision, rows, state, marker)
         except RuntimeError as e:  # commit's agreement between ranks wraps a file system error: one line
@@ -178,13 +180,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
     """Refuse, in one line naming the path, an ``--output`` that cannot be a new conversion's
     directory: a file, one below a file, one that cannot be created or written, or (without
     ``overwrite``) one that holds anything."""
-    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
-    if existing == out and not out.is_dir():
-        raise ConversionError(f"--output {out} is {'a file' if out.is_file() else 'not a directory'}: give a directory")
-    if not existing.is_dir():
-        raise ConversionError(f"--output {out}: {existing} is {'a file' if existing.is_file() else 'not a directory'}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConversionError(f"--output {out}: {existing} is not writable")
+    check_output_path(out, ConversionError)
     held = _contents(out)
     if held and not overwrite:
         raise ConversionError(f"--output {out} already holds {_describe(held)}: {_NEW_OUTPUT.format(out)}")
@@ -298,37 +294,6 @@ def _model_of(teacher: ModelConfig, precision: str, rows: int, state: dict):
     if left:
         raise RuntimeError(f"converted GPT model still has tensors without storage (meta): {left}")
     return model
-
-
-@contextmanager
-def _one_process_group():
-    """A one-rank gloo group with megatron-core's parallel state (TP=PP=1), unless the caller has
-    one (then it must be a single rank at TP=PP=1)."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megadistill.megatron import cpu
-
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise ConversionError(f"convert-hf runs as one process, not {dist.get_world_size()} ranks")
-        yield
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConversionError("convert-hf runs as one process: start it without torchrun/srun")
-    with tempfile.TemporaryDirectory(prefix="megadistill-convert-") as d:
-        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
-        try:
-            cpu.apply_if_needed("gloo")
-            parallel_state.initialize_model_parallel(1, 1)
-            torch.manual_seed(0)
-            model_parallel_cuda_manual_seed(0)  # the weights are overwritten; megatron-core needs the tracker
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
 
 
 def snippet(out: Path, teacher: ModelConfig, arch: TeacherArchitecture, rows: int, tokenizer, tokenizer_type,
