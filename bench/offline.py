@@ -87,7 +87,8 @@ def _teacher_forward_seconds(cfg, threads, kind="top_p_k", draws=12) -> tuple[np
     tokenizer, train_ds, _, _ = prepare_data(cfg)
     vocab = run_vocab_size(cfg, tokenizer.vocab_size)
     teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab),
-                                             resolve_teacher_checkpoint(cfg.teacher.checkpoint), CHECKPOINT_MODEL_PREFIX))
+                                             resolve_teacher_checkpoint(cfg.teacher.checkpoint), CHECKPOINT_MODEL_PREFIX,
+                                             vocab_size=tokenizer.vocab_size))
     n = cfg.training.train_steps * cfg.data.global_batch_size
     batches = []
     for a in range(0, n, MBS):

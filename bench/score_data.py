@@ -72,7 +72,8 @@ def _loops(cfg, threads, repeats) -> dict:
     init_distributed(cfg)
     tokenizer, train_ds, _, _ = prepare_data(cfg)
     teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, run_vocab_size(cfg, tokenizer.vocab_size)),
-                                             resolve_teacher_checkpoint(cfg.teacher.checkpoint), CHECKPOINT_MODEL_PREFIX))
+                                             resolve_teacher_checkpoint(cfg.teacher.checkpoint), CHECKPOINT_MODEL_PREFIX,
+                                             vocab_size=tokenizer.vocab_size))
     group = parallel_state.get_tensor_model_parallel_group()
     n = cfg.training.train_steps * cfg.data.global_batch_size
     batches = []

@@ -33,16 +33,20 @@ def build_backend(cfg: RunConfig, vocab_size: int, teacher: TeacherSource) -> Ba
     return MegatronBackend(cfg, vocab_size, teacher)
 
 
-def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str], needed: bool = True) -> TeacherSource:
+def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str], needed: bool = True,
+                        tokenizer_vocab_size: Optional[int] = None) -> TeacherSource:
     """The teacher source ``cfg.teacher.mode`` names (the one place that chooses it); none when the
-    run no longer ``needed`` one (resumed after SALT's switch to plain LM training)."""
+    run no longer ``needed`` one (resumed after SALT's switch to plain LM training). ``vocab_size``
+    is the run's padded vocabulary, ``tokenizer_vocab_size`` its tokenizer's ids: an online
+    teacher's checkpoint padded for another TP size loads when it is given."""
     if getattr(cfg, "record_logits", None) is not None and cfg.record_logits.store is not None:
         # Plain LM training (teacher.mode none, checked by validate) that records its own logits.
         return LogitsRecorder.for_run(cfg, vocab_size)
     if not needed:
         return NoTeacher()
     if cfg.teacher.mode == "online":
-        return OnlineTeacher(lambda: build_gpt(cfg.teacher.model, cfg, vocab_size), checkpoint, CHECKPOINT_MODEL_PREFIX)
+        return OnlineTeacher(lambda: build_gpt(cfg.teacher.model, cfg, vocab_size), checkpoint, CHECKPOINT_MODEL_PREFIX,
+                             tokenizer_vocab_size)
     if cfg.teacher.mode == "none":
         return NoTeacher()
     if cfg.teacher.mode == "offline":

@@ -171,24 +171,25 @@ def _check_teacher(cfg: RunConfig) -> None:
         raise ConfigError(f"teacher.checkpoint {ckpt}: {e}") from e
     tokens = _tokenizer_vocab(cfg)
     student_vocab = run_vocab_size(cfg, tokens)
+    # The rows are checked as the run's loader checks them, told the run's tokenizer size: its real
+    # rows must all be in the checkpoint, whatever TP size padded it.
     try:
-        teacher_vocab_size(ckpt, tokens)  # a teacher recorded as made for another tokenizer size is refused
-        # The rows are checked as the run's loader checks them: against the size the checkpoint
-        # records (the online teacher loads without being told the tokenizer's).
-        real = teacher_vocab_size(ckpt)
+        real = teacher_vocab_size(ckpt, tokens)  # a teacher recorded as made for another tokenizer size is refused
     except ValueError as e:
         raise ConfigError(f"teacher.checkpoint: {e}") from e
-    if real is None and teacher_vocab != student_vocab:
-        raise ConfigError(
-            f"teacher.checkpoint {ckpt}: teacher vocabulary size {teacher_vocab} differs from the student's "
-            f"{student_vocab} (padded to a multiple of model.make_vocab_size_divisible_by x TP), and the checkpoint "
-            "records no tokenizer vocabulary size that would tell its padding rows from real ones; use the teacher's "
-            "tokenizer (data.tokenizer_model)"
-        )
     try:
         check_teacher_vocab(student_vocab, teacher_vocab, real, "it")
     except ValueError as e:
         raise ConfigError(f"teacher.checkpoint {ckpt}: {e}") from e
+    # Rows are no longer matched exactly, so a teacher of another tokenizer with as many ids would
+    # pass the row check: its recorded tokenizer (by content) must be the run's.
+    recorded = read_marker(ckpt).get("tokenizer_sha256") if is_complete(ckpt) else None
+    if recorded and cfg.data.tokenizer_model:
+        ours = tokenizer_sha256(cfg)
+        if ours != recorded:
+            raise ConfigError(f"teacher.checkpoint {ckpt} was trained with another tokenizer (sha256 {recorded[:12]}...) "
+                              f"than data.tokenizer_model {cfg.data.tokenizer_model} ({ours[:12]}...): distillation "
+                              "needs the teacher's tokenizer")
     check_teacher_shape(t.model, ckpt)
 
 

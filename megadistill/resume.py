@@ -76,16 +76,19 @@ def _with_defaults(saved, defaults):
 
 
 def run_marker(cfg: RunConfig, teacher_checkpoint: Optional[str], tokenizer_sha256: str,
-               teacher_identity: Optional[dict] = None) -> dict:
+               teacher_identity: Optional[dict] = None, vocab_size: Optional[int] = None) -> dict:
     """What every checkpoint of this run records in its completion marker: enough to check a
     resume against, and to check the checkpoint when it later serves as a teacher.
     ``teacher_identity`` (``Decision.teacher_identity``) is the content of the teacher whose
     targets the run trains on: the online teacher's checkpoint, or the teacher that made the
-    offline store's targets."""
+    offline store's targets. ``vocab_size`` is the tokenizer's ids: the real rows of the
+    checkpoint's padded vocabulary, so that as a teacher it loads at a TP size padded otherwise
+    (``megadistill.megatron.teacher.teacher_vocab_size``)."""
     return {
         "backend": cfg.optimizer.backend,
         "config": to_dict(cfg),
         "tokenizer_sha256": tokenizer_sha256,
+        "vocab_size": vocab_size,
         "teacher_checkpoint": teacher_checkpoint,
         "teacher_identity": teacher_identity,
         "teacher_store_sha256": _store_identity(cfg),

@@ -73,7 +73,8 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     where = resume.decide(cfg, ckpt_root, tokenizer_sha256, overwrite, needs_teacher=knobs.needs_teacher)
 
     # A run resumed after its KD phase (SALT) builds no teacher at all.
-    teacher = make_teacher_source(cfg, vocab, where.teacher_checkpoint, needed=knobs.needs_teacher(where.start_step))
+    teacher = make_teacher_source(cfg, vocab, where.teacher_checkpoint, needed=knobs.needs_teacher(where.start_step),
+                                  tokenizer_vocab_size=tokenizer.vocab_size)
     backend = build_backend(cfg, vocab, teacher)
     steps = cfg.training.train_steps
     start = backend.load(Path(where.checkpoint)) if where.checkpoint is not None else 0
@@ -91,7 +92,8 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     sampler = sampler_for_run(cfg, dp, steps if kd_end is None else kd_end, train_ds, start)
     eval_sampler = ContiguousSampler(d.global_batch_size, dp)
     dev = device()
-    marker = resume.run_marker(cfg, where.teacher_record, tokenizer_sha256, where.teacher_identity)
+    marker = resume.run_marker(cfg, where.teacher_record, tokenizer_sha256, where.teacher_identity,
+                               vocab_size=tokenizer.vocab_size)
     logger = MetricsLogger(out, start, cfg.training.log_interval) if dist.get_rank() == dist.get_world_size() - 1 else None
     bar = tqdm(total=steps, initial=start, desc=cfg.name, disable=logger is None or not progress, dynamic_ncols=True)
     result = RunResult(steps=start)

@@ -6,6 +6,7 @@ fails ``preflight`` with the same messages ``load_config`` always gave.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -68,8 +69,30 @@ def test_a_matching_teacher_passes(teacher_checkpoint):
 
 
 def test_teacher_with_another_vocabulary_is_rejected(teacher_checkpoint):
-    with pytest.raises(ConfigError, match=r"teacher vocabulary size 512 differs from the student's 384"):
-        preflight(replace(_online(teacher_checkpoint), data=DataConfig(vocab_size=384)))
+    """The run's tokenizer tells the checkpoint's real rows from its padding: 384 ids in its 512 rows
+    pass (a TP=2 run pads 384 ids to 512); 600 ids, more than its rows, are refused."""
+    preflight(replace(_online(teacher_checkpoint), data=DataConfig(vocab_size=384)))
+    with pytest.raises(ConfigError, match=r"^teacher.checkpoint .*: it has 512 vocabulary rows but the tokenizer has 600 "
+                                          r"ids: rows 512..599 are missing"):
+        preflight(replace(_online(teacher_checkpoint), data=DataConfig(vocab_size=600)))
+
+
+def test_a_teacher_of_another_tokenizer_is_rejected_by_content(tmp_path, teacher_checkpoint, corpus):
+    """The rows check alone would pass a teacher trained with another 512-id tokenizer: the
+    tokenizer recorded in its marker must be the run's (by content, so a copy elsewhere passes)."""
+    from megadistill.hashing import file_sha256
+
+    ckpt = tmp_path / "step_00000001"  # a checkpoint as runs commit them (the marker is read there)
+    shutil.copytree(teacher_checkpoint, ckpt)
+    copy = tmp_path / "copy.model"
+    shutil.copy(corpus.tokenizer, copy)
+    cfg = _online(ckpt, tokenizer_model=str(copy))
+    (ckpt / "COMPLETE").write_text(json.dumps({"tokenizer_sha256": file_sha256(corpus.tokenizer)}))
+    preflight(cfg)
+    (ckpt / "COMPLETE").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
+    with pytest.raises(ConfigError, match=r"^teacher.checkpoint .* was trained with another tokenizer \(sha256 "
+                                          r"000000000000\.\.\.\) than data.tokenizer_model .*copy.model"):
+        preflight(cfg)
 
 
 def test_teacher_architecture_must_match_its_checkpoint(teacher_checkpoint):

@@ -64,7 +64,7 @@ class ModelConfig:
     add_qkv_bias: bool = False
     """Biases in the query/key/value projection even when add_bias_linear is false (as in Qwen2)."""
     make_vocab_size_divisible_by: int = 128
-    """The student's vocabulary is padded to a multiple of this x TP; a teacher's must divide the student's."""
+    """The run's vocabulary (the tokenizer's ids) is padded to a multiple of model's value x TP, and teacher.model's must divide it; a teacher checkpoint padded otherwise (at another TP) still loads, the tokenizer's rows being what it must hold."""
     max_position_embeddings: Optional[int] = None
     """Longest sequence the model is built for (null = data.seq_length; RoPE has no position weights, so it fixes no shape)."""
     transformer_impl: str = "auto"

@@ -34,11 +34,15 @@ class DistillationModel(MegatronModule):
         teacher: GPTModel,
         teacher_checkpoint: Optional[str] = None,
         teacher_checkpoint_prefix: str = "",
+        tokenizer_vocab_size: Optional[int] = None,
     ) -> None:
+        """``tokenizer_vocab_size``: the tokenizer's ids (the real rows of the padded vocabulary),
+        so that a teacher checkpoint padded for another TP size loads (``prepare_teacher``)."""
         super().__init__(config=student.config)
         self.module = student
         # A list hides the teacher from Module.__setattr__: no parameters, buffers or hooks leak.
-        self._teacher = [prepare_teacher(teacher, student, teacher_checkpoint, teacher_checkpoint_prefix)]
+        self._teacher = [prepare_teacher(teacher, student, teacher_checkpoint, teacher_checkpoint_prefix,
+                                         vocab_size=tokenizer_vocab_size)]
         self.student_hidden = student.config.hidden_size
         self.teacher_hidden = teacher.config.hidden_size
         self.teacher_active = True

@@ -21,16 +21,19 @@ class OnlineTeacher(InModelTargets):
     ``teacher`` is this rank's stage of the teacher ``GPTModel`` (built with the student's
     vocabulary and TP/PP layout), or a function building it, called by :meth:`wrap` once the
     student exists (so the student's initialisation does not depend on the teacher's);
-    ``checkpoint`` holds its weights (a distributed checkpoint directory).
+    ``checkpoint`` holds its weights (a distributed checkpoint directory). ``tokenizer_vocab_size``
+    (the run's tokenizer's ids) tells the checkpoint's real vocabulary rows from its padding, so
+    that one padded for another TP size loads (``megadistill.megatron.teacher``).
     """
 
     def __init__(
         self, teacher: Union[torch.nn.Module, Callable[[], torch.nn.Module]], checkpoint: Optional[str] = None,
-        prefix: str = "",
+        prefix: str = "", tokenizer_vocab_size: Optional[int] = None,
     ) -> None:
         self._teacher = teacher
         self.checkpoint = checkpoint
         self.prefix = prefix
+        self.tokenizer_vocab_size = tokenizer_vocab_size
         self.model = None
         """The ``DistillationModel`` made by :meth:`wrap`."""
         self._timer = None
@@ -42,7 +45,7 @@ class OnlineTeacher(InModelTargets):
         return self._teacher
 
     def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
-        self.model = DistillationModel(student, self.teacher, self.checkpoint, self.prefix)
+        self.model = DistillationModel(student, self.teacher, self.checkpoint, self.prefix, self.tokenizer_vocab_size)
         self._timer = ModuleTimer(self.teacher)
         return self.model
 

@@ -192,7 +192,8 @@ def score_data(cfg, progress: bool = True, samples_per_part: Optional[int] = Non
     if done is None:  # already complete for this run
         return _on_rank0(lambda: histogram.redraw_histogram(out, cfg))
     done = set(done)
-    teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab), ckpt, CHECKPOINT_MODEL_PREFIX))
+    teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab), ckpt, CHECKPOINT_MODEL_PREFIX,
+                                             vocab_size=tokenizer.vocab_size))
 
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     group = parallel_state.get_tensor_model_parallel_group()

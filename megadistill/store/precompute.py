@@ -209,7 +209,8 @@ def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMP
     tokenizer, train_ds, _, tok_path = prepare_data(cfg)
     vocab = run_vocab_size(cfg, tokenizer.vocab_size)
     ckpt = _on_rank0(lambda: resolve_teacher_checkpoint(cfg.teacher.checkpoint))
-    teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab), ckpt, CHECKPOINT_MODEL_PREFIX))
+    teacher = freeze(load_teacher_checkpoint(build_gpt(cfg.teacher.model, cfg, vocab), ckpt, CHECKPOINT_MODEL_PREFIX,
+                                             vocab_size=tokenizer.vocab_size))
     store = Path(cfg.teacher.store)
     d = cfg.data
     dataset = {

@@ -28,17 +28,26 @@ from megadistill.testing.processes import kill_9_tree
 
 
 def test_preprocessed_text_trains_a_teacher(teacher_run):
+    from megadistill.checkpoint_dir import read_marker
+
     out, result = teacher_run
     losses = run_metrics(out)
     assert result.steps == 15 and len(losses) == 15
     assert losses[15]["total loss"] < losses[1]["total loss"] - 0.5
     assert result.checkpoint and Path(result.checkpoint).is_dir()
+    # The tokenizer's ids: what tells the checkpoint's real vocabulary rows from padding as a teacher.
+    assert read_marker(result.checkpoint)["vocab_size"] == 512
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_kd_on_two_ranks_with_an_online_teacher(tmp_path, mixed_corpus, teacher_run, layout):
     par = replace(RunConfig().parallel, **({"tensor_model_parallel_size": 2} if layout == "tp2" else {"pipeline_model_parallel_size": 2}))
     cfg = online_kd_run(tmp_path / layout, mixed_corpus, teacher_run[0] / "checkpoints", parallel=par)
+    if layout == "tp2":
+        # Padded to a multiple of 96 x 2: 576 rows, where the teacher was trained at TP=1 with 512
+        # (128 x 1): its 64 padding rows are added, its 512 real rows are the tokenizer's.
+        cfg = replace(cfg, model=replace(cfg.model, make_vocab_size_divisible_by=96),
+                      teacher=replace(cfg.teacher, model=replace(cfg.teacher.model, make_vocab_size_divisible_by=96)))
     validate(cfg, world_size=2)
     results = run_distributed(run_training, 2, cfg, tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size)
     losses = run_metrics(tmp_path / layout)
@@ -138,7 +147,7 @@ def test_teacher_with_another_vocabulary_is_rejected_before_training(tmp_path, m
     tok = train_tokenizer(embedded_corpus_text()[:50_000].split("\n\n"), tmp_path / "small", vocab_size=384)
     cfg = online_kd_run(tmp_path / "x", mixed_corpus, teacher_run[0] / "checkpoints")
     cfg = replace(cfg, data=replace(cfg.data, tokenizer_model=str(tok)))
-    with pytest.raises(ConfigError, match=r"teacher vocabulary size 512 differs from the student's 384"):
+    with pytest.raises(ConfigError, match=r"was made for a tokenizer of 512 ids, this run's has 384"):
         preflight(cfg)
 
 

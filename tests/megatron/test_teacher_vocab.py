@@ -3,7 +3,8 @@ output rows loads into a teacher of more rows (zero padding added) or fewer (pad
 unread) at TP=2 and at PP=2 (tied embeddings: the last stage's copy of the embedding), and its
 logits on the tokenizer's ids equal the single-process reference's. One whose real rows (the
 tokenizer's ids) are not all present is refused in one line; the tokenizer's size comes from the
-caller or from the checkpoint's ``COMPLETE`` marker."""
+caller (a run: its tokenizer's, through the online teacher) or from the checkpoint's ``COMPLETE``
+marker."""
 
 from __future__ import annotations
 
@@ -54,12 +55,28 @@ def _logits(model: GPTModel):
         return gather_from_tensor_model_parallel_region(model(TOKENS, positions, None))
 
 
+def _run_cfg(tp: int):
+    """A run over a tokenizer of ``V`` ids at TP ``tp`` (padded by 64 x TP: 192 rows at TP=1, 256
+    at TP=2) whose student and online teacher have ``_gpt``'s shape, untied."""
+    from megadistill.config import DataConfig, ModelConfig, ParallelConfig, RunConfig, TeacherConfig
+
+    shape = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, init_method_std=0.2,
+                 make_vocab_size_divisible_by=64, untie_embeddings_and_output_weights=True)
+    return RunConfig(model=ModelConfig(**shape), teacher=TeacherConfig(mode="online", model=ModelConfig(**shape)),
+                     data=DataConfig(vocab_size=V, seq_length=SEQ, micro_batch_size=BATCH, global_batch_size=BATCH),
+                     parallel=ParallelConfig(tensor_model_parallel_size=tp))
+
+
 def _write(root: str) -> dict:
-    """Three teacher checkpoints written at TP=1 and their reference logits: ``converted`` (192
+    """Four teacher checkpoints written at TP=1 and their reference logits: ``converted`` (192
     rows, padding rows zero, untied) and ``tied`` (192 rows, tied), both with ``vocab_size`` in
-    their marker; ``trained`` (384 rows, padding rows not zero, untied, no marker)."""
+    their marker; ``trained`` (384 rows, padding rows not zero, untied, no marker); ``run`` (a
+    run's teacher as the run builds it: 192 rows, padding rows not zero, a marker without
+    ``vocab_size``, as runs wrote them before recording it)."""
     from megadistill.checkpoint_dir import commit
-    from megadistill.megatron.teacher import save_model_checkpoint
+    from megadistill.config import run_vocab_size
+    from megadistill.megatron.gpt import build_gpt
+    from megadistill.megatron.teacher import freeze, save_model_checkpoint
 
     out = {}
     for name, rows, tied in (("converted", 192, False), ("tied", 192, True), ("trained", 384, False)):
@@ -76,6 +93,10 @@ def _write(root: str) -> dict:
             path = f"{root}/{name}"
             save_model_checkpoint(model, path)
         out[name] = (str(path), _logits(model))
+    cfg = _run_cfg(1)
+    model = freeze(build_gpt(cfg.teacher.model, cfg, run_vocab_size(cfg, V)))
+    path = commit(f"{root}/run", 15, lambda tmp: save_model_checkpoint(model, tmp), {"backend": "megatron"})
+    out["run"] = (str(path), _logits(model))
     return out
 
 
@@ -129,6 +150,40 @@ def test_a_tied_teacher_loads_with_more_padding_rows_at_pp2(teachers):
     assert last[0][1] and not last[0][0][..., V:].any()
 
 
+def _distil(teachers: dict) -> tuple:
+    """A run's KD step at this rank's TP from the ``run`` teacher, built as ``megadistill.train``
+    builds it: ``make_teacher_source`` told the tokenizer's size, the Megatron backend wrapping the
+    student. Returns the step's metrics and the teacher's full logits ``[b, s, rows]``."""
+    from megadistill.assemble import build_backend, make_teacher_source
+    from megadistill.config import run_vocab_size
+    from megadistill.kd.knobs import KDStep
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    cfg = _run_cfg(parallel_state.get_tensor_model_parallel_world_size())
+    rows = run_vocab_size(cfg, V)
+    source = make_teacher_source(cfg, rows, teachers["run"][0], tokenizer_vocab_size=V)
+    backend = build_backend(cfg, rows, source)
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    batch = {"tokens": TOKENS, "labels": TOKENS.roll(-1, 1), "loss_mask": torch.ones(BATCH, SEQ),
+             "position_ids": positions}
+    step = backend.train_step([batch], KDStep(alpha=0.5, temperature=1.0))
+    with torch.no_grad():
+        _, teacher_logits = source.model(TOKENS, positions, None)
+    return step.metrics, gather_from_tensor_model_parallel_region(teacher_logits)
+
+
+def test_a_run_trained_teacher_distils_a_student_padded_for_tp2(teachers):
+    """A teacher trained at TP=1 (192 rows; its marker records no tokenizer size) distils a student
+    at TP=2 (256 rows): the run tells the loader its tokenizer's 130 ids, so the 64 rows TP=2 adds
+    are padding (zero logits) and the real rows' logits are the TP=1 teacher's."""
+    reference = teachers["run"][1]
+    for metrics, logits in run_distributed(_distil, 2, teachers, tp=2):
+        assert logits.shape == (BATCH, SEQ, 256)
+        assert (logits[..., :V] - reference[..., :V]).abs().max() <= 1e-5
+        assert not logits[..., 192:].any()
+        assert metrics["kd loss"] > 0 and torch.isfinite(torch.tensor(metrics["total loss"]))
+
+
 def _refusals(teachers: dict) -> list:
     from megadistill.megatron.teacher import load_teacher_checkpoint
 
@@ -170,8 +225,9 @@ def test_the_rows_check_names_the_missing_rows():
 
 def test_preflight_checks_the_rows_as_the_loader_does(teachers):
     """The run's checks before any process starts: the converted teacher (192 rows, 130 ids in its
-    marker) passes for a run at TP=2 (256 rows); a run whose tokenizer has another size is refused,
-    and so is a marker-less checkpoint of other rows."""
+    marker) passes for a run at TP=2 (256 rows); a run whose tokenizer has another size is refused.
+    A marker-less checkpoint of other rows (384) passes, the run's tokenizer telling its real rows,
+    unless that tokenizer has more ids than it has rows."""
     from dataclasses import replace
 
     from megadistill.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, RunConfig, TeacherConfig
@@ -187,6 +243,7 @@ def test_preflight_checks_the_rows_as_the_loader_does(teachers):
                                           r"ids, this run's has 200;"):
         preflight(replace(cfg, data=DataConfig(vocab_size=200)))
     trained = replace(cfg, teacher=replace(cfg.teacher, checkpoint=teachers["trained"][0]))
-    with pytest.raises(ConfigError, match=r"teacher vocabulary size 384 differs from the student's 256 .* records no "
-                                          r"tokenizer vocabulary size"):
-        preflight(trained)
+    preflight(trained)
+    with pytest.raises(ConfigError, match=r"^teacher.checkpoint .*: it has 384 vocabulary rows but the tokenizer has 400 "
+                                          r"ids: rows 384..399 are missing"):
+        preflight(replace(trained, data=DataConfig(vocab_size=400)))
