@@ -176,7 +176,7 @@ def _finish_interrupted_swaps(root: Path) -> None:
                 continue
             logger.warning("completed an interrupted re-save of %s", final)
         shutil.rmtree(old)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def checkpoint_to_resume(root: str | Path, resume: str) -> Optional[Path]:
@@ -270,7 +270,7 @@ def commit(root: str | Path, step: int, write: Callable[[Path], None], marker: d
     with on_every_rank(f"committing checkpoint {final}"):
         if rank == 0:
             _write_synced(tmp / COMPLETE_MARKER, _marker_text({**marker, "step": step}, files))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # re-saving a step: swap the old copy out before the rename
                 old = final.with_name(final.name + ".old")
                 if old.exists():
@@ -280,7 +280,7 @@ def commit(root: str | Path, step: int, write: Callable[[Path], None], marker: d
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
     return final
 
 
@@ -477,7 +477,9 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable; best effort where the file system
+    cannot open or sync a directory."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

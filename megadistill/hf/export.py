@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from megadistill.checkpoint_dir import fsync_dir
 from megadistill.config import to_dict
 from megadistill.hf.errors import ExportError
 from megadistill.hf.hf_config import EXPORT_MODEL_TYPES, HF_DTYPES, ExportArchitecture, hf_config
@@ -216,7 +217,7 @@ def _staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"--output {out} was filled by something else while exporting ({err.strerror or err}): "
                           "nothing was written into it") from err
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -227,16 +228,3 @@ def _fsync_files(directory: Path) -> None:
     for file in directory.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
