@@ -111,6 +111,9 @@ class KDConfig(KDLossConfig):
     temperature_schedule: TemperatureSchedule = field(default_factory=TemperatureSchedule)
     """Schedule of τ per step, starting from kd.temperature (constant, linear or cosine to final)."""
 
+    fused_output_layer: bool = False
+    """Fuse the output layer into the loss: the last stage hands it hidden states and the output weight, and the student's (and online teacher's) [s, b, V/tp] logits are computed chunk by chunk, never whole (online, offline and no teacher; not with record_logits or deepspeed.zero_stage 3)."""
+
     def loss_config(self) -> KDLossConfig:
         """The loss part alone, as ``megadistill.losses`` takes it."""
         return KDLossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(KDLossConfig)})

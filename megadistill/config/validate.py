@@ -188,6 +188,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError("teacher.checkpoint is required for teacher.mode=online (a distributed checkpoint directory)")
 
     _validate_record_logits(cfg)
+    _validate_fused_output_layer(cfg)
 
     if o.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
@@ -256,6 +257,18 @@ def _validate_architecture(cfg: RunConfig, key: str, m: ModelConfig) -> None:
                           f"{cfg.data.seq_length}")
     if cfg.parallel.sequence_parallel and m.transformer_impl == "local":
         raise ConfigError(f"parallel.sequence_parallel needs Transformer Engine layers, but {key}.transformer_impl is local")
+
+
+def _validate_fused_output_layer(cfg: RunConfig) -> None:
+    """kd.fused_output_layer: what the fused output layer + loss cannot serve."""
+    if not cfg.kd.fused_output_layer:
+        return
+    if cfg.record_logits.store is not None:
+        raise ConfigError("kd.fused_output_layer cannot record logits (record_logits.store needs the student's logits): "
+                          "set kd.fused_output_layer=false")
+    if cfg.optimizer.backend == "deepspeed" and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("kd.fused_output_layer is not supported with deepspeed.zero_stage 3 (ZeRO-3 releases the "
+                          "output weight after the model's forward, before the loss reads it): use zero_stage 1 or 2")
 
 
 def _validate_record_logits(cfg: RunConfig) -> None:

@@ -66,6 +66,10 @@ class DeepSpeedBackend:
 
         self.student = build_gpt(cfg.model, cfg, vocab_size)
         self.model = teacher.wrap(self.student)
+        if cfg.kd.fused_output_layer:
+            from megadistill.megatron.fused import fuse_output_layer
+
+            self.model = fuse_output_layer(self.model)  # the loss gets hidden states, not logits
         groups = megatron_param_groups(self.model, cfg.optimizer.lr, cfg.optimizer.min_lr)
         if torch.cuda.is_available():
             # DeepSpeed's engine moves the student to cuda:LOCAL_RANK; with one visible GPU per task

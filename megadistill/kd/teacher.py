@@ -72,7 +72,9 @@ class TeacherSource(Protocol):
 
     def split(self, batch: dict, output) -> tuple[torch.Tensor, Optional[Target]]:
         """``(student_logits[b, s, v/tp], target or None)`` from a micro-batch and the model output
-        of the last pipeline stage."""
+        of the last pipeline stage. With ``kd.fused_output_layer`` the output (and an online
+        teacher's target) is a ``megadistill.megatron.fused.FusedOutput`` (hidden states and output
+        weight) instead of logits: pass it on as it is (its ``device`` is the hidden states')."""
         ...
 
     def take_seconds(self) -> Optional[float]:
@@ -113,7 +115,8 @@ class NoTeacher:
 
 class InModelTargets:
     """Targets that travel in the model output: a ``DistillationModel``'s last pipeline stage returns
-    ``(student_logits, teacher_logits)``; any other output has no target (α must be 0)."""
+    ``(student_logits, teacher_logits)`` (or the two models' ``FusedOutput``); any other output has
+    no target (α must be 0)."""
 
     def split(self, batch: dict, output):
         if isinstance(output, tuple):

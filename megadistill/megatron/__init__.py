@@ -1,5 +1,6 @@
 """Distillation inside Megatron-core: the model wrapper, the loss, and the schedule glue."""
 
+from megadistill.megatron.fused import FusedOutput, fuse_output_layer
 from megadistill.megatron.loss import DistillationLoss
 from megadistill.megatron.model import DistillationModel
 from megadistill.megatron.schedule import (
@@ -14,7 +15,9 @@ __all__ = [
     "DistillationForwardStep",
     "DistillationLoss",
     "DistillationModel",
+    "FusedOutput",
     "forward_backward",
+    "fuse_output_layer",
     "make_forward_step",
     "reduce_reports",
     "widen_for_teacher",

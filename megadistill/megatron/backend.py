@@ -13,6 +13,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megadistill.backend import StepResult
 from megadistill.lr_schedule import lr_scheduler
 from megadistill.megatron.checkpoint import load_checkpoint, write_checkpoint
+from megadistill.megatron.fused import fuse_output_layer
 from megadistill.megatron.gpt import DTYPES, build_gpt, precision
 from megadistill.megatron.loss import DistillationLoss
 from megadistill.kd.knobs import KDStep
@@ -35,7 +36,10 @@ class MegatronBackend:
         self.teacher = teacher
         use_dist_opt = cfg.parallel.use_distributed_optimizer
         self.precision = precision(cfg.model, cfg)
-        model = wrap_half(teacher.wrap(build_gpt(cfg.model, cfg, vocab_size)), self.precision)
+        model = teacher.wrap(build_gpt(cfg.model, cfg, vocab_size))
+        if cfg.kd.fused_output_layer:
+            model = fuse_output_layer(model)  # the last stage hands the loss hidden states, not logits
+        model = wrap_half(model, self.precision)
         # Gradients accumulate and reduce in fp32 (DDP's main_grad) whatever the precision.
         self.model = wrap_ddp(model, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt))
         o = cfg.optimizer

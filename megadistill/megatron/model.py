@@ -5,6 +5,8 @@ pipeline stage the wrapper returns ``(student_logits, teacher_logits)``, both ``
 any other stage it returns ``cat([student_hidden, teacher_hidden], -1)`` of shape
 ``[s, b, h_student + h_teacher]``, the one tensor Megatron's schedule sends to the next stage.
 There, :meth:`set_input_tensor` splits it again. Gradients flow only into the student's part.
+With ``fused_output`` (``kd.fused_output_layer``) the last stage returns a
+``megadistill.megatron.fused.FusedOutput`` pair (hidden states and output weight) instead of logits.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
+from megadistill.megatron.fused import output_layer_input
 from megadistill.megatron.teacher import prepare_teacher
 
 
@@ -50,6 +53,10 @@ class DistillationModel(MegatronModule):
         ``megadistill.megatron.forward_backward`` reads from here). Set per step from the step's
         ``KDStep.uses_teacher`` (False for KD weight 0), by a backend through
         ``OnlineTeacher.set_active`` or by a training script; nothing else derives it."""
+        self.fused_output = False
+        """The last stage returns ``(FusedOutput, FusedOutput or None)`` (hidden states and output
+        weights) instead of logits, for a loss that fuses the output layer
+        (``megadistill.megatron.fused.fuse_output_layer`` sets it)."""
 
     @property
     def student(self) -> GPTModel:
@@ -88,15 +95,17 @@ class DistillationModel(MegatronModule):
         self.teacher.set_input_tensor(teacher_part.detach())
 
     def forward(self, input_ids, position_ids, attention_mask, **kwargs):
-        """Last stage: ``(student_logits[b, s, v/tp], teacher_logits[b, s, v/tp] or None)``;
+        """Last stage: ``(student_logits[b, s, v/tp], teacher_logits[b, s, v/tp] or None)``, or with
+        ``fused_output`` the two models' ``FusedOutput`` (the teacher's None when inactive);
         other stages: the student's (and teacher's) hidden states for the next stage."""
+        run = output_layer_input if self.fused_output and self.module.post_process else torch.nn.Module.__call__
         teacher_out = None
         if self.teacher_active:
             if self.teacher is None:
                 raise RuntimeError("the teacher was released (KD has ended for this run): teacher_active must stay False")
             with torch.no_grad():
-                teacher_out = self.teacher(input_ids, position_ids, attention_mask)
-        student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
+                teacher_out = run(self.teacher, input_ids, position_ids, attention_mask)
+        student_out = run(self.student, input_ids, position_ids, attention_mask, **kwargs)
         if self.module.post_process:
             return student_out, teacher_out
         if teacher_out is None:
