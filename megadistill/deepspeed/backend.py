@@ -67,7 +67,7 @@ class DeepSpeedBackend:
         self.student = build_gpt(cfg.model, cfg, vocab_size)
         self.model = teacher.wrap(self.student)
         if cfg.kd.fused_output_layer:
-            from megadistill.megatron.fused import fuse_output_layer
+            from megadistill.megatron.model import fuse_output_layer
 
             self.model = fuse_output_layer(self.model)  # the loss gets hidden states, not logits
         groups = megatron_param_groups(self.model, cfg.optimizer.lr, cfg.optimizer.min_lr)

@@ -1,8 +1,8 @@
 """Distillation inside Megatron-core: the model wrapper, the loss, and the schedule glue."""
 
-from megadistill.megatron.fused import FusedOutput, fuse_output_layer
+from megadistill.megatron.fused import FusedOutput
 from megadistill.megatron.loss import DistillationLoss
-from megadistill.megatron.model import DistillationModel
+from megadistill.megatron.model import DistillationModel, fuse_output_layer
 from megadistill.megatron.schedule import (
     DistillationForwardStep,
     forward_backward,

@@ -13,7 +13,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megadistill.backend import StepResult
 from megadistill.lr_schedule import lr_scheduler
 from megadistill.megatron.checkpoint import load_checkpoint, write_checkpoint
-from megadistill.megatron.fused import fuse_output_layer
+from megadistill.megatron.model import fuse_output_layer
 from megadistill.megatron.gpt import DTYPES, build_gpt, precision
 from megadistill.megatron.loss import DistillationLoss
 from megadistill.kd.knobs import KDStep

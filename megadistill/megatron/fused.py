@@ -106,15 +106,3 @@ class FusedOutputModel(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", *args, **kwargs):
         return self.module.sharded_state_dict(prefix, *args, **kwargs)
-
-
-def fuse_output_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` (what a ``TeacherSource.wrap`` returned) with its last stage returning
-    :class:`FusedOutput` s: a ``DistillationModel`` switches itself over (its teacher too), any
-    other student is wrapped in :class:`FusedOutputModel`."""
-    from megadistill.megatron.model import DistillationModel
-
-    if isinstance(model, DistillationModel):
-        model.fused_output = True
-        return model
-    return FusedOutputModel(model)

@@ -17,7 +17,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
-from megadistill.megatron.fused import output_layer_input
+from megadistill.megatron.fused import FusedOutputModel, output_layer_input
 from megadistill.megatron.teacher import prepare_teacher
 
 
@@ -56,7 +56,7 @@ class DistillationModel(MegatronModule):
         self.fused_output = False
         """The last stage returns ``(FusedOutput, FusedOutput or None)`` (hidden states and output
         weights) instead of logits, for a loss that fuses the output layer
-        (``megadistill.megatron.fused.fuse_output_layer`` sets it)."""
+        (:func:`fuse_output_layer` sets it)."""
 
     @property
     def student(self) -> GPTModel:
@@ -120,3 +120,13 @@ class DistillationModel(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", *args, **kwargs):
         return self.student.sharded_state_dict(prefix, *args, **kwargs)
+
+
+def fuse_output_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (what a ``TeacherSource.wrap`` returned) with its last stage returning
+    ``megadistill.megatron.fused.FusedOutput`` s: a ``DistillationModel`` switches itself over (its teacher too), any
+    other student is wrapped in ``FusedOutputModel``."""
+    if isinstance(model, DistillationModel):
+        model.fused_output = True
+        return model
+    return FusedOutputModel(model)
