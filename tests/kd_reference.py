@@ -14,6 +14,26 @@ import torch
 from megadistill.losses import KDLossConfig
 
 
+# The KD loss settings the loss tests sweep: every divergence (JSD at both ends of β and between),
+# MSE on logits, and the truncations a dense and a sparse teacher can take.
+DIVERGENCES = [
+    dict(loss="forward_kl"),
+    dict(loss="soft_ce"),
+    dict(loss="reverse_kl"),
+    dict(loss="jsd", jsd_beta=0.3),
+    dict(loss="jsd", jsd_beta=0.0),
+    dict(loss="jsd", jsd_beta=1.0),
+]
+LOSSES = DIVERGENCES + [dict(loss="mse")]
+DENSE_TRUNCATIONS = [
+    dict(),
+    dict(top_p=0.8, top_k=5, truncation="renormalize"),
+    dict(top_p=0.8, top_k=5, truncation="ghost"),
+    dict(top_p=0.8, top_k=5, truncation="renormalize_both"),
+]
+SPARSE_TRUNCATIONS = [dict(truncation="renormalize"), dict(truncation="ghost"), dict(truncation="renormalize_both")]
+
+
 def kept_mask(teacher_logits: torch.Tensor, cfg: KDLossConfig) -> torch.Tensor:
     """``[n, V]`` bool: top-p (smallest prefix reaching mass top_p), then top-k, of softmax(z)."""
     probs = torch.sort(torch.softmax(teacher_logits, -1), dim=-1, descending=True).values

@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from kd_reference import random_sparse_teacher, sparse_tails, vocab_shard
+from kd_reference import DENSE_TRUNCATIONS, LOSSES, SPARSE_TRUNCATIONS, random_sparse_teacher, sparse_tails, vocab_shard
 from megadistill.kd.teacher import SparseLogits
 from megadistill.losses import (
     KDLossConfig,
@@ -28,22 +28,6 @@ from megadistill.testing import run_distributed
 S, B, V, K = 3, 4, 64, 7  # 12 tokens
 TOL = 1e-12
 
-LOSSES = [
-    dict(loss="forward_kl"),
-    dict(loss="soft_ce"),
-    dict(loss="reverse_kl"),
-    dict(loss="jsd", jsd_beta=0.3),
-    dict(loss="jsd", jsd_beta=0.0),
-    dict(loss="jsd", jsd_beta=1.0),
-    dict(loss="mse"),
-]
-DENSE_TRUNCATIONS = [
-    dict(),
-    dict(top_p=0.8, top_k=5, truncation="renormalize"),
-    dict(top_p=0.8, top_k=5, truncation="ghost"),
-    dict(top_p=0.8, top_k=5, truncation="renormalize_both"),
-]
-SPARSE_TRUNCATIONS = [dict(truncation="renormalize"), dict(truncation="ghost"), dict(truncation="renormalize_both")]
 ALPHAS = [0.0, 0.3, 1.0]
 TAUS = [1.0, 2.0]
 

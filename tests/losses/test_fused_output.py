@@ -18,7 +18,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-from kd_reference import kept_mask, random_sparse_teacher, reference_dense, reference_sparse, sparse_tails, stored_mask
+from kd_reference import DENSE_TRUNCATIONS, LOSSES, SPARSE_TRUNCATIONS, kept_mask, random_sparse_teacher, reference_dense, reference_sparse, sparse_tails, stored_mask
 from megadistill.kd.teacher import SparseLogits
 from megadistill.losses import KDLossConfig, fused_output_distillation, vocab_parallel_distillation_loss
 from megadistill.testing import run_distributed
@@ -27,22 +27,6 @@ N, H, HT, V, K = 12, 8, 10, 64, 7
 TOL = 1e-11  # against the unfused path (same kernels, different matmul order)
 REF_TOL = 1e-9  # against the reference (as test_kd_losses)
 
-LOSSES = [
-    dict(loss="forward_kl"),
-    dict(loss="soft_ce"),
-    dict(loss="reverse_kl"),
-    dict(loss="jsd", jsd_beta=0.3),
-    dict(loss="jsd", jsd_beta=0.0),
-    dict(loss="jsd", jsd_beta=1.0),
-    dict(loss="mse"),
-]
-DENSE_TRUNCATIONS = [
-    dict(),
-    dict(top_p=0.8, top_k=5, truncation="renormalize"),
-    dict(top_p=0.8, top_k=5, truncation="ghost"),
-    dict(top_p=0.8, top_k=5, truncation="renormalize_both"),
-]
-SPARSE_TRUNCATIONS = [dict(truncation="renormalize"), dict(truncation="ghost"), dict(truncation="renormalize_both")]
 ALPHAS = [0.0, 0.5, 1.0]
 TAUS = [1.0, 2.0]
 

@@ -6,21 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_reference import random_sparse_teacher, reference_dense, reference_sparse, sparse_tails, vocab_shard
+from kd_reference import DIVERGENCES as LOSSES, random_sparse_teacher, reference_dense, reference_sparse, sparse_tails, vocab_shard
 from megadistill.losses import KDLossConfig, vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 from megadistill.testing import run_distributed
 
 S, B, V = 3, 4, 64  # 12 tokens; chunk_tokens=5 makes uneven chunks
 TOL = 1e-9
 
-LOSSES = [
-    dict(loss="forward_kl"),
-    dict(loss="soft_ce"),
-    dict(loss="reverse_kl"),
-    dict(loss="jsd", jsd_beta=0.3),
-    dict(loss="jsd", jsd_beta=0.0),
-    dict(loss="jsd", jsd_beta=1.0),
-]
 PROCESSING = [
     dict(),
     dict(temperature=2.0, scale_by_temperature_squared=True),
