@@ -37,12 +37,13 @@ before the new conversion is written. Nothing is deleted. While it writes, a con
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from megadistill.checkpoint_dir import SUPERSEDED, move_aside
+from megadistill.checkpoint_dir import SUPERSEDED, checkpoint_path, move_aside
 from megadistill.config import ModelConfig, padded_vocab_size, to_dict
 from megadistill.hf.architecture import TeacherArchitecture, model_config
 from megadistill.hf.errors import ConversionError
@@ -160,8 +161,13 @@ def convert(
     with _claim(out, overwrite) as superseded, one_process_group("convert-hf"):
         try:
             path = _write(out, teacher, precision, rows, state, marker)
-        except RuntimeError as e:  # commit's agreement between ranks wraps a file system error: one line
-            if isinstance(e.__cause__, OSError):
+        except BaseException as e:
+            # The half-written step directory is this conversion's own (it holds the lock): remove
+            # it, so that OUTPUT holds nothing new and a retry needs no --overwrite.
+            step = checkpoint_path(out, 0)
+            shutil.rmtree(step.with_name(step.name + ".tmp"), ignore_errors=True)  # commit's name for it
+            if isinstance(e, RuntimeError) and isinstance(e.__cause__, OSError):
+                # commit's agreement between ranks wraps a file system error: one line
                 raise ConversionError(f"--output {out}: {e}") from e
             raise
         snippet_path = out / SNIPPET_FILE

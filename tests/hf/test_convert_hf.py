@@ -469,7 +469,8 @@ def test_convert_hf_names_a_bad_path_in_one_line(tmp_path, hf, capsys):
 
 def test_a_failed_write_is_one_line_naming_the_output(tmp_path, hf):
     """A file system error while the checkpoint is written (a full disk here) is one line naming
-    --output, not a traceback; the lock is released."""
+    --output, not a traceback; the lock is released and the half-written checkpoint removed, so the
+    same command succeeds once the disk has room."""
 
     def full_disk(out):
         import contextlib
@@ -482,14 +483,18 @@ def test_a_failed_write_is_one_line_naming_the_output(tmp_path, hf):
         def save(*args, **kwargs):
             raise OSError(28, "No space left on device")
 
-        dist_checkpointing.save = save  # this forked rank's copy only
+        real, dist_checkpointing.save = dist_checkpointing.save, save  # this forked rank's copy only
+        args = ["convert-hf", str(hf["root"] / "llama"), "--output", str(out), "--tokenizer", str(hf["tokenizer"])]
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            rc = cli.main(["convert-hf", str(hf["root"] / "llama"), "--output", str(out), "--tokenizer", str(hf["tokenizer"])])
-        return rc, err.getvalue()
+            rc = cli.main(args)
+        left = sorted(p.name for p in out.iterdir())
+        dist_checkpointing.save = real  # the disk has room again: the same command, no --overwrite
+        return rc, err.getvalue(), left, cli.main(args)
 
     out = tmp_path / "out"
-    rc, err = run_distributed(full_disk, 1, out)[0]
+    rc, err, left, retried = run_distributed(full_disk, 1, out)[0]
     assert rc == 2 and err.count("\n") == 1, err
     assert err.startswith(f"megadistill: error: --output {out}: ") and "No space left on device" in err, err
-    assert not (out / ".convert-hf.lock").exists() and not (out / "step_00000000").exists()
+    assert left == []  # no lock, no half-written step_00000000.tmp
+    assert retried == 0 and (out / "step_00000000" / "COMPLETE").is_file()
