@@ -30,9 +30,7 @@ from megadistill.testing import run_distributed  # noqa: E402
 
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
-QWEN3 = pytest.param("qwen3", marks=pytest.mark.skipif(
-    "qwen3" not in MODEL_TYPES, reason="convert-hf does not map qwen3 yet (megadistill.hf.architecture.MODEL_TYPES)"))
-KINDS = ["llama", "qwen2", "mistral", QWEN3]
+KINDS = list(MODEL_TYPES)  # every family convert-hf maps goes round the trip
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
 NEW_TOKENS = 20
 LLAMA_LIKE = ModelConfig(normalization="RMSNorm", activation="swiglu", add_bias_linear=False)
@@ -60,26 +58,25 @@ def _hf_model(directory: Path, kind: str) -> None:
 
 @pytest.fixture(scope="module")
 def round_trips(tmp_path_factory):
-    """kind -> (the Hugging Face model directory, its export after convert-hf), for every kind
+    """kind -> (the Hugging Face model directory, its export after convert-hf), for every family
     convert-hf maps; the Mistral checkpoint is exported by its step_00000000 directory, the
     others by the conversion's output directory."""
     root = tmp_path_factory.mktemp("round-trip")
     tokenizer = make_tokenizer(root / "tokenizer")
-    kinds = [k for k in ("llama", "qwen2", "mistral", "qwen3") if k in MODEL_TYPES]
-    for kind in kinds:
+    for kind in KINDS:
         _hf_model(root / kind, kind)
 
     def convert_and_export():
         from megadistill.hf.convert import convert
         from megadistill.hf.export import export
 
-        for kind in kinds:
+        for kind in KINDS:
             convert(root / kind, root / f"{kind}-teacher", tokenizer=tokenizer)
             source = root / f"{kind}-teacher" / ("step_00000000" if kind == "mistral" else "")
             export(source, root / f"{kind}-hf")
 
     run_distributed(convert_and_export, 1)
-    return {kind: (root / kind, root / f"{kind}-hf") for kind in kinds} | {"tokenizer": tokenizer}
+    return {kind: (root / kind, root / f"{kind}-hf") for kind in KINDS} | {"tokenizer": tokenizer}
 
 
 def _tensors(directory: Path) -> dict:
