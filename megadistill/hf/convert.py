@@ -260,8 +260,6 @@ def _model_of(teacher: ModelConfig, precision: str, rows: int, state: dict):
     shape and dtype must be the model's (a mapping bug otherwise, not the user's input: a
     ``RuntimeError`` naming the keys), and no parameter may stay on the meta device.
     """
-    from unittest import mock
-
     import torch
 
     from megadistill.config import DataConfig, RunConfig, TeacherConfig
@@ -272,21 +270,7 @@ def _model_of(teacher: ModelConfig, precision: str, rows: int, state: dict):
     built = replace(teacher, precision=precision, transformer_impl="local")
     cfg = RunConfig(teacher=TeacherConfig(mode="online", model=built),
                     data=DataConfig(seq_length=min(built.max_position_embeddings or 128, 128)))
-    transformer_config = gpt.transformer_config
-
-    def created_without_a_device(*args, **kwargs):
-        # megatron-core creates weights on the GPU where one is present (an explicit device, which
-        # torch.device("meta") does not override); with CPU initialisation it names none.
-        config = transformer_config(*args, **kwargs)
-        config.use_cpu_initialization = True
-        return config
-
-    # build_gpt's own model (its names and shapes), every tensor created on the meta device; it
-    # ends by moving the model to this rank's device, which cannot copy meta tensors: that device
-    # is the meta device too while the model is built.
-    with torch.device("meta"), mock.patch.object(gpt, "device", lambda: torch.device("meta")), \
-            mock.patch.object(gpt, "transformer_config", created_without_a_device):
-        model = gpt.build_gpt(cfg.teacher.model, cfg, rows)
+    model = gpt.build_gpt(cfg.teacher.model, cfg, rows, meta=True)  # build_gpt's names and shapes, no storage
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:  # a mapping bug, not the user's input

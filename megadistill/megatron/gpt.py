@@ -8,6 +8,8 @@ names and with the same initialisation, so their checkpoints still load.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -102,11 +104,14 @@ def transformer_config(model_cfg, cfg, dtype: torch.dtype) -> TransformerConfig:
     )
 
 
-def build_gpt(model_cfg, cfg, vocab_size: int) -> GPTModel:
+def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False) -> GPTModel:
     """This rank's stage of a GPTModel for ``model_cfg`` (a ``ModelConfig``: the student's
     ``cfg.model`` or the teacher's ``cfg.teacher.model``) in run ``cfg`` (its parallel layout and
     sequence length), in the model's :func:`precision`, on :func:`device`. ``vocab_size`` is the
-    padded vocabulary; its logits are ``[b, s, vocab_size / tp]`` on the last stage."""
+    padded vocabulary; its logits are ``[b, s, vocab_size / tp]`` on the last stage.
+
+    ``meta``: every tensor on the meta device instead (no storage, no initialisation), for a
+    caller that assigns the weights itself (``convert-hf``)."""
     key = "teacher.model" if model_cfg is getattr(getattr(cfg, "teacher", None), "model", None) else "model"
     tp = cfg.parallel.tensor_model_parallel_size
     multiple = model_cfg.make_vocab_size_divisible_by * tp
@@ -117,21 +122,26 @@ def build_gpt(model_cfg, cfg, vocab_size: int) -> GPTModel:
         )
     dtype = DTYPES[precision(model_cfg, cfg)]
     config = transformer_config(model_cfg, cfg, dtype)
-    model = GPTModel(
-        config,
-        layer_spec(model_cfg, key),
-        vocab_size=vocab_size,
-        max_sequence_length=model_cfg.max_position_embeddings or cfg.data.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
-        rotary_percent=model_cfg.rotary_percent,
-        rotary_base=model_cfg.rotary_base,
-        # megatron-core's Llama 3.x scaling (low/high frequency factors 1 and 4, original context 8192).
-        rope_scaling=model_cfg.rope_scaling_factor is not None,
-        rope_scaling_factor=model_cfg.rope_scaling_factor or 8.0,
-    )
+    if meta:
+        # megatron-core names the GPU explicitly where one is present, which torch.device("meta")
+        # does not override; with CPU initialisation it names no device.
+        config.use_cpu_initialization = True
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = GPTModel(
+            config,
+            layer_spec(model_cfg, key),
+            vocab_size=vocab_size,
+            max_sequence_length=model_cfg.max_position_embeddings or cfg.data.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_percent=model_cfg.rotary_percent,
+            rotary_base=model_cfg.rotary_base,
+            # megatron-core's Llama 3.x scaling (low/high frequency factors 1 and 4, original context 8192).
+            rope_scaling=model_cfg.rope_scaling_factor is not None,
+            rope_scaling_factor=model_cfg.rope_scaling_factor or 8.0,
+        )
     # Megatron-core allocates a few modules (the local spec's torch norms) in fp32 whatever
     # params_dtype says; Float16Module would cast a student anyway, a teacher has no such wrapper.
-    return model.to(device=device(), dtype=dtype)
+    return model.to(device=torch.device("meta") if meta else device(), dtype=dtype)
