@@ -4,6 +4,7 @@ step computes it (fused, and the former path: KD + Megatron CE + two argmaxes), 
 same logits, TP=2 on gloo (CPU).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/kd_loss.py [--seq 512 --batch 4 --vocab 32000 --reps 5]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/kd_loss.py --profile   # where the objective's time goes
 
 Time is the median over ``--reps`` interleaved repetitions (max over the two ranks); peak memory is
 the rise of the process's peak resident set above what the inputs already hold (Linux VmHWM, reset
@@ -54,7 +55,7 @@ def _measure(fn):
     return elapsed, _mem_mb("VmHWM") - base
 
 
-def _worker(seq: int, batch: int, vocab: int, reps: int):
+def _worker(seq: int, batch: int, vocab: int, reps: int, profile: bool = False):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     group = parallel_state.get_tensor_model_parallel_group()
     g = torch.Generator().manual_seed(parallel_state.get_tensor_model_parallel_rank())
@@ -124,6 +125,11 @@ def _worker(seq: int, batch: int, vocab: int, reps: int):
         loss = F.kl_div(F.log_softmax(full_s, -1), F.log_softmax(full_t, -1), reduction="none", log_target=True)
         loss.sum(-1).backward(grad_out)
 
+    if profile:
+        return _profile(
+            {"megatron CE": megatron_ce, "fused τ=1": fused_objective(1.0), "fused τ=2": fused_objective(2.0)}, reps
+        )
+
     variants = {
         "megatron vocab_parallel_cross_entropy": megatron_ce,
         "megadistill forward KL, in place (as Megatron CE)": ours(None, inplace=True),
@@ -147,14 +153,54 @@ def _worker(seq: int, batch: int, vocab: int, reps: int):
     return {k: (statistics.median(times[k]), peaks[k]) for k in variants}
 
 
+def _profile(variants, reps: int):
+    """``{variant: (total ms, [(operator, self CPU ms, calls), ...])}``, per run (mean over ``reps``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, fn in variants.items():
+        fn()()  # warm-up
+        runs = [fn() for _ in range(reps)]
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for run in runs:
+                run()
+            total = (time.perf_counter() - t0) / reps
+        ops = sorted(
+            ((e.key, e.self_cpu_time_total / 1e3 / reps, e.count // reps) for e in prof.key_averages()),
+            key=lambda r: -r[1],
+        )
+        out[name] = (total * 1e3, ops)
+    return out
+
+
+def _print_profile(res) -> None:
+    for name, (total, ops) in res.items():
+        print(f"\n{name}: {total:.0f} ms per fwd+bwd (profiled, rank 0)\n")
+        print("| operator | self CPU ms | calls | share |")
+        print("|---|---:|---:|---:|")
+        shown = 0.0
+        for op, ms, calls in ops:
+            if ms < 0.02 * total:
+                break
+            shown += ms
+            print(f"| {op} | {ms:.1f} | {calls} | {ms / total:.0%} |")
+        print(f"| (the rest) | {total - shown:.1f} | | {(total - shown) / total:.0%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="per-operator CPU time instead of the table")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.profile:
+        _print_profile(run_distributed(_worker, 2, args.seq, args.batch, args.vocab, args.reps, True, tp=2)[0])
+        return
     per_rank = run_distributed(_worker, 2, args.seq, args.batch, args.vocab, args.reps, tp=2)
     res = {k: (max(r[k][0] for r in per_rank), max(r[k][1] for r in per_rank)) for k in per_rank[0]}
     names = list(res)

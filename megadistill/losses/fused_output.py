@@ -21,17 +21,18 @@ from typing import NamedTuple, Optional
 import torch
 
 from megadistill.losses.config import KDLossConfig
-from megadistill.losses.kd import _Buffers, _compute_dtype, _objective_chunk
+from megadistill.losses.kd import _Buffers, _compute_dtype, _objective_chunk, scratch_may_overwrite_teacher
 from megadistill.losses.parallel import default_tp_group
 from megadistill.losses.targets import DenseTarget, SparseTarget, _raise_if_non_finite
 
-# Chunk size, in logits per ``[c, v/tp]`` work buffer (about four are live: the student's logits,
-# which become their gradient in place, the teacher's logits, its probabilities and one scratch
-# buffer). Every chunk also re-reads the ``[v/tp, h]`` weights in three products and reads and
-# writes the weight gradient once; with few rows those products run well below the machine's
-# rate (on the 2-core CPU of bench/fused_output.py, 64-row chunks took 2.6x the unfused time,
-# 128-row chunks 1.4x), so a chunk holds at least MIN_ROWS tokens, fewer for small hidden sizes
-# (h/8: narrow weights are cheap to re-read), whatever the budget.
+# Chunk size, in logits per ``[c, v/tp]`` work buffer (three to five are live: the student's
+# logits, which become their gradient in place, the teacher's logits, which forward KL and soft CE
+# also use as scratch, its probabilities, a scratch buffer for the other losses, and at τ ≠ 1 the
+# student's τ = 1 exponentials). Every chunk also re-reads the ``[v/tp, h]`` weights in three
+# products and reads and writes the weight gradient once; with few rows those products run well
+# below the machine's rate (on the 2-core CPU of bench/fused_output.py, 64-row chunks took 2.6x
+# the unfused time, 128-row chunks 1.4x), so a chunk holds at least MIN_ROWS tokens, fewer for
+# small hidden sizes (h/8: narrow weights are cheap to re-read), whatever the budget.
 FUSED_CHUNK_ELEMENTS = {"cpu": 1 << 23}
 FUSED_CHUNK_ELEMENTS_DEFAULT = 1 << 26
 MIN_ROWS = {"cpu": 128}
@@ -112,6 +113,10 @@ class _FusedOutputObjective(torch.autograd.Function):
         if teacher is not None:
             t_hidden, t_weight = teacher
             teacher_buf = torch.empty((step, v), dtype=t_hidden.dtype, device=dev)
+            if teacher_buf.dtype == cdt and scratch_may_overwrite_teacher(cfg):
+                # The teacher's logits are read last where the scratch buffer is first written:
+                # one [c, v/tp] buffer fewer (three in all at τ = 1).
+                bufs.share("scratch", teacher_buf)
         total = torch.empty(n, dtype=cdt, device=dev)
         has_t = target is not None or teacher is not None
         kd = torch.empty_like(total) if has_t else None
@@ -135,6 +140,8 @@ class _FusedOutputObjective(torch.autograd.Function):
                 # branch; corrupt teacher logits raise on all of them.
                 finite = torch.isfinite(parts[0]) & (torch.isfinite(parts[1]) if parts[1] is not None else True)
                 if not bool(finite.all()):
+                    if teacher is not None:  # its logits may have been overwritten: made again to scan
+                        _matmul_nt(t_hidden[a:b], t_weight, teacher_buf[:c])
                     if tgt is not None:
                         tgt.raise_if_corrupt(a, b)
                     # A token of weight 0 whose loss is not finite adds 0, not 0·inf, to the gradients.

@@ -51,10 +51,33 @@ class _Buffers:
         self.rows, self.like = rows, like
         self._bufs: dict[str, torch.Tensor] = {}
 
+    def share(self, name: str, tensor: torch.Tensor) -> None:
+        """Serve ``name`` from ``tensor[rows, v/tp]``, a buffer of the caller's (see
+        :func:`scratch_may_overwrite_teacher`)."""
+        self._bufs[name] = tensor
+
     def get(self, name: str, c: int) -> torch.Tensor:
         if name not in self._bufs:
             self._bufs[name] = torch.empty((self.rows, self.like.shape[-1]), dtype=self.like.dtype, device=self.like.device)
         return self._bufs[name][:c]
+
+
+def _fused_kl(cfg: KDLossConfig) -> bool:
+    """Losses whose gradient is ``p - q`` (forward KL, soft CE, JSD at β = 0): their student softmax
+    becomes the gradient in place and their cross term is computed before it."""
+    return cfg.loss in ("forward_kl", "soft_ce") or (cfg.loss == "jsd" and cfg.jsd_beta == 0.0)
+
+
+def scratch_may_overwrite_teacher(cfg: KDLossConfig) -> bool:
+    """Whether the ``"scratch"`` work buffer may be a dense teacher's own logits buffer.
+
+    Forward KL and soft CE read a dense teacher's raw logits ``t.x`` last in their cross term
+    (:func:`divergences.forward_kl_cross`, whose first write into the scratch buffer is the
+    element-wise ``t.x - x``, or at soft CE ``x - m`` with ``t.x`` unread); later uses of the
+    buffer (the student's ghost mass) come after it. ``renormalize_both`` fills the buffer before
+    the cross term, and the other losses read ``t.x`` after it, so they keep a buffer of their own.
+    """
+    return _fused_kl(cfg) and cfg.truncation != "renormalize_both"
 
 
 def _mse_chunk(x: torch.Tensor, target: DenseTarget, a: int, b: int, cfg: KDLossConfig, group, out: torch.Tensor):
@@ -116,7 +139,7 @@ def _kd_part(
         # Its softmax over the kept ids is taken relative to its own maximum over them: the global
         # maximum may be truncated away, and the kept ids' weights relative to it could underflow.
         ms = global_max(bufs.get("scratch", c).copy_(x).masked_fill_(~t.kept, NEG_INF), group)
-    fused = cfg.loss in ("forward_kl", "soft_ce") or (cfg.loss == "jsd" and cfg.jsd_beta == 0.0)
+    fused = _fused_kl(cfg)
     soft_ce = cfg.loss == "soft_ce"
     cross = D.forward_kl_cross(t, x, inv_t, ms, bufs.get("scratch", c), soft_ce) if fused else None
 

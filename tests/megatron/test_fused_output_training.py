@@ -4,7 +4,8 @@ the unfused run's per-step losses, gradient norms and validation loss, through t
 training loop builds them: the Megatron backend at TP = 2 and at PP = 2, with the online teacher
 (including SALT's release of it) and with sparse (offline-store-like) targets, and the DeepSpeed
 backend (ZeRO-1, DP = 2) with the online teacher; and bf16 at PP = 2 (close, not equal). Steps include
-α = 0 and α = 1; the sparse targets are top-k and RS-KD (TP = 2).
+α = 0 and α = 1; the sparse targets are top-k and RS-KD (TP = 2). And offline KD from a real store
+(``precompute`` on disk, ghost bucket at τ = 2) through the training driver.
 
 The tiny config, teacher checkpoint, batches and driver are the DeepSpeed tests' (``ds_testing``).
 """
@@ -207,3 +208,48 @@ def test_fused_output_layer_in_bf16_at_pp2(teacher_ckpt):
     for rank, pairs in enumerate(results):
         # The fused loss multiplies bf16 chunks itself: not bit-equal to the output layer's matmul.
         _check(pairs, f"bf16 PP=2 rank {rank}", last_stage=rank == 1, rel=1e-3)
+
+
+def _train_counting_fused_calls(cfg) -> int:
+    """``run_training(cfg)`` in this forked rank; how many times it called the fused loss."""
+    import megadistill.megatron.loss as loss_module
+    from tiny_runs import run_training
+
+    real, calls = loss_module.fused_output_distillation, []
+    loss_module.fused_output_distillation = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    run_training(cfg)
+    return len(calls)
+
+
+def test_fused_output_layer_trains_from_a_store_as_unfused(tmp_path, corpus):
+    """Offline KD from a store on disk (``precompute`` of a teacher checkpoint, top-p-k with the
+    ghost bucket at τ = 2, served by the offline teacher by global sample index) through the
+    training driver: the fused run's logged per-step losses and gradient norms equal the unfused
+    run's."""
+    from tiny_runs import TEACHER, run_metrics, run_precompute, run_training, tiny_run
+
+    from megadistill.config import KDConfig, TeacherConfig, TrainingConfig
+    from megadistill.schedules import AlphaSchedule
+
+    teacher = tmp_path / "teacher"
+    run_distributed(run_training, 1, tiny_run(teacher, corpus, model=TEACHER, training=TrainingConfig(
+        train_steps=2, eval_interval=2, eval_steps=1)))
+    kd = KDConfig(top_p=0.9, top_k=12, truncation="ghost", temperature=2.0,
+                  alpha=AlphaSchedule("constant", alpha_max=0.7))
+    store = TeacherConfig(mode="offline", model=TEACHER, checkpoint=str(teacher / "checkpoints"),
+                          store=str(tmp_path / "store"))
+    run_distributed(run_precompute, 1, tiny_run(tmp_path / "pre", corpus, kd=kd, teacher=store),
+                    logprob_dtype="fp32")
+    metrics = []
+    for fused in (False, True):
+        out = tmp_path / f"fused-{fused}"
+        calls = run_distributed(_train_counting_fused_calls, 1, tiny_run(
+            out, corpus, steps=3, teacher=store, kd=dataclasses.replace(kd, fused_output_layer=fused)))[0]
+        assert (calls > 0) == fused, f"fused_output_layer={fused}: {calls} fused loss calls"
+        metrics.append(run_metrics(out))
+    ref, got = metrics
+    assert sorted(ref) == sorted(got) == [1, 2, 3]
+    for step in ref:
+        for k in ("total loss", "lm loss", "kd loss", "grad_norm") + (("val_loss",) if step == 3 else ()):
+            want, have = ref[step][k], got[step][k]
+            assert abs(have - want) <= 1e-6 * max(1.0, abs(want)), f"step {step} {k}: {have} vs {want}"
