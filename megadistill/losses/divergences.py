@@ -77,6 +77,12 @@ def forward_kl_cross(
     Computed before the student softmax may overwrite ``x``; the caller adds ``log_s·Σ q`` once
     the student's normaliser is known. ``scratch[c, v/tp]`` is a work buffer.
     """
+    if t.entries is not None:
+        # Sparse targets (m_t = log_s_t = 0, x_t = log q on the kept ids): sums over the entries alone.
+        e = t.entries
+        c = m.shape[0]
+        q_x = e.row_sum(e.q * (x.reshape(-1)[e.flat] - m[e.rows]), c) * scale
+        return -q_x if soft_ce else e.row_sum(e.q * e.logq, c) * t.scale - q_x
     if not soft_ce and t.scale == scale:
         # scale·(Σ q (x_t - x) - (m_t - m)·Σ q) - log_s_t·Σ q: one pass over q. Large logits
         # cancel inside the element-wise difference and in m_t - m, never between large sums.
@@ -102,7 +108,11 @@ def forward_kl(
     softmax, or the fused objective's ``α(p - q) + (1-α)p`` at τ = 1, in the same pass.
     """
     loss_local = cross + s.log_s * t.mass_local
-    if isinstance(target_weight, torch.Tensor):
+    if t.entries is not None:  # sparse: subtract w·q at the kept ids alone
+        e = t.entries
+        w = target_weight[e.rows] if isinstance(target_weight, torch.Tensor) else target_weight
+        out.view(-1).index_add_(0, e.flat, e.q * w, alpha=-1.0)
+    elif isinstance(target_weight, torch.Tensor):
         out.addcmul_(t.q, target_weight.unsqueeze(-1), value=-1.0)
     else:
         out.sub_(t.q, alpha=target_weight)

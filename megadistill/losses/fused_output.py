@@ -76,7 +76,7 @@ class _ChunkDenseTarget(DenseTarget):
     def raw_chunk(self, a, b, dtype):
         return super().raw_chunk(a - self.a0, b - self.a0, dtype)
 
-    def chunk(self, a, b, dtype, q_out=None, top1=False):
+    def chunk(self, a, b, dtype, q_out=None, top1=False, dense=True):
         return super().chunk(a - self.a0, b - self.a0, dtype, q_out=q_out, top1=top1)
 
     def raise_if_corrupt(self, a, b):

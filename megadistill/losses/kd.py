@@ -131,7 +131,10 @@ def _kd_part(
             out.mul_(weight)
         return loss, None, t_top1, None
     c = b - a
-    t = target.chunk(a, b, out.dtype, q_out=bufs.get("q", c), top1=top1)
+    fused = _fused_kl(cfg)
+    # Forward KL and soft CE read sparse targets as a list of entries: no [c, v/tp] q to make.
+    dense = not fused or isinstance(target, DenseTarget)
+    t = target.chunk(a, b, out.dtype, q_out=bufs.get("q", c) if dense else None, top1=top1, dense=dense)
     # ModelOpt's top-K convention: the student is compared on the kept ids alone, renormalised there.
     both = cfg.truncation == "renormalize_both" and t.kept is not None
     ms = m
@@ -139,7 +142,6 @@ def _kd_part(
         # Its softmax over the kept ids is taken relative to its own maximum over them: the global
         # maximum may be truncated away, and the kept ids' weights relative to it could underflow.
         ms = global_max(bufs.get("scratch", c).copy_(x).masked_fill_(~t.kept, NEG_INF), group)
-    fused = _fused_kl(cfg)
     soft_ce = cfg.loss == "soft_ce"
     cross = D.forward_kl_cross(t, x, inv_t, ms, bufs.get("scratch", c), soft_ce) if fused else None
 

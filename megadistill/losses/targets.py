@@ -61,11 +61,32 @@ class TeacherChunk:
     """``[c]`` log-mass of the truncated ids' bucket (``-inf`` when renormalised), or None."""
     top1: Optional[torch.Tensor] = None
     """``[c]`` the teacher's most likely global vocab id (for the top-1 agreement metric), if asked for."""
+    entries: Optional["SparseEntries"] = None
+    """Sparse targets: the kept ids of this shard as a list (then ``q`` and ``x`` are None unless
+    asked for dense), so that the forward-KL terms cost ``O(k)`` per token instead of ``O(v/tp)``."""
 
     def logq(self) -> torch.Tensor:
         """``[c, v/tp]`` log-probabilities, ``-inf`` where truncated (allocates)."""
         lq = torch.sub(self.x, self.m.unsqueeze(-1)).mul_(self.scale).sub_(self.log_s.unsqueeze(-1))
         return lq if self.kept is None else lq.masked_fill_(~self.kept, NEG_INF)
+
+
+@dataclass
+class SparseEntries:
+    """A chunk's kept ids on this shard as ``[c·k]`` entries: ``rows[e]`` (token within the chunk),
+    ``flat[e]`` (``row·v/tp + local id``, an index into the flattened ``[c, v/tp]``), ``q[e]`` and
+    ``logq[e]`` (the target's probability and its log at τ). Slots holding padding or another
+    shard's id are entries with ``q = logq = 0`` at the token's column 0: sums over the entries and
+    ``index_add_`` into ``[c, v/tp]`` are unchanged by them."""
+
+    rows: torch.Tensor
+    flat: torch.Tensor
+    q: torch.Tensor
+    logq: torch.Tensor
+
+    def row_sum(self, values: torch.Tensor, c: int) -> torch.Tensor:
+        """``[c]`` per-token sums of ``values[e]``."""
+        return torch.zeros(c, dtype=values.dtype, device=values.device).index_add_(0, self.rows, values)
 
 
 def raise_collectively(message: Optional[str], group, device=None) -> None:
@@ -148,10 +169,12 @@ class DenseTarget:
         return self.logits[a:b].to(dtype)
 
     def chunk(
-        self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None, top1: bool = False
+        self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None, top1: bool = False,
+        dense: bool = True,
     ) -> TeacherChunk:
         """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q.
-        ``top1`` also finds the teacher's argmax, from the read that finds its row maximum."""
+        ``top1`` also finds the teacher's argmax, from the read that finds its row maximum. Dense
+        targets are always dense (``dense`` is for :meth:`SparseTarget.chunk`'s signature)."""
         cfg, group = self.cfg, self.group
         x = self.logits[a:b].to(dtype)
         inv_t = 1.0 / cfg.temperature
@@ -310,10 +333,13 @@ class SparseTarget:
         return None
 
     def chunk(
-        self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None, top1: bool = False
+        self, a: int, b: int, dtype: torch.dtype, q_out: Optional[torch.Tensor] = None, top1: bool = False,
+        dense: bool = True,
     ) -> TeacherChunk:
         """Teacher distribution of tokens ``a:b``; ``q_out[c, v/tp]`` is an optional buffer for q.
-        ``top1``: also the most likely stored id (the first slot among equals)."""
+        ``top1``: also the most likely stored id (the first slot among equals). Its kept ids are
+        always listed in ``entries``; ``dense=False`` skips the ``[c, v/tp]`` ``q`` and ``x``
+        (left None), which only the losses other than forward KL and soft CE read."""
         ids, lp = self.ids[a:b], self.logprobs[a:b]
         valid = ids >= 0
         # RS-KD draws are already at the loss's τ (checked on construction): not tempered again.
@@ -338,18 +364,30 @@ class SparseTarget:
             log_z = torch.logsumexp(a_ids, dim=-1)
         logq_ids = (a_ids - log_z.unsqueeze(-1)).to(dtype)
 
+        # This shard's kept ids as a list of entries, one per slot: padding and other shards' ids
+        # become entries of value 0 at the token's column 0, which adding leaves unchanged (a fixed
+        # count, no host sync to find the local ones).
+        c, k = ids.shape
         local = valid & (ids >= self.start) & (ids < self.start + self.v_local)
-        # Ids of other ranks and padding go to a spare column, dropped afterwards.
-        cols = torch.where(local, ids - self.start, torch.full_like(ids, self.v_local))
-        x = torch.zeros((ids.shape[0], self.v_local + 1), dtype=dtype, device=lp.device)
-        x.scatter_(-1, cols, torch.where(local, logq_ids, torch.zeros_like(logq_ids)))
-        kept = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, cols, local)
-        x, kept = x[:, : self.v_local].contiguous(), kept[:, : self.v_local].contiguous()
-        q = torch.exp(x, out=q_out) if q_out is not None else torch.exp(x)
-        q.masked_fill_(~kept, 0.0)
-        zero = torch.zeros(ids.shape[0], dtype=dtype, device=lp.device)
+        rows = torch.arange(c, device=lp.device).repeat_interleave(k)
+        flat = (rows * self.v_local + torch.where(local, ids - self.start, 0).reshape(-1))
+        local_e = local.reshape(-1)
+        logq_e = torch.where(local_e, logq_ids.reshape(-1), 0.0)
+        entries = SparseEntries(rows, flat, torch.where(local_e, torch.exp(logq_e), 0.0), logq_e)
+        # Ids are distinct within a token (validated), so the counts are 0 or 1.
+        kept = torch.zeros((c, self.v_local), dtype=torch.uint8, device=lp.device)
+        kept.view(-1).index_add_(0, flat, local_e.to(torch.uint8))
+        kept = kept.view(torch.bool)
+        q = x = None
+        if dense:
+            x = torch.zeros((c, self.v_local), dtype=dtype, device=lp.device)
+            x.view(-1).index_add_(0, flat, logq_e)
+            q = q_out.zero_() if q_out is not None else torch.zeros_like(x)
+            q.view(-1).index_add_(0, flat, entries.q)
+        zero = torch.zeros(c, dtype=dtype, device=lp.device)
         best = ids.gather(-1, lp.masked_fill(~valid, NEG_INF).argmax(-1, keepdim=True)).squeeze(-1) if top1 else None
-        return TeacherChunk(q, x, 1.0, zero, zero, q.sum(-1), kept, (a_ghost - log_z).to(dtype), best)
+        return TeacherChunk(q, x, 1.0, zero, zero, entries.row_sum(entries.q, c), kept, (a_ghost - log_z).to(dtype),
+                            best, entries)
 
     def raise_if_corrupt(self, a: int, b: int) -> None:
         """Sparse targets are validated on construction; nothing more to scan."""
