@@ -3,7 +3,8 @@
 - :func:`build_backend`: the student's engine (``megadistill.backend.Backend``): Megatron DDP + the
   distributed optimizer, or a DeepSpeed ZeRO engine;
 - :func:`make_teacher_source`: where KD targets come from (``megadistill.kd.teacher.TeacherSource``):
-  none, the online teacher, an offline store, or a recorder of the run's own logits.
+  none, the online teacher (co-located, or its pre-pass), an offline store, or a recorder of the
+  run's own logits.
 
 The seams sit low in the package and know no implementation; this module sits above every
 implementation and is the one place that chooses among them.
@@ -18,6 +19,8 @@ from megadistill.config import CHECKPOINT_MODEL_PREFIX, RunConfig
 from megadistill.kd.teacher import NoTeacher, TeacherSource
 from megadistill.megatron.gpt import build_gpt
 from megadistill.megatron.online import OnlineTeacher
+from megadistill.megatron.teacher import freeze, load_teacher_checkpoint
+from megadistill.store.prepass import PrepassTeacher
 from megadistill.store.reader import OfflineTeacher
 from megadistill.store.recorder import LogitsRecorder
 
@@ -44,6 +47,14 @@ def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str], needed:
         return LogitsRecorder.for_run(cfg, vocab_size)
     if not needed:
         return NoTeacher()
+    if cfg.teacher.mode == "online" and cfg.teacher.placement == "prepass":
+        def build():
+            teacher = build_gpt(cfg.teacher.model, cfg, vocab_size)
+            if checkpoint is not None:
+                load_teacher_checkpoint(teacher, checkpoint, CHECKPOINT_MODEL_PREFIX, tokenizer_vocab_size)
+            return freeze(teacher)
+
+        return PrepassTeacher.for_run(cfg, build)
     if cfg.teacher.mode == "online":
         return OnlineTeacher(lambda: build_gpt(cfg.teacher.model, cfg, vocab_size), checkpoint, CHECKPOINT_MODEL_PREFIX,
                              tokenizer_vocab_size)

@@ -85,6 +85,17 @@ class TeacherConfig:
     store: Optional[str] = None
     """Offline teacher: directory of a logits store (written by megadistill precompute-logits, read by
     teacher.mode=offline)."""
+    placement: str = "colocated"
+    """Online teacher: colocated (it runs inside each student micro-batch on the same stages, its
+    hidden states riding in the pipeline's stage tensors; dense logits) or prepass (before each step
+    it runs forward-only over the step's micro-batches through its own pipeline and hands the
+    student's last stage sparse targets, as precompute-logits would store them: needs a truncating
+    kd (top_p < 1 or top_k) or prepass_targets rskd)."""
+    prepass_targets: str = "top_p_k"
+    """placement prepass: top_p_k (the kd's top-p/top-k ids with their exact tempered ghost bucket)
+    or rskd (prepass_draws RS-KD draws per position at the step's τ)."""
+    prepass_draws: int = 12
+    """placement prepass, prepass_targets rskd: draws per position."""
 
 
 @dataclass
@@ -307,6 +318,8 @@ class RunConfig:
 
 CHOICES = {
     "teacher.mode": ("none", "online", "offline"),
+    "teacher.placement": ("colocated", "prepass"),
+    "teacher.prepass_targets": ("top_p_k", "rskd"),
     "optimizer.lr_schedule": ("constant", "linear", "cosine", "wsd"),
     "optimizer.backend": ("megatron", "deepspeed"),
     "deepspeed.zero_stage": (1, 2, 3),

@@ -189,6 +189,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
     _validate_record_logits(cfg)
     _validate_fused_output_layer(cfg)
+    _validate_prepass(cfg)
 
     if o.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
@@ -269,6 +270,27 @@ def _validate_fused_output_layer(cfg: RunConfig) -> None:
     if cfg.optimizer.backend == "deepspeed" and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("kd.fused_output_layer is not supported with deepspeed.zero_stage 3 (ZeRO-3 releases the "
                           "output weight after the model's forward, before the loss reads it): use zero_stage 1 or 2")
+
+
+def _validate_prepass(cfg: RunConfig) -> None:
+    """teacher.placement prepass: an online teacher whose targets can be held as sparse ones."""
+    t = cfg.teacher
+    if t.placement == "colocated":
+        return
+    if t.mode != "online":
+        raise ConfigError(f"teacher.placement {t.placement} is for teacher.mode=online, got teacher.mode={t.mode}")
+    if cfg.kd.loss == "mse":
+        raise ConfigError("teacher.placement prepass hands the student sparse targets; kd.loss mse compares whole "
+                          "logits: use teacher.placement colocated")
+    if t.prepass_targets == "top_p_k" and not cfg.kd.truncates:
+        raise ConfigError(
+            "teacher.placement prepass with prepass_targets top_p_k needs truncated targets (kd.top_p < 1 or "
+            "kd.top_k): untruncated KD needs the teacher's dense logits, which only teacher.placement colocated "
+            "provides (or use prepass_targets rskd)"
+        )
+    if t.prepass_targets == "rskd" and (isinstance(t.prepass_draws, bool) or not isinstance(t.prepass_draws, int)
+                                        or t.prepass_draws < 1):
+        raise ConfigError(f"teacher.prepass_draws must be a positive integer, got {t.prepass_draws!r}")
 
 
 def _validate_record_logits(cfg: RunConfig) -> None:

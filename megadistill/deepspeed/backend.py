@@ -110,6 +110,7 @@ class DeepSpeedBackend:
             )
         self.engine.train()
         self.teacher.set_active(knobs.uses_teacher)
+        self.teacher.prepare(micro_batches, knobs)
         self.loss.step = knobs
         # dp/N per micro-batch sum: DeepSpeed's data-parallel gradient averaging divides by dp.
         scale = self.dp_size / self._global_tokens(micro_batches).clamp_min(1.0)

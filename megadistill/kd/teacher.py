@@ -8,6 +8,9 @@ output into the student's logits and the KD target with ``source.split(batch, ou
   student on every stage; the target is its dense logits ``[b, s, v/tp]`` (:class:`InModelTargets`);
 * ``megadistill.store.reader.OfflineTeacher`` — sparse targets from an offline logits store, looked
   up by the batch's global sample ``indices``;
+* ``megadistill.store.prepass.PrepassTeacher`` — a frozen teacher run forward-only over each step's
+  micro-batches before the student (:meth:`TeacherSource.prepare`), its sparse targets held on the
+  student's last stage for that step;
 * ``megadistill.store.recorder.LogitsRecorder`` — no target: a plain LM run recording its own.
 
 The protocol and the targets live here, at the bottom; ``megadistill.assemble`` picks the source
@@ -70,6 +73,12 @@ class TeacherSource(Protocol):
         pipeline tensors keep the student's width."""
         ...
 
+    def prepare(self, micro_batches: list[dict], knobs) -> None:
+        """Before the student's schedule for one step (after :meth:`set_active`), with this rank's
+        ``micro_batches`` and the step's ``KDStep``: a pre-pass teacher computes the step's targets
+        here (collective over the teacher's pipeline and tensor-parallel groups); others do nothing."""
+        ...
+
     def split(self, batch: dict, output) -> tuple[torch.Tensor, Optional[Target]]:
         """``(student_logits[b, s, v/tp], target or None)`` from a micro-batch and the model output
         of the last pipeline stage. With ``kd.fused_output_layer`` the output (and an online
@@ -98,6 +107,9 @@ class NoTeacher:
         return student
 
     def set_active(self, active: bool) -> None:
+        pass
+
+    def prepare(self, micro_batches: list[dict], knobs) -> None:
         pass
 
     def take_seconds(self) -> Optional[float]:

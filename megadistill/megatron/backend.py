@@ -72,6 +72,7 @@ class MegatronBackend:
     def train_step(self, micro_batches: list[dict], knobs: KDStep) -> StepResult:
         self.loss.step = knobs
         self.teacher.set_active(knobs.uses_teacher)  # the schedule widens stage tensors from this
+        self.teacher.prepare(micro_batches, knobs)  # a pre-pass teacher runs its whole schedule here
         mbs = self._shape["micro_batch_size"]
         result = train_step(
             self.forward_step, iter(micro_batches), self.model, self.optimizer, len(micro_batches),

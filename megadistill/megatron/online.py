@@ -66,6 +66,9 @@ class OnlineTeacher(InModelTargets):
             torch.cuda.empty_cache()
         _return_freed_host_memory()
 
+    def prepare(self, micro_batches: list[dict], knobs) -> None:
+        pass  # the teacher runs inside each micro-batch's forward
+
     def set_active(self, active: bool) -> None:
         if active and self.model.teacher is None:
             raise RuntimeError("the teacher was released (KD has ended for this run): it cannot be activated again")

@@ -126,6 +126,8 @@ class RankMemory:
     score_bytes: int = 0
     """Of ``activation_bytes``: the ``a·s²·b/t`` attention probabilities, which fused (flash)
     attention does not store (Transformer Engine on a GPU)."""
+    holds_targets: bool = False
+    """``logits_bytes`` are sparse targets (an offline store's, or a pre-pass teacher's), not logits."""
 
     @property
     def total(self) -> int:
@@ -231,7 +233,12 @@ def teacher_memory(cfg: RunConfig, vocab: int, dp: int, stage: int, store_k: Opt
     student's activations are), and on the last stage its logits ``e·s·b·v/tp``, kept until the KD
     loss's backward. Offline: no weights; the sparse targets of the micro-batch in use and the two
     the reader prefetches, ``b·s·k`` ids (int64) and log-probs (fp32) each, ``k`` the store's ids per
-    position (``store_k``)."""
+    position (``store_k``). Online with ``teacher.placement: prepass``: the weights and one
+    forward's working set as co-located, no hidden states riding the student's pipeline, and on the
+    last stage the step's sparse targets, held through the student's schedule: per micro-batch
+    ``b·s·k`` ids (int64) and float64 log-probs, a float64 residual and tail per position, ``k``
+    the kd's top_k (the vocabulary's shard-free size with top_p alone: an upper bound) or the
+    draws. Its logits exist during the pre-pass only, before the student's activations do."""
     t = cfg.teacher
     par, d = cfg.parallel, cfg.data
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
@@ -240,7 +247,7 @@ def teacher_memory(cfg: RunConfig, vocab: int, dp: int, stage: int, store_k: Opt
     if t.mode == "offline":
         k = store_k or 0
         logits = 3 * b * s * (k * 12 + 4) if last else 0
-        return RankMemory("teacher", "offline store", 0, logits_bytes=logits)
+        return RankMemory("teacher", "offline store", 0, logits_bytes=logits, holds_targets=True)
     if t.mode != "online":
         return None
     m = t.model
@@ -249,6 +256,10 @@ def teacher_memory(cfg: RunConfig, vocab: int, dp: int, stage: int, store_k: Opt
     n = stage_parameters(m, vocab, tp, pp, stage)
     micro_batches = d.global_batch_size // (d.micro_batch_size * dp)
     act = _teacher_forward_bytes(m, s, b, tp, e)
+    if t.placement == "prepass":
+        k = t.prepass_draws if t.prepass_targets == "rskd" else min(cfg.kd.top_k or vocab, vocab)
+        targets = micro_batches * b * s * (16 * k + 16) if last else 0
+        return RankMemory("teacher", p, n, n * e, 0, 0, int(act), int(targets), holds_targets=True)
     if not last:
         act += e * s * b * m.hidden_size * in_flight_micro_batches(pp, stage, micro_batches)
     logits = e * s * b * vocab // tp if last else 0

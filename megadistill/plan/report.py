@@ -169,7 +169,7 @@ def _count(n: int) -> str:
 def _memory_lines(mem: RankMemory) -> list[str]:
     parts = [("weights", mem.param_bytes), ("grads", mem.grad_bytes), ("optimizer", mem.optimizer_bytes),
              ("activations", mem.activation_bytes),
-             ("targets" if mem.precision == "offline store" else "logits", mem.logits_bytes)]
+             ("targets" if mem.holds_targets else "logits", mem.logits_bytes)]
     # Zero terms are left out, but a model's weights and activations are always shown.
     shown = ", ".join(f"{k} {_gib(v)}" for k, v in parts if v or (mem.parameters and k in ("weights", "activations")))
     params = f"{_count(mem.parameters)} params, " if mem.parameters else ""

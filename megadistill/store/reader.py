@@ -308,6 +308,9 @@ class OfflineTeacher:
     def set_active(self, active: bool) -> None:
         self.active = active
 
+    def prepare(self, micro_batches: list[dict], knobs) -> None:
+        pass  # targets are read per micro-batch (and prefetched)
+
     def take_seconds(self) -> Optional[float]:
         s, self._seconds = self._seconds, 0.0
         return s

@@ -164,6 +164,9 @@ class LogitsRecorder:
     def set_active(self, active: bool) -> None:
         pass  # the recording does not depend on the KD weight (there is no KD)
 
+    def prepare(self, micro_batches: list[dict], knobs) -> None:
+        pass  # it records the student's logits as they come
+
     def release(self) -> None:
         pass
 

@@ -49,6 +49,9 @@ class _SparseTeacher:
     def set_active(self, active):
         self.active = active
 
+    def prepare(self, micro_batches, knobs):
+        pass
+
     def take_seconds(self):
         return None
 

@@ -316,3 +316,28 @@ def test_cli_rejects_a_bad_layout_naming_the_key(tmp_path, corpus, capsys):
     assert "world size 3 is not divisible by parallel.tensor_model_parallel_size" in err
     assert main(["plan", path, "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory: 'lots' is not a size" in capsys.readouterr().err
+
+
+def test_prepass_teacher_holds_the_steps_targets_on_the_last_stage(tmp_path, corpus):
+    """teacher.placement prepass: no teacher hidden states ride the student's pipeline (stage 0
+    holds one forward's working set, less than co-located), and the last stage holds the step's
+    sparse targets instead of a micro-batch's teacher logits: b·s·(16k + 16) bytes per micro-batch
+    (int64 ids, float64 log-probs, residual and tail), k = top_k (or the RS-KD draws)."""
+    def plan(placement, **teacher):
+        cfg = tiny_run(tmp_path / "run", corpus, kd=KDConfig(top_k=20), teacher=TeacherConfig(
+            mode="online", model=TEACHER, checkpoint="/nowhere", placement=placement, **teacher),
+            parallel=replace(tiny_run(tmp_path, corpus).parallel, pipeline_model_parallel_size=2))
+        return pl.make_plan(cfg, 2), cfg
+
+    colocated, cfg = plan("colocated")
+    prepass, _ = plan("prepass")
+    rskd, _ = plan("prepass", prepass_targets="rskd", prepass_draws=5)
+    d = cfg.data
+    micro_batches = d.global_batch_size // d.micro_batch_size  # DP 1
+    per_mb = d.micro_batch_size * d.seq_length
+    assert prepass.stages[1].teacher.logits_bytes == micro_batches * per_mb * (16 * 20 + 16)
+    assert rskd.stages[1].teacher.logits_bytes == micro_batches * per_mb * (16 * 5 + 16)
+    assert prepass.stages[0].teacher.logits_bytes == 0
+    assert prepass.stages[0].teacher.activation_bytes < colocated.stages[0].teacher.activation_bytes
+    assert prepass.stages[1].teacher.param_bytes == colocated.stages[1].teacher.param_bytes
+    assert any("teacher" in line and "targets" in line for line in pl.report(prepass))

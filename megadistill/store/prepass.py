@@ -1,0 +1,141 @@
+"""The teacher pre-pass (``teacher.placement: prepass``): before the student's schedule for a step,
+the frozen online teacher runs forward-only over that step's micro-batches through its own
+pipeline schedule, and its last stage turns each micro-batch's logits into sparse targets right
+away, as ``precompute-logits`` selects them for a store (:mod:`megadistill.store.sparse`): the
+top-p-k ids with the exact tempered ghost bucket at the step's τ, or RS-KD draws made at it. The
+targets stay on the ranks of the last stage for that step and are served through the teacher-source
+seam by the micro-batch's global sample indices, as the offline store serves them.
+
+The student's schedule then runs unchanged (no teacher hidden states ride in its stage tensors),
+and the teacher's logits exist one micro-batch at a time, on the last stage only. The teacher uses
+the student's tensor- and pipeline-parallel layout (its stage ``i`` on the ranks of the student's
+stage ``i``), so the last stages coincide and the targets never travel.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from functools import partial
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from megadistill.kd.teacher import SparseLogits
+from megadistill.losses import KDLossConfig
+from megadistill.store.sparse import rskd_uniforms, sample_rskd, select_top_p_k
+
+
+class PrepassTeacher:
+    """A ``TeacherSource`` whose targets are made by :meth:`prepare` for the step's micro-batches.
+
+    ``build`` makes this rank's stage of the frozen teacher (weights loaded), called by :meth:`wrap`
+    once the student exists; ``kd`` is the loss's config (its top-p/top-k decide the kept ids);
+    ``targets`` is ``top_p_k`` or ``rskd`` (``draws`` draws per position, their uniforms a hash of
+    ``seed``, the global sample index and the position, as the offline store's: the same targets
+    on any layout and after a resume).
+    """
+
+    def __init__(self, build: Callable[[], torch.nn.Module], kd: KDLossConfig, seq_length: int,
+                 targets: str = "top_p_k", draws: int = 12, seed: int = 0) -> None:
+        if targets not in ("top_p_k", "rskd"):
+            raise ValueError(f"pre-pass targets {targets!r} is not one of ('top_p_k', 'rskd')")
+        if targets == "top_p_k" and not kd.truncates:
+            raise ValueError("pre-pass top-p-k targets need truncation (top_p < 1 or top_k)")
+        self._build: Optional[Callable[[], torch.nn.Module]] = build
+        self.kd, self.seq_length, self.kind, self.draws, self.seed = kd, seq_length, targets, draws, seed
+        self.teacher: Optional[torch.nn.Module] = None
+        self.active = False
+        self.released = False
+        self._targets: dict[tuple, SparseLogits] = {}
+        self._seconds = 0.0
+
+    @classmethod
+    def for_run(cls, cfg, build: Callable[[], torch.nn.Module]) -> "PrepassTeacher":
+        t = cfg.teacher
+        return cls(build, cfg.kd.loss_config(), cfg.data.seq_length, t.prepass_targets, t.prepass_draws,
+                   cfg.training.seed)
+
+    # ------------------------------------------------------------------ TeacherSource
+
+    def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
+        if self.teacher is None and self._build is not None:
+            self.teacher = self._build()
+            self._build = None
+        return student
+
+    def set_active(self, active: bool) -> None:
+        if active and self.released:
+            raise RuntimeError("the teacher was released (KD has ended for this run): it cannot be activated again")
+        self.active = active
+
+    def prepare(self, micro_batches: list[dict], knobs) -> None:
+        """Run the teacher over ``micro_batches`` (collective over its pipeline and tensor-parallel
+        groups: every stage calls it with the same micro-batches) and keep, on the last stage, each
+        one's targets at ``knobs.temperature``; targets of an earlier step are dropped."""
+        from megadistill.store.precompute import teacher_forwards
+
+        self._targets.clear()
+        if not self.active or not micro_batches:
+            return
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            teacher_forwards(self.teacher, micro_batches, self.seq_length,
+                             partial(self._select, temperature=float(knobs.temperature)))
+        self._seconds += time.perf_counter() - t0
+
+    def _select(self, mb: dict, logits: torch.Tensor, temperature: float) -> None:
+        """Last stage: the sparse targets of one micro-batch's ``logits[b, s, v/tp]``, identical on
+        every rank of the tensor-parallel group."""
+        b, s = mb["tokens"].shape
+        flat = logits.reshape(b * s, -1)
+        group = parallel_state.get_tensor_model_parallel_group()
+        indices = mb["indices"].cpu().numpy()
+        if self.kind == "rskd":
+            u = rskd_uniforms(self.seed, np.repeat(indices, s), np.tile(np.arange(s), b), self.draws)
+            ids, counts = sample_rskd(flat, torch.from_numpy(u), group, temperature=temperature)
+            lp = torch.where(ids >= 0, torch.log(counts.double() / self.draws), 0.0)
+            target = SparseLogits(ids.reshape(b, s, -1), lp.reshape(b, s, -1), drawn_at=temperature)
+        else:
+            # A ghost bucket at τ ≠ 1 needs the truncated ids' tempered mass; at τ = 1 the residual.
+            temps = () if temperature == 1.0 else (temperature,)
+            ids, lp, res, tails = select_top_p_k(flat, self.kd, group, temps)
+            lp = torch.where(ids >= 0, lp, 0.0)
+            target = SparseLogits(ids.reshape(b, s, -1), lp.reshape(b, s, -1), res.reshape(b, s),
+                                  tails.reshape(b, s, -1) if temps else None, temps)
+        self._targets[tuple(indices.tolist())] = target
+
+    def split(self, batch: dict, output):
+        if not self.active:
+            return output, None
+        key = tuple(batch["indices"].tolist())
+        target = self._targets.pop(key, None)
+        if target is None:
+            if not parallel_state.is_pipeline_last_stage():
+                return output, None  # targets live on the last stage, where the loss is computed
+            raise RuntimeError(
+                f"no pre-pass targets for samples {key[0]}..{key[-1]}: the backend must call prepare() with "
+                "the step's micro-batches before its schedule"
+            )
+        dev = output.device
+        return output, SparseLogits(
+            target.ids.to(dev), target.logprobs.to(dev), None if target.residual is None else target.residual.to(dev),
+            None if target.tails is None else target.tails.to(dev), target.temperatures, target.drawn_at,
+        )
+
+    def take_seconds(self) -> Optional[float]:
+        s, self._seconds = self._seconds, 0.0
+        return s
+
+    def close(self) -> None:
+        self._targets.clear()
+
+    def release(self) -> None:
+        self.close()
+        self.teacher = self._build = None
+        self.active, self.released = False, True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
