@@ -60,9 +60,12 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
     init_distributed(cfg)
     if dist.get_rank() == dist.get_world_size() - 1:
         p = cfg.parallel
+        vpp = p.virtual_pipeline_model_parallel_size
+        chunks = f" (interleaved, {vpp} model chunks per rank)" if vpp else ""
+        placement = " (pre-pass)" if cfg.teacher.mode == "online" and cfg.teacher.placement == "prepass" else ""
         tqdm.write(f"{cfg.name}: {dist.get_world_size()} ranks = TP {p.tensor_model_parallel_size} x PP "
-                   f"{p.pipeline_model_parallel_size} x DP {parallel_state.get_data_parallel_world_size()} "
-                   f"({dist.get_backend()}), backend {cfg.optimizer.backend}, teacher {cfg.teacher.mode}, "
+                   f"{p.pipeline_model_parallel_size}{chunks} x DP {parallel_state.get_data_parallel_world_size()} "
+                   f"({dist.get_backend()}), backend {cfg.optimizer.backend}, teacher {cfg.teacher.mode}{placement}, "
                    f"{cfg.training.train_steps} steps")
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"

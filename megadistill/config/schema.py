@@ -105,7 +105,12 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     """Tensor-parallel size (TP)."""
     pipeline_model_parallel_size: int = 1
-    """Pipeline-parallel size (PP); non-interleaved 1F1B."""
+    """Pipeline-parallel size (PP); 1F1B, interleaved when virtual_pipeline_model_parallel_size is set."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank (megatron-core's interleaved 1F1B schedule: a smaller pipeline
+    bubble); null = one chunk, non-interleaved. Needs PP >= 2, the student's num_layers divisible by
+    PP x this, at least PP micro-batches per step, optimizer.backend megatron, and with an online
+    teacher teacher.placement prepass."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs Transformer Engine)."""
     use_distributed_optimizer: bool = True

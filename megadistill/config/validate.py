@@ -190,6 +190,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _validate_record_logits(cfg)
     _validate_fused_output_layer(cfg)
     _validate_prepass(cfg)
+    _validate_interleaved(cfg, world_size)
 
     if o.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
@@ -270,6 +271,43 @@ def _validate_fused_output_layer(cfg: RunConfig) -> None:
     if cfg.optimizer.backend == "deepspeed" and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("kd.fused_output_layer is not supported with deepspeed.zero_stage 3 (ZeRO-3 releases the "
                           "output weight after the model's forward, before the loss reads it): use zero_stage 1 or 2")
+
+
+def _validate_interleaved(cfg: RunConfig, world_size: int | None) -> None:
+    """parallel.virtual_pipeline_model_parallel_size: megatron-core's interleaved schedule."""
+    par = cfg.parallel
+    vpp = par.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return
+    key = "parallel.virtual_pipeline_model_parallel_size"
+    if isinstance(vpp, bool) or not isinstance(vpp, int) or vpp < 2:
+        raise ConfigError(f"{key} must be an integer >= 2 (model chunks per pipeline rank) or null, got {vpp!r}")
+    pp = par.pipeline_model_parallel_size
+    if pp < 2:
+        raise ConfigError(f"{key} {vpp} needs parallel.pipeline_model_parallel_size >= 2, got {pp}")
+    if cfg.model.num_layers % (pp * vpp):
+        raise ConfigError(f"model.num_layers {cfg.model.num_layers} is not divisible by parallel.pipeline_model_parallel_size "
+                          f"x {key} = {pp} x {vpp}: each model chunk holds an equal share of the layers")
+    if cfg.optimizer.backend != "megatron":
+        raise ConfigError(f"{key} needs optimizer.backend megatron (megatron-core's interleaved schedule), got {cfg.optimizer.backend}")
+    if cfg.teacher.mode == "online" and cfg.teacher.placement != "prepass":
+        raise ConfigError(
+            f"{key}: a co-located online teacher cannot run under the interleaved schedule (its hidden states "
+            "would have to ride the stage tensors, which that schedule cannot widen): set teacher.placement prepass"
+        )
+    if cfg.kd.fused_output_layer:
+        raise ConfigError(f"{key} is not supported with kd.fused_output_layer yet: set kd.fused_output_layer false")
+    if cfg.record_logits.store is not None:
+        raise ConfigError(f"{key} is not supported with record_logits.store")
+    if world_size is not None and world_size % (par.tensor_model_parallel_size * pp) == 0:
+        dp = world_size // (par.tensor_model_parallel_size * pp)
+        d = cfg.data
+        if d.global_batch_size % (d.micro_batch_size * dp) == 0 and d.global_batch_size // (d.micro_batch_size * dp) < pp:
+            raise ConfigError(
+                f"{key}: the interleaved schedule needs at least PP = {pp} micro-batches per step and rank, got "
+                f"data.global_batch_size / (data.micro_batch_size x DP) = {d.global_batch_size} / "
+                f"({d.micro_batch_size} x {dp}) = {d.global_batch_size // (d.micro_batch_size * dp)}"
+            )
 
 
 def _validate_prepass(cfg: RunConfig) -> None:

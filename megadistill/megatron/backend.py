@@ -36,12 +36,18 @@ class MegatronBackend:
         self.teacher = teacher
         use_dist_opt = cfg.parallel.use_distributed_optimizer
         self.precision = precision(cfg.model, cfg)
-        model = teacher.wrap(build_gpt(cfg.model, cfg, vocab_size))
-        if cfg.kd.fused_output_layer:
-            model = fuse_output_layer(model)  # the last stage hands the loss hidden states, not logits
-        model = wrap_half(model, self.precision)
-        # Gradients accumulate and reduce in fp32 (DDP's main_grad) whatever the precision.
-        self.model = wrap_ddp(model, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt))
+        vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+        self.chunks = []
+        """This rank's model chunks: one, or ``vpp`` for the interleaved schedule."""
+        for vp_stage in [None] if vpp is None else range(vpp):
+            model = teacher.wrap(build_gpt(cfg.model, cfg, vocab_size, vp_stage=vp_stage))
+            if cfg.kd.fused_output_layer:
+                model = fuse_output_layer(model)  # the last stage hands the loss hidden states, not logits
+            model = wrap_half(model, self.precision)
+            # Gradients accumulate and reduce in fp32 (DDP's main_grad) whatever the precision.
+            ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt)
+            self.chunks.append(wrap_ddp(model, ddp, disable_bucketing=bool(vp_stage)))
+        self.model = self.chunks[0]
         o = cfg.optimizer
         half = self.precision != "fp32"
         self.optimizer = get_megatron_optimizer(
@@ -55,12 +61,13 @@ class MegatronBackend:
                 loss_scale=o.loss_scale, initial_loss_scale=o.initial_loss_scale, min_loss_scale=o.min_loss_scale,
                 loss_scale_window=o.loss_scale_window, hysteresis=o.hysteresis,
             ),
-            [self.model],
+            self.chunks,
         )
         if half:
             # Megatron's schedules multiply each micro-batch loss by the optimizer's loss scale
             # before backward (1 for bf16); the optimizer unscales and checks for overflow.
-            self.model.config.grad_scale_func = self.optimizer.scale_loss
+            for chunk in self.chunks:
+                chunk.config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.loss = DistillationLoss(cfg.kd.loss_config())  # its step is set by train_step
         self.forward_step = make_forward_step(_next, self.loss, teacher)
@@ -75,7 +82,7 @@ class MegatronBackend:
         self.teacher.prepare(micro_batches, knobs)  # a pre-pass teacher runs its whole schedule here
         mbs = self._shape["micro_batch_size"]
         result = train_step(
-            self.forward_step, iter(micro_batches), self.model, self.optimizer, len(micro_batches),
+            self.forward_step, self._iterators(micro_batches), self.chunks, self.optimizer, len(micro_batches),
             self._shape["seq_length"], mbs,
         )
         if result.update_successful:
@@ -83,16 +90,25 @@ class MegatronBackend:
             self.scheduler.step(increment=1)
         return result
 
+    def _iterators(self, micro_batches: list[dict]):
+        """The schedule's data: one iterator, or one per model chunk (each chunk's forward step takes
+        its own micro-batch in the interleaved order)."""
+        if len(self.chunks) == 1:
+            return iter(micro_batches)
+        return [iter(micro_batches) for _ in self.chunks]
+
     def eval_step(self, micro_batches: list[dict]) -> list[dict]:
         self.teacher.set_active(False)
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
             return forward_backward(
-                forward_step_func=self.eval_forward_step, data_iterator=iter(micro_batches), model=[self.model],
-                num_microbatches=len(micro_batches), forward_only=True, **self._shape,
+                forward_step_func=self.eval_forward_step, data_iterator=self._iterators(micro_batches),
+                model=self.chunks, num_microbatches=len(micro_batches), forward_only=True, **self._shape,
             )
         finally:
-            self.model.train()
+            for chunk in self.chunks:
+                chunk.train()
 
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -101,8 +117,8 @@ class MegatronBackend:
         return parallel_state.is_pipeline_last_stage()
 
     def save(self, directory: Path, step: int) -> None:
-        write_checkpoint(directory, step, [self.model], self.optimizer, self.scheduler, {"step": step},
+        write_checkpoint(directory, step, self.chunks, self.optimizer, self.scheduler, {"step": step},
                          optimizer_sharding=self.cfg.checkpoint.optimizer_sharding)
 
     def load(self, directory: Path) -> int:
-        return int(load_checkpoint(directory, [self.model], self.optimizer, self.scheduler)["step"])
+        return int(load_checkpoint(directory, self.chunks, self.optimizer, self.scheduler)["step"])

@@ -168,10 +168,11 @@ def _training_state(step: int, model, optimizer, scheduler, extra: Optional[dict
         raise ValueError(f"extra['step'] = {extra['step']} disagrees with step = {step}")
     chunks = _model_chunks(model)
     state: dict[str, Any] = {}
-    model_state = {}
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         state[key] = chunk.sharded_state_dict()
-        model_state.update(state[key])
+    # Chunks name their modules alike (each its own decoder.layers.0, ...): the optimizer gets them
+    # nested by chunk, as Megatron-LM passes them.
+    model_state = state["model"] if len(chunks) == 1 else {k: state[k] for k in _chunk_keys(len(chunks))}
     if optimizer is not None:
         state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_state, False, optimizer_sharding)
     if scheduler is not None:
@@ -229,17 +230,16 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
     if meta["version"] > FORMAT_VERSION:
         raise ValueError(f"{path} has checkpoint format version {meta['version']}, newer than {FORMAT_VERSION}")
 
+    # The chunks may differ in number (a run resumed with or without the interleaved schedule): the
+    # tensors are matched by their global keys (layers by global number), checked just below.
     chunks = _model_chunks(model)
-    if len(chunks) != meta["model_chunks"]:
-        raise ValueError(f"{path} holds {meta['model_chunks']} model chunk(s), the model has {len(chunks)}")
     layout = _layout()
     saved_layout = meta["layout"]
 
     request: dict[str, Any] = {}
-    model_state = {}
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         request[key] = chunk.sharded_state_dict()
-        model_state.update(request[key])
+    model_state = request["model"] if len(chunks) == 1 else {k: request[k] for k in _chunk_keys(len(chunks))}
     _check_model_matches(path, model_state)
 
     if optimizer is not None:

@@ -32,6 +32,7 @@ def init_distributed(cfg: RunConfig) -> None:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size,
         )
     # Each pipeline stage draws its own layers' weights and dropout masks (as in Megatron-LM).
     seed = cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()

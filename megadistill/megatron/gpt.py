@@ -9,6 +9,7 @@ names and with the same initialisation, so their checkpoints still load.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,9 @@ def layer_spec(model_cfg, key: str = "model"):
     return get_gpt_layer_local_spec(normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm)
 
 
-def transformer_config(model_cfg, cfg, dtype: torch.dtype) -> TransformerConfig:
-    """The megatron-core ``TransformerConfig`` of ``model_cfg`` in run ``cfg`` (parallel layout), in ``dtype``."""
+def transformer_config(model_cfg, cfg, dtype: torch.dtype, virtual_pipeline_size: Optional[int] = None) -> TransformerConfig:
+    """The megatron-core ``TransformerConfig`` of ``model_cfg`` in run ``cfg`` (parallel layout), in
+    ``dtype``; ``virtual_pipeline_size``: model chunks per pipeline rank (the interleaved schedule)."""
     swiglu = model_cfg.activation == "swiglu"
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
@@ -90,6 +92,7 @@ def transformer_config(model_cfg, cfg, dtype: torch.dtype) -> TransformerConfig:
         add_qkv_bias=model_cfg.add_qkv_bias,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size,
         sequence_parallel=cfg.parallel.sequence_parallel,
         # The dtype of stage-to-stage tensors and of the weights; fp16/bf16 flags make attention's
         # softmax run in fp32 and tell megatron-core which half type the model holds.
@@ -104,11 +107,15 @@ def transformer_config(model_cfg, cfg, dtype: torch.dtype) -> TransformerConfig:
     )
 
 
-def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False) -> GPTModel:
+def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False, vp_stage: Optional[int] = None) -> GPTModel:
     """This rank's stage of a GPTModel for ``model_cfg`` (a ``ModelConfig``: the student's
     ``cfg.model`` or the teacher's ``cfg.teacher.model``) in run ``cfg`` (its parallel layout and
     sequence length), in the model's :func:`precision`, on :func:`device`. ``vocab_size`` is the
     padded vocabulary; its logits are ``[b, s, vocab_size / tp]`` on the last stage.
+
+    ``vp_stage``: build model chunk ``vp_stage`` of the interleaved schedule's
+    ``cfg.parallel.virtual_pipeline_model_parallel_size`` (layers, first and last stage as that
+    chunk has them); None: the rank's whole stage, as a teacher always is.
 
     ``meta``: every tensor on the meta device instead (no storage, no initialisation), for a
     caller that assigns the weights itself (``convert-hf``)."""
@@ -121,7 +128,9 @@ def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False) -> GPTModel:
             f"tensor-parallel size = {multiple}"
         )
     dtype = DTYPES[precision(model_cfg, cfg)]
-    config = transformer_config(model_cfg, cfg, dtype)
+    vpp = None if vp_stage is None else cfg.parallel.virtual_pipeline_model_parallel_size
+    config = transformer_config(model_cfg, cfg, dtype, vpp)
+    virtual = dict(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if meta:
         # megatron-core names the GPU explicitly where one is present, which torch.device("meta")
         # does not override; with CPU initialisation it names no device.
@@ -132,8 +141,8 @@ def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False) -> GPTModel:
             layer_spec(model_cfg, key),
             vocab_size=vocab_size,
             max_sequence_length=model_cfg.max_position_embeddings or cfg.data.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
+            pre_process=parallel_state.is_pipeline_first_stage(**virtual),
+            post_process=parallel_state.is_pipeline_last_stage(**virtual),
             share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_percent=model_cfg.rotary_percent,
@@ -141,6 +150,7 @@ def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False) -> GPTModel:
             # megatron-core's Llama 3.x scaling (low/high frequency factors 1 and 4, original context 8192).
             rope_scaling=model_cfg.rope_scaling_factor is not None,
             rope_scaling_factor=model_cfg.rope_scaling_factor or 8.0,
+            **({} if vp_stage is None else {"vp_stage": vp_stage}),
         )
     # Megatron-core allocates a few modules (the local spec's torch norms) in fp32 whatever
     # params_dtype says; Float16Module would cast a student anyway, a teacher has no such wrapper.

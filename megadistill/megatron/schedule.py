@@ -54,16 +54,20 @@ def forward_backward(
     width and the forward passes agree."""
     distill = _distillation_model(model)
     kwargs = {}
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        if parallel_state.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
-            raise ValueError(
-                "interleaved (virtual) pipeline parallelism is not supported with distillation: "
-                "Megatron-core's interleaved schedule cannot widen the stage-to-stage tensors for the "
-                "teacher; unset virtual_pipeline_model_parallel_size"
-            )
-        if distill is not None and distill.teacher_active:
-            kwargs["adjust_tensor_shapes_fn"] = widen_for_teacher(distill.teacher_hidden)
-    return get_forward_backward_func()(
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    # The interleaved schedule for a list of model chunks; any single model (a teacher in its
+    # pre-pass among them) runs the plain 1F1B schedule whatever the parallel state's virtual size.
+    interleaved = isinstance(model, list) and len(model) > 1
+    if interleaved and distill is not None and distill.teacher_active:
+        raise ValueError(
+            "a co-located teacher cannot run under the interleaved (virtual) pipeline schedule: megatron-core's "
+            "interleaved schedule cannot widen the stage-to-stage tensors for its hidden states; use "
+            "teacher.placement prepass"
+        )
+    if pp > 1 and not interleaved and distill is not None and distill.teacher_active:
+        kwargs["adjust_tensor_shapes_fn"] = widen_for_teacher(distill.teacher_hidden)
+    vpp = len(model) if interleaved else None
+    return get_forward_backward_func(pp_size=pp, vp_size=vpp)(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,
         model=model,

@@ -34,37 +34,44 @@ def wrap_half(model, precision: str):
     return HalfPrecisionStudent(model.config, model)
 
 
-def wrap_ddp(model: DistillationModel, ddp_config: DistributedDataParallelConfig) -> DistributedDataParallel:
+def wrap_ddp(model: DistillationModel, ddp_config: DistributedDataParallelConfig,
+             disable_bucketing: bool = False) -> DistributedDataParallel:
     """Wrap the student (only: the teacher is outside the module tree) in Megatron's DDP.
 
     Sets, on the student's config and before DDP reads it, the conventions the distillation loss
     relies on: the loss function returns token *sums* (``calculate_per_token_loss``), and the
     schedule finishes each step with Megatron's ``finalize_model_grads`` (data-parallel reduction,
     tied-embedding all-reduce across pipeline stages, division by the global token count).
+    ``disable_bucketing``: for the interleaved schedule's model chunks after the first (one
+    bucket each, as Megatron-LM wraps them).
     """
     config = model.config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
-    return DistributedDataParallel(config, ddp_config, model)
+    return DistributedDataParallel(config, ddp_config, model, disable_bucketing=disable_bucketing)
 
 
 def train_step(
     forward_step_func: Callable,
-    data_iterator: Iterator,
-    model: DistributedDataParallel,
+    data_iterator: Iterator | list[Iterator],
+    model: DistributedDataParallel | list[DistributedDataParallel],
     optimizer,
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
 ) -> StepResult:
     """Zero the gradients, run the 1F1B (or no-pipelining) schedule, step the optimizer (which
-    may skip the update on an fp16 overflow: ``update_successful`` False, no grad norm)."""
-    model.zero_grad_buffer()
+    may skip the update on an fp16 overflow: ``update_successful`` False, no grad norm). With the
+    interleaved schedule ``model`` is the list of this rank's model chunks and ``data_iterator``
+    one iterator per chunk."""
+    chunks = model if isinstance(model, list) else [model]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = forward_backward(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,
-        model=[model],
+        model=chunks,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,

@@ -31,8 +31,8 @@ from megadistill.store.sparse import rskd_uniforms, sample_rskd, select_top_p_k
 class PrepassTeacher:
     """A ``TeacherSource`` whose targets are made by :meth:`prepare` for the step's micro-batches.
 
-    ``build`` makes this rank's stage of the frozen teacher (weights loaded), called by :meth:`wrap`
-    once the student exists; ``kd`` is the loss's config (its top-p/top-k decide the kept ids);
+    ``build`` makes this rank's stage of the frozen teacher (weights loaded), called at the first
+    pre-pass; ``kd`` is the loss's config (its top-p/top-k decide the kept ids);
     ``targets`` is ``top_p_k`` or ``rskd`` (``draws`` draws per position, their uniforms a hash of
     ``seed``, the global sample index and the position, as the offline store's: the same targets
     on any layout and after a resume).
@@ -61,10 +61,18 @@ class PrepassTeacher:
     # ------------------------------------------------------------------ TeacherSource
 
     def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
-        if self.teacher is None and self._build is not None:
-            self.teacher = self._build()
+        return student  # the teacher is built at the first pre-pass, once every student chunk exists
+
+    def _ensure_teacher(self) -> torch.nn.Module:
+        """The teacher, built on first use: after the student's model chunks (building a stage
+        all-reduces its tied embedding across the pipeline, in the same order on every rank), and
+        with the random state set aside, so that a resumed run draws what an uninterrupted one does."""
+        if self.teacher is None:
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                self.teacher = self._build()
             self._build = None
-        return student
+        return self.teacher
 
     def set_active(self, active: bool) -> None:
         if active and self.released:
@@ -82,7 +90,7 @@ class PrepassTeacher:
             return
         t0 = time.perf_counter()
         with torch.no_grad():
-            teacher_forwards(self.teacher, micro_batches, self.seq_length,
+            teacher_forwards(self._ensure_teacher(), micro_batches, self.seq_length,
                              partial(self._select, temperature=float(knobs.temperature)))
         self._seconds += time.perf_counter() - t0
 
@@ -111,7 +119,9 @@ class PrepassTeacher:
         if not self.active:
             return output, None
         key = tuple(batch["indices"].tolist())
-        target = self._targets.pop(key, None)
+        # Kept for the step (not popped): under the interleaved schedule every model chunk's
+        # forward step asks, and only the last chunk's loss uses the answer.
+        target = self._targets.get(key)
         if target is None:
             if not parallel_state.is_pipeline_last_stage():
                 return output, None  # targets live on the last stage, where the loss is computed
