@@ -1,5 +1,8 @@
 """Benchmark: the cost of an online teacher. Student-only training steps vs student + co-located
-teacher (KD) steps, side by side in one run, against the FLOP ideal ``1 + F_teacher / (3 F_student)``.
+teacher (KD) steps vs student + teacher pre-pass steps (``teacher.placement: prepass``: the teacher
+runs forward-only over the step's micro-batches first and hands the loss top-p-k targets), side by
+side in one run, against the FLOP ideal ``1 + F_teacher / (3 F_student)``; and the pre-pass targets'
+memory per rank (what they hold for the step).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/teacher_overhead.py [--steps 10]
 
@@ -24,6 +27,7 @@ from megadistill.losses import KDLossConfig
 from megadistill.megatron import DistillationLoss, DistillationModel, make_forward_step
 from megadistill.kd.knobs import KDStep
 from megadistill.megatron.training import train_step, wrap_ddp, wrap_half
+from megadistill.store.prepass import PrepassTeacher
 from megadistill.testing import run_distributed
 from megadistill.testing.models import tiny_gpt
 
@@ -56,10 +60,20 @@ def _worker(steps: int, threads: int, precision: str = "fp32"):
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0, bf16=half, params_dtype=dtype), [ddp]
     )
-    loss = DistillationLoss(KDLossConfig(top_p=0.95, top_k=50, truncation="ghost"))
+    kd = KDLossConfig(top_p=0.95, top_k=50, truncation="ghost")
+    loss = DistillationLoss(kd)
     forward_step = make_forward_step(lambda it: next(it), loss)
+    # The pre-pass source runs the same frozen teacher module by itself.
+    prepass = PrepassTeacher(lambda: teacher, kd, SEQ)
+
+    class StudentOfPair:  # the DistillationModel with its teacher off returns (student logits, None)
+        def split(self, batch, output):
+            return prepass.split(batch, output[0])
+
+    prepass_step = make_forward_step(lambda it: next(it), loss, StudentOfPair())
     g = torch.Generator().manual_seed(1)
     pos = torch.arange(SEQ).expand(MBS, SEQ)
+    held = []
 
     def batches():
         tokens = torch.randint(0, VOCAB, (MICRO_BATCHES, MBS, SEQ + 1), generator=g)
@@ -72,6 +86,21 @@ def _worker(steps: int, threads: int, precision: str = "fp32"):
         train_step(forward_step, batches(), ddp, optimizer, MICRO_BATCHES, SEQ, MBS)
         return time.perf_counter() - t0
 
+    def step_prepass() -> float:
+        loss.step = knobs = KDStep(alpha=0.5, temperature=1.0)
+        distill.teacher_active = False  # the student's schedule runs the student alone
+        prepass.set_active(True)
+        tokens = torch.randint(0, VOCAB, (MICRO_BATCHES, MBS, SEQ + 1), generator=g)
+        mbs = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(MBS, SEQ), "position_ids": pos,
+                "indices": torch.arange(i * MBS, (i + 1) * MBS)} for i, t in enumerate(tokens)]
+        t0 = time.perf_counter()
+        prepass.prepare(mbs, knobs)
+        train_step(prepass_step, iter(mbs), ddp, optimizer, MICRO_BATCHES, SEQ, MBS)
+        elapsed = time.perf_counter() - t0
+        held.append(sum(sum(x.nbytes for x in (t.ids, t.logprobs, t.residual) if x is not None)
+                        for t in prepass._targets.values()))
+        return elapsed
+
     def teacher_forward() -> float:
         tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=g)
         t0 = time.perf_counter()
@@ -80,15 +109,17 @@ def _worker(steps: int, threads: int, precision: str = "fp32"):
                 teacher(tokens, pos, None)
         return time.perf_counter() - t0
 
-    step(0.0), step(0.5), teacher_forward()  # warm-up
-    times = {"student only": [], "student + teacher": [], "teacher forward alone": []}
+    step(0.0), step(0.5), step_prepass(), teacher_forward()  # warm-up
+    times = {"student only": [], "student + teacher": [], "student + teacher pre-pass": [], "teacher forward alone": []}
     for _ in range(steps):
         times["student only"].append(step(0.0))
         times["student + teacher"].append(step(0.5))
+        times["student + teacher pre-pass"].append(step_prepass())
         times["teacher forward alone"].append(teacher_forward())
     params = {
         "student": sum(p.numel() for p in student.parameters()),
         "teacher": sum(p.numel() for p in teacher.parameters()),
+        "targets_bytes": max(held),
     }
     return {k: statistics.median(v) for k, v in times.items()}, params
 
@@ -124,6 +155,10 @@ def report(args, precision: str, times: dict, params: dict) -> None:
     print(f"measured slowdown {measured:.3f}x; FLOP ideal 1 + F_t/(3 F_s) = {ideal:.3f}x; "
           f"measured / ideal = {measured / ideal:.3f} (target <= 1.15)")
     print(f"teacher forward share of the KD step: {times['teacher forward alone'] / times['student + teacher']:.1%}")
+    pre = times["student + teacher pre-pass"] / times["student only"]
+    print(f"pre-pass: slowdown {pre:.3f}x, measured / ideal = {pre / ideal:.3f}; {pre / measured:.3f}x the co-located "
+          f"step; targets held per rank {params['targets_bytes'] / 2**20:.2f} MiB for the step "
+          f"({params['targets_bytes'] / tokens:.0f} B/token: top-0.95-50 ids int64 + float64 log-probs + residual)")
 
 
 if __name__ == "__main__":
