@@ -128,6 +128,16 @@ def teacher_run(tmp_path_factory, mixed_corpus):
     return out, result
 
 
+@pytest.fixture(scope="module")
+def corpus_teacher_ckpt(tmp_path_factory, corpus) -> str:
+    """``TEACHER`` trained 3 steps on ``corpus``: its checkpoint directory (an online teacher for
+    runs over the same corpus)."""
+    out = tmp_path_factory.mktemp("corpus-teacher")
+    run_distributed(run_training, 1, tiny_run(out, corpus, model=TEACHER, training=TrainingConfig(
+        train_steps=3, eval_interval=3, eval_steps=1)))
+    return str(out / "checkpoints")
+
+
 # --------------------------------------------------------------------------- a run killed midway
 #
 # Precompute and scoring resume from the shards/parts a killed run left. To kill a run after ``n``

@@ -224,23 +224,19 @@ def _train_counting_fused_calls(cfg) -> int:
     return len(calls)
 
 
-def test_fused_output_layer_trains_from_a_store_as_unfused(tmp_path, corpus):
+def test_fused_output_layer_trains_from_a_store_as_unfused(tmp_path, corpus, corpus_teacher_ckpt):
     """Offline KD from a store on disk (``precompute`` of a teacher checkpoint, top-p-k with the
     ghost bucket at τ = 2, served by the offline teacher by global sample index) through the
     training driver: the fused run's logged per-step losses and gradient norms equal the unfused
     run's."""
-    from tiny_runs import TEACHER, run_metrics, run_precompute, run_training, tiny_run
+    from tiny_runs import TEACHER, run_metrics, run_precompute, tiny_run
 
-    from megadistill.config import KDConfig, TeacherConfig, TrainingConfig
+    from megadistill.config import KDConfig, TeacherConfig
     from megadistill.schedules import AlphaSchedule
 
-    teacher = tmp_path / "teacher"
-    run_distributed(run_training, 1, tiny_run(teacher, corpus, model=TEACHER, training=TrainingConfig(
-        train_steps=2, eval_interval=2, eval_steps=1)))
     kd = KDConfig(top_p=0.9, top_k=12, truncation="ghost", temperature=2.0,
                   alpha=AlphaSchedule("constant", alpha_max=0.7))
-    store = TeacherConfig(mode="offline", model=TEACHER, checkpoint=str(teacher / "checkpoints"),
-                          store=str(tmp_path / "store"))
+    store = TeacherConfig(mode="offline", model=TEACHER, checkpoint=corpus_teacher_ckpt, store=str(tmp_path / "store"))
     run_distributed(run_precompute, 1, tiny_run(tmp_path / "pre", corpus, kd=kd, teacher=store),
                     logprob_dtype="fp32")
     metrics = []

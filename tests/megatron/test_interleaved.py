@@ -28,7 +28,6 @@ from megadistill.config import (
     ModelConfig,
     ParallelConfig,
     TeacherConfig,
-    TrainingConfig,
     validate,
 )
 from megadistill.schedules import AlphaSchedule
@@ -42,17 +41,9 @@ STEPS = 5
 KD = KDConfig(top_p=0.9, top_k=12, truncation="ghost", temperature=2.0, alpha=AlphaSchedule("constant", alpha_max=0.6))
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory, corpus):
-    out = tmp_path_factory.mktemp("interleaved-teacher")
-    run_distributed(run_training, 1, tiny_run(out, corpus, model=TEACHER, training=TrainingConfig(
-        train_steps=3, eval_interval=3, eval_steps=1)))
-    return str(out / "checkpoints")
-
-
-def _cfg(out, corpus, teacher_ckpt, interleaved: bool, save_interval: int = 1, resume: str = "auto"):
+def _cfg(out, corpus, corpus_teacher_ckpt, interleaved: bool, save_interval: int = 1, resume: str = "auto"):
     cfg = tiny_run(out, corpus, steps=STEPS, model=STUDENT4, kd=KD, teacher=TeacherConfig(
-        mode="online", model=TEACHER, checkpoint=teacher_ckpt, placement="prepass" if interleaved else "colocated"),
+        mode="online", model=TEACHER, checkpoint=corpus_teacher_ckpt, placement="prepass" if interleaved else "colocated"),
         checkpoint=CheckpointConfig(save_interval=save_interval, optimizer_sharding="fully_reshardable", resume=resume))
     # Global batch 8 of micro-batch 2 over DP 2: 2 micro-batches per rank and step (>= PP).
     data = dataclasses.replace(cfg.data, micro_batch_size=2)
@@ -76,12 +67,12 @@ def _compare(ref: dict, got: dict, steps, exact: bool) -> None:
                 assert abs(have - want) <= bound, f"step {step} {k}: {have} vs {want}"
 
 
-def test_interleaved_prepass_continues_a_non_interleaved_colocated_run(tmp_path, corpus, teacher_ckpt, capfd):
+def test_interleaved_prepass_continues_a_non_interleaved_colocated_run(tmp_path, corpus, corpus_teacher_ckpt, capfd):
     plain = tmp_path / "plain"
-    _train(_cfg(plain, corpus, teacher_ckpt, interleaved=False, save_interval=2))
+    _train(_cfg(plain, corpus, corpus_teacher_ckpt, interleaved=False, save_interval=2))
     resumed = tmp_path / "interleaved"
     capfd.readouterr()
-    _train(_cfg(resumed, corpus, teacher_ckpt, interleaved=True,
+    _train(_cfg(resumed, corpus, corpus_teacher_ckpt, interleaved=True,
                 resume=str(plain / "checkpoints" / "step_00000002")))
     assert "PP 2 (interleaved, 2 model chunks per rank) x DP 2" in capfd.readouterr().out
     ref, got = run_metrics(plain), run_metrics(resumed)
@@ -89,15 +80,15 @@ def test_interleaved_prepass_continues_a_non_interleaved_colocated_run(tmp_path,
     _compare(ref, got, (3, 4, 5), exact=False)
 
 
-def test_interleaved_run_resumes_exactly(tmp_path, corpus, teacher_ckpt):
+def test_interleaved_run_resumes_exactly(tmp_path, corpus, corpus_teacher_ckpt):
     full = tmp_path / "full"
-    _train(_cfg(full, corpus, teacher_ckpt, interleaved=True))
+    _train(_cfg(full, corpus, corpus_teacher_ckpt, interleaved=True))
     # What a run killed after step 3 leaves: its checkpoints up to step 3 (and its logs).
     killed = tmp_path / "killed"
     shutil.copytree(full, killed)
     for step in (4, 5):
         shutil.rmtree(killed / "checkpoints" / f"step_{step:08d}")
-    _train(_cfg(killed, corpus, teacher_ckpt, interleaved=True))
+    _train(_cfg(killed, corpus, corpus_teacher_ckpt, interleaved=True))
     _compare(run_metrics(full), run_metrics(killed), (4, 5), exact=True)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 
-from megadistill.config import ConfigError, KDConfig, ParallelConfig, TeacherConfig, TrainingConfig, validate
+from megadistill.config import ConfigError, KDConfig, ParallelConfig, TeacherConfig, validate
 from megadistill.schedules import AlphaSchedule
 from megadistill.testing import run_distributed
 from tiny_runs import TEACHER, run_metrics, run_precompute, run_training, tiny_run
@@ -21,17 +21,9 @@ from tiny_runs import TEACHER, run_metrics, run_precompute, run_training, tiny_r
 STEPS = 5
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory, corpus):
-    out = tmp_path_factory.mktemp("prepass-teacher")
-    run_distributed(run_training, 1, tiny_run(out, corpus, model=TEACHER, training=TrainingConfig(
-        train_steps=3, eval_interval=3, eval_steps=1)))
-    return str(out / "checkpoints")
-
-
-def _run(out, corpus, teacher_ckpt, kd, placement: str = "colocated", **teacher):
+def _run(out, corpus, corpus_teacher_ckpt, kd, placement: str = "colocated", **teacher):
     return tiny_run(out, corpus, steps=STEPS, kd=kd, teacher=TeacherConfig(
-        mode="online", model=TEACHER, checkpoint=teacher_ckpt, placement=placement, **teacher))
+        mode="online", model=TEACHER, checkpoint=corpus_teacher_ckpt, placement=placement, **teacher))
 
 
 def _same(ref: dict, got: dict, what: str) -> None:
@@ -71,11 +63,11 @@ GHOST = KDConfig(top_p=0.9, top_k=12, truncation="ghost", temperature=2.0,
 
 @pytest.mark.parametrize("parallel", [dict(tensor_model_parallel_size=2), dict(pipeline_model_parallel_size=2)],
                          ids=["tp2", "pp2"])
-def test_prepass_equals_colocated(tmp_path, corpus, teacher_ckpt, parallel):
+def test_prepass_equals_colocated(tmp_path, corpus, corpus_teacher_ckpt, parallel):
     metrics = {}
     for placement in ("colocated", "prepass"):
         out = tmp_path / placement
-        cfg = _layout(_run(out, corpus, teacher_ckpt, GHOST, placement=placement), **parallel)
+        cfg = _layout(_run(out, corpus, corpus_teacher_ckpt, GHOST, placement=placement), **parallel)
         _train(cfg)
         metrics[placement] = run_metrics(out)
     ref, got = metrics["colocated"], metrics["prepass"]
@@ -85,15 +77,15 @@ def test_prepass_equals_colocated(tmp_path, corpus, teacher_ckpt, parallel):
     assert got[1]["teacher_time_fraction"] > 0 and got[STEPS].get("teacher_time_fraction", 0.0) == 0.0
 
 
-def test_prepass_rskd_equals_a_precomputed_rskd_store(tmp_path, corpus, teacher_ckpt):
+def test_prepass_rskd_equals_a_precomputed_rskd_store(tmp_path, corpus, corpus_teacher_ckpt):
     """RS-KD draws made in the pre-pass are the ones ``precompute-logits --kind rskd`` stores (the
     same uniforms: a hash of the seed, the global sample index and the position)."""
     kd = KDConfig(truncation="ghost", temperature=2.0, alpha=AlphaSchedule("constant", alpha_max=0.5))
-    store = TeacherConfig(mode="offline", model=TEACHER, checkpoint=teacher_ckpt, store=str(tmp_path / "store"))
+    store = TeacherConfig(mode="offline", model=TEACHER, checkpoint=corpus_teacher_ckpt, store=str(tmp_path / "store"))
     run_distributed(run_precompute, 1, tiny_run(tmp_path / "pre", corpus, steps=STEPS, kd=kd, teacher=store),
                     kind="rskd", draws=8)
     _train(_layout(tiny_run(tmp_path / "offline", corpus, steps=STEPS, kd=kd, teacher=store), pipeline_model_parallel_size=2))
-    prepass = _layout(_run(tmp_path / "prepass", corpus, teacher_ckpt, kd, placement="prepass",
+    prepass = _layout(_run(tmp_path / "prepass", corpus, corpus_teacher_ckpt, kd, placement="prepass",
                            prepass_targets="rskd", prepass_draws=8), pipeline_model_parallel_size=2)
     _train(prepass)
     _same(run_metrics(tmp_path / "offline"), run_metrics(tmp_path / "prepass"), "RS-KD prepass vs store (PP=2)")
