@@ -78,6 +78,8 @@ class PrepassTeacher:
         if active and self.released:
             raise RuntimeError("the teacher was released (KD has ended for this run): it cannot be activated again")
         self.active = active
+        if not active:
+            self._targets.clear()  # nothing to serve (validation, α = 0): not held meanwhile
 
     def prepare(self, micro_batches: list[dict], knobs) -> None:
         """Run the teacher over ``micro_batches`` (collective over its pipeline and tensor-parallel

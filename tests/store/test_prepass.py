@@ -77,6 +77,17 @@ def test_prepass_equals_colocated(tmp_path, corpus, corpus_teacher_ckpt, paralle
     assert got[1]["teacher_time_fraction"] > 0 and got[STEPS].get("teacher_time_fraction", 0.0) == 0.0
 
 
+def test_prepass_equals_colocated_with_deepspeed(tmp_path, corpus, corpus_teacher_ckpt):
+    """The DeepSpeed backend (ZeRO-1, DP = 2) calls the pre-pass too."""
+    metrics = {}
+    for placement in ("colocated", "prepass"):
+        out = tmp_path / placement
+        cfg = _run(out, corpus, corpus_teacher_ckpt, GHOST, placement=placement)
+        _train(dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, backend="deepspeed")))
+        metrics[placement] = run_metrics(out)
+    _same(metrics["colocated"], metrics["prepass"], "prepass vs colocated, DeepSpeed ZeRO-1 DP=2")
+
+
 def test_prepass_rskd_equals_a_precomputed_rskd_store(tmp_path, corpus, corpus_teacher_ckpt):
     """RS-KD draws made in the pre-pass are the ones ``precompute-logits --kind rskd`` stores (the
     same uniforms: a hash of the seed, the global sample index and the position)."""
