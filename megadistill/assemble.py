@@ -12,6 +12,7 @@ implementation and is the one place that chooses among them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from megadistill.backend import Backend
@@ -48,10 +49,17 @@ def make_teacher_source(cfg, vocab_size: int, checkpoint: Optional[str], needed:
     if not needed:
         return NoTeacher()
     if cfg.teacher.mode == "online" and cfg.teacher.placement == "prepass":
-        def build():
-            teacher = build_gpt(cfg.teacher.model, cfg, vocab_size)
+        def build(pg_collection=None):
+            run = cfg
+            if pg_collection is not None:  # the teacher's own layout (teacher.parallel)
+                t_tp, t_pp = cfg.teacher.layout(cfg.parallel)
+                run = dataclasses.replace(cfg, parallel=dataclasses.replace(
+                    cfg.parallel, tensor_model_parallel_size=t_tp, pipeline_model_parallel_size=t_pp,
+                    virtual_pipeline_model_parallel_size=None))
+            teacher = build_gpt(cfg.teacher.model, run, vocab_size, pg_collection=pg_collection)
             if checkpoint is not None:
-                load_teacher_checkpoint(teacher, checkpoint, CHECKPOINT_MODEL_PREFIX, tokenizer_vocab_size)
+                load_teacher_checkpoint(teacher, checkpoint, CHECKPOINT_MODEL_PREFIX, tokenizer_vocab_size,
+                                        own_layout=pg_collection is not None)
             return freeze(teacher)
 
         return PrepassTeacher.for_run(cfg, build)

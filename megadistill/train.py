@@ -62,7 +62,10 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> RunRe
         p = cfg.parallel
         vpp = p.virtual_pipeline_model_parallel_size
         chunks = f" (interleaved, {vpp} model chunks per rank)" if vpp else ""
-        placement = " (pre-pass)" if cfg.teacher.mode == "online" and cfg.teacher.placement == "prepass" else ""
+        placement = ""
+        if cfg.teacher.mode == "online" and cfg.teacher.placement == "prepass":
+            t_tp, t_pp = cfg.teacher.layout(p)
+            placement = f" (pre-pass, TP {t_tp} x PP {t_pp})"
         tqdm.write(f"{cfg.name}: {dist.get_world_size()} ranks = TP {p.tensor_model_parallel_size} x PP "
                    f"{p.pipeline_model_parallel_size}{chunks} x DP {parallel_state.get_data_parallel_world_size()} "
                    f"({dist.get_backend()}), backend {cfg.optimizer.backend}, teacher {cfg.teacher.mode}{placement}, "

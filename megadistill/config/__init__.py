@@ -38,6 +38,7 @@ from megadistill.config.schema import (
     RecordLogitsConfig,
     RunConfig,
     TeacherConfig,
+    TeacherLayout,
     TrainingConfig,
     accepted_world_sizes,
     data_seed,
@@ -52,7 +53,7 @@ from megadistill.config.validate import validate
 __all__ = [
     "CHECKPOINT_MODEL_PREFIX", "CHOICES", "MODEL_CHOICES", "RESUME_INVARIANTS", "CheckpointConfig", "ConfigError",
     "DataConfig", "DataSelectionConfig", "DeepSpeedConfig", "KDConfig", "ModelConfig", "OptimizerConfig",
-    "ParallelConfig", "RecordLogitsConfig", "RunConfig", "TeacherConfig", "TrainingConfig", "accepted_world_sizes",
+    "ParallelConfig", "RecordLogitsConfig", "RunConfig", "TeacherConfig", "TeacherLayout", "TrainingConfig", "accepted_world_sizes",
     "config_from_dict", "data_seed", "explain", "load_config", "model_parallel_size", "padded_vocab_size",
     "parse_overrides", "run_vocab_size", "to_dict", "train_dataset_samples", "validate",
 ]

@@ -72,6 +72,16 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherLayout:
+    """The pre-pass teacher's own parallel layout over the run's ranks (null: the student's)."""
+
+    tensor_model_parallel_size: Optional[int] = None
+    """The teacher's tensor-parallel size; null: parallel.tensor_model_parallel_size."""
+    pipeline_model_parallel_size: Optional[int] = None
+    """The teacher's pipeline-parallel size (plain 1F1B, forward-only); null: parallel.pipeline_model_parallel_size."""
+
+
+@dataclass
 class TeacherConfig:
     """The teacher: none (plain LM training), an online model, or an offline logits store."""
 
@@ -96,6 +106,16 @@ class TeacherConfig:
     or rskd (prepass_draws RS-KD draws per position at the step's τ)."""
     prepass_draws: int = 12
     """placement prepass, prepass_targets rskd: draws per position."""
+    parallel: TeacherLayout = field(default_factory=TeacherLayout)
+    """placement prepass: the teacher's own TP and PP sizes over the same ranks (each dividing the
+    world size; TP x PP need not equal the student's); its targets are sent to the student's last
+    stage. Default: the student's layout."""
+
+    def layout(self, parallel: "ParallelConfig") -> tuple[int, int]:
+        """``(TP, PP)`` of the teacher in a run laid out as ``parallel``."""
+        p = self.parallel
+        return (p.tensor_model_parallel_size or parallel.tensor_model_parallel_size,
+                p.pipeline_model_parallel_size or parallel.pipeline_model_parallel_size)
 
 
 @dataclass

@@ -81,17 +81,22 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     par = cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     _positive(cfg, "parallel", "tensor_model_parallel_size", "pipeline_model_parallel_size")
-    models = [("model", cfg.model)] + ([("teacher.model", cfg.teacher.model)] if cfg.teacher.mode == "online" else [])
-    for key, m in models:
+    models = [("model", cfg.model, (tp, pp), "parallel")]
+    if cfg.teacher.mode == "online":
+        _validate_teacher_layout(cfg)
+        own = cfg.teacher.parallel.tensor_model_parallel_size or cfg.teacher.parallel.pipeline_model_parallel_size
+        models.append(("teacher.model", cfg.teacher.model, cfg.teacher.layout(par),
+                       "teacher.parallel" if own else "parallel"))
+    for key, m, (m_tp, m_pp), where in models:
         _positive(cfg, key, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "init_method_std")
         if m.hidden_size % m.num_attention_heads:
             raise ConfigError(f"{key}.hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}")
-        if m.num_attention_heads % tp:
-            raise ConfigError(f"{key}.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor_model_parallel_size {tp}")
-        if m.num_layers % pp:
-            raise ConfigError(f"{key}.num_layers {m.num_layers} is not divisible by parallel.pipeline_model_parallel_size {pp}")
-        if m.ffn_hidden_size is not None and m.ffn_hidden_size % tp:
-            raise ConfigError(f"{key}.ffn_hidden_size {m.ffn_hidden_size} is not divisible by parallel.tensor_model_parallel_size {tp}")
+        if m.num_attention_heads % m_tp:
+            raise ConfigError(f"{key}.num_attention_heads {m.num_attention_heads} is not divisible by {where}.tensor_model_parallel_size {m_tp}")
+        if m.num_layers % m_pp:
+            raise ConfigError(f"{key}.num_layers {m.num_layers} is not divisible by {where}.pipeline_model_parallel_size {m_pp}")
+        if m.ffn_hidden_size is not None and m.ffn_hidden_size % m_tp:
+            raise ConfigError(f"{key}.ffn_hidden_size {m.ffn_hidden_size} is not divisible by {where}.tensor_model_parallel_size {m_tp}")
         for d in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(m, d) < 1.0:
                 raise ConfigError(f"{key}.{d} must be in [0, 1), got {getattr(m, d)}")
@@ -191,6 +196,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _validate_fused_output_layer(cfg)
     _validate_prepass(cfg)
     _validate_interleaved(cfg, world_size)
+    if world_size is not None and t.mode == "online":
+        _validate_teacher_layout_for(cfg, world_size)
 
     if o.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
@@ -302,12 +309,46 @@ def _validate_interleaved(cfg: RunConfig, world_size: int | None) -> None:
     if world_size is not None and world_size % (par.tensor_model_parallel_size * pp) == 0:
         dp = world_size // (par.tensor_model_parallel_size * pp)
         d = cfg.data
-        if d.global_batch_size % (d.micro_batch_size * dp) == 0 and d.global_batch_size // (d.micro_batch_size * dp) < pp:
+        m = d.global_batch_size // (d.micro_batch_size * dp)
+        if d.global_batch_size % (d.micro_batch_size * dp) == 0 and (m < pp or m % pp):
             raise ConfigError(
-                f"{key}: the interleaved schedule needs at least PP = {pp} micro-batches per step and rank, got "
-                f"data.global_batch_size / (data.micro_batch_size x DP) = {d.global_batch_size} / "
-                f"({d.micro_batch_size} x {dp}) = {d.global_batch_size // (d.micro_batch_size * dp)}"
+                f"{key}: the interleaved schedule needs a multiple of PP = {pp} (and at least PP) micro-batches per "
+                f"step and rank (megatron-core's groups of PP per model chunk), got data.global_batch_size / "
+                f"(data.micro_batch_size x DP) = {d.global_batch_size} / ({d.micro_batch_size} x {dp}) = {m}"
             )
+
+
+def _validate_teacher_layout(cfg: RunConfig) -> None:
+    """teacher.parallel: positive sizes, and only for a pre-pass teacher."""
+    lay = cfg.teacher.parallel
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        v = getattr(lay, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"teacher.parallel.{name} must be a positive integer or null, got {v!r}")
+    own = cfg.teacher.layout(cfg.parallel)
+    student = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    if own != student and cfg.teacher.placement != "prepass":
+        raise ConfigError(
+            f"teacher.parallel (TP {own[0]} x PP {own[1]}) differs from the student's layout (TP {student[0]} x PP "
+            f"{student[1]}): only a pre-pass teacher has a layout of its own; set teacher.placement prepass"
+        )
+
+
+def _validate_teacher_layout_for(cfg: RunConfig, world_size: int) -> None:
+    """teacher.parallel against the world size: TP x PP divides it, and every teacher replica gets
+    an equal share of each step's micro-batches."""
+    t_tp, t_pp = cfg.teacher.layout(cfg.parallel)
+    if world_size % (t_tp * t_pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by the teacher's TP x PP = {t_tp} x {t_pp} = {t_tp * t_pp} "
+            "(teacher.parallel)"
+        )
+    t_dp, d = world_size // (t_tp * t_pp), cfg.data
+    if d.global_batch_size % d.micro_batch_size == 0 and (d.global_batch_size // d.micro_batch_size) % t_dp:
+        raise ConfigError(
+            f"teacher.parallel: the teacher's {t_dp} data-parallel replicas cannot share a step's "
+            f"{d.global_batch_size // d.micro_batch_size} micro-batches (data.global_batch_size / data.micro_batch_size) equally"
+        )
 
 
 def _validate_prepass(cfg: RunConfig) -> None:
@@ -325,6 +366,11 @@ def _validate_prepass(cfg: RunConfig) -> None:
             "teacher.placement prepass with prepass_targets top_p_k needs truncated targets (kd.top_p < 1 or "
             "kd.top_k): untruncated KD needs the teacher's dense logits, which only teacher.placement colocated "
             "provides (or use prepass_targets rskd)"
+        )
+    if cfg.kd.is_reverse_kl and cfg.kd.truncation == "renormalize":
+        raise ConfigError(
+            "teacher.placement prepass hands the student sparse targets; kd.loss reverse KL is infinite against them "
+            "when renormalised (the student has mass outside the kept ids): set kd.truncation ghost"
         )
     if t.prepass_targets == "rskd" and (isinstance(t.prepass_draws, bool) or not isinstance(t.prepass_draws, int)
                                         or t.prepass_draws < 1):

@@ -251,6 +251,13 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
                 f"{path} was saved with {'a distributed' if sharding else 'a non-distributed'} optimizer; "
                 "this run uses the other kind: set use_distributed_optimizer as when saving"
             )
+        if sharding == "dp_reshardable" and meta["model_chunks"] != len(chunks):
+            raise ValueError(
+                f"{path} stores the distributed optimizer as 'dp_reshardable', keyed by the gradient buckets of "
+                f"{meta['model_chunks']} model chunk(s); this run has {len(chunks)} (a change of "
+                "parallel.virtual_pipeline_model_parallel_size): resume with the saved schedule, or save the run with "
+                "checkpoint.optimizer_sharding=fully_reshardable to change it"
+            )
         if sharding == "dp_reshardable" and (saved_layout["tp"], saved_layout["pp"]) != (layout["tp"], layout["pp"]):
             raise ValueError(
                 f"{path} stores the distributed optimizer as 'dp_reshardable', which loads only with the "

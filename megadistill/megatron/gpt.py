@@ -107,7 +107,8 @@ def transformer_config(model_cfg, cfg, dtype: torch.dtype, virtual_pipeline_size
     )
 
 
-def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False, vp_stage: Optional[int] = None) -> GPTModel:
+def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False, vp_stage: Optional[int] = None,
+              pg_collection=None) -> GPTModel:
     """This rank's stage of a GPTModel for ``model_cfg`` (a ``ModelConfig``: the student's
     ``cfg.model`` or the teacher's ``cfg.teacher.model``) in run ``cfg`` (its parallel layout and
     sequence length), in the model's :func:`precision`, on :func:`device`. ``vocab_size`` is the
@@ -116,6 +117,9 @@ def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False, vp_stage: Opt
     ``vp_stage``: build model chunk ``vp_stage`` of the interleaved schedule's
     ``cfg.parallel.virtual_pipeline_model_parallel_size`` (layers, first and last stage as that
     chunk has them); None: the rank's whole stage, as a teacher always is.
+
+    ``pg_collection``: build in a layout of its own (``megadistill.megatron.layout``; ``cfg.parallel``
+    then gives that layout's TP and PP sizes) instead of Megatron's parallel state.
 
     ``meta``: every tensor on the meta device instead (no storage, no initialisation), for a
     caller that assigns the weights itself (``convert-hf``)."""
@@ -131,6 +135,12 @@ def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False, vp_stage: Opt
     vpp = None if vp_stage is None else cfg.parallel.virtual_pipeline_model_parallel_size
     config = transformer_config(model_cfg, cfg, dtype, vpp)
     virtual = dict(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if pg_collection is not None:
+        stage, stages = pg_collection.pp.rank(), pg_collection.pp.size()
+        first, last = stage == 0, stage == stages - 1
+    else:
+        first = parallel_state.is_pipeline_first_stage(**virtual)
+        last = parallel_state.is_pipeline_last_stage(**virtual)
     if meta:
         # megatron-core names the GPU explicitly where one is present, which torch.device("meta")
         # does not override; with CPU initialisation it names no device.
@@ -141,8 +151,8 @@ def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False, vp_stage: Opt
             layer_spec(model_cfg, key),
             vocab_size=vocab_size,
             max_sequence_length=model_cfg.max_position_embeddings or cfg.data.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(**virtual),
-            post_process=parallel_state.is_pipeline_last_stage(**virtual),
+            pre_process=first,
+            post_process=last,
             share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_percent=model_cfg.rotary_percent,
@@ -151,6 +161,7 @@ def build_gpt(model_cfg, cfg, vocab_size: int, meta: bool = False, vp_stage: Opt
             rope_scaling=model_cfg.rope_scaling_factor is not None,
             rope_scaling_factor=model_cfg.rope_scaling_factor or 8.0,
             **({} if vp_stage is None else {"vp_stage": vp_stage}),
+            **({} if pg_collection is None else {"pg_collection": pg_collection}),
         )
     # Megatron-core allocates a few modules (the local spec's torch norms) in fp32 whatever
     # params_dtype says; Float16Module would cast a student anyway, a teacher has no such wrapper.

@@ -24,6 +24,15 @@ def _distillation_model(model) -> DistillationModel | None:
     return inner
 
 
+def _computes_loss(model) -> bool:
+    """Whether ``model`` (a stage or model chunk, inside Megatron's wrappers) ends with the output
+    layer, i.e. is where the schedule calls the loss."""
+    inner = model
+    while inner is not None and not hasattr(inner, "post_process"):
+        inner = getattr(inner, "module", None)
+    return True if inner is None else bool(inner.post_process)
+
+
 def widen_for_teacher(teacher_hidden: int):
     """An ``adjust_tensor_shapes_fn``: stage-to-stage tensors also carry the teacher's hidden states."""
 
@@ -43,6 +52,7 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    pg_collection=None,
 ):
     """``get_forward_backward_func()(...)`` with the pipeline's send/receive shapes widened by the
     teacher's hidden size while the teacher is active (any other model runs unchanged). Returns the
@@ -51,10 +61,21 @@ def forward_backward(
     Whether the teacher is active is the model's state (``DistillationModel.teacher_active``), set
     on every rank before the step by whoever sets its KD weight (a backend, through
     ``TeacherSource.set_active(knobs.uses_teacher)``); this only reads it, so the stage tensors'
-    width and the forward passes agree."""
+    width and the forward passes agree. A list of several model chunks runs the interleaved
+    schedule. ``pg_collection``: a model built in a layout of its own (``build_gpt(...,
+    pg_collection=)``) runs its own pipeline over those groups."""
     distill = _distillation_model(model)
     kwargs = {}
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pg_collection is not None:
+        # A model in a layout of its own (megadistill.megatron.layout): its groups, its pipeline.
+        pp = pg_collection.pp.size()
+        kwargs["pg_collection"] = pg_collection
+        if pp > 1:
+            from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+            config = (model[0] if isinstance(model, list) else model).config
+            kwargs["p2p_communicator"] = P2PCommunicator(pp_group=pg_collection.pp, config=config)
     # The interleaved schedule for a list of model chunks; any single model (a teacher in its
     # pre-pass among them) runs the plain 1F1B schedule whatever the parallel state's virtual size.
     interleaved = isinstance(model, list) and len(model) > 1
@@ -103,6 +124,9 @@ class DistillationForwardStep:
             tokens, labels, loss_mask, attention_mask, position_ids = batch
             batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
         output = model(tokens, position_ids, attention_mask)
+        if not _computes_loss(model):
+            # Not the last stage (or model chunk): no loss here, so no target to look up.
+            return output, partial(self.loss, labels, loss_mask, None)
         # A bare GPTModel (no teacher) trains on the LM loss alone: the loss needs α = 0.
         logits, target = self.teacher.split(batch, output)
         return logits, partial(self.loss, labels, loss_mask, target)

@@ -117,7 +117,7 @@ def check_teacher_vocab(model_rows: int, checkpoint_rows: int, vocab_size: Optio
 
 
 def load_teacher_checkpoint(model: GPTModel, checkpoint_dir: str | Path, prefix: str = "",
-                            vocab_size: Optional[int] = None) -> GPTModel:
+                            vocab_size: Optional[int] = None, own_layout: bool = False) -> GPTModel:
     """Load a megatron-core distributed checkpoint into ``model``, resharded to this run's TP/PP.
 
     ``prefix`` is the checkpoint's key prefix for the model (e.g. ``"model."``). ``vocab_size`` is
@@ -129,6 +129,11 @@ def load_teacher_checkpoint(model: GPTModel, checkpoint_dir: str | Path, prefix:
     than its share. Raises if the directory is missing, its real vocabulary rows are not all
     present (:func:`check_teacher_vocab`), or it was written by a megatron-core whose format the
     installed one cannot read (``megadistill.megatron.checkpoint.IncompatibleCheckpointError``).
+
+    ``own_layout``: ``model`` was built in a layout of its own (``megadistill.megatron.layout``).
+    megatron-core marks its shards' replicas by the parallel state's data-parallel rank, which is
+    not that layout's, so its check that each shard has exactly one main replica (a check for
+    saving) is skipped; every rank still reads exactly the shards it asks for.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -141,7 +146,7 @@ def load_teacher_checkpoint(model: GPTModel, checkpoint_dir: str | Path, prefix:
     if rows != model.vocab_size:
         _check_padding_may_differ(sharded)
     with single_process_reads():
-        state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+        state = dist_checkpointing.load(sharded, str(checkpoint_dir), validate_access_integrity=not own_layout)
     # A training checkpoint also holds optimizer, RNG and driver state: keep the model's keys only.
     state = {k[len(prefix):]: v for k, v in state.items() if k in sharded}
     model.load_state_dict(state, strict=True)

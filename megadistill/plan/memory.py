@@ -257,6 +257,12 @@ def teacher_memory(cfg: RunConfig, vocab: int, dp: int, stage: int, store_k: Opt
     micro_batches = d.global_batch_size // (d.micro_batch_size * dp)
     act = _teacher_forward_bytes(m, s, b, tp, e)
     if t.placement == "prepass":
+        t_tp, t_pp = t.layout(par)
+        if (t_tp, t_pp) != (tp, pp):
+            # Its own layout: which teacher stage a rank of this student stage holds depends on the
+            # rank; count the largest.
+            n = max(stage_parameters(m, vocab, t_tp, t_pp, j) for j in range(t_pp))
+            act = _teacher_forward_bytes(m, s, b, t_tp, e)
         k = t.prepass_draws if t.prepass_targets == "rskd" else min(cfg.kd.top_k or vocab, vocab)
         targets = micro_batches * b * s * (16 * k + 16) if last else 0
         return RankMemory("teacher", p, n, n * e, 0, 0, int(act), int(targets), holds_targets=True)

@@ -130,7 +130,7 @@ def _micro_batches(train_ds, first: int, count: int, micro_batch_size: int, dev)
     return runs
 
 
-def teacher_forwards(teacher, micro_batches: list[dict], seq_length: int, on_logits) -> None:
+def teacher_forwards(teacher, micro_batches: list[dict], seq_length: int, on_logits, pg_collection=None) -> None:
     """Run the frozen ``teacher`` (this rank's pipeline stage) over ``micro_batches`` (each with
     ``tokens[b, s]`` and ``position_ids[b, s]``, the same ``b`` for all) through megatron-core's
     forward-only schedule (:func:`megadistill.megatron.schedule.forward_backward`): without
@@ -140,7 +140,8 @@ def teacher_forwards(teacher, micro_batches: list[dict], seq_length: int, on_log
     On the last pipeline stage only, ``on_logits(mb, logits[b, s, v/tp])`` is called for each
     micro-batch in order, right after its forward, so only one micro-batch's logits are alive at a
     time. Collective over the pipeline (and tensor-parallel) group: every stage must call it with
-    the same micro-batch count and shapes."""
+    the same micro-batch count and shapes. ``pg_collection``: the teacher's own layout's groups,
+    for a teacher built with them."""
     from megadistill.megatron.schedule import forward_backward
 
     def consume(mb, logits):
@@ -155,7 +156,8 @@ def teacher_forwards(teacher, micro_batches: list[dict], seq_length: int, on_log
 
     forward_backward(forward_step_func=step, data_iterator=iter(micro_batches), model=teacher,
                      num_microbatches=len(micro_batches), seq_length=seq_length,
-                     micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=True)
+                     micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=True,
+                     pg_collection=pg_collection)
 
 
 def precompute(cfg, progress: bool = True, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,

@@ -21,11 +21,25 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megadistill import rng
 from megadistill.kd.teacher import SparseLogits
 from megadistill.losses import KDLossConfig
+from megadistill.megatron.layout import Layout, process_groups
 from megadistill.store.sparse import rskd_uniforms, sample_rskd, select_top_p_k
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _exchange(ops: list) -> None:
+    """Run point-to-point ``ops`` (``dist.P2POp``) together and wait for them."""
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
 
 class PrepassTeacher:
@@ -38,8 +52,9 @@ class PrepassTeacher:
     on any layout and after a resume).
     """
 
-    def __init__(self, build: Callable[[], torch.nn.Module], kd: KDLossConfig, seq_length: int,
-                 targets: str = "top_p_k", draws: int = 12, seed: int = 0) -> None:
+    def __init__(self, build: Callable[..., torch.nn.Module], kd: KDLossConfig, seq_length: int,
+                 targets: str = "top_p_k", draws: int = 12, seed: int = 0,
+                 layout: Optional[tuple[int, int]] = None) -> None:
         if targets not in ("top_p_k", "rskd"):
             raise ValueError(f"pre-pass targets {targets!r} is not one of ('top_p_k', 'rskd')")
         if targets == "top_p_k" and not kd.truncates:
@@ -51,12 +66,14 @@ class PrepassTeacher:
         self.released = False
         self._targets: dict[tuple, SparseLogits] = {}
         self._seconds = 0.0
+        self.layout = layout
+        self.pgs = None  # the teacher's own process groups, when its layout is not the student's
 
     @classmethod
     def for_run(cls, cfg, build: Callable[[], torch.nn.Module]) -> "PrepassTeacher":
         t = cfg.teacher
         return cls(build, cfg.kd.loss_config(), cfg.data.seq_length, t.prepass_targets, t.prepass_draws,
-                   cfg.training.seed)
+                   cfg.training.seed, t.layout(cfg.parallel))
 
     # ------------------------------------------------------------------ TeacherSource
 
@@ -68,9 +85,17 @@ class PrepassTeacher:
         all-reduces its tied embedding across the pipeline, in the same order on every rank), and
         with the random state set aside, so that a resumed run draws what an uninterrupted one does."""
         if self.teacher is None:
-            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=devices):
-                self.teacher = self._build()
+            student = (parallel_state.get_tensor_model_parallel_world_size(),
+                       parallel_state.get_pipeline_model_parallel_world_size())
+            if self.layout is not None and tuple(self.layout) != student:
+                self.pgs = process_groups(Layout.of(*self.layout, dist.get_world_size()))
+            # Every generator a step draws from, megatron-core's model-parallel tracker included
+            # (a GPU build initialises weights inside it), is put back as it was.
+            state = rng.get_state()
+            try:
+                self.teacher = self._build(self.pgs) if self.pgs is not None else self._build()
+            finally:
+                rng.set_state(state)
             self._build = None
         return self.teacher
 
@@ -91,17 +116,106 @@ class PrepassTeacher:
         if not self.active or not micro_batches:
             return
         t0 = time.perf_counter()
+        teacher = self._ensure_teacher()
+        select = partial(self._select, temperature=float(knobs.temperature))
         with torch.no_grad():
-            teacher_forwards(self._ensure_teacher(), micro_batches, self.seq_length,
-                             partial(self._select, temperature=float(knobs.temperature)))
+            if self.pgs is None:
+                teacher_forwards(teacher, micro_batches, self.seq_length, select)
+            else:
+                batches, keys, local = self._global_batch(micro_batches)
+                t_dp, d_t = self.pgs.dp.size(), self.pgs.dp.rank()
+                share = [batches[j] for j in range(len(batches)) if j % t_dp == d_t]
+                teacher_forwards(teacher, share, self.seq_length, select, pg_collection=self.pgs)
+                self._route(keys, local, float(knobs.temperature))
         self._seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ a layout of its own
+
+    def _global_batch(self, micro_batches: list[dict]) -> tuple[list[dict], list[tuple], int]:
+        """Every micro-batch of the step's global batch, from each student data-parallel replica's
+        own (one all-gather of their tokens, positions and sample indices over the student's
+        data-parallel group): ``(batches, their index keys, micro-batches per student replica)``.
+        Global micro-batch ``j`` is replica ``j // M``'s ``j % M``-th; the teacher's replica ``r``
+        runs those with ``j % DP_teacher = r``."""
+        group = parallel_state.get_data_parallel_group()
+        fields = ("tokens", "position_ids", "indices")
+        mine = [torch.stack([mb[f] for mb in micro_batches]).contiguous() for f in fields]
+        gathered = []
+        for t in mine:
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, t, group=group)
+            gathered.append(torch.cat(parts))
+        batches = [{f: g[j] for f, g in zip(fields, gathered)} for j in range(gathered[0].shape[0])]
+        keys = [tuple(b["indices"].tolist()) for b in batches]
+        return batches, keys, len(micro_batches)
+
+    def _route(self, keys: list[tuple], local: int, temperature: float) -> None:
+        """Send each global micro-batch's targets from the teacher's last stage (TP rank 0 of the
+        replica that ran it) to the ranks of the student's last stage that train on it, unless they
+        hold them already; keep on this rank only the targets its own loss reads."""
+        world, me = dist.get_world_size(), dist.get_rank()
+        t_tp, t_pp = self.layout
+        teacher = Layout.of(t_tp, t_pp, world)
+        student = Layout.of(parallel_state.get_tensor_model_parallel_world_size(),
+                            parallel_state.get_pipeline_model_parallel_world_size(), world)
+        plan = []  # (j, source, receivers)
+        wanted = set()
+        for j, key in enumerate(keys):
+            holders = {teacher.rank(t, j % teacher.dp, teacher.pp - 1) for t in range(teacher.tp)}
+            dests = {student.rank(t, j // local, student.pp - 1) for t in range(student.tp)}
+            if me in dests:
+                wanted.add(key)
+            plan.append((j, min(holders), sorted(dests - holders)))
+        rskd = self.kind == "rskd"
+        tails = 0 if rskd or temperature == 1.0 else 1
+        dev = _device()
+        # Phase 1: the number of kept ids per position (it varies by micro-batch) of each message.
+        ops, heads = [], {}
+        for j, src, receivers in plan:
+            for dst in receivers:
+                if me == src:
+                    k = self._targets[keys[j]].ids.shape[-1]
+                    ops.append(dist.P2POp(dist.isend, torch.tensor([k], device=dev), dst, tag=4 * j))
+                elif me == dst:
+                    heads[j] = torch.zeros(1, dtype=torch.long, device=dev)
+                    ops.append(dist.P2POp(dist.irecv, heads[j], src, tag=4 * j))
+        _exchange(ops)
+        # Phase 2: ids, log-probs and (top-p-k) the ghost bucket's residual and tail.
+        ops, incoming = [], {}
+        b, s = None, None
+        for j, src, receivers in plan:
+            for dst in receivers:
+                if me == src:
+                    t = self._targets[keys[j]]
+                    parts = [t.ids, t.logprobs] + ([] if rskd else [t.residual]) + ([t.tails] if tails else [])
+                    ops += [dist.P2POp(dist.isend, x.contiguous(), dst, tag=4 * j + i) for i, x in enumerate(parts)]
+                elif me == dst:
+                    if b is None:
+                        b, s = len(keys[j]), self.seq_length
+                    k = int(heads[j].item())
+                    parts = [torch.empty((b, s, k), dtype=torch.long, device=dev),
+                             torch.empty((b, s, k), dtype=torch.float64, device=dev)]
+                    parts += [] if rskd else [torch.empty((b, s), dtype=torch.float64, device=dev)]
+                    parts += [torch.empty((b, s, 1), dtype=torch.float64, device=dev)] if tails else []
+                    incoming[keys[j]] = parts
+                    ops += [dist.P2POp(dist.irecv, x, src, tag=4 * j + i) for i, x in enumerate(parts)]
+        _exchange(ops)
+        for key, parts in incoming.items():
+            if rskd:
+                self._targets[key] = SparseLogits(parts[0], parts[1], drawn_at=temperature)
+            else:
+                self._targets[key] = SparseLogits(parts[0], parts[1], parts[2], parts[3] if tails else None,
+                                                  (temperature,) if tails else ())
+        for key in list(self._targets):
+            if key not in wanted:
+                del self._targets[key]
 
     def _select(self, mb: dict, logits: torch.Tensor, temperature: float) -> None:
         """Last stage: the sparse targets of one micro-batch's ``logits[b, s, v/tp]``, identical on
         every rank of the tensor-parallel group."""
         b, s = mb["tokens"].shape
         flat = logits.reshape(b * s, -1)
-        group = parallel_state.get_tensor_model_parallel_group()
+        group = parallel_state.get_tensor_model_parallel_group() if self.pgs is None else self.pgs.tp
         indices = mb["indices"].cpu().numpy()
         if self.kind == "rskd":
             u = rskd_uniforms(self.seed, np.repeat(indices, s), np.tile(np.arange(s), b), self.draws)

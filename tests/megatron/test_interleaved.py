@@ -80,6 +80,18 @@ def test_interleaved_prepass_continues_a_non_interleaved_colocated_run(tmp_path,
     _compare(ref, got, (3, 4, 5), exact=False)
 
 
+def test_a_dp_reshardable_optimizer_does_not_load_into_another_chunk_count(tmp_path, corpus, corpus_teacher_ckpt):
+    """'dp_reshardable' optimizer state is keyed by gradient buckets, which the chunks change: refused
+    by name (not a missing-key error from inside megatron-core)."""
+    plain = _cfg(tmp_path / "plain", corpus, corpus_teacher_ckpt, interleaved=False, save_interval=2)
+    plain = dataclasses.replace(plain, checkpoint=dataclasses.replace(plain.checkpoint, optimizer_sharding="dp_reshardable"))
+    _train(plain)
+    resumed = _cfg(tmp_path / "interleaved", corpus, corpus_teacher_ckpt, interleaved=True,
+                   resume=str(tmp_path / "plain" / "checkpoints" / "step_00000002"))
+    with pytest.raises(Exception, match="'dp_reshardable'.* 1 model chunk.*this run has 2.*fully_reshardable"):
+        _train(resumed)
+
+
 def test_interleaved_run_resumes_exactly(tmp_path, corpus, corpus_teacher_ckpt):
     full = tmp_path / "full"
     _train(_cfg(full, corpus, corpus_teacher_ckpt, interleaved=True))
@@ -108,8 +120,11 @@ def test_interleaved_refusals(tmp_path, corpus):
         validate(cfg(pp=1, layers=4))
     with pytest.raises(ConfigError, match="model.num_layers 6 is not divisible by .* = 2 x 2"):
         validate(cfg(layers=6))
-    with pytest.raises(ConfigError, match="at least PP = 2 micro-batches per step and rank"):
+    with pytest.raises(ConfigError, match="a multiple of PP = 2 .* micro-batches per step and rank.* = 1"):
         validate(cfg(), world_size=4)  # DP 2: global batch 8 / (micro-batch 4 x 2) = 1 micro-batch each
+    with pytest.raises(ConfigError, match="a multiple of PP = 2 .* = 3"):
+        c = cfg()
+        validate(dataclasses.replace(c, data=dataclasses.replace(c.data, global_batch_size=12)), world_size=2)
     with pytest.raises(ConfigError, match="needs optimizer.backend megatron"):
         c = cfg()
         validate(dataclasses.replace(c, optimizer=dataclasses.replace(c.optimizer, backend="deepspeed")))

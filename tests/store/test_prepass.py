@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 
-from megadistill.config import ConfigError, KDConfig, ParallelConfig, TeacherConfig, validate
+from megadistill.config import ConfigError, KDConfig, ParallelConfig, TeacherConfig, TeacherLayout, validate
 from megadistill.schedules import AlphaSchedule
 from megadistill.testing import run_distributed
 from tiny_runs import TEACHER, run_metrics, run_precompute, run_training, tiny_run
@@ -77,6 +77,37 @@ def test_prepass_equals_colocated(tmp_path, corpus, corpus_teacher_ckpt, paralle
     assert got[1]["teacher_time_fraction"] > 0 and got[STEPS].get("teacher_time_fraction", 0.0) == 0.0
 
 
+@pytest.mark.parametrize("student, teacher", [((2, 1), (1, 2)), ((1, 2), (2, 1))], ids=["tp2-teacher-pp2", "pp2-teacher-tp2"])
+def test_a_teacher_in_its_own_layout_equals_one_in_the_students(tmp_path, corpus, corpus_teacher_ckpt, student, teacher):
+    """teacher.parallel: on the same 2 ranks, a student at TP 2 with a teacher at PP 2 (and the
+    reverse) trains as with the teacher in the student's layout: its targets, made on its own last
+    stage, reach every rank of the student's last stage."""
+    layout = dict(tensor_model_parallel_size=student[0], pipeline_model_parallel_size=student[1])
+    metrics = {}
+    for own in (False, True):
+        out = tmp_path / f"own-{own}"
+        extra = {"parallel": TeacherLayout(*teacher)} if own else {}
+        _train(_layout(_run(out, corpus, corpus_teacher_ckpt, GHOST, placement="prepass", **extra), **layout))
+        metrics[own] = run_metrics(out)
+    _same(metrics[False], metrics[True], f"student TP x PP {student}, teacher {teacher}")
+
+
+def test_a_teacher_in_its_own_layout_serves_other_replicas(tmp_path, corpus, corpus_teacher_ckpt, capfd):
+    """4 ranks, student TP 2 x DP 2 (replicas {0, 1} and {2, 3}), teacher PP 2 x DP 2 (replicas
+    {0, 2} and {1, 3}): each teacher replica runs every other micro-batch of the global batch, so
+    targets cross between the layouts' replicas; the run equals the same-layout one."""
+    layout = dict(tensor_model_parallel_size=2)
+    metrics = {}
+    for own in (False, True):
+        out = tmp_path / f"own-{own}"
+        extra = {"parallel": TeacherLayout(1, 2)} if own else {}
+        cfg = _layout(_run(out, corpus, corpus_teacher_ckpt, GHOST, placement="prepass", **extra), **layout)
+        run_distributed(run_training, 4, cfg, tp=2)
+        metrics[own] = run_metrics(out)
+    assert "teacher online (pre-pass, TP 1 x PP 2)" in capfd.readouterr().out
+    _same(metrics[False], metrics[True], "student TP 2 x DP 2, teacher PP 2 x DP 2")
+
+
 def test_prepass_equals_colocated_with_deepspeed(tmp_path, corpus, corpus_teacher_ckpt):
     """The DeepSpeed backend (ZeRO-1, DP = 2) calls the pre-pass too."""
     metrics = {}
@@ -113,9 +144,23 @@ def test_prepass_refusals(tmp_path, corpus):
         validate(cfg(kd=KDConfig()))
     with pytest.raises(ConfigError, match="kd.loss mse"):
         validate(cfg(kd=KDConfig(loss="mse"), prepass_targets="rskd"))
+    with pytest.raises(ConfigError, match="reverse KL is infinite against them when renormalised"):
+        validate(cfg(kd=KDConfig(loss="reverse_kl"), prepass_targets="rskd"))
     with pytest.raises(ConfigError, match="teacher.placement prepass is for teacher.mode=online"):
         validate(cfg(mode="offline", store="/nowhere"))
     with pytest.raises(ConfigError, match="prepass_draws must be a positive integer"):
         validate(cfg(prepass_targets="rskd", prepass_draws=0))
     with pytest.raises(ConfigError, match="teacher.placement: 'elsewhere' is not one of"):
         validate(cfg(placement="elsewhere"))
+    # teacher.parallel: its own layout (TP x PP need not be the student's).
+    validate(cfg(parallel=TeacherLayout(1, 2)), world_size=2)
+    with pytest.raises(ConfigError, match="only a pre-pass teacher has a layout of its own"):
+        validate(cfg(placement="colocated", parallel=TeacherLayout(2, 1)))
+    with pytest.raises(ConfigError, match="world size 2 is not divisible by the teacher's TP x PP = 1 x 4"):
+        validate(cfg(model=dataclasses.replace(TEACHER, num_layers=4), parallel=TeacherLayout(1, 4)), world_size=2)
+    with pytest.raises(ConfigError, match="teacher.model.num_layers 2 is not divisible by teacher.parallel.pipeline_model_parallel_size 4"):
+        validate(cfg(parallel=TeacherLayout(1, 4)))
+    with pytest.raises(ConfigError, match="teacher's 4 data-parallel replicas cannot share a step's 2 micro-batches"):
+        validate(_layout(cfg(parallel=TeacherLayout(1, 1)), tensor_model_parallel_size=2), world_size=4)
+    with pytest.raises(ConfigError, match="teacher.parallel.tensor_model_parallel_size must be a positive integer"):
+        validate(cfg(parallel=TeacherLayout(0, 1)))
