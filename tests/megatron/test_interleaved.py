@@ -52,8 +52,8 @@ def _cfg(out, corpus, corpus_teacher_ckpt, interleaved: bool, save_interval: int
     return dataclasses.replace(cfg, data=data, parallel=parallel)
 
 
-def _train(cfg):
-    return run_distributed(run_training, 4, cfg, pp=2, vpp=cfg.parallel.virtual_pipeline_model_parallel_size)
+def _train(cfg, world: int = 4):
+    return run_distributed(run_training, world, cfg, pp=2, vpp=cfg.parallel.virtual_pipeline_model_parallel_size)
 
 
 def _compare(ref: dict, got: dict, steps, exact: bool) -> None:
@@ -83,13 +83,14 @@ def test_interleaved_prepass_continues_a_non_interleaved_colocated_run(tmp_path,
 def test_a_dp_reshardable_optimizer_does_not_load_into_another_chunk_count(tmp_path, corpus, corpus_teacher_ckpt):
     """'dp_reshardable' optimizer state is keyed by gradient buckets, which the chunks change: refused
     by name (not a missing-key error from inside megatron-core)."""
-    plain = _cfg(tmp_path / "plain", corpus, corpus_teacher_ckpt, interleaved=False, save_interval=2)
+    # 2 ranks (PP 2, DP 1: 4 micro-batches per step), the last checkpoint only.
+    plain = _cfg(tmp_path / "plain", corpus, corpus_teacher_ckpt, interleaved=False, save_interval=STEPS)
     plain = dataclasses.replace(plain, checkpoint=dataclasses.replace(plain.checkpoint, optimizer_sharding="dp_reshardable"))
-    _train(plain)
+    _train(plain, world=2)
     resumed = _cfg(tmp_path / "interleaved", corpus, corpus_teacher_ckpt, interleaved=True,
-                   resume=str(tmp_path / "plain" / "checkpoints" / "step_00000002"))
+                   resume=str(tmp_path / "plain" / "checkpoints" / f"step_{STEPS:08d}"))
     with pytest.raises(Exception, match="'dp_reshardable'.* 1 model chunk.*this run has 2.*fully_reshardable"):
-        _train(resumed)
+        _train(resumed, world=2)
 
 
 def test_interleaved_run_resumes_exactly(tmp_path, corpus, corpus_teacher_ckpt):
