@@ -54,6 +54,9 @@ class SparseLogits:
     drawn_at: Optional[float] = None
     """RS-KD: the temperature the draws were made at (``logprobs`` = log(count / N)); None for
     top-p-k targets."""
+    checked: bool = False
+    """Made in this run by megadistill's own selection (the teacher pre-pass): the loss does not
+    validate them again (a check that costs host synchronisations per micro-batch)."""
 
 
 Target = Union[torch.Tensor, SparseLogits]

@@ -62,11 +62,18 @@ def korthikanti_bytes(m: ModelConfig, seq: int, micro_batch: int) -> int:
     return int(seq * micro_batch * h * (34 + 5 * m.num_attention_heads * seq / h))
 
 
-def in_flight_micro_batches(pp: int, stage: int, micro_batches: int) -> int:
+def in_flight_micro_batches(pp: int, stage: int, micro_batches: int, vpp: Optional[int] = None) -> float:
     """Micro-batches whose activations a stage holds at once: 1 without pipelining (each micro-batch's
     backward runs before the next forward); under 1F1B stage r runs ``pp - r`` forwards before its
-    first backward (at most the step's micro-batches), so the first stage holds ``pp``."""
-    return 1 if pp == 1 else min(pp - stage, micro_batches)
+    first backward (at most the step's micro-batches), so the first stage holds ``pp``. Under the
+    interleaved schedule (``vpp`` model chunks per stage, each ``1/vpp`` of its layers) megatron-core
+    runs ``2(pp - r - 1) + (vpp - 1)·pp`` chunk forwards before the first backward, one more in the
+    steady state: that many ``1/vpp`` shares of a micro-batch (at most the step's ``vpp·M``)."""
+    if pp == 1:
+        return 1
+    if not vpp:
+        return min(pp - stage, micro_batches)
+    return min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, vpp * micro_batches) / vpp
 
 
 # --------------------------------------------------------------------------- fixed per process
@@ -204,7 +211,7 @@ def student_memory(cfg: RunConfig, vocab: int, dp: int, stage: int) -> RankMemor
     per_mb = m.num_layers // pp * layer_activation_bytes(m, s, b, tp, par.sequence_parallel, e)
     if stage == 0 and m.hidden_dropout > 0:
         per_mb += s * b * m.hidden_size
-    flight = in_flight_micro_batches(pp, stage, micro_batches)
+    flight = in_flight_micro_batches(pp, stage, micro_batches, par.virtual_pipeline_model_parallel_size)
     act = per_mb * flight
     scores = m.num_layers // pp * attention_score_bytes(m, s, b, tp, e) * flight
     logits = 0

@@ -202,10 +202,10 @@ class PrepassTeacher:
         _exchange(ops)
         for key, parts in incoming.items():
             if rskd:
-                self._targets[key] = SparseLogits(parts[0], parts[1], drawn_at=temperature)
+                self._targets[key] = SparseLogits(parts[0], parts[1], drawn_at=temperature, checked=True)
             else:
                 self._targets[key] = SparseLogits(parts[0], parts[1], parts[2], parts[3] if tails else None,
-                                                  (temperature,) if tails else ())
+                                                  (temperature,) if tails else (), checked=True)
         for key in list(self._targets):
             if key not in wanted:
                 del self._targets[key]
@@ -221,14 +221,14 @@ class PrepassTeacher:
             u = rskd_uniforms(self.seed, np.repeat(indices, s), np.tile(np.arange(s), b), self.draws)
             ids, counts = sample_rskd(flat, torch.from_numpy(u), group, temperature=temperature)
             lp = torch.where(ids >= 0, torch.log(counts.double() / self.draws), 0.0)
-            target = SparseLogits(ids.reshape(b, s, -1), lp.reshape(b, s, -1), drawn_at=temperature)
+            target = SparseLogits(ids.reshape(b, s, -1), lp.reshape(b, s, -1), drawn_at=temperature, checked=True)
         else:
             # A ghost bucket at τ ≠ 1 needs the truncated ids' tempered mass; at τ = 1 the residual.
             temps = () if temperature == 1.0 else (temperature,)
             ids, lp, res, tails = select_top_p_k(flat, self.kd, group, temps)
             lp = torch.where(ids >= 0, lp, 0.0)
             target = SparseLogits(ids.reshape(b, s, -1), lp.reshape(b, s, -1), res.reshape(b, s),
-                                  tails.reshape(b, s, -1) if temps else None, temps)
+                                  tails.reshape(b, s, -1) if temps else None, temps, checked=True)
         self._targets[tuple(indices.tolist())] = target
 
     def split(self, batch: dict, output):
@@ -248,7 +248,7 @@ class PrepassTeacher:
         dev = output.device
         return output, SparseLogits(
             target.ids.to(dev), target.logprobs.to(dev), None if target.residual is None else target.residual.to(dev),
-            None if target.tails is None else target.tails.to(dev), target.temperatures, target.drawn_at,
+            None if target.tails is None else target.tails.to(dev), target.temperatures, target.drawn_at, True,
         )
 
     def take_seconds(self) -> Optional[float]:

@@ -341,3 +341,13 @@ def test_prepass_teacher_holds_the_steps_targets_on_the_last_stage(tmp_path, cor
     assert prepass.stages[0].teacher.activation_bytes < colocated.stages[0].teacher.activation_bytes
     assert prepass.stages[1].teacher.param_bytes == colocated.stages[1].teacher.param_bytes
     assert any("teacher" in line and "targets" in line for line in pl.report(prepass))
+
+
+def test_interleaved_stages_hold_more_chunk_forwards_in_flight():
+    """megatron-core's interleaved warm-up: stage r runs 2(pp - r - 1) + (vpp - 1)·pp chunk forwards
+    before its first backward, each a 1/vpp share of the stage's layers."""
+    flight = pl_memory.in_flight_micro_batches
+    assert flight(4, 0, 8) == 4 and flight(4, 3, 8) == 1  # plain 1F1B
+    assert flight(4, 0, 8, vpp=2) == (2 * 3 + 4 + 1) / 2  # 5.5 micro-batches' worth
+    assert flight(4, 3, 8, vpp=2) == (0 + 4 + 1) / 2
+    assert flight(2, 0, 1, vpp=2) == 1.0  # capped by the step's vpp·M chunk forwards
