@@ -6,11 +6,10 @@ rank: rank 0 holds layers 0 and 2 of the 4-layer student, rank 1 layers 1 and 3)
 
 * resumed from a non-interleaved, co-located run's step-2 checkpoint (the same weights, read by
   their global layer numbers into the other layout), the interleaved pre-pass run's steps 3-5 equal
-  that run's own steps 3-5 (losses and gradient norms ≤ 1e-6 relative, as the co-located and
-  pre-pass placements are compared in tests/store/test_prepass.py; the schedule and the layout
-  change nothing else);
-* an interleaved run resumed from its own step-3 checkpoint, as a killed run is, repeats the
-  uninterrupted run's steps 4-5 exactly;
+  that run's own steps 3-5 (losses and gradient norms as the co-located and pre-pass placements
+  are compared in tests/store/test_prepass.py; the schedule and the layout change nothing else);
+* that interleaved run resumed from its own step-3 checkpoint, as a killed run is, repeats its
+  steps 4-5 exactly;
 * the configurations it cannot serve are refused before any process group starts.
 """
 
@@ -67,17 +66,26 @@ def _compare(ref: dict, got: dict, steps, exact: bool) -> None:
                 assert abs(have - want) <= bound, f"step {step} {k}: {have} vs {want}"
 
 
-def test_interleaved_prepass_continues_a_non_interleaved_colocated_run(tmp_path, corpus, corpus_teacher_ckpt, capfd):
+def test_interleaved_prepass_continues_a_colocated_run_and_resumes_exactly(tmp_path, corpus, corpus_teacher_ckpt, capfd):
     plain = tmp_path / "plain"
     _train(_cfg(plain, corpus, corpus_teacher_ckpt, interleaved=False, save_interval=2))
-    resumed = tmp_path / "interleaved"
+    interleaved = tmp_path / "interleaved"
     capfd.readouterr()
-    _train(_cfg(resumed, corpus, corpus_teacher_ckpt, interleaved=True,
+    _train(_cfg(interleaved, corpus, corpus_teacher_ckpt, interleaved=True,
                 resume=str(plain / "checkpoints" / "step_00000002")))
     assert "PP 2 (interleaved, 2 model chunks per rank) x DP 2" in capfd.readouterr().out
-    ref, got = run_metrics(plain), run_metrics(resumed)
+    ref, got = run_metrics(plain), run_metrics(interleaved)
     assert sorted(got) == [3, 4, 5], sorted(got)
     _compare(ref, got, (3, 4, 5), exact=False)
+
+    # What the interleaved run leaves when killed after step 3: its checkpoints up to step 3 (and
+    # its logs). Resumed, it repeats steps 4-5 exactly.
+    killed = tmp_path / "killed"
+    shutil.copytree(interleaved, killed)
+    for step in (4, 5):
+        shutil.rmtree(killed / "checkpoints" / f"step_{step:08d}")
+    _train(_cfg(killed, corpus, corpus_teacher_ckpt, interleaved=True))
+    _compare(got, run_metrics(killed), (4, 5), exact=True)
 
 
 def test_a_dp_reshardable_optimizer_does_not_load_into_another_chunk_count(tmp_path, corpus, corpus_teacher_ckpt):
@@ -91,18 +99,6 @@ def test_a_dp_reshardable_optimizer_does_not_load_into_another_chunk_count(tmp_p
                    resume=str(tmp_path / "plain" / "checkpoints" / f"step_{STEPS:08d}"))
     with pytest.raises(Exception, match="'dp_reshardable'.* 1 model chunk.*this run has 2.*fully_reshardable"):
         _train(resumed, world=2)
-
-
-def test_interleaved_run_resumes_exactly(tmp_path, corpus, corpus_teacher_ckpt):
-    full = tmp_path / "full"
-    _train(_cfg(full, corpus, corpus_teacher_ckpt, interleaved=True))
-    # What a run killed after step 3 leaves: its checkpoints up to step 3 (and its logs).
-    killed = tmp_path / "killed"
-    shutil.copytree(full, killed)
-    for step in (4, 5):
-        shutil.rmtree(killed / "checkpoints" / f"step_{step:08d}")
-    _train(_cfg(killed, corpus, corpus_teacher_ckpt, interleaved=True))
-    _compare(run_metrics(full), run_metrics(killed), (4, 5), exact=True)
 
 
 def test_interleaved_refusals(tmp_path, corpus):

@@ -18,7 +18,7 @@ from megadistill.schedules import AlphaSchedule
 from megadistill.testing import run_distributed
 from tiny_runs import TEACHER, run_metrics, run_precompute, run_training, tiny_run
 
-STEPS = 5
+STEPS = 4
 
 
 def _run(out, corpus, corpus_teacher_ckpt, kd, placement: str = "colocated", **teacher):
