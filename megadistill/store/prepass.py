@@ -182,7 +182,7 @@ class PrepassTeacher:
         _exchange(ops)
         # Phase 2: ids, log-probs and (top-p-k) the ghost bucket's residual and tail.
         ops, incoming = [], {}
-        b, s = None, None
+        b, s = len(keys[0]), self.seq_length  # every micro-batch: [b, s] tokens
         for j, src, receivers in plan:
             for dst in receivers:
                 if me == src:
@@ -190,8 +190,6 @@ class PrepassTeacher:
                     parts = [t.ids, t.logprobs] + ([] if rskd else [t.residual]) + ([t.tails] if tails else [])
                     ops += [dist.P2POp(dist.isend, x.contiguous(), dst, tag=4 * j + i) for i, x in enumerate(parts)]
                 elif me == dst:
-                    if b is None:
-                        b, s = len(keys[j]), self.seq_length
                     k = int(heads[j].item())
                     parts = [torch.empty((b, s, k), dtype=torch.long, device=dev),
                              torch.empty((b, s, k), dtype=torch.float64, device=dev)]
